@@ -1,0 +1,13 @@
+//! memattr: models of KVM's per-page memory attributes.
+//!
+//! The pure-Rust core (stores, hugepage tracking) lives in plain modules that
+//! `cargo test` covers without Python. The PyO3 layer in `py/` only adapts
+//! types and errors and is compiled only with the `python` feature.
+
+pub mod hugepage;
+pub mod rangetree;
+pub mod store;
+pub mod xarray;
+
+#[cfg(feature = "python")]
+mod py;

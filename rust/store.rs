@@ -1,0 +1,80 @@
+//! The interface both attribute stores implement.
+//!
+//! A store maps a gfn (u64) to a u64 attribute value; a gfn never set reads
+//! as 0. Ranges are half open, `[start, end)`, with `start < end`.
+
+use std::fmt;
+
+/// Why a store operation failed. Every failing call leaves the store exactly
+/// as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// `start >= end` or another malformed range.
+    InvalidRange { start: u64, end: u64 },
+    /// Reserving storage would exceed the caller's memory limit (the model of
+    /// an accounted allocation failing with -ENOMEM).
+    OutOfMemory { needed: usize, limit: usize },
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::InvalidRange { start, end } => {
+                write!(f, "invalid range: start ({start}) must be < end ({end})")
+            }
+            StoreError::OutOfMemory { needed, limit } => write!(
+                f,
+                "out of memory: {needed} bytes needed, limit is {limit} bytes"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Checks the `[start, end)` convention shared by every range method.
+#[inline]
+pub fn check_range(start: u64, end: u64) -> Result<(), StoreError> {
+    if start < end {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidRange { start, end })
+    }
+}
+
+/// A per-gfn attribute store.
+pub trait AttrStore {
+    /// The value at `gfn` (0 if never set).
+    fn get(&self, gfn: u64) -> u64;
+
+    /// Sets every gfn in `[start, end)` to `value`. Storing 0 erases.
+    fn set_range(&mut self, start: u64, end: u64, value: u64) -> Result<(), StoreError>;
+
+    /// True if every gfn in `[start, end)` has `get(gfn) & mask == value & mask`.
+    fn has_value(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<bool, StoreError>;
+
+    /// Calls `f(run_start, run_end, value)` for maximal runs of equal value
+    /// covering `[start, end)` exactly, in order; zero runs included.
+    fn for_each_run(
+        &self,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, u64, u64),
+    ) -> Result<(), StoreError>;
+
+    /// Bytes the store's structure occupies (for XArray: nodes at the
+    /// kernel's node size).
+    fn memory_bytes(&self) -> usize;
+
+    /// Number of stored runs (RangeTree) or present entries (XArray).
+    fn entry_count(&self) -> usize;
+
+    /// Allocates ahead whatever a following `set_range(start, end, _)` may
+    /// need, like `xa_reserve` on every index, so that the set cannot fail
+    /// part way. Fails with `OutOfMemory` if `memory_bytes()` would exceed
+    /// `limit`; a failed reserve keeps nothing it allocated.
+    fn reserve(&mut self, start: u64, end: u64, limit: Option<usize>) -> Result<(), StoreError>;
+
+    /// Drops reserved-but-unused storage (reserved entries never stored).
+    fn release_reservations(&mut self);
+}
