@@ -1,0 +1,1326 @@
+//! Per-memslot hugepage tracking for the x86 MMU model, and the simulated
+//! stage-2 (TDP) mappings.
+//!
+//! KVM keeps, per memslot and per hugepage level (2M, 1G), an array of
+//! `struct kvm_lpage_info` whose `disallow_lpage` is non-zero when the
+//! hugepage may not be mapped huge: the head/tail hugepage is not wholly
+//! inside the slot, the slot's gpa and userspace address are not congruent
+//! modulo the hugepage size, or (bit `KVM_LPAGE_MIXED_FLAG`) the attributes
+//! of the gfns under the hugepage are not uniform.
+//!
+//! Two trackers implement the same rules behind [`HugepageTracker`]:
+//!
+//! * [`LpageInfoTracker`]: the kernel's layout and algorithm, literally: one
+//!   counter per hugepage, post-set loops over every hugepage of the range.
+//!   It is the reference and the faithful per-page baseline.
+//! * [`RangeTracker`]: the same state kept as runs of hugepage numbers, so a
+//!   post-set pass over a 1 TiB range is a handful of range operations
+//!   (`O(log n + runs)`) instead of a loop over 512k hugepages.
+//!
+//! Hugepages are named by their absolute hugepage number `gfn >> shift`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::store::{AttrStore, StoreError};
+
+/// x86 page-table levels as KVM numbers them (`PG_LEVEL_*`).
+pub const PG_LEVEL_4K: u8 = 1;
+pub const PG_LEVEL_2M: u8 = 2;
+pub const PG_LEVEL_1G: u8 = 3;
+/// `KVM_MAX_HUGEPAGE_LEVEL` on x86 (TDP with 1G pages).
+pub const KVM_MAX_HUGEPAGE_LEVEL: u8 = PG_LEVEL_1G;
+/// `KVM_LPAGE_MIXED_FLAG`: the top bit of `disallow_lpage`, so that the
+/// mixed state and the alignment/write-tracking counts share one word.
+pub const KVM_LPAGE_MIXED_FLAG: u32 = 1 << 31;
+
+/// Why a tracker or mapping operation failed; state is left unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HugepageError {
+    /// The slot has no pages or `base_gfn + npages` wraps.
+    InvalidSlot { base_gfn: u64, npages: u64 },
+    /// A level outside what the operation accepts.
+    InvalidLevel { level: u8, min: u8, max: u8 },
+    /// A gfn outside the tracker's memslot.
+    GfnOutsideSlot { gfn: u64 },
+    /// A range that is empty or not contained by the memslot.
+    RangeOutsideSlot { start: u64, end: u64 },
+    /// The attribute store refused a query.
+    Store(StoreError),
+}
+
+impl fmt::Display for HugepageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HugepageError::InvalidSlot { base_gfn, npages } => write!(
+                f,
+                "invalid memslot: base_gfn {base_gfn:#x}, npages {npages:#x} (need npages > 0 and no wrap)"
+            ),
+            HugepageError::InvalidLevel { level, min, max } => {
+                write!(f, "invalid level {level}: must be in {min}..={max}")
+            }
+            HugepageError::GfnOutsideSlot { gfn } => {
+                write!(f, "gfn {gfn:#x} is outside the memslot")
+            }
+            HugepageError::RangeOutsideSlot { start, end } => write!(
+                f,
+                "gfn range [{start:#x}, {end:#x}) is empty or not inside the memslot"
+            ),
+            HugepageError::Store(e) => write!(f, "attribute store: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for HugepageError {}
+
+impl From<StoreError> for HugepageError {
+    fn from(e: StoreError) -> Self {
+        HugepageError::Store(e)
+    }
+}
+
+/// `KVM_HPAGE_GFN_SHIFT(level)`.
+#[inline]
+pub const fn hpage_gfn_shift(level: u8) -> u32 {
+    (level as u32 - 1) * 9
+}
+
+/// `KVM_PAGES_PER_HPAGE(level)`.
+#[inline]
+pub const fn pages_per_hpage(level: u8) -> u64 {
+    1u64 << hpage_gfn_shift(level)
+}
+
+/// `[gfn, gfn + n)` ends at or before `limit` (and does not wrap).
+#[inline]
+fn fits(gfn: u64, n: u64, limit: u64) -> bool {
+    gfn.checked_add(n).is_some_and(|e| e <= limit)
+}
+
+fn check_level(level: u8, min: u8, max: u8) -> Result<(), HugepageError> {
+    if (min..=max).contains(&level) {
+        Ok(())
+    } else {
+        Err(HugepageError::InvalidLevel { level, min, max })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A set of u64 kept as disjoint, non-adjacent half-open runs.
+// ---------------------------------------------------------------------------
+
+/// Disjoint, coalesced `[start, end)` runs of u64 keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IntervalSet {
+    runs: BTreeMap<u64, u64>,
+    len: u64,
+}
+
+impl IntervalSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of keys in the set.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of stored runs.
+    pub fn run_count(&self) -> usize {
+        self.runs.len()
+    }
+
+    pub fn contains(&self, key: u64) -> bool {
+        matches!(self.runs.range(..=key).next_back(), Some((_, &e)) if e > key)
+    }
+
+    /// True if any key of `[start, end)` is in the set.
+    pub fn intersects(&self, start: u64, end: u64) -> bool {
+        if start >= end {
+            return false;
+        }
+        matches!(self.runs.range(..end).next_back(), Some((_, &e)) if e > start)
+    }
+
+    /// Adds `[start, end)`, merging with touching runs.
+    pub fn insert(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let mut new_start = start;
+        let mut new_end = end;
+        // A run starting at or before `start` that reaches it merges in.
+        if let Some((&s, &e)) = self.runs.range(..=start).next_back() {
+            if e >= start {
+                new_start = s;
+                new_end = new_end.max(e);
+            }
+        }
+        // Runs starting inside (or right at the end of) the new run merge in.
+        let swallowed: Vec<(u64, u64)> = self
+            .runs
+            .range(new_start..=new_end)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in swallowed {
+            self.runs.remove(&s);
+            self.len -= e - s;
+            new_end = new_end.max(e);
+        }
+        self.runs.insert(new_start, new_end);
+        self.len += new_end - new_start;
+    }
+
+    /// Removes `[start, end)`; returns how many keys were removed.
+    pub fn remove(&mut self, start: u64, end: u64) -> u64 {
+        if start >= end {
+            return 0;
+        }
+        let mut removed = 0;
+        // A run that starts before `start` and reaches into the range.
+        if let Some((&s, &e)) = self.runs.range(..start).next_back() {
+            if e > start {
+                self.runs.insert(s, start);
+                if e > end {
+                    self.runs.insert(end, e);
+                    self.len -= end - start;
+                    return end - start;
+                }
+                removed += e - start;
+            }
+        }
+        let inside: Vec<(u64, u64)> = self.runs.range(start..end).map(|(&s, &e)| (s, e)).collect();
+        for (s, e) in inside {
+            self.runs.remove(&s);
+            if e > end {
+                self.runs.insert(end, e);
+                removed += end - s;
+            } else {
+                removed += e - s;
+            }
+        }
+        self.len -= removed;
+        removed
+    }
+
+    /// Removes every key; returns how many there were.
+    pub fn clear(&mut self) -> u64 {
+        let n = self.len;
+        self.runs.clear();
+        self.len = 0;
+        n
+    }
+
+    /// The runs, in order.
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs.iter().map(|(&s, &e)| (s, e))
+    }
+
+    /// Rough footprint: a BTreeMap entry per run.
+    pub fn memory_bytes(&self) -> usize {
+        self.runs.len() * 2 * std::mem::size_of::<u64>() + std::mem::size_of::<Self>()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Memslot geometry and the disallow rules fixed at slot creation.
+// ---------------------------------------------------------------------------
+
+/// What the hugepage rules need from a memslot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotLayout {
+    pub base_gfn: u64,
+    pub npages: u64,
+    pub userspace_addr: u64,
+}
+
+impl SlotLayout {
+    pub fn new(base_gfn: u64, npages: u64, userspace_addr: u64) -> Result<Self, HugepageError> {
+        if npages == 0 || base_gfn.checked_add(npages).is_none() {
+            return Err(HugepageError::InvalidSlot { base_gfn, npages });
+        }
+        Ok(Self {
+            base_gfn,
+            npages,
+            userspace_addr,
+        })
+    }
+
+    /// One past the last gfn of the slot.
+    #[inline]
+    pub fn end_gfn(&self) -> u64 {
+        self.base_gfn + self.npages
+    }
+
+    #[inline]
+    pub fn contains(&self, gfn: u64) -> bool {
+        gfn >= self.base_gfn && gfn < self.end_gfn()
+    }
+
+    fn check_gfn(&self, gfn: u64) -> Result<(), HugepageError> {
+        if self.contains(gfn) {
+            Ok(())
+        } else {
+            Err(HugepageError::GfnOutsideSlot { gfn })
+        }
+    }
+
+    fn check_range(&self, start: u64, end: u64) -> Result<(), HugepageError> {
+        if start < end && start >= self.base_gfn && end <= self.end_gfn() {
+            Ok(())
+        } else {
+            Err(HugepageError::RangeOutsideSlot { start, end })
+        }
+    }
+
+    /// `__kvm_mmu_slot_lpages()`: hugepages (even partial) the slot touches.
+    pub fn lpages(&self, level: u8) -> u64 {
+        let shift = hpage_gfn_shift(level);
+        ((self.end_gfn() - 1) >> shift) - (self.base_gfn >> shift) + 1
+    }
+
+    /// `gfn_to_index()`: a gfn's lpage_info index in this slot.
+    #[inline]
+    fn lpage_index(&self, gfn: u64, level: u8) -> usize {
+        let shift = hpage_gfn_shift(level);
+        ((gfn >> shift) - (self.base_gfn >> shift)) as usize
+    }
+
+    /// The slot's first hugepage is partial (the slot starts misaligned).
+    pub fn head_misaligned(&self, level: u8) -> bool {
+        self.base_gfn & (pages_per_hpage(level) - 1) != 0
+    }
+
+    /// The slot's last hugepage is partial (the slot ends misaligned).
+    pub fn tail_misaligned(&self, level: u8) -> bool {
+        self.end_gfn() & (pages_per_hpage(level) - 1) != 0
+    }
+
+    /// The gpa and the host virtual address differ modulo the hugepage
+    /// size, so no host hugepage can back a guest hugepage anywhere in the
+    /// slot: kvm_alloc_memslot_metadata() disallows the whole slot.
+    pub fn incongruent(&self, level: u8) -> bool {
+        let ugfn = self.userspace_addr >> 12;
+        (self.base_gfn ^ ugfn) & (pages_per_hpage(level) - 1) != 0
+    }
+}
+
+/// The interface both trackers implement. Every method validates its
+/// arguments and leaves the tracker unchanged on error.
+pub trait HugepageTracker {
+    fn slot(&self) -> &SlotLayout;
+
+    /// kvm_mmu_init_memslot_memory_attributes(): compute the mixed flag of
+    /// every hugepage wholly inside the slot from the current attributes.
+    fn init_memory_attributes(&mut self, store: &dyn AttrStore) -> Result<(), HugepageError>;
+
+    /// kvm_arch_post_set_memory_attributes() for `[start, end)` (already
+    /// clipped to the slot) just set to `attrs`.
+    fn post_set_memory_attributes(
+        &mut self,
+        store: &dyn AttrStore,
+        start: u64,
+        end: u64,
+        attrs: u64,
+    ) -> Result<(), HugepageError>;
+
+    /// hugepage_test_mixed() for the hugepage containing `gfn`.
+    fn test_mixed(&self, gfn: u64, level: u8) -> Result<bool, HugepageError>;
+
+    /// `lpage_info_slot(gfn, slot, level)->disallow_lpage != 0`.
+    fn disallow_lpage(&self, gfn: u64, level: u8) -> Result<bool, HugepageError>;
+
+    /// The mixed hugepages of `level`, as runs of hugepage numbers.
+    fn mixed_runs(&self, level: u8) -> Result<Vec<(u64, u64)>, HugepageError>;
+
+    /// Bytes of tracking state.
+    fn memory_bytes(&self) -> usize;
+
+    /// The lpage_info walk of __kvm_mmu_max_mapping_level(): the highest
+    /// level <= `max_level` whose hugepage at `gfn` is not disallowed.
+    fn max_mapping_level(&self, gfn: u64, max_level: u8) -> Result<u8, HugepageError> {
+        check_level(max_level, PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL)?;
+        self.slot().check_gfn(gfn)?;
+        let mut level = max_level;
+        while level > PG_LEVEL_4K {
+            if !self.disallow_lpage(gfn, level)? {
+                break;
+            }
+            level -= 1;
+        }
+        Ok(level)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The kernel's per-hugepage algorithm, literally.
+// ---------------------------------------------------------------------------
+
+/// `slot->arch.lpage_info[]`: one `disallow_lpage` word per hugepage.
+#[derive(Debug, Clone)]
+pub struct LpageInfoTracker {
+    slot: SlotLayout,
+    /// Index 0 is the 2M level, index 1 the 1G level.
+    lpage_info: [Vec<u32>; 2],
+}
+
+impl LpageInfoTracker {
+    /// kvm_alloc_memslot_metadata(): the head/tail and congruence rules.
+    pub fn new(slot: SlotLayout) -> Self {
+        let mut lpage_info: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+        for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
+            let lpages = slot.lpages(level) as usize;
+            let mut linfo = vec![0u32; lpages];
+            if slot.head_misaligned(level) {
+                linfo[0] = 1;
+            }
+            if slot.tail_misaligned(level) {
+                linfo[lpages - 1] = 1;
+            }
+            if slot.incongruent(level) {
+                linfo.iter_mut().for_each(|d| *d = 1);
+            }
+            lpage_info[(level - PG_LEVEL_2M) as usize] = linfo;
+        }
+        Self { slot, lpage_info }
+    }
+
+    fn linfo(&self, gfn: u64, level: u8) -> u32 {
+        self.lpage_info[(level - PG_LEVEL_2M) as usize][self.slot.lpage_index(gfn, level)]
+    }
+
+    fn linfo_mut(&mut self, gfn: u64, level: u8) -> &mut u32 {
+        let idx = self.slot.lpage_index(gfn, level);
+        &mut self.lpage_info[(level - PG_LEVEL_2M) as usize][idx]
+    }
+
+    fn set_mixed(&mut self, gfn: u64, level: u8, mixed: bool) {
+        let d = self.linfo_mut(gfn, level);
+        if mixed {
+            *d |= KVM_LPAGE_MIXED_FLAG;
+        } else {
+            *d &= !KVM_LPAGE_MIXED_FLAG;
+        }
+    }
+
+    /// hugepage_has_attrs(): 2M asks the store; 1G consumes the 2M flags and
+    /// samples the first gfn of every 2M page below.
+    fn hugepage_has_attrs(
+        &self,
+        store: &dyn AttrStore,
+        gfn: u64,
+        level: u8,
+        attrs: u64,
+    ) -> Result<bool, HugepageError> {
+        let end = gfn + pages_per_hpage(level);
+        if level == PG_LEVEL_2M {
+            return Ok(store.has_value(gfn, end, attrs, u64::MAX)?);
+        }
+        let step = pages_per_hpage(level - 1);
+        let mut sub = gfn;
+        while sub < end {
+            if self.linfo(sub, level - 1) & KVM_LPAGE_MIXED_FLAG != 0 || store.get(sub) != attrs {
+                return Ok(false);
+            }
+            sub += step;
+        }
+        Ok(true)
+    }
+
+    fn recheck(
+        &mut self,
+        store: &dyn AttrStore,
+        gfn: u64,
+        level: u8,
+        attrs: u64,
+    ) -> Result<(), HugepageError> {
+        let has = self.hugepage_has_attrs(store, gfn, level, attrs)?;
+        self.set_mixed(gfn, level, !has);
+        Ok(())
+    }
+}
+
+impl HugepageTracker for LpageInfoTracker {
+    fn slot(&self) -> &SlotLayout {
+        &self.slot
+    }
+
+    fn init_memory_attributes(&mut self, store: &dyn AttrStore) -> Result<(), HugepageError> {
+        // Work on a copy so a store error leaves the flags as they were.
+        let mut next = self.clone();
+        for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
+            let n = pages_per_hpage(level);
+            // Only hugepages wholly inside the slot can ever be huge.
+            let mut gfn = self.slot.base_gfn & !(n - 1);
+            if gfn < self.slot.base_gfn {
+                gfn = match gfn.checked_add(n) {
+                    Some(g) => g,
+                    None => continue,
+                };
+            }
+            let end = self.slot.end_gfn() & !(n - 1);
+            while gfn < end {
+                let attrs = store.get(gfn);
+                next.recheck(store, gfn, level, attrs)?;
+                gfn += n;
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
+    fn post_set_memory_attributes(
+        &mut self,
+        store: &dyn AttrStore,
+        start: u64,
+        end: u64,
+        attrs: u64,
+    ) -> Result<(), HugepageError> {
+        self.slot.check_range(start, end)?;
+        let slot_end = self.slot.end_gfn();
+        let mut next = self.clone();
+        // Upper levels consume the lower level's results: 2M first.
+        for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
+            let n = pages_per_hpage(level);
+            let mut gfn = start & !(n - 1);
+
+            // The head hugepage straddles the range; only a hugepage wholly
+            // inside the slot is tracked (the others are never huge).
+            if gfn != start || !fits(gfn, n, end) {
+                if gfn >= self.slot.base_gfn && fits(gfn, n, slot_end) {
+                    next.recheck(store, gfn, level, attrs)?;
+                }
+                // The head was the last hugepage of the gfn space.
+                gfn = match gfn.checked_add(n) {
+                    Some(g) => g,
+                    None => continue,
+                };
+            }
+
+            // Hugepages the range covers hold only `attrs` now.
+            while fits(gfn, n, end) {
+                next.set_mixed(gfn, level, false);
+                gfn += n;
+            }
+
+            // The tail hugepage straddles the range.
+            if gfn < end && fits(gfn, n, slot_end) {
+                next.recheck(store, gfn, level, attrs)?;
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
+    fn test_mixed(&self, gfn: u64, level: u8) -> Result<bool, HugepageError> {
+        check_level(level, PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL)?;
+        self.slot.check_gfn(gfn)?;
+        Ok(self.linfo(gfn, level) & KVM_LPAGE_MIXED_FLAG != 0)
+    }
+
+    fn disallow_lpage(&self, gfn: u64, level: u8) -> Result<bool, HugepageError> {
+        check_level(level, PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL)?;
+        self.slot.check_gfn(gfn)?;
+        Ok(self.linfo(gfn, level) != 0)
+    }
+
+    fn mixed_runs(&self, level: u8) -> Result<Vec<(u64, u64)>, HugepageError> {
+        check_level(level, PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL)?;
+        let first = self.slot.base_gfn >> hpage_gfn_shift(level);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (i, &d) in self.lpage_info[(level - PG_LEVEL_2M) as usize]
+            .iter()
+            .enumerate()
+        {
+            if d & KVM_LPAGE_MIXED_FLAG == 0 {
+                continue;
+            }
+            let hp = first + i as u64;
+            match out.last_mut() {
+                Some((_, e)) if *e == hp => *e = hp + 1,
+                _ => out.push((hp, hp + 1)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.lpage_info
+            .iter()
+            .map(|v| v.len() * std::mem::size_of::<u32>())
+            .sum()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The same rules over runs.
+// ---------------------------------------------------------------------------
+
+/// Per-level state of [`RangeTracker`].
+#[derive(Debug, Clone, Default)]
+struct LevelRuns {
+    /// First hugepage partial: disallowed (`linfo[0] = 1`).
+    head_disallowed: bool,
+    /// Last hugepage partial: disallowed (`linfo[lpages - 1] = 1`).
+    tail_disallowed: bool,
+    /// gpa/hva incongruent: every hugepage of the slot disallowed.
+    all_disallowed: bool,
+    /// Hugepage numbers with KVM_LPAGE_MIXED_FLAG set.
+    mixed: IntervalSet,
+}
+
+/// Hugepage tracking kept as runs: costs scale with the number of
+/// attribute runs, not with the size of the slot.
+#[derive(Debug, Clone)]
+pub struct RangeTracker {
+    slot: SlotLayout,
+    levels: [LevelRuns; 2],
+}
+
+impl RangeTracker {
+    /// kvm_alloc_memslot_metadata()'s rules, kept as three flags per level.
+    pub fn new(slot: SlotLayout) -> Self {
+        let mk = |level: u8| LevelRuns {
+            head_disallowed: slot.head_misaligned(level),
+            tail_disallowed: slot.tail_misaligned(level),
+            all_disallowed: slot.incongruent(level),
+            mixed: IntervalSet::new(),
+        };
+        Self {
+            slot,
+            levels: [mk(PG_LEVEL_2M), mk(PG_LEVEL_1G)],
+        }
+    }
+
+    fn lvl(&self, level: u8) -> &LevelRuns {
+        &self.levels[(level - PG_LEVEL_2M) as usize]
+    }
+
+    fn lvl_mut(&mut self, level: u8) -> &mut LevelRuns {
+        &mut self.levels[(level - PG_LEVEL_2M) as usize]
+    }
+
+    fn set_mixed(&mut self, gfn: u64, level: u8, mixed: bool) {
+        let hp = gfn >> hpage_gfn_shift(level);
+        let set = &mut self.lvl_mut(level).mixed;
+        if mixed {
+            set.insert(hp, hp + 1);
+        } else {
+            set.remove(hp, hp + 1);
+        }
+    }
+
+    /// hugepage_has_attrs() over runs. 2M: one store range query. 1G: no 2M
+    /// hugepage below is flagged mixed, and no store run with a value other
+    /// than `attrs` contains a 2M-aligned gfn (the gfns the kernel samples).
+    fn hugepage_has_attrs(
+        &self,
+        store: &dyn AttrStore,
+        gfn: u64,
+        level: u8,
+        attrs: u64,
+    ) -> Result<bool, HugepageError> {
+        let end = gfn + pages_per_hpage(level);
+        if level == PG_LEVEL_2M {
+            return Ok(store.has_value(gfn, end, attrs, u64::MAX)?);
+        }
+        let sub_shift = hpage_gfn_shift(level - 1);
+        if self
+            .lvl(level - 1)
+            .mixed
+            .intersects(gfn >> sub_shift, end >> sub_shift)
+        {
+            return Ok(false);
+        }
+        let step = pages_per_hpage(level - 1);
+        let mut sampled_other = false;
+        store.for_each_run(gfn, end, &mut |s, e, v| {
+            if v != attrs {
+                // First sampled (step-aligned) gfn at or after s.
+                let first = (s + step - 1) & !(step - 1);
+                if first < e {
+                    sampled_other = true;
+                }
+            }
+        })?;
+        Ok(!sampled_other)
+    }
+
+    fn recheck(
+        &mut self,
+        store: &dyn AttrStore,
+        gfn: u64,
+        level: u8,
+        attrs: u64,
+    ) -> Result<(), HugepageError> {
+        let has = self.hugepage_has_attrs(store, gfn, level, attrs)?;
+        self.set_mixed(gfn, level, !has);
+        Ok(())
+    }
+}
+
+impl HugepageTracker for RangeTracker {
+    fn slot(&self) -> &SlotLayout {
+        &self.slot
+    }
+
+    /// A hugepage wholly inside the slot is mixed exactly when the store
+    /// changes value strictly inside it (for 1G this is the kernel's "a 2M
+    /// below is mixed, or a 2M sample differs from the first gfn"), so one
+    /// pass over the runs finds every mixed hugepage.
+    fn init_memory_attributes(&mut self, store: &dyn AttrStore) -> Result<(), HugepageError> {
+        let mut next = self.clone();
+        for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
+            let n = pages_per_hpage(level);
+            let shift = hpage_gfn_shift(level);
+            let mut first = self.slot.base_gfn & !(n - 1);
+            if first < self.slot.base_gfn {
+                first = match first.checked_add(n) {
+                    Some(g) => g,
+                    None => continue,
+                };
+            }
+            let end = self.slot.end_gfn() & !(n - 1);
+            if first >= end {
+                continue;
+            }
+            let mut mixed: Vec<u64> = Vec::new();
+            let mut prev: Option<u64> = None;
+            store.for_each_run(first, end, &mut |s, _e, v| {
+                if let Some(p) = prev {
+                    if p != v && s & (n - 1) != 0 {
+                        let hp = s >> shift;
+                        if mixed.last() != Some(&hp) {
+                            mixed.push(hp);
+                        }
+                    }
+                }
+                prev = Some(v);
+            })?;
+            let set = &mut next.lvl_mut(level).mixed;
+            set.remove(first >> shift, end >> shift);
+            let mut i = 0;
+            while i < mixed.len() {
+                let mut j = i + 1;
+                while j < mixed.len() && mixed[j] == mixed[j - 1] + 1 {
+                    j += 1;
+                }
+                set.insert(mixed[i], mixed[j - 1] + 1);
+                i = j;
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
+    fn post_set_memory_attributes(
+        &mut self,
+        store: &dyn AttrStore,
+        start: u64,
+        end: u64,
+        attrs: u64,
+    ) -> Result<(), HugepageError> {
+        self.slot.check_range(start, end)?;
+        let slot_end = self.slot.end_gfn();
+        let mut next = self.clone();
+        for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
+            let n = pages_per_hpage(level);
+            let shift = hpage_gfn_shift(level);
+            let mut gfn = start & !(n - 1);
+
+            if gfn != start || !fits(gfn, n, end) {
+                if gfn >= self.slot.base_gfn && fits(gfn, n, slot_end) {
+                    next.recheck(store, gfn, level, attrs)?;
+                }
+                // The head was the last hugepage of the gfn space.
+                gfn = match gfn.checked_add(n) {
+                    Some(g) => g,
+                    None => continue,
+                };
+            }
+
+            // Every hugepage the range covers: one range removal.
+            let covered_end = end & !(n - 1);
+            if gfn < covered_end {
+                next.lvl_mut(level)
+                    .mixed
+                    .remove(gfn >> shift, covered_end >> shift);
+                gfn = covered_end;
+            }
+
+            if gfn < end && fits(gfn, n, slot_end) {
+                next.recheck(store, gfn, level, attrs)?;
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
+    fn test_mixed(&self, gfn: u64, level: u8) -> Result<bool, HugepageError> {
+        check_level(level, PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL)?;
+        self.slot.check_gfn(gfn)?;
+        Ok(self
+            .lvl(level)
+            .mixed
+            .contains(gfn >> hpage_gfn_shift(level)))
+    }
+
+    fn disallow_lpage(&self, gfn: u64, level: u8) -> Result<bool, HugepageError> {
+        check_level(level, PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL)?;
+        self.slot.check_gfn(gfn)?;
+        let shift = hpage_gfn_shift(level);
+        let l = self.lvl(level);
+        let hp = gfn >> shift;
+        Ok(l.all_disallowed
+            || (l.head_disallowed && hp == self.slot.base_gfn >> shift)
+            || (l.tail_disallowed && hp == (self.slot.end_gfn() - 1) >> shift)
+            || l.mixed.contains(hp))
+    }
+
+    fn mixed_runs(&self, level: u8) -> Result<Vec<(u64, u64)>, HugepageError> {
+        check_level(level, PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL)?;
+        Ok(self.lvl(level).mixed.runs().collect())
+    }
+
+    fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self
+                .levels
+                .iter()
+                .map(|l| l.mixed.memory_bytes())
+                .sum::<usize>()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Simulated stage-2 mappings.
+// ---------------------------------------------------------------------------
+
+/// Leaf mappings of one address space's TDP root, kept as runs of frame
+/// numbers (`gfn >> shift`) per level. A gfn is mapped by at most one leaf.
+#[derive(Debug, Clone, Default)]
+pub struct Stage2Map {
+    /// Index 0: 4K, 1: 2M, 2: 1G.
+    leaves: [IntervalSet; 3],
+}
+
+/// Per-level counts (index 0 = 4K, 1 = 2M, 2 = 1G).
+pub type LevelCounts = [u64; 3];
+
+impl Stage2Map {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The level of the leaf mapping `gfn`, if any.
+    pub fn mapped_level(&self, gfn: u64) -> Option<u8> {
+        (PG_LEVEL_4K..=PG_LEVEL_1G)
+            .find(|&l| self.leaves[(l - 1) as usize].contains(gfn >> hpage_gfn_shift(l)))
+    }
+
+    /// Installs a leaf at `level` covering `gfn`. Smaller leaves under it
+    /// are replaced (the page table below is freed), and a bigger leaf
+    /// covering `gfn` is zapped first (split to install the smaller one), as
+    /// the TDP MMU does. Returns whether a new leaf was installed (false:
+    /// the same leaf was already present, a spurious fault) and the leaves
+    /// it removed per level.
+    pub fn map(&mut self, gfn: u64, level: u8) -> Result<(bool, LevelCounts), HugepageError> {
+        check_level(level, PG_LEVEL_4K, PG_LEVEL_1G)?;
+        let shift = hpage_gfn_shift(level);
+        let frame = gfn >> shift;
+        let mut removed = [0u64; 3];
+        if self.leaves[(level - 1) as usize].contains(frame) {
+            return Ok((false, removed));
+        }
+        let first = frame << shift;
+        let last = first + (pages_per_hpage(level) - 1);
+        for l in PG_LEVEL_4K..=PG_LEVEL_1G {
+            if l == level {
+                continue;
+            }
+            let s = hpage_gfn_shift(l);
+            removed[(l - 1) as usize] =
+                self.leaves[(l - 1) as usize].remove(first >> s, (last >> s) + 1);
+        }
+        self.leaves[(level - 1) as usize].insert(frame, frame + 1);
+        Ok((true, removed))
+    }
+
+    /// kvm_unmap_gfn_range() on this root: removes every leaf intersecting
+    /// `[start, end)`; a huge leaf straddling the range goes whole. Returns
+    /// the leaves removed per level.
+    pub fn zap(&mut self, start: u64, end: u64) -> Result<LevelCounts, HugepageError> {
+        if start >= end {
+            return Err(HugepageError::RangeOutsideSlot { start, end });
+        }
+        let mut removed = [0u64; 3];
+        for l in PG_LEVEL_4K..=PG_LEVEL_1G {
+            let s = hpage_gfn_shift(l);
+            removed[(l - 1) as usize] =
+                self.leaves[(l - 1) as usize].remove(start >> s, ((end - 1) >> s) + 1);
+        }
+        Ok(removed)
+    }
+
+    /// Removes every leaf (kvm_mmu_zap_all_fast on this root).
+    pub fn zap_all(&mut self) -> LevelCounts {
+        [
+            self.leaves[0].clear(),
+            self.leaves[1].clear(),
+            self.leaves[2].clear(),
+        ]
+    }
+
+    /// Live leaves per level.
+    pub fn counts(&self) -> LevelCounts {
+        [
+            self.leaves[0].len(),
+            self.leaves[1].len(),
+            self.leaves[2].len(),
+        ]
+    }
+
+    /// The leaves of `level` as runs of gfns `[start, end)`.
+    pub fn runs(&self, level: u8) -> Result<Vec<(u64, u64)>, HugepageError> {
+        check_level(level, PG_LEVEL_4K, PG_LEVEL_1G)?;
+        let s = hpage_gfn_shift(level);
+        Ok(self.leaves[(level - 1) as usize]
+            .runs()
+            .map(|(a, b)| {
+                (
+                    a << s,
+                    b.checked_shl(s)
+                        .filter(|&x| x >> s == b)
+                        .unwrap_or(u64::MAX),
+                )
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A tiny per-gfn oracle store (sparse: BTreeMap of runs rebuilt
+    /// naively), enough to drive the trackers without the real stores.
+    #[derive(Default)]
+    struct OracleStore {
+        // (start, end, value), sorted, disjoint, non-zero values only.
+        runs: Vec<(u64, u64, u64)>,
+    }
+
+    impl OracleStore {
+        fn value_at(&self, gfn: u64) -> u64 {
+            self.runs
+                .iter()
+                .find(|&&(s, e, _)| s <= gfn && gfn < e)
+                .map_or(0, |r| r.2)
+        }
+    }
+
+    impl AttrStore for OracleStore {
+        fn get(&self, gfn: u64) -> u64 {
+            self.value_at(gfn)
+        }
+        fn set_range(&mut self, start: u64, end: u64, value: u64) -> Result<(), StoreError> {
+            crate::store::check_range(start, end)?;
+            let mut out = Vec::new();
+            for &(s, e, v) in &self.runs {
+                if s < start {
+                    out.push((s, e.min(start), v));
+                }
+                if e > end {
+                    out.push((s.max(end), e, v));
+                }
+            }
+            if value != 0 {
+                out.push((start, end, value));
+            }
+            out.sort();
+            // Coalesce equal neighbours.
+            let mut merged: Vec<(u64, u64, u64)> = Vec::new();
+            for r in out {
+                match merged.last_mut() {
+                    Some(m) if m.1 == r.0 && m.2 == r.2 => m.1 = r.1,
+                    _ => merged.push(r),
+                }
+            }
+            self.runs = merged;
+            Ok(())
+        }
+        fn has_value(
+            &self,
+            start: u64,
+            end: u64,
+            value: u64,
+            mask: u64,
+        ) -> Result<bool, StoreError> {
+            crate::store::check_range(start, end)?;
+            let mut ok = true;
+            self.for_each_run(start, end, &mut |_, _, v| ok &= v & mask == value & mask)?;
+            Ok(ok)
+        }
+        fn for_each_run(
+            &self,
+            start: u64,
+            end: u64,
+            f: &mut dyn FnMut(u64, u64, u64),
+        ) -> Result<(), StoreError> {
+            crate::store::check_range(start, end)?;
+            // Pieces (including zero gaps), then coalesce.
+            let mut pieces: Vec<(u64, u64, u64)> = Vec::new();
+            let mut at = start;
+            for &(s, e, v) in &self.runs {
+                if e <= start || s >= end {
+                    continue;
+                }
+                let (s, e) = (s.max(start), e.min(end));
+                if s > at {
+                    pieces.push((at, s, 0));
+                }
+                pieces.push((s, e, v));
+                at = e;
+            }
+            if at < end {
+                pieces.push((at, end, 0));
+            }
+            let mut merged: Vec<(u64, u64, u64)> = Vec::new();
+            for p in pieces {
+                match merged.last_mut() {
+                    Some(m) if m.1 == p.0 && m.2 == p.2 => m.1 = p.1,
+                    _ => merged.push(p),
+                }
+            }
+            for (s, e, v) in merged {
+                f(s, e, v);
+            }
+            Ok(())
+        }
+        fn memory_bytes(&self) -> usize {
+            self.runs.len() * 24
+        }
+        fn entry_count(&self) -> usize {
+            self.runs.len()
+        }
+        fn reserve(&mut self, _s: u64, _e: u64, _l: Option<usize>) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn release_reservations(&mut self) {}
+    }
+
+    const M2: u64 = 512;
+    const G1: u64 = 512 * 512;
+    const P: u64 = 8; // KVM_MEMORY_ATTRIBUTE_PRIVATE
+
+    fn both(base: u64, npages: u64, uaddr: u64) -> (RangeTracker, LpageInfoTracker) {
+        let slot = SlotLayout::new(base, npages, uaddr).unwrap();
+        (RangeTracker::new(slot), LpageInfoTracker::new(slot))
+    }
+
+    fn assert_same(r: &RangeTracker, k: &LpageInfoTracker) {
+        for level in [PG_LEVEL_2M, PG_LEVEL_1G] {
+            assert_eq!(
+                r.mixed_runs(level).unwrap(),
+                k.mixed_runs(level).unwrap(),
+                "level {level}"
+            );
+        }
+        // Disallow state of every hugepage (head, tail and a few inner).
+        let slot = *r.slot();
+        for level in [PG_LEVEL_2M, PG_LEVEL_1G] {
+            let n = pages_per_hpage(level);
+            let mut gfn = slot.base_gfn;
+            let mut count = 0;
+            while gfn < slot.end_gfn() && count < 4096 {
+                assert_eq!(
+                    r.disallow_lpage(gfn, level).unwrap(),
+                    k.disallow_lpage(gfn, level).unwrap(),
+                    "gfn {gfn:#x} level {level}"
+                );
+                gfn = match (gfn & !(n - 1)).checked_add(n) {
+                    Some(g) => g,
+                    None => break,
+                };
+                count += 1;
+            }
+        }
+    }
+
+    fn set(
+        store: &mut OracleStore,
+        trackers: &mut [&mut dyn HugepageTracker],
+        s: u64,
+        e: u64,
+        v: u64,
+    ) {
+        store.set_range(s, e, v).unwrap();
+        for t in trackers.iter_mut() {
+            let slot = *t.slot();
+            let (cs, ce) = (s.max(slot.base_gfn), e.min(slot.end_gfn()));
+            if cs < ce {
+                t.post_set_memory_attributes(store, cs, ce, v).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn interval_set_basics() {
+        let mut s = IntervalSet::new();
+        s.insert(10, 20);
+        s.insert(20, 30);
+        s.insert(5, 7);
+        assert_eq!(s.runs().collect::<Vec<_>>(), vec![(5, 7), (10, 30)]);
+        assert_eq!(s.len(), 22);
+        assert!(s.contains(29) && !s.contains(30) && !s.contains(7));
+        assert!(s.intersects(6, 11) && !s.intersects(7, 10));
+        assert_eq!(s.remove(12, 15), 3);
+        assert_eq!(
+            s.runs().collect::<Vec<_>>(),
+            vec![(5, 7), (10, 12), (15, 30)]
+        );
+        assert_eq!(s.remove(0, 100), 19);
+        assert!(s.is_empty());
+        s.insert(0, u64::MAX);
+        assert_eq!(s.remove(1, 2), 1);
+        assert_eq!(s.run_count(), 2);
+        assert_eq!(s.clear(), u64::MAX - 1);
+    }
+
+    #[test]
+    fn mixed_after_4k_conversion_then_cleared() {
+        let (mut r, mut k) = both(0, 2 * G1, 0);
+        let mut store = OracleStore::default();
+        r.init_memory_attributes(&store).unwrap();
+        k.init_memory_attributes(&store).unwrap();
+        set(&mut store, &mut [&mut r, &mut k], M2 + 3, M2 + 4, P);
+        for t in [&r as &dyn HugepageTracker, &k] {
+            assert!(t.test_mixed(M2, PG_LEVEL_2M).unwrap());
+            assert!(!t.test_mixed(0, PG_LEVEL_2M).unwrap());
+            assert!(t.test_mixed(0, PG_LEVEL_1G).unwrap());
+            assert!(!t.test_mixed(G1, PG_LEVEL_1G).unwrap());
+            assert_eq!(t.max_mapping_level(M2 + 3, 3).unwrap(), PG_LEVEL_4K);
+            assert_eq!(t.max_mapping_level(0, 3).unwrap(), PG_LEVEL_2M);
+            assert_eq!(t.max_mapping_level(G1, 3).unwrap(), PG_LEVEL_1G);
+        }
+        // Uniform again.
+        set(&mut store, &mut [&mut r, &mut k], M2 + 3, M2 + 4, 0);
+        for t in [&r as &dyn HugepageTracker, &k] {
+            assert!(!t.test_mixed(M2, PG_LEVEL_2M).unwrap());
+            assert!(!t.test_mixed(0, PG_LEVEL_1G).unwrap());
+            assert_eq!(t.max_mapping_level(M2 + 3, 3).unwrap(), PG_LEVEL_1G);
+        }
+        // A whole 2M page private: 2M uniform, 1G mixed (a 2M sample differs).
+        set(&mut store, &mut [&mut r, &mut k], M2, 2 * M2, P);
+        for t in [&r as &dyn HugepageTracker, &k] {
+            assert!(!t.test_mixed(M2, PG_LEVEL_2M).unwrap());
+            assert!(t.test_mixed(0, PG_LEVEL_1G).unwrap());
+            assert_eq!(t.max_mapping_level(M2, 3).unwrap(), PG_LEVEL_2M);
+        }
+        // The whole 1G private: uniform.
+        set(&mut store, &mut [&mut r, &mut k], 0, G1, P);
+        for t in [&r as &dyn HugepageTracker, &k] {
+            assert!(!t.test_mixed(0, PG_LEVEL_1G).unwrap());
+            assert_eq!(t.max_mapping_level(5, 3).unwrap(), PG_LEVEL_1G);
+        }
+        assert_same(&r, &k);
+    }
+
+    #[test]
+    fn misaligned_head_and_tail_never_huge() {
+        // Starts 1 page into a 2M page, ends 1 page into another.
+        let (mut r, mut k) = both(M2 + 1, 3 * M2, (M2 + 1) << 12);
+        let mut store = OracleStore::default();
+        r.init_memory_attributes(&store).unwrap();
+        k.init_memory_attributes(&store).unwrap();
+        for t in [&r as &dyn HugepageTracker, &k] {
+            assert_eq!(t.max_mapping_level(M2 + 1, 3).unwrap(), PG_LEVEL_4K);
+            assert_eq!(t.max_mapping_level(2 * M2, 3).unwrap(), PG_LEVEL_2M);
+            assert_eq!(t.max_mapping_level(3 * M2 + 5, 3).unwrap(), PG_LEVEL_2M);
+            assert_eq!(t.max_mapping_level(4 * M2, 3).unwrap(), PG_LEVEL_4K);
+            assert!(t.disallow_lpage(M2 + 1, PG_LEVEL_1G).unwrap());
+            assert!(!t.test_mixed(M2 + 1, PG_LEVEL_2M).unwrap());
+        }
+        // Converting a page in the partial head never marks it mixed.
+        set(&mut store, &mut [&mut r, &mut k], M2 + 2, M2 + 3, P);
+        for t in [&r as &dyn HugepageTracker, &k] {
+            assert!(!t.test_mixed(M2 + 1, PG_LEVEL_2M).unwrap());
+            assert!(!t.test_mixed(M2 + 1, PG_LEVEL_1G).unwrap());
+        }
+        assert_same(&r, &k);
+    }
+
+    #[test]
+    fn incongruent_userspace_address_disallows_slot() {
+        let (r, k) = both(0, 4 * M2, 4096);
+        for t in [&r as &dyn HugepageTracker, &k] {
+            for gfn in [0, M2, 3 * M2 + 7] {
+                assert_eq!(t.max_mapping_level(gfn, 3).unwrap(), PG_LEVEL_4K);
+            }
+        }
+        // Congruent modulo 2M but not 1G: 2M allowed, 1G not.
+        let (r, k) = both(0, 2 * G1, M2 << 12);
+        for t in [&r as &dyn HugepageTracker, &k] {
+            assert_eq!(t.max_mapping_level(G1, 3).unwrap(), PG_LEVEL_2M);
+        }
+    }
+
+    #[test]
+    fn init_reads_existing_attributes() {
+        let mut store = OracleStore::default();
+        store.set_range(G1 + 100, G1 + 101, P).unwrap();
+        store.set_range(2 * G1 + M2, 2 * G1 + 2 * M2, P).unwrap();
+        let (mut r, mut k) = both(G1 - 3, 3 * G1, (G1 - 3) << 12);
+        r.init_memory_attributes(&store).unwrap();
+        k.init_memory_attributes(&store).unwrap();
+        assert!(r.test_mixed(G1 + 100, PG_LEVEL_2M).unwrap());
+        assert!(r.test_mixed(G1, PG_LEVEL_1G).unwrap());
+        assert!(!r.test_mixed(2 * G1 + M2, PG_LEVEL_2M).unwrap());
+        assert!(r.test_mixed(2 * G1, PG_LEVEL_1G).unwrap());
+        assert_same(&r, &k);
+    }
+
+    #[test]
+    fn errors_leave_state_unchanged() {
+        assert_eq!(
+            SlotLayout::new(5, 0, 0),
+            Err(HugepageError::InvalidSlot {
+                base_gfn: 5,
+                npages: 0
+            })
+        );
+        assert!(SlotLayout::new(u64::MAX, 2, 0).is_err());
+        let (mut r, mut k) = both(M2, M2, 0);
+        let store = OracleStore::default();
+        for t in [&mut r as &mut dyn HugepageTracker, &mut k] {
+            assert!(matches!(
+                t.post_set_memory_attributes(&store, 0, M2 + 1, P),
+                Err(HugepageError::RangeOutsideSlot { .. })
+            ));
+            assert!(t
+                .post_set_memory_attributes(&store, M2 + 1, M2 + 1, P)
+                .is_err());
+            assert!(matches!(
+                t.test_mixed(0, 2),
+                Err(HugepageError::GfnOutsideSlot { gfn: 0 })
+            ));
+            assert!(matches!(
+                t.test_mixed(M2, 1),
+                Err(HugepageError::InvalidLevel { .. })
+            ));
+            assert!(matches!(
+                t.test_mixed(M2, 4),
+                Err(HugepageError::InvalidLevel { .. })
+            ));
+            assert!(t.max_mapping_level(M2, 0).is_err());
+            assert!(t.max_mapping_level(2 * M2, 3).is_err());
+        }
+    }
+
+    #[test]
+    fn slot_at_top_of_gfn_space() {
+        // The last hugepages of the u64 gfn space: no overflow anywhere.
+        let base = u64::MAX - 3 * G1;
+        let (mut r, mut k) = both(base, 3 * G1, base << 12);
+        let mut store = OracleStore::default();
+        r.init_memory_attributes(&store).unwrap();
+        k.init_memory_attributes(&store).unwrap();
+        set(&mut store, &mut [&mut r, &mut k], base + 5, u64::MAX, P);
+        set(&mut store, &mut [&mut r, &mut k], u64::MAX - 7, u64::MAX, 0);
+        assert_same(&r, &k);
+    }
+
+    #[test]
+    fn stage2_map_and_zap() {
+        let mut m = Stage2Map::new();
+        assert_eq!(m.map(5, 1).unwrap(), (true, [0, 0, 0]));
+        assert_eq!(m.map(5, 1).unwrap(), (false, [0, 0, 0]));
+        assert_eq!(m.map(600, 1).unwrap().0, true);
+        assert_eq!(m.mapped_level(5), Some(1));
+        // A 2M leaf over 4K leaves replaces them.
+        assert_eq!(m.map(7, 2).unwrap(), (true, [1, 0, 0]));
+        assert_eq!(m.counts(), [1, 1, 0]);
+        assert_eq!(m.mapped_level(0), Some(2));
+        // A zap of one page inside the 2M leaf removes it whole.
+        assert_eq!(m.zap(100, 101).unwrap(), [0, 1, 0]);
+        assert_eq!(m.counts(), [1, 0, 0]);
+        assert_eq!(m.map(G1 + 3, 3).unwrap(), (true, [0, 0, 0]));
+        // A 4K fault under a 1G leaf splits it (zaps the 1G leaf).
+        assert_eq!(m.map(G1 + 3, 1).unwrap(), (true, [0, 0, 1]));
+        assert_eq!(m.runs(1).unwrap(), vec![(600, 601), (G1 + 3, G1 + 4)]);
+        assert_eq!(m.zap_all(), [2, 0, 0]);
+        assert!(m.zap(3, 3).is_err());
+        assert!(m.map(0, 4).is_err());
+        assert_eq!(m.map(u64::MAX, 3).unwrap().0, true);
+        assert_eq!(m.runs(3).unwrap(), vec![(u64::MAX & !(G1 - 1), u64::MAX)]);
+        assert_eq!(m.zap(u64::MAX - 1, u64::MAX).unwrap(), [0, 0, 1]);
+    }
+
+    #[derive(Debug, Clone)]
+    struct Op {
+        start: u64,
+        len: u64,
+        value: u64,
+    }
+
+    fn op_strategy(span: u64) -> impl Strategy<Value = Op> {
+        // Lengths favour hugepage-ish sizes and awkward off-by-ones.
+        let len = prop_oneof![
+            1u64..8,
+            (1u64..4).prop_map(|k| k * M2),
+            (0u64..3, 0u64..2).prop_map(|(k, d)| (k * M2 + M2 - 1 + d).max(1)),
+            1u64..(span / 2).max(2),
+        ];
+        (
+            0u64..span,
+            len,
+            prop_oneof![Just(0u64), Just(P), Just(P | 1)],
+        )
+            .prop_map(|(start, len, value)| Op { start, len, value })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn range_tracker_equals_kernel_algorithm(
+            // Several slots with awkward alignment, in a ~4G window.
+            slots in prop::collection::vec((0u64..6, 0u64..3, 1u64..(3 * G1), 0u64..3), 1..4),
+            pre in prop::collection::vec(op_strategy(5 * G1), 0..4),
+            ops in prop::collection::vec(op_strategy(5 * G1), 1..25),
+        ) {
+            let mut store = OracleStore::default();
+            for op in &pre {
+                store.set_range(op.start, op.start + op.len, op.value).unwrap();
+            }
+            let mut pairs = Vec::new();
+            let mut next_base = 0u64;
+            for (gap, misalign, npages, ua) in slots {
+                let base = next_base + gap * M2 + [0, 1, M2 - 1][misalign as usize];
+                let uaddr = match ua { 0 => base << 12, 1 => (base + 1) << 12, _ => (base + M2) << 12 };
+                let (mut r, mut k) = both(base, npages, uaddr);
+                r.init_memory_attributes(&store).unwrap();
+                k.init_memory_attributes(&store).unwrap();
+                assert_same(&r, &k);
+                next_base = base + npages;
+                pairs.push((r, k));
+            }
+            for op in ops {
+                let mut ts: Vec<&mut dyn HugepageTracker> = Vec::new();
+                for (r, k) in pairs.iter_mut() {
+                    ts.push(r);
+                    ts.push(k);
+                }
+                set(&mut store, &mut ts, op.start, op.start + op.len, op.value);
+                for (r, k) in &pairs {
+                    assert_same(r, k);
+                }
+            }
+        }
+    }
+}
