@@ -885,6 +885,12 @@ impl Stage2Map {
         ]
     }
 
+    /// The leaves of `level` as runs of frame numbers (`gfn >> shift`).
+    pub fn frame_runs(&self, level: u8) -> Result<Vec<(u64, u64)>, HugepageError> {
+        check_level(level, PG_LEVEL_4K, PG_LEVEL_1G)?;
+        Ok(self.leaves[(level - 1) as usize].runs().collect())
+    }
+
     /// The leaves of `level` as runs of gfns `[start, end)`.
     pub fn runs(&self, level: u8) -> Result<Vec<(u64, u64)>, HugepageError> {
         check_level(level, PG_LEVEL_4K, PG_LEVEL_1G)?;

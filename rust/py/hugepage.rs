@@ -1,7 +1,289 @@
-//! Bindings for the hugepage tracking (filled in by the hugepage work).
+//! Bindings for the hugepage tracking and the stage-2 map model: argument
+//! conversion with errors that name the argument, error mapping, nothing
+//! else. The rules live in `crate::hugepage`.
 
+use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBool;
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use super::stores::with_store;
+use crate::hugepage::{
+    HugepageError, HugepageTracker, LevelCounts, LpageInfoTracker, RangeTracker, SlotLayout,
+    Stage2Map, KVM_MAX_HUGEPAGE_LEVEL,
+};
+use crate::store::StoreError;
+
+fn to_pyerr(e: HugepageError) -> PyErr {
+    match e {
+        HugepageError::Store(StoreError::OutOfMemory { .. }) => {
+            PyMemoryError::new_err(e.to_string())
+        }
+        _ => PyValueError::new_err(e.to_string()),
+    }
+}
+
+/// A u64 argument: TypeError for non-int (bool included), OverflowError
+/// outside 0..2**64, both naming the argument.
+fn u64_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u64> {
+    if obj.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be an int, not bool"
+        )));
+    }
+    let as_int = obj.call_method0("__index__").map_err(|_| {
+        let tn = obj
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "?".into());
+        PyTypeError::new_err(format!("{name} must be an int, not {tn}"))
+    })?;
+    as_int
+        .extract::<u64>()
+        .map_err(|_| PyOverflowError::new_err(format!("{name} must be in 0..2**64, got {as_int}")))
+}
+
+/// A page-table level argument (small int), range-checked by the core.
+fn level_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u8> {
+    let v = u64_arg(obj, name)?;
+    u8::try_from(v).map_err(|_| PyValueError::new_err(format!("{name} must be 1, 2 or 3, got {v}")))
+}
+
+fn counts_tuple(c: LevelCounts) -> (u64, u64, u64) {
+    (c[0], c[1], c[2])
+}
+
+/// Runs of hugepage numbers at `shift`, as gfn ranges (Python ints, so the
+/// last hugepage of the gfn space ends at 2**64 without wrapping).
+fn gfn_runs(runs: Vec<(u64, u64)>, shift: u32) -> Vec<(u128, u128)> {
+    runs.into_iter()
+        .map(|(s, e)| ((s as u128) << shift, (e as u128) << shift))
+        .collect()
+}
+
+macro_rules! tracker_pyclass {
+    ($pyname:ident, $name:literal, $inner:ty, $doc:literal) => {
+        #[doc = $doc]
+        #[pyclass(name = $name, module = "memattr._native")]
+        pub struct $pyname {
+            inner: $inner,
+        }
+
+        #[pymethods]
+        impl $pyname {
+            /// Applies kvm_alloc_memslot_metadata()'s disallow rules for a
+            /// memslot of `npages` pages at `base_gfn` backed at
+            /// `userspace_addr`; mixed flags start clear.
+            #[new]
+            #[pyo3(signature = (base_gfn, npages, userspace_addr=None))]
+            fn new(
+                base_gfn: &Bound<'_, PyAny>,
+                npages: &Bound<'_, PyAny>,
+                userspace_addr: Option<&Bound<'_, PyAny>>,
+            ) -> PyResult<Self> {
+                let base = u64_arg(base_gfn, "base_gfn")?;
+                let n = u64_arg(npages, "npages")?;
+                let ua = match userspace_addr {
+                    Some(o) => u64_arg(o, "userspace_addr")?,
+                    None => 0,
+                };
+                let slot = SlotLayout::new(base, n, ua).map_err(to_pyerr)?;
+                Ok(Self {
+                    inner: <$inner>::new(slot),
+                })
+            }
+
+            #[getter]
+            fn base_gfn(&self) -> u64 {
+                self.inner.slot().base_gfn
+            }
+
+            #[getter]
+            fn npages(&self) -> u64 {
+                self.inner.slot().npages
+            }
+
+            #[getter]
+            fn userspace_addr(&self) -> u64 {
+                self.inner.slot().userspace_addr
+            }
+
+            /// kvm_mmu_init_memslot_memory_attributes() from `store`.
+            fn init_memory_attributes(&mut self, store: &Bound<'_, PyAny>) -> PyResult<()> {
+                let inner = &mut self.inner;
+                with_store(store, |s| inner.init_memory_attributes(s))?.map_err(to_pyerr)
+            }
+
+            /// kvm_arch_post_set_memory_attributes() for `[start, end)`
+            /// (inside the slot), just set to `attrs` in `store`.
+            fn post_set_memory_attributes(
+                &mut self,
+                store: &Bound<'_, PyAny>,
+                start: &Bound<'_, PyAny>,
+                end: &Bound<'_, PyAny>,
+                attrs: &Bound<'_, PyAny>,
+            ) -> PyResult<()> {
+                let start = u64_arg(start, "start")?;
+                let end = u64_arg(end, "end")?;
+                let attrs = u64_arg(attrs, "attrs")?;
+                let inner = &mut self.inner;
+                with_store(store, |s| {
+                    inner.post_set_memory_attributes(s, start, end, attrs)
+                })?
+                .map_err(to_pyerr)
+            }
+
+            /// KVM_LPAGE_MIXED_FLAG of the hugepage at `level` containing `gfn`.
+            fn test_mixed(
+                &self,
+                gfn: &Bound<'_, PyAny>,
+                level: &Bound<'_, PyAny>,
+            ) -> PyResult<bool> {
+                let gfn = u64_arg(gfn, "gfn")?;
+                let level = level_arg(level, "level")?;
+                self.inner.test_mixed(gfn, level).map_err(to_pyerr)
+            }
+
+            /// `disallow_lpage != 0` for the hugepage at `level` containing `gfn`.
+            fn disallow_lpage(
+                &self,
+                gfn: &Bound<'_, PyAny>,
+                level: &Bound<'_, PyAny>,
+            ) -> PyResult<bool> {
+                let gfn = u64_arg(gfn, "gfn")?;
+                let level = level_arg(level, "level")?;
+                self.inner.disallow_lpage(gfn, level).map_err(to_pyerr)
+            }
+
+            /// The highest level <= `max_level` not disallowed at `gfn`.
+            #[pyo3(signature = (gfn, max_level=None))]
+            fn max_mapping_level(
+                &self,
+                gfn: &Bound<'_, PyAny>,
+                max_level: Option<&Bound<'_, PyAny>>,
+            ) -> PyResult<u8> {
+                let gfn = u64_arg(gfn, "gfn")?;
+                let max_level = match max_level {
+                    Some(o) => level_arg(o, "max_level")?,
+                    None => KVM_MAX_HUGEPAGE_LEVEL,
+                };
+                self.inner
+                    .max_mapping_level(gfn, max_level)
+                    .map_err(to_pyerr)
+            }
+
+            /// Mixed hugepages of `level` as `(start_gfn, end_gfn)` runs.
+            fn mixed_runs(&self, level: &Bound<'_, PyAny>) -> PyResult<Vec<(u128, u128)>> {
+                let level = level_arg(level, "level")?;
+                let runs = self.inner.mixed_runs(level).map_err(to_pyerr)?;
+                Ok(gfn_runs(runs, crate::hugepage::hpage_gfn_shift(level)))
+            }
+
+            /// Bytes of tracking state.
+            fn memory_bytes(&self) -> usize {
+                self.inner.memory_bytes()
+            }
+
+            fn __repr__(&self) -> String {
+                let s = self.inner.slot();
+                format!(
+                    "{}(base_gfn={:#x}, npages={:#x}, userspace_addr={:#x})",
+                    $name, s.base_gfn, s.npages, s.userspace_addr
+                )
+            }
+        }
+    };
+}
+
+tracker_pyclass!(
+    PyRangeHugepageTracker,
+    "RangeHugepageTracker",
+    RangeTracker,
+    "Per-memslot 2M/1G hugepage tracking kept as runs (O(log n + runs) per post-set)."
+);
+
+tracker_pyclass!(
+    PyLpageInfoTracker,
+    "LpageInfoTracker",
+    LpageInfoTracker,
+    "The kernel's lpage_info arrays and per-hugepage post-set loop (the reference)."
+);
+
+/// Leaf mappings of one address space's stage-2 root, as runs per level.
+#[pyclass(name = "Stage2Map", module = "memattr._native")]
+pub struct PyStage2Map {
+    inner: Stage2Map,
+}
+
+#[pymethods]
+impl PyStage2Map {
+    #[new]
+    fn new() -> Self {
+        Self {
+            inner: Stage2Map::new(),
+        }
+    }
+
+    /// Installs a leaf at `level` covering `gfn`; returns (installed,
+    /// leaves removed per level as (4K, 2M, 1G)).
+    fn map(
+        &mut self,
+        gfn: &Bound<'_, PyAny>,
+        level: &Bound<'_, PyAny>,
+    ) -> PyResult<(bool, (u64, u64, u64))> {
+        let gfn = u64_arg(gfn, "gfn")?;
+        let level = level_arg(level, "level")?;
+        let (installed, removed) = self.inner.map(gfn, level).map_err(to_pyerr)?;
+        Ok((installed, counts_tuple(removed)))
+    }
+
+    /// Removes every leaf intersecting `[start, end)` (huge leaves whole);
+    /// returns the leaves removed per level.
+    fn zap(
+        &mut self,
+        start: &Bound<'_, PyAny>,
+        end: &Bound<'_, PyAny>,
+    ) -> PyResult<(u64, u64, u64)> {
+        let start = u64_arg(start, "start")?;
+        let end = u64_arg(end, "end")?;
+        if start >= end {
+            return Err(PyValueError::new_err(format!(
+                "start ({start}) must be < end ({end})"
+            )));
+        }
+        self.inner
+            .zap(start, end)
+            .map(counts_tuple)
+            .map_err(to_pyerr)
+    }
+
+    /// Removes every leaf; returns the leaves removed per level.
+    fn zap_all(&mut self) -> (u64, u64, u64) {
+        counts_tuple(self.inner.zap_all())
+    }
+
+    /// Level of the leaf mapping `gfn`, 0 if unmapped.
+    fn mapped_level(&self, gfn: &Bound<'_, PyAny>) -> PyResult<u8> {
+        let gfn = u64_arg(gfn, "gfn")?;
+        Ok(self.inner.mapped_level(gfn).unwrap_or(0))
+    }
+
+    /// Live leaves per level (4K, 2M, 1G).
+    fn counts(&self) -> (u64, u64, u64) {
+        counts_tuple(self.inner.counts())
+    }
+
+    /// The leaves of `level` as `(start_gfn, end_gfn)` runs.
+    fn runs(&self, level: &Bound<'_, PyAny>) -> PyResult<Vec<(u128, u128)>> {
+        let level = level_arg(level, "level")?;
+        let runs = self.inner.frame_runs(level).map_err(to_pyerr)?;
+        Ok(gfn_runs(runs, crate::hugepage::hpage_gfn_shift(level)))
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyRangeHugepageTracker>()?;
+    m.add_class::<PyLpageInfoTracker>()?;
+    m.add_class::<PyStage2Map>()?;
     Ok(())
 }
