@@ -1,0 +1,355 @@
+"""Traces: both on-disk forms, validation with precise messages, the QEMU
+importer, record/replay round trips on a Vm and onto bare stores."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import struct
+
+import numpy as np
+import pytest
+
+import memattr
+from memattr import qemu
+from memattr import trace as t
+from memattr import workloads as w
+
+GiB, MiB = w.GiB, w.MiB
+P = t.KVM_MEMORY_ATTRIBUTE_PRIVATE
+
+
+def small_trace() -> t.Trace:
+    return w.boot_and_churn("6G", nr_vcpus=2, dma_buffers=4, accept_fraction=0.1, implicit=4, seed=1)
+
+
+def with_results(tr: t.Trace) -> t.Trace:
+    ops = tr.ops.copy()
+    ops["result"] = np.where(ops["kind"] == t.OP_FAULT, 2, 0)
+    ops["result"][::7] = -errno.EINVAL
+    ops["result"][ops["kind"] == t.OP_CREATE_GUEST_MEMFD] = 3
+    return t.Trace(ops, dict(tr.meta))
+
+
+# --------------------------------------------------------------------------
+# formats
+
+
+@pytest.mark.parametrize("suffix", [".trace", ".txt"])
+def test_round_trip_both_forms(tmp_path, suffix):
+    tr = with_results(small_trace())
+    path = tmp_path / ("x" + suffix)
+    t.write(tr, path)
+    back = t.read(path)
+    assert (back.ops == tr.ops).all()
+    assert back.meta["regions"] == tr.meta["regions"]
+    assert back.phases == tr.phases
+    assert back.meta["params"] == tr.meta["params"]
+    assert t.is_trace_file(path)
+
+
+def test_text_form_is_readable(tmp_path):
+    tr = with_results(small_trace())
+    lines = list(t.iter_text_lines(tr))
+    assert lines[0] == t.TEXT_HEADER and lines[1].startswith("# meta {")
+    assert lines[2] == "create_guest_memfd size=0x180000000 flags=0x0 -> 3"
+    assert lines[3].startswith("set_user_memory_region slot=0 gpa=0x0 size=0x80000000 uaddr=0x700000000000 ")
+    assert any(line.startswith("fault gpa=") and "access=private,write" in line and line.endswith("-> 2") for line in lines)
+    assert any(line.endswith("-> -EINVAL") for line in lines)
+    assert any("access=shared,write,convert" in line for line in lines)
+
+
+def test_binary_is_compact_and_documented_layout(tmp_path):
+    tr = small_trace()
+    path = tmp_path / "x.trace"
+    t.write_binary(tr, path)
+    data = path.read_bytes()
+    magic, version, rec, meta_len, count = struct.unpack_from("<8sHHIQ", data)
+    assert (magic, version, rec, count) == (b"MEMATTRT", 1, 40, len(tr))
+    assert meta_len % 8 == 0 and len(data) == 24 + meta_len + 40 * len(tr)
+    json.loads(data[24 : 24 + meta_len])
+    # first record: create_guest_memfd, kind at byte 36 of the record
+    rec0 = data[24 + meta_len : 24 + meta_len + 40]
+    assert rec0[36] == t.OP_CREATE_GUEST_MEMFD
+
+
+def test_write_to_file_objects():
+    tr = small_trace()
+    buf = io.BytesIO()
+    t.write_binary(tr, buf)
+    assert (t.parse_binary(buf.getvalue()).ops == tr.ops).all()
+    sbuf = io.StringIO()
+    t.write_text(tr, sbuf)
+    assert (t.parse_text(sbuf.getvalue().splitlines()).ops == tr.ops).all()
+
+
+def test_concat_renumbers_regions():
+    a = w.setup("6G")
+    b = w.setup("1G")
+    joined = t.concat([("a", a), ("b", b)], {"vm_type": 1})
+    assert len(joined.meta["regions"]) == 3
+    region_ops = joined.ops[joined.ops["kind"] == t.OP_SET_USER_MEMORY_REGION]
+    assert region_ops["aux"].tolist() == [0, 1, 2]
+    assert joined.phases == [("a", 0, 3), ("b", 3, 5)]
+
+
+def test_trace_rejects_wrong_dtype():
+    with pytest.raises(TypeError, match="OP_DTYPE"):
+        t.Trace(np.zeros(3))
+
+
+# --------------------------------------------------------------------------
+# rejecting bad binary files, naming the byte offset
+
+
+def binary_bytes(tr: t.Trace) -> bytearray:
+    buf = io.BytesIO()
+    t.write_binary(tr, buf)
+    return bytearray(buf.getvalue())
+
+
+def body_offset(data: bytes) -> int:
+    return 24 + struct.unpack_from("<I", data, 12)[0]
+
+
+def test_bad_binary_magic(tmp_path):
+    data = binary_bytes(small_trace())
+    data[:8] = b"NOTTRACE"
+    p = tmp_path / "bad.trace"
+    p.write_bytes(bytes(data))
+    with pytest.raises(t.TraceFormatError, match="byte offset 0"):
+        t.read(p)  # neither form
+    data[:1] = b"M"
+    with pytest.raises(t.TraceFormatError, match="byte offset 0: bad magic"):
+        t.parse_binary(bytes(data))
+
+
+def test_bad_binary_header_fields():
+    good = binary_bytes(small_trace())
+    data = bytearray(good)
+    struct.pack_into("<H", data, 8, 9)
+    with pytest.raises(t.TraceFormatError, match="byte offset 8: unsupported version 9"):
+        t.parse_binary(bytes(data))
+    data = bytearray(good)
+    struct.pack_into("<H", data, 10, 32)
+    with pytest.raises(t.TraceFormatError, match="byte offset 10: record size 32"):
+        t.parse_binary(bytes(data))
+    data = bytearray(good)
+    struct.pack_into("<I", data, 12, 3)
+    with pytest.raises(t.TraceFormatError, match="byte offset 12: bad metadata length"):
+        t.parse_binary(bytes(data))
+    with pytest.raises(t.TraceFormatError, match="too short"):
+        t.parse_binary(bytes(good[:10]))
+
+
+def test_bad_binary_metadata():
+    data = binary_bytes(small_trace())
+    data[24] = ord("!")
+    with pytest.raises(t.TraceFormatError, match="byte offset 24: bad metadata JSON"):
+        t.parse_binary(bytes(data))
+    tr = small_trace()
+    tr.meta["regions"] = [[1, 2]]
+    buf = io.BytesIO()
+    with pytest.raises(t.TraceFormatError):
+        t.write_binary(tr, buf)  # validation refuses to write it either
+
+
+def test_truncated_binary_names_offset():
+    data = binary_bytes(small_trace())
+    body = body_offset(data)
+    with pytest.raises(t.TraceFormatError, match=rf"byte offset {body}: header says \d+ records"):
+        t.parse_binary(bytes(data[:-5]))
+
+
+@pytest.mark.parametrize(
+    "field_offset,value,match",
+    [
+        (36, 9, "unknown operation kind 9"),
+        (37, 0x80, "flags are only defined for fault"),
+        (38, 5, "aux is only defined"),
+    ],
+)
+def test_bad_binary_record_names_record_and_offset(field_offset, value, match):
+    data = binary_bytes(small_trace())
+    body = body_offset(data)
+    i = 10  # a set or fault record past the setup
+    data[body + i * 40 + field_offset] = value
+    with pytest.raises(t.TraceFormatError, match=rf"record {i} at byte offset {body + i * 40}: {match}"):
+        t.parse_binary(bytes(data))
+
+
+def test_bad_fault_record():
+    tr = small_trace()
+    i = int(np.flatnonzero(tr.ops["kind"] == t.OP_FAULT)[0])
+    ops = tr.ops.copy()
+    ops["flags"][i] = 0x40
+    with pytest.raises(t.TraceFormatError, match=f"record {i}: unknown fault flags 0x40"):
+        t.Trace(ops, tr.meta).validate()
+    ops = tr.ops.copy()
+    ops["size"][i] = 4096
+    with pytest.raises(t.TraceFormatError, match=f"record {i}: fault operations must have"):
+        t.Trace(ops, tr.meta).validate()
+    ops = tr.ops.copy()
+    j = int(np.flatnonzero(ops["kind"] == t.OP_SET_USER_MEMORY_REGION)[0])
+    ops["aux"][j] = 77
+    with pytest.raises(t.TraceFormatError, match=f"record {j}: regions index 77 out of range"):
+        t.Trace(ops, tr.meta).validate()
+
+
+# --------------------------------------------------------------------------
+# rejecting bad text files, naming the line
+
+
+def text_lines(tr: t.Trace | None = None) -> list[str]:
+    return list(t.iter_text_lines(tr or small_trace()))
+
+
+@pytest.mark.parametrize(
+    "lineno,text,match",
+    [
+        (5, "frobnicate gpa=0x0", "unknown operation 'frobnicate'"),
+        (5, "set_memory_attributes gpa=0x0 size=0x1000", "missing field 'attributes'"),
+        (5, "set_memory_attributes gpa=0xzz size=0x1000 attributes=0x8", "gpa: '0xzz' is not an integer"),
+        (5, "set_memory_attributes gpa=0x0 size=0x1000 attributes=0x8 bogus=1", "unknown field 'bogus'"),
+        (5, "set_memory_attributes gpa=0x0 gpa=0x0 size=0x1000 attributes=0x8", "duplicate field 'gpa'"),
+        (5, "set_memory_attributes gpa=-1 size=0x1000 attributes=0x8", "out of range"),
+        (5, "set_memory_attributes gpa=0x0 size 0x1000 attributes=0x8", "expected key=value"),
+        (5, "fault gpa=0x1000 access=private,sideways", "unknown access 'sideways'"),
+        (5, "fault gpa=0x1000 access=private,shared", "contradictory access"),
+        (5, "fault gpa=0x1000 access=private -> -EWHAT", "unknown errno name 'EWHAT'"),
+        (5, "fault gpa=0x1000 access=private -> two", "not an integer"),
+        (2, "# meta {not json", "bad metadata JSON"),
+        (2, '# meta {"vm_type": -1}', "vm_type"),
+    ],
+)
+def test_bad_text_names_line(lineno, text, match):
+    lines = text_lines()
+    lines[lineno - 1] = text
+    with pytest.raises(t.TraceFormatError, match=rf"<trace> line {lineno}: .*{match}"):
+        t.parse_text(lines)
+
+
+def test_text_header_required(tmp_path):
+    with pytest.raises(t.TraceFormatError, match="line 1: expected '# memattr trace v1'"):
+        t.parse_text(["set_memory_attributes gpa=0x0 size=0x1000 attributes=0x8"])
+    with pytest.raises(t.TraceFormatError, match="line 1: empty file"):
+        t.parse_text([])
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"# memattr trace v1\n\xff\xfe\n")
+    with pytest.raises(t.TraceFormatError, match="not UTF-8"):
+        t.read(p)
+    p.write_text("# memattr trace v1\nfault gpa=0x0 access=shared\nfault gpa=0x0 access=up\n")
+    with pytest.raises(t.TraceFormatError, match=rf"{p} line 3: unknown access 'up'"):
+        t.read(p)
+
+
+def test_text_comments_blank_lines_and_symbolic_results():
+    lines = [
+        t.TEXT_HEADER,
+        "",
+        "# a comment",
+        "set_memory_attributes gpa=0x0 size=0x1000 attributes=0x8 -> -EINVAL",
+        "fault gpa=0x2000 access=private,write,convert -> 1",
+        "create_guest_memfd size=0x1000 -> 4",
+    ]
+    tr = t.parse_text(lines)
+    assert tr.ops["result"].tolist() == [-errno.EINVAL, 1, 4]
+    assert tr.ops["flags"].tolist() == [0, t.FLAG_PRIVATE | t.FLAG_WRITE | t.FLAG_CONVERT, 0]
+    assert tr.ops["arg"].tolist() == [0, 0, 0]
+
+
+# --------------------------------------------------------------------------
+# QEMU importer
+
+QEMU_LOG = """\
+qemu-system-x86_64: -accel kvm: warning: something unrelated
+kvm_convert_memory start 0x80000000 size 0x200000 private_to_shared
+4242@1700000000.123456:kvm_convert_memory start 0x100000000 size 0x1000 private_to_shared
+2024-01-31T16:17:21.123456Z (4242) kvm_memory_fault start 0x100002000 size 0x1000 flags 0x0
+2024-01-31T16:17:21.123460Z kvm_convert_memory start 0x100002000 size 0x1000 private_to_shared
+4242@1700000000.223456:kvm_memory_fault start 0x100002000 size 0x1000 flags 0x8
+4242@1700000000.223457:kvm_convert_memory start 0x100002000 size 0x1000 shared_to_private
+4242@1700000000.3:kvm_set_user_memory Slot#0 flags=0x4 gpa=0x0 size=0x80000000 ok=1
+"""
+
+
+def test_qemu_parse_log_formats():
+    tr = qemu.parse_log(QEMU_LOG.splitlines())
+    ops = tr.ops
+    assert ops["kind"].tolist() == [0, 0, 1, 0, 1, 0]
+    assert ops["gpa"].tolist() == [0x80000000, 0x100000000, 0x100002000, 0x100002000, 0x100002000, 0x100002000]
+    assert ops["size"].tolist() == [0x200000, 0x1000, 0, 0x1000, 0, 0x1000]
+    assert ops["attributes"].tolist() == [0, 0, 0, 0, 0, P]
+    assert ops["flags"].tolist() == [0, 0, 0, 0, t.FLAG_PRIVATE, 0]
+
+
+def test_qemu_import_log_adds_setup_and_creation(tmp_path):
+    p = tmp_path / "qemu.log"
+    p.write_text(QEMU_LOG)
+    tr = qemu.import_log(p, "6G")
+    assert [n for n, _, _ in tr.phases] == ["setup", "creation", "qemu"]
+    assert tr.counts()["set_memory_attributes"] == 2 + 4
+    tr.validate()
+    tr2 = qemu.import_log(QEMU_LOG.splitlines(), "6G", initial_private=False)
+    assert [n for n, _, _ in tr2.phases] == ["setup", "qemu"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "kvm_convert_memory start 0x1000 size 0x1000 sideways",
+        "kvm_convert_memory start 1000 size 0x1000 private_to_shared",
+        "1@2.3:kvm_memory_fault start 0x1000 size 0x1000",
+    ],
+)
+def test_qemu_malformed_line_names_line(line):
+    with pytest.raises(t.TraceFormatError, match=r"line 3: malformed QEMU trace line"):
+        qemu.parse_log(["x", "kvm_convert_memory start 0x0 size 0x1000 shared_to_private", line])
+
+
+def test_qemu_value_too_big():
+    with pytest.raises(t.TraceFormatError, match="line 1: value does not fit"):
+        qemu.parse_log(["kvm_convert_memory start 0x1" + "0" * 16 + " size 0x1000 shared_to_private"])
+
+
+# --------------------------------------------------------------------------
+# bare stores
+
+
+def store_runs(store, end):
+    return list(store.runs(0, end))
+
+
+def test_apply_to_store_same_state_on_both_stores():
+    tr = small_trace()
+    end = (8 * GiB) >> 12
+    rt, xa = memattr.RangeTree(), memattr.XArray()
+    n = t.apply_to_store(tr, rt)
+    assert n == tr.counts()["set_memory_attributes"]
+    t.apply_to_store(tr, xa)
+    assert store_runs(rt, end) == store_runs(xa, end)
+    # generated kexec leaves RAM private (implicit pages were never set by
+    # the generator itself: they are converted on replay)
+    lay = w.GuestLayout.build("6G")
+    for r in lay.regions:
+        assert rt.has_value(r.gpa >> 12, r.end >> 12, P)
+
+
+def test_apply_to_store_skips_failed_and_rejects_inconsistent():
+    ops = t.set_ops([0, 0x1000, 0x2000], [0x1000, 0x1000, 0x1000], P)
+    ops["result"] = [0, -errno.EINVAL, t.RESULT_NONE]
+    rt = memattr.RangeTree()
+    assert t.apply_to_store(t.Trace(ops), rt) == 2
+    assert [rt.get(0), rt.get(1), rt.get(2)] == [P, 0, P]
+    bad = t.set_ops([0x10], [0x1000], P)
+    bad["result"] = 0
+    with pytest.raises(t.TraceFormatError, match="record 0"):
+        t.apply_to_store(t.Trace(bad), memattr.RangeTree())
+
+
+def test_describe():
+    d = t.describe(small_trace())
+    assert d["name"] == "boot-and-churn" and d["operations"] > 0
+    assert d["bytes_to_private"] >= 6 * GiB
+    assert set(d["phases"]) == {"setup", "creation", "sharing", "acceptance", "implicit", "churn", "kexec"}
