@@ -77,4 +77,29 @@ pub trait AttrStore {
 
     /// Drops reserved-but-unused storage (reserved entries never stored).
     fn release_reservations(&mut self);
+
+    /// Number of gfns in `[start, end)` whose value matches `value` under
+    /// `mask`. The answer fits a u64 because `end` is a u64.
+    fn count_pages(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<u64, StoreError> {
+        check_range(start, end)?;
+        let want = value & mask;
+        let mut n = 0u64;
+        self.for_each_run(start, end, &mut |s, e, v| {
+            if v & mask == want {
+                n += e - s;
+            }
+        })?;
+        Ok(n)
+    }
+
+    /// `out[i] = get(gfns[i])`; the slices must have the same length.
+    fn get_many(&self, gfns: &[u64], out: &mut [u64]) {
+        for (o, &g) in out.iter_mut().zip(gfns) {
+            *o = self.get(g);
+        }
+    }
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

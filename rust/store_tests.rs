@@ -1,0 +1,278 @@
+//! Both stores against a per-page oracle (proptest), plus fixed edge cases.
+
+use proptest::prelude::*;
+
+use crate::rangetree::{RangeTree, SimpleRangeTree};
+use crate::store::{AttrStore, StoreError};
+use crate::xarray::XArray;
+
+/// Windows the tests work in: at 0, in the middle, and touching 2^64.
+const BASES: [u64; 3] = [0, 1 << 40, u64::MAX - WINDOW];
+const WINDOW: u64 = 300;
+
+/// The oracle: one value per page of the window at `base`.
+struct Oracle {
+    base: u64,
+    pages: Vec<u64>,
+}
+
+impl Oracle {
+    fn new(base: u64) -> Self {
+        Oracle {
+            base,
+            pages: vec![0; WINDOW as usize],
+        }
+    }
+    fn idx(&self, gfn: u64) -> usize {
+        (gfn - self.base) as usize
+    }
+    fn set(&mut self, s: u64, e: u64, v: u64) {
+        let (a, b) = (self.idx(s), self.idx(e));
+        self.pages[a..b].iter_mut().for_each(|p| *p = v);
+    }
+    fn runs(&self, s: u64, e: u64) -> Vec<(u64, u64, u64)> {
+        let mut out: Vec<(u64, u64, u64)> = Vec::new();
+        for g in s..e {
+            let v = self.pages[self.idx(g)];
+            match out.last_mut() {
+                Some(r) if r.2 == v => r.1 = g + 1,
+                _ => out.push((g, g + 1, v)),
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Set(u64, u64, u64),
+    Reserve(u64, u64, Option<usize>),
+    Release,
+}
+
+fn value() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(0u64), Just(8), Just(1), Just(9), Just(u64::MAX)]
+}
+
+fn range() -> impl Strategy<Value = (u64, u64)> {
+    (0..WINDOW, 1..=WINDOW).prop_map(|(a, len)| {
+        let a = a.min(WINDOW - 1);
+        (a, (a + len).min(WINDOW))
+    })
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (range(), value()).prop_map(|((s, e), v)| Op::Set(s, e, v)),
+        1 => (range(), prop::option::of(0usize..20_000)).prop_map(|((s, e), l)| Op::Reserve(s, e, l)),
+        1 => Just(Op::Release),
+    ]
+}
+
+fn runs_of(s: &dyn AttrStore, a: u64, b: u64) -> Vec<(u64, u64, u64)> {
+    let mut out = Vec::new();
+    s.for_each_run(a, b, &mut |x, y, v| out.push((x, y, v)))
+        .unwrap();
+    out
+}
+
+fn check_against_oracle(
+    store: &mut dyn AttrStore,
+    base: u64,
+    ops: &[Op],
+    probes: &[(u64, u64, u64, u64)],
+) {
+    let mut oracle = Oracle::new(base);
+    for op in ops {
+        match *op {
+            Op::Set(s, e, v) => {
+                store.set_range(base + s, base + e, v).unwrap();
+                oracle.set(base + s, base + e, v);
+            }
+            Op::Reserve(s, e, limit) => {
+                let before = store.memory_bytes();
+                match store.reserve(base + s, base + e, limit) {
+                    Ok(()) => {
+                        if let Some(l) = limit {
+                            assert!(store.memory_bytes() <= l.max(before));
+                        }
+                    }
+                    Err(StoreError::OutOfMemory { .. }) => assert_eq!(store.memory_bytes(), before),
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            Op::Release => store.release_reservations(),
+        }
+        // Stored runs are exactly the non-zero maximal runs.
+        let all = oracle.runs(base, base + WINDOW);
+        assert_eq!(runs_of(store, base, base + WINDOW), all);
+        for (i, &v) in oracle.pages.iter().enumerate() {
+            assert_eq!(store.get(base + i as u64), v, "gfn {}", base + i as u64);
+        }
+    }
+    for &(a, len, v, mask) in probes {
+        let a = a.min(WINDOW - 1);
+        let b = (a + len).clamp(a + 1, WINDOW);
+        let (s, e) = (base + a, base + b);
+        let want = v & mask;
+        let pages = &oracle.pages[a as usize..b as usize];
+        assert_eq!(
+            store.has_value(s, e, v, mask).unwrap(),
+            pages.iter().all(|p| p & mask == want)
+        );
+        assert_eq!(
+            store.count_pages(s, e, v, mask).unwrap(),
+            pages.iter().filter(|p| *p & mask == want).count() as u64
+        );
+        assert_eq!(runs_of(store, s, e), oracle.runs(s, e));
+        let gfns: Vec<u64> = (s..e).chain([0, u64::MAX, base.wrapping_sub(1)]).collect();
+        let mut out = vec![0; gfns.len()];
+        store.get_many(&gfns, &mut out);
+        for (g, o) in gfns.iter().zip(&out) {
+            assert_eq!(*o, store.get(*g));
+        }
+    }
+}
+
+fn probe() -> impl Strategy<Value = (u64, u64, u64, u64)> {
+    (
+        0..WINDOW,
+        0..WINDOW,
+        value(),
+        prop_oneof![Just(u64::MAX), Just(8u64), Just(1), Just(0)],
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn rangetree_matches_oracle(b in 0usize..3, ops in prop::collection::vec(op(), 1..40), probes in prop::collection::vec(probe(), 1..20)) {
+        let mut t = RangeTree::new();
+        check_against_oracle(&mut t, BASES[b], &ops, &probes);
+        t.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn simple_rangetree_matches_oracle(b in 0usize..3, ops in prop::collection::vec(op(), 1..40), probes in prop::collection::vec(probe(), 1..20)) {
+        let mut t = SimpleRangeTree::new();
+        check_against_oracle(&mut t, BASES[b], &ops, &probes);
+    }
+
+    #[test]
+    fn xarray_matches_oracle(b in 0usize..3, ops in prop::collection::vec(op(), 1..40), probes in prop::collection::vec(probe(), 1..20)) {
+        let mut x = XArray::new();
+        check_against_oracle(&mut x, BASES[b], &ops, &probes);
+        x.check_invariants().unwrap();
+    }
+
+    /// A failed reserve leaves the xarray exactly as it was.
+    #[test]
+    fn xarray_failed_reserve_keeps_nothing(b in 0usize..3, ops in prop::collection::vec(op(), 0..20), (s, e) in range(), extra in 0usize..8) {
+        let base = BASES[b];
+        let mut x = XArray::new();
+        for op in &ops {
+            if let Op::Set(s, e, v) = *op {
+                x.set_range(base + s, base + e, v).unwrap();
+            }
+        }
+        let before_mem = x.memory_bytes();
+        let before_runs = runs_of(&x, base, base + WINDOW);
+        let limit = before_mem + extra * crate::xarray::XA_NODE_BYTES;
+        match x.reserve(base + s, base + e, Some(limit)) {
+            Ok(()) => prop_assert!(x.memory_bytes() <= limit),
+            Err(_) => {
+                prop_assert_eq!(x.memory_bytes(), before_mem);
+                prop_assert_eq!(x.reserved_count(), 0);
+            }
+        }
+        prop_assert_eq!(runs_of(&x, base, base + WINDOW), before_runs);
+        x.check_invariants().unwrap();
+    }
+}
+
+fn both() -> Vec<Box<dyn AttrStore>> {
+    vec![
+        Box::new(RangeTree::new()),
+        Box::new(SimpleRangeTree::new()),
+        Box::new(XArray::new()),
+    ]
+}
+
+#[test]
+fn invalid_ranges_are_rejected_and_change_nothing() {
+    for mut s in both() {
+        s.set_range(5, 10, 3).unwrap();
+        let mem = s.memory_bytes();
+        for (a, b) in [(5, 5), (10, 5), (u64::MAX, u64::MAX), (1, 0)] {
+            let err = StoreError::InvalidRange { start: a, end: b };
+            assert_eq!(s.set_range(a, b, 1), Err(err.clone()));
+            assert_eq!(s.has_value(a, b, 1, u64::MAX), Err(err.clone()));
+            assert_eq!(s.count_pages(a, b, 1, u64::MAX), Err(err.clone()));
+            assert_eq!(s.reserve(a, b, None), Err(err.clone()));
+            assert_eq!(s.for_each_run(a, b, &mut |_, _, _| {}), Err(err.clone()));
+        }
+        assert_eq!(s.memory_bytes(), mem);
+        assert_eq!(
+            runs_of(&*s, 0, 20),
+            vec![(0, 5, 0), (5, 10, 3), (10, 20, 0)]
+        );
+    }
+}
+
+#[test]
+fn edges_near_two_to_the_64() {
+    for mut s in both() {
+        let top = u64::MAX;
+        s.set_range(top - 1, top, 7).unwrap();
+        assert_eq!(s.get(top - 1), 7);
+        assert_eq!(s.get(top), 0);
+        assert_eq!(
+            runs_of(&*s, top - 3, top),
+            vec![(top - 3, top - 1, 0), (top - 1, top, 7)]
+        );
+        assert!(s.has_value(top - 1, top, 7, u64::MAX).unwrap());
+        assert_eq!(s.count_pages(0, top, 0, u64::MAX).unwrap(), top - 1);
+        assert_eq!(s.count_pages(0, top, 7, u64::MAX).unwrap(), 1);
+        s.set_range(0, 1, 7).unwrap();
+        assert_eq!(runs_of(&*s, 0, 2), vec![(0, 1, 7), (1, 2, 0)]);
+        s.set_range(top - 1, top, 0).unwrap();
+        s.set_range(0, 1, 0).unwrap();
+        assert_eq!(s.entry_count(), 0);
+        assert_eq!(runs_of(&*s, 0, top), vec![(0, top, 0)]);
+    }
+}
+
+#[test]
+fn runs_coalesce_and_zero_runs_are_not_stored() {
+    for mut s in both() {
+        s.set_range(0, 64, 8).unwrap();
+        s.set_range(64, 128, 8).unwrap();
+        s.set_range(10, 20, 0).unwrap();
+        assert_eq!(
+            runs_of(&*s, 0, 130),
+            vec![(0, 10, 8), (10, 20, 0), (20, 128, 8), (128, 130, 0)]
+        );
+        s.set_range(10, 20, 8).unwrap();
+        assert_eq!(runs_of(&*s, 0, 128), vec![(0, 128, 8)]);
+    }
+    let mut t = RangeTree::new();
+    t.set_range(0, 1 << 30, 8).unwrap();
+    t.set_range(5, 6, 0).unwrap();
+    assert_eq!(t.entry_count(), 2);
+    t.set_range(5, 6, 8).unwrap();
+    assert_eq!(t.entry_count(), 1);
+}
+
+#[test]
+fn rangetree_memory_grows_with_runs_not_pages() {
+    let mut t = RangeTree::new();
+    t.set_range(0, 1 << 40, 8).unwrap();
+    let one = t.memory_bytes();
+    assert!(one < 4096, "{one}");
+    for i in 0..10_000u64 {
+        t.set_range(i * 4 + 1, i * 4 + 2, 0).unwrap();
+    }
+    assert_eq!(t.entry_count(), 10_001);
+    assert!(t.memory_bytes() < 10_001 * 64, "{}", t.memory_bytes());
+}
