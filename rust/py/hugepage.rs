@@ -43,10 +43,15 @@ fn u64_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u64> {
         .map_err(|_| PyOverflowError::new_err(format!("{name} must be in 0..2**64, got {as_int}")))
 }
 
-/// A page-table level argument (small int), range-checked by the core.
-fn level_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u8> {
+/// A page-table level argument in `min..=max`, named in the error.
+fn level_arg(obj: &Bound<'_, PyAny>, name: &str, min: u8, max: u8) -> PyResult<u8> {
     let v = u64_arg(obj, name)?;
-    u8::try_from(v).map_err(|_| PyValueError::new_err(format!("{name} must be 1, 2 or 3, got {v}")))
+    match u8::try_from(v) {
+        Ok(l) if (min..=max).contains(&l) => Ok(l),
+        _ => Err(PyValueError::new_err(format!(
+            "{name} must be in {min}..={max} (1 = 4K, 2 = 2M, 3 = 1G), got {v}"
+        ))),
+    }
 }
 
 fn counts_tuple(c: LevelCounts) -> (u64, u64, u64) {
@@ -140,7 +145,7 @@ macro_rules! tracker_pyclass {
                 level: &Bound<'_, PyAny>,
             ) -> PyResult<bool> {
                 let gfn = u64_arg(gfn, "gfn")?;
-                let level = level_arg(level, "level")?;
+                let level = level_arg(level, "level", 2, 3)?;
                 self.inner.test_mixed(gfn, level).map_err(to_pyerr)
             }
 
@@ -151,7 +156,7 @@ macro_rules! tracker_pyclass {
                 level: &Bound<'_, PyAny>,
             ) -> PyResult<bool> {
                 let gfn = u64_arg(gfn, "gfn")?;
-                let level = level_arg(level, "level")?;
+                let level = level_arg(level, "level", 2, 3)?;
                 self.inner.disallow_lpage(gfn, level).map_err(to_pyerr)
             }
 
@@ -164,7 +169,7 @@ macro_rules! tracker_pyclass {
             ) -> PyResult<u8> {
                 let gfn = u64_arg(gfn, "gfn")?;
                 let max_level = match max_level {
-                    Some(o) => level_arg(o, "max_level")?,
+                    Some(o) => level_arg(o, "max_level", 1, 3)?,
                     None => KVM_MAX_HUGEPAGE_LEVEL,
                 };
                 self.inner
@@ -174,7 +179,7 @@ macro_rules! tracker_pyclass {
 
             /// Mixed hugepages of `level` as `(start_gfn, end_gfn)` runs.
             fn mixed_runs(&self, level: &Bound<'_, PyAny>) -> PyResult<Vec<(u128, u128)>> {
-                let level = level_arg(level, "level")?;
+                let level = level_arg(level, "level", 2, 3)?;
                 let runs = self.inner.mixed_runs(level).map_err(to_pyerr)?;
                 Ok(gfn_runs(runs, crate::hugepage::hpage_gfn_shift(level)))
             }
@@ -232,7 +237,7 @@ impl PyStage2Map {
         level: &Bound<'_, PyAny>,
     ) -> PyResult<(bool, (u64, u64, u64))> {
         let gfn = u64_arg(gfn, "gfn")?;
-        let level = level_arg(level, "level")?;
+        let level = level_arg(level, "level", 1, 3)?;
         let (installed, removed) = self.inner.map(gfn, level).map_err(to_pyerr)?;
         Ok((installed, counts_tuple(removed)))
     }
@@ -275,7 +280,7 @@ impl PyStage2Map {
 
     /// The leaves of `level` as `(start_gfn, end_gfn)` runs.
     fn runs(&self, level: &Bound<'_, PyAny>) -> PyResult<Vec<(u128, u128)>> {
-        let level = level_arg(level, "level")?;
+        let level = level_arg(level, "level", 1, 3)?;
         let runs = self.inner.frame_runs(level).map_err(to_pyerr)?;
         Ok(gfn_runs(runs, crate::hugepage::hpage_gfn_shift(level)))
     }
