@@ -1,0 +1,63 @@
+"""Exceptions shared by the Vm, the lock checker and the MMU model."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from memattr.uapi import KVM_MEMORY_EXIT_FLAG_PRIVATE
+
+
+class LockdepError(RuntimeError):
+    """A lock-discipline violation, reported like a lockdep splat.
+
+    Raised instead of deadlocking (recursive acquisition), instead of silently
+    racing (a counter changed without its lock), or on lock-order inversion.
+    ``lock`` names the lock, ``rule`` the rule that was broken and
+    ``call_site`` the ``file:line in function`` that broke it.
+    """
+
+    def __init__(self, lock: str, rule: str, call_site: str, detail: str = "") -> None:
+        self.lock = lock
+        self.rule = rule
+        self.call_site = call_site
+        self.detail = detail
+        lines = [
+            "WARNING: lockdep: lock discipline violated",
+            f"  lock:      {lock}",
+            f"  rule:      {rule}",
+            f"  call site: {call_site}",
+        ]
+        if detail:
+            lines.append(f"  {detail}")
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.lock, self.rule, self.call_site, self.detail))
+
+
+class KvmBugError(RuntimeError):
+    """An internal invariant of the model broke (the kernel's KVM_BUG_ON)."""
+
+
+class MemoryFault(OSError):
+    """KVM_EXIT_MEMORY_FAULT: KVM_RUN fails with EFAULT and kvm_run.memory_fault
+    holds {gpa, size, flags}; ``flags`` has KVM_MEMORY_EXIT_FLAG_PRIVATE when
+    the faulting access was private."""
+
+    def __init__(self, gpa: int, size: int, flags: int = 0) -> None:
+        kind = "private" if flags & KVM_MEMORY_EXIT_FLAG_PRIVATE else "shared"
+        super().__init__(
+            errno.EFAULT,
+            f"{os.strerror(errno.EFAULT)}: KVM_EXIT_MEMORY_FAULT "
+            f"gpa={gpa:#x} size={size:#x} flags={flags:#x} ({kind} access)",
+        )
+        self.gpa = gpa
+        self.size = size
+        self.flags = flags
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.gpa, self.size, self.flags))
+
+
+__all__ = ["KvmBugError", "LockdepError", "MemoryFault"]

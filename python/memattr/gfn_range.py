@@ -1,0 +1,103 @@
+"""kvm_gfn_range and the kvm_handle_gfn_range() walk over memslots.
+
+The walk visits every address space the VM has, every memslot intersecting
+[start, end) in gfn order, and hands the handler the range clipped to the
+slot. mmu_lock is taken once, lazily, when the first slot is found, and
+``on_lock`` runs under it; with no slot in range nothing is locked and no
+callback runs. Handler results are OR-ed; with ``flush_on_ret`` a true result
+flushes remote TLBs once, before the unlock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from memattr.locks import KvmLock
+    from memattr.memslots import Memslot, Memslots
+
+
+@dataclass(frozen=True, slots=True)
+class GfnRange:
+    """struct kvm_gfn_range: a memslot-clipped range handed to a handler."""
+
+    slot: Memslot
+    start: int
+    end: int
+    attributes: int
+    may_block: bool
+
+    @property
+    def npages(self) -> int:
+        return self.end - self.start
+
+
+class _GfnRangeVm(Protocol):
+    memslots: Memslots
+    mmu_lock: KvmLock
+
+    def kvm_flush_remote_tlbs(self) -> None: ...
+
+
+def clip_gfn_ranges(
+    memslots: Memslots, start: int, end: int, attributes: int = 0, may_block: bool = True
+) -> list[GfnRange]:
+    """Every memslot-clipped piece of [start, end), address space by address
+    space, in gfn order: the ranges kvm_handle_gfn_range() hands out."""
+    ranges: list[GfnRange] = []
+    for as_id in range(memslots.nr_as_ids):
+        for slot in memslots.in_range(as_id, start, end):
+            base = slot.base_gfn
+            s = start if start > base else base
+            e = base + slot.npages
+            if end < e:
+                e = end
+            if s < e:
+                ranges.append(GfnRange(slot, s, e, attributes, may_block))
+    return ranges
+
+
+def kvm_handle_gfn_range(
+    vm: _GfnRangeVm,
+    ranges: Sequence[GfnRange],
+    handler: Callable[[GfnRange], bool],
+    *,
+    on_lock: Callable[[], None] | None = None,
+    on_unlock: Callable[[], None] | None = None,
+    flush_on_ret: bool = False,
+) -> bool:
+    """Run ``handler`` on each range under mmu_lock; returns the OR of results.
+
+    ``ranges`` comes from :func:`clip_gfn_ranges` (the caller holds
+    slots_lock, so the memslots cannot change in between). ``on_unlock`` runs
+    after mmu_lock is released; only the seed's v11 used it.
+
+    If a handler raises, the ranges after it are skipped, but a flush owed to
+    earlier handlers still happens and mmu_lock is still released before the
+    exception propagates.
+    """
+    if not ranges:
+        return False
+    ret = False
+    mmu_lock = vm.mmu_lock
+    mmu_lock.acquire()
+    try:
+        if on_lock is not None:
+            on_lock()
+        for rng in ranges:
+            if handler(rng):
+                ret = True
+    finally:
+        try:
+            if flush_on_ret and ret:
+                vm.kvm_flush_remote_tlbs()
+        finally:
+            mmu_lock.release()
+    if on_unlock is not None:
+        on_unlock()
+    return ret
+
+
+__all__ = ["GfnRange", "clip_gfn_ranges", "kvm_handle_gfn_range"]

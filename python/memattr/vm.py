@@ -1,0 +1,587 @@
+"""The VM: memslots, KVM_SET_MEMORY_ATTRIBUTES and the hooks around it.
+
+Models struct kvm and the VM-ioctl side of virt/kvm/kvm_main.c (Linux 6.8):
+
+- ``set_memory_attributes`` validates like kvm_vm_ioctl_set_mem_attributes()
+  (flags, unsupported attributes, size 0 or wrap, alignment; each EINVAL with
+  nothing changed), then under slots_lock does what kvm_vm_set_mem_attributes()
+  does: early exit if the range already has the value, reserve storage first
+  (ENOMEM changes nothing), the pre-set pass over memslots (mmu_invalidate_begin
+  as on_lock; range add, MMU zap and the ``on_unmap`` hooks per range; one TLB
+  flush if any of them asked), the store, and the post-set pass
+  (mmu_invalidate_end as on_lock, inside mmu_lock; MMU post-set and the
+  ``on_post_set`` hooks per range).
+- ``semantics="v11"`` reproduces the seed's RFC v11 instead: the post-set
+  pass runs mmu_invalidate_end as on_unlock, after mmu_lock is dropped. With
+  lockdep on (the default) the lock checker catches it: the call raises
+  LockdepError; the attributes are stored and the Vm then closes the
+  invalidation properly, so it stays usable. v11 mode also has
+  KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES and writes address/size back from the
+  set ioctl (see memattr.ioctl).
+
+Hooks that raise. A hook's exception never leaves a lock held or the
+invalidation counters unbalanced:
+
+- in the pre-set pass (``on_unmap``): the remaining hooks of the pass are
+  skipped (the MMU still zaps every range), the invalidation is closed with
+  mmu_invalidate_end under mmu_lock, and the exception propagates. The
+  attributes are NOT stored: the call changed nothing but the mappings it
+  zapped (harmless: they refault) and mmu_invalidate_seq.
+- in the post-set pass (``on_post_set``): the attributes ARE stored and the
+  MMU post-set work runs for every range (the remaining hooks are skipped);
+  the invalidation is closed as usual, then the exception propagates.
+Either way ``stats.failed_calls`` counts the call.
+"""
+
+from __future__ import annotations
+
+import errno
+import operator
+import os
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+from memattr import _native
+from memattr.gfn_range import GfnRange, clip_gfn_ranges, kvm_handle_gfn_range
+from memattr.locks import KvmLock, MmuInvalidation, MmuLock
+from memattr.memslots import (
+    Memslot,
+    MemslotChange,
+    Memslots,
+    gmem_files,
+    kvm_gmem_create,
+    prepare_memory_region,
+)
+from memattr.mmu import X86Mmu
+from memattr.stats import Stats
+from memattr.uapi import (
+    KVM_CAP_GUEST_MEMFD,
+    KVM_CAP_MEMORY_ATTRIBUTES,
+    KVM_CAP_MEMORY_FAULT_INFO,
+    KVM_CAP_MULTI_ADDRESS_SPACE,
+    KVM_CAP_NR_MEMSLOTS,
+    KVM_CAP_READONLY_MEM,
+    KVM_CAP_USER_MEMORY,
+    KVM_CAP_USER_MEMORY2,
+    KVM_CAP_VM_TYPES,
+    KVM_MAX_NR_ADDRESS_SPACES,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_USER_MEM_SLOTS,
+    KVM_X86_DEFAULT_VM,
+    KVM_X86_SEV_ES_VM,
+    KVM_X86_SEV_VM,
+    KVM_X86_SNP_VM,
+    KVM_X86_SW_PROTECTED_VM,
+    KVM_X86_TDX_VM,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    U64_MAX,
+)
+
+_PAGE_MASK = PAGE_SIZE - 1
+_U32_MAX = (1 << 32) - 1
+
+# vm_type -> (has_private_mem, has_protected_state), as x86 sets them at
+# KVM_CREATE_VM (kvm_arch_init_vm, svm_vm_init, tdx_vm_init). The SEV, SNP and
+# TDX types arrived after 6.8; the model only needs what they change here:
+# the supported attributes, guest_memfd binding, address spaces and
+# read-only memslots.
+_X86_VM_TYPES: dict[int, tuple[bool, bool]] = {
+    KVM_X86_DEFAULT_VM: (False, False),
+    KVM_X86_SW_PROTECTED_VM: (True, False),
+    KVM_X86_SEV_VM: (False, False),
+    KVM_X86_SEV_ES_VM: (False, True),
+    KVM_X86_SNP_VM: (True, True),
+    KVM_X86_TDX_VM: (True, True),
+}
+_SUPPORTED_VM_TYPES = sum(1 << t for t in _X86_VM_TYPES)
+
+StoreKind = Literal["rangetree", "xarray"]
+Semantics = Literal["6.8", "v11"]
+Hook = Callable[[GfnRange], Any]
+H = TypeVar("H", bound=Hook)
+
+
+def _uint(name: str, value: object, bits: int) -> int:
+    """``value`` as an unsigned ``bits``-bit int, or a TypeError/ValueError
+    naming the argument."""
+    if type(value) is not int:
+        try:
+            value = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if value < 0 or value >> bits:  # type: ignore[operator]
+        raise ValueError(f"{name} must be a u{bits} (0 <= {name} < 2**{bits}), got {value}")
+    return value  # type: ignore[return-value]
+
+
+def _einval(why: str) -> OSError:
+    return OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: {why}")
+
+
+class Vm:
+    """A KVM virtual machine, as far as memory attributes are concerned.
+
+    ``vm_type``: one of the KVM_X86_*_VM types (an unknown one fails like
+    KVM_CREATE_VM, with EINVAL). ``store``: ``"rangetree"`` or ``"xarray"``
+    (the kernel's per-page structure); both give identical results.
+    ``semantics``: ``"6.8"`` (merged kernel) or ``"v11"`` (the seed's RFC).
+    ``attr_memory_limit``: bytes the attribute store may use (the model of
+    accounted allocations; exceeding it fails the set with ENOMEM).
+    ``guest_memfd_max_order``: largest folio order guest_memfd hands out
+    (0 = 4K only, as in 6.8; 9 = 2M; 18 = 1G), read by the MMU model.
+    ``lockdep``: check "lock must be held" rules (a debug kernel) or not.
+    """
+
+    def __init__(
+        self,
+        vm_type: int = KVM_X86_DEFAULT_VM,
+        store: StoreKind = "rangetree",
+        *,
+        semantics: Semantics = "6.8",
+        attr_memory_limit: int | None = None,
+        guest_memfd_max_order: int = 0,
+        lockdep: bool = True,
+    ) -> None:
+        vm_type = _uint("vm_type", vm_type, 64)
+        if vm_type not in _X86_VM_TYPES:
+            # kvm_arch_init_vm(): !kvm_is_vm_type_supported(type)
+            raise _einval(f"VM type {vm_type} is not supported")
+        if store == "rangetree":
+            self.store: Any = _native.RangeTree()
+        elif store == "xarray":
+            self.store = _native.XArray()
+        else:
+            raise ValueError(f"store must be 'rangetree' or 'xarray', got {store!r}")
+        if semantics not in ("6.8", "v11"):
+            raise ValueError(f"semantics must be '6.8' or 'v11', got {semantics!r}")
+        if attr_memory_limit is not None:
+            attr_memory_limit = _uint("attr_memory_limit", attr_memory_limit, 64)
+        order = _uint("guest_memfd_max_order", guest_memfd_max_order, 64)
+        if order > 18:
+            raise ValueError(f"guest_memfd_max_order must be <= 18 (1G), got {order}")
+
+        self.vm_type = vm_type
+        self.has_private_mem, self.has_protected_state = _X86_VM_TYPES[vm_type]
+        self.store_kind: StoreKind = store
+        self.semantics: Semantics = semantics
+        self.attr_memory_limit = attr_memory_limit
+        self.guest_memfd_max_order = order
+        self.stats = Stats()
+
+        self.mmu_lock: KvmLock = MmuLock(self.stats, lockdep=lockdep)
+        self.slots_lock = KvmLock("slots_lock", inner=(self.mmu_lock,), lockdep=lockdep)
+        self._inval = MmuInvalidation(self.mmu_lock)
+        self._inval_open = False  # this set call's invalidation is begun, not ended
+
+        # SMM is unsupported for guests with private memory: one address space.
+        self.nr_memslot_as_ids = 1 if self.has_private_mem else KVM_MAX_NR_ADDRESS_SPACES
+        self.memslots = Memslots(self.nr_memslot_as_ids)
+        # Identifies this VM's guest_memfd files (gmem->kvm) without keeping
+        # the Vm alive from the process-wide fd table.
+        self._gmem_owner = object()
+
+        self._unmap_hooks: tuple[Hook, ...] = ()
+        self._post_set_hooks: tuple[Hook, ...] = ()
+        self._hook_error: BaseException | None = None
+
+        self.mmu = X86Mmu(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Vm type={self.vm_type} store={self.store_kind} semantics={self.semantics} "
+            f"memslots={len(self.memslots)}>"
+        )
+
+    # --- capabilities --------------------------------------------------------
+
+    @property
+    def supported_memory_attributes(self) -> int:
+        """kvm_supported_mem_attributes()."""
+        return KVM_MEMORY_ATTRIBUTE_PRIVATE if self.has_private_mem else 0
+
+    @property
+    def has_readonly_mem(self) -> bool:
+        """kvm_arch_has_readonly_mem(): no read-only slots with protected state."""
+        return not self.has_protected_state
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (x86, Linux 6.8); unknown caps 0."""
+        cap = operator.index(cap)
+        if cap == KVM_CAP_MEMORY_ATTRIBUTES:
+            if self.semantics == "v11":
+                # v11 advertised the ioctls with the cap and reported the
+                # mask through KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES.
+                return 1
+            return self.supported_memory_attributes
+        if cap == KVM_CAP_GUEST_MEMFD:
+            return int(self.has_private_mem)
+        if cap in (KVM_CAP_USER_MEMORY, KVM_CAP_USER_MEMORY2, KVM_CAP_MEMORY_FAULT_INFO):
+            return 1
+        if cap == KVM_CAP_NR_MEMSLOTS:
+            return KVM_USER_MEM_SLOTS
+        if cap == KVM_CAP_MULTI_ADDRESS_SPACE:
+            return self.nr_memslot_as_ids
+        if cap == KVM_CAP_READONLY_MEM:
+            return int(self.has_readonly_mem)
+        if cap == KVM_CAP_VM_TYPES:
+            return _SUPPORTED_VM_TYPES
+        return 0
+
+    # --- guest_memfd and memslots --------------------------------------------
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """KVM_CREATE_GUEST_MEMFD: a simulated fd for a new guest_memfd file.
+
+        6.8 lets any VM create one (binding it needs a VM with private
+        memory); no flags are valid; size must be > 0 and page aligned.
+        """
+        size = _uint("size", size, 64)
+        flags = _uint("flags", flags, 64)
+        return kvm_gmem_create(size, flags, self._gmem_owner).fd
+
+    def set_user_memory_region(
+        self,
+        slot: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int = 0,
+        flags: int = 0,
+        guest_memfd: int = -1,
+        guest_memfd_offset: int = 0,
+    ) -> None:
+        """KVM_SET_USER_MEMORY_REGION2: create, delete (size 0), move or
+        change the flags of a memslot. ``slot`` is ``as_id << 16 | id``."""
+        slot = _uint("slot", slot, 32)
+        guest_phys_addr = _uint("guest_phys_addr", guest_phys_addr, 64)
+        memory_size = _uint("memory_size", memory_size, 64)
+        userspace_addr = _uint("userspace_addr", userspace_addr, 64)
+        flags = _uint("flags", flags, 32)
+        if type(guest_memfd) is not int:
+            guest_memfd = operator.index(guest_memfd)
+        if not -(1 << 31) <= guest_memfd <= _U32_MAX:
+            raise ValueError(f"guest_memfd must be an fd (a u32 or -1), got {guest_memfd}")
+        guest_memfd_offset = _uint("guest_memfd_offset", guest_memfd_offset, 64)
+        self._set_memory_region(
+            slot,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+            guest_memfd & _U32_MAX,
+            guest_memfd_offset,
+        )
+
+    def _set_memory_region(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+        guest_memfd: int,
+        guest_memfd_offset: int,
+    ) -> None:
+        """kvm_vm_ioctl_set_memory_region() with validated uapi fields."""
+        if slot & 0xFFFF >= KVM_USER_MEM_SLOTS:
+            raise _einval(f"slot id {slot & 0xFFFF} >= KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})")
+        with self.slots_lock:
+            change, old, new, gmem = prepare_memory_region(
+                self.memslots,
+                owner=self._gmem_owner,
+                has_private_mem=self.has_private_mem,
+                has_readonly_mem=self.has_readonly_mem,
+                slot=slot,
+                flags=flags,
+                guest_phys_addr=guest_phys_addr,
+                memory_size=memory_size,
+                userspace_addr=userspace_addr,
+                guest_memfd=guest_memfd,
+                guest_memfd_offset=guest_memfd_offset,
+            )
+            if change is MemslotChange.NONE:
+                return
+            self._commit_memory_region(change, old, new, gmem)
+            self.stats.memslot_updates += 1
+
+    def _commit_memory_region(
+        self, change: MemslotChange, old: Memslot | None, new: Memslot | None, gmem: Any
+    ) -> None:
+        memslots = self.memslots
+        if change is MemslotChange.FLAGS_ONLY:
+            assert old is not None and new is not None
+            # The kernel copies the arch state into a new struct; nothing the
+            # MMU model tracks depends on the flags that may change here.
+            old.flags = new.flags
+            memslots.generation += 1
+            return
+        if old is not None:
+            # kvm_invalidate_memslot(): zap everything mapped through the old
+            # slot before it goes away (kvm_arch_flush_shadow_memslot).
+            self.mmu.memslot_deleted(old)
+            memslots._remove(old)
+            if old.gmem is not None:
+                old.gmem._unbind(old)
+        if new is None:
+            return
+        if gmem is not None:
+            gmem._bind(new)
+        memslots._install(new)
+        try:
+            # kvm_arch_prepare_memory_region(): lpage info and mixed flags from
+            # the attributes as they are now.
+            self.mmu.memslot_created(new)
+        except BaseException:
+            memslots._remove(new)
+            if new.gmem is not None:
+                new.gmem._unbind(new)
+            raise
+
+    def close_guest_memfd(self, fd: int) -> None:
+        """close(fd) on a guest_memfd of this VM. Bindings are not affected
+        (a bound memslot holds its own reference to the file)."""
+        fd = _uint("fd", fd, 32)
+        gmem = gmem_files.get(fd)
+        if gmem is None or gmem.owner is not self._gmem_owner:
+            raise OSError(errno.EBADF, f"{os.strerror(errno.EBADF)}: fd {fd}")
+        gmem_files.close(fd)
+
+    # --- memory attributes ---------------------------------------------------
+
+    def get_memory_attributes(self, gfn: int) -> int:
+        """kvm_get_memory_attributes()."""
+        if type(gfn) is not int or not 0 <= gfn <= U64_MAX:
+            gfn = _uint("gfn", gfn, 64)
+        return self.store.get(gfn)  # type: ignore[no-any-return]
+
+    def range_has_attributes(
+        self, start_gfn: int, end_gfn: int, attributes: int, mask: int = U64_MAX
+    ) -> bool:
+        """kvm_range_has_memory_attributes(): every gfn in [start_gfn, end_gfn)
+        has ``attributes`` in the bits of ``mask``. An empty range is True."""
+        start_gfn = _uint("start_gfn", start_gfn, 64)
+        end_gfn = _uint("end_gfn", end_gfn, 64)
+        attributes = _uint("attributes", attributes, 64)
+        mask = _uint("mask", mask, 64)
+        if start_gfn > end_gfn:
+            raise ValueError(f"start_gfn ({start_gfn}) must be <= end_gfn ({end_gfn})")
+        if start_gfn == end_gfn:
+            return True
+        return bool(self.store.has_value(start_gfn, end_gfn, attributes, mask))
+
+    def set_memory_attributes(
+        self, address: int, size: int, attributes: int, flags: int = 0
+    ) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES for [address, address + size)."""
+        if type(address) is not int or not 0 <= address <= U64_MAX:
+            address = _uint("address", address, 64)
+        if type(size) is not int or not 0 <= size <= U64_MAX:
+            size = _uint("size", size, 64)
+        if type(attributes) is not int or not 0 <= attributes <= U64_MAX:
+            attributes = _uint("attributes", attributes, 64)
+        if type(flags) is not int or not 0 <= flags <= U64_MAX:
+            flags = _uint("flags", flags, 64)
+        try:
+            self._kvm_vm_ioctl_set_mem_attributes(address, size, attributes, flags)
+        except BaseException:
+            self.stats.failed_calls += 1
+            raise
+
+    def _kvm_vm_ioctl_set_mem_attributes(
+        self, address: int, size: int, attributes: int, flags: int
+    ) -> None:
+        # flags is reserved for future extensions.
+        if flags:
+            raise _einval(f"flags {flags:#x} must be 0")
+        if attributes & ~self.supported_memory_attributes:
+            raise _einval(
+                f"attributes {attributes:#x} not supported by this VM "
+                f"(supported: {self.supported_memory_attributes:#x})"
+            )
+        if size == 0 or address + size > U64_MAX:
+            raise _einval(f"size {size:#x} is 0 or address + size wraps")
+        if address & _PAGE_MASK or size & _PAGE_MASK:
+            raise _einval(f"address {address:#x} or size {size:#x} not page aligned")
+        self.stats.set_calls += 1
+        start = address >> PAGE_SHIFT
+        end = (address + size) >> PAGE_SHIFT
+        with self.slots_lock:
+            self._kvm_vm_set_mem_attributes(start, end, attributes)
+
+    def _kvm_vm_set_mem_attributes(self, start: int, end: int, attributes: int) -> None:
+        store = self.store
+        # Nothing to do if the entire range already has the desired attributes.
+        if store.has_value(start, end, attributes):
+            self.stats.noop_conversions += 1
+            return
+        # Reserve ahead of time, so a failure cannot leave the range half set.
+        try:
+            store.reserve(start, end, self.attr_memory_limit)
+        except MemoryError as e:
+            self.stats.enomem += 1
+            raise OSError(errno.ENOMEM, f"{os.strerror(errno.ENOMEM)}: {e}") from None
+        try:
+            ranges = clip_gfn_ranges(self.memslots, start, end, attributes, True)
+            kvm_handle_gfn_range(
+                self,
+                ranges,
+                self._pre_set_memory_attributes,
+                on_lock=self._begin_set_invalidation,
+                flush_on_ret=True,
+            )
+            if self._hook_error is not None:
+                # An on_unmap hook failed: abort before anything is stored.
+                raise self._hook_error
+            store.set_range(start, end, attributes)
+            self.stats.conversions += 1
+            self.stats.pages_converted += end - start
+            if self.semantics == "v11":
+                kvm_handle_gfn_range(
+                    self,
+                    ranges,
+                    self._post_set_memory_attributes,
+                    on_unlock=self._end_set_invalidation,
+                )
+            else:
+                kvm_handle_gfn_range(
+                    self,
+                    ranges,
+                    self._post_set_memory_attributes,
+                    on_lock=self._end_set_invalidation,
+                )
+            if self._hook_error is not None:
+                raise self._hook_error
+        finally:
+            self._hook_error = None
+            if self._inval_open:
+                # Something raised between begin and end (a hook, the MMU, or
+                # the v11 end outside the lock): close the invalidation
+                # properly so faults are not blocked forever.
+                with self.mmu_lock:
+                    self._inval.end()
+                self._inval_open = False
+            store.release_reservations()
+
+    def _begin_set_invalidation(self) -> None:
+        self._inval.begin()
+        self._inval_open = True
+
+    def _end_set_invalidation(self) -> None:
+        self._inval.end()
+        self._inval_open = False
+
+    def _pre_set_memory_attributes(self, rng: GfnRange) -> bool:
+        """kvm_pre_set_memory_attributes() plus the user's on_unmap hooks."""
+        # Add the range even if nothing needs zapping, so faults stay away
+        # from gfns whose attributes are in flux.
+        self._inval.range_add(rng.start, rng.end)
+        flush = bool(self.mmu.pre_set_memory_attributes(rng))
+        self.stats.zapped_ranges += 1
+        if self._unmap_hooks and self._hook_error is None:
+            for hook in self._unmap_hooks:
+                try:
+                    if hook(rng):
+                        flush = True
+                except BaseException as e:
+                    self._hook_error = e
+                    break
+        return flush
+
+    def _post_set_memory_attributes(self, rng: GfnRange) -> bool:
+        """kvm_arch_post_set_memory_attributes() plus the on_post_set hooks."""
+        self.mmu.post_set_memory_attributes(rng)
+        self.stats.post_set_ranges += 1
+        if self._post_set_hooks and self._hook_error is None:
+            for hook in self._post_set_hooks:
+                try:
+                    hook(rng)
+                except BaseException as e:
+                    self._hook_error = e
+                    break
+        return False
+
+    def kvm_flush_remote_tlbs(self) -> None:
+        """kvm_flush_remote_tlbs(): counted, since that is what it costs."""
+        self.stats.tlb_flushes += 1
+
+    # --- hooks -----------------------------------------------------------------
+
+    def on_unmap(self, fn: H) -> H:
+        """Register ``fn(GfnRange) -> bool`` for the pre-set pass (mmu_lock
+        held, after the MMU's zap); a true result requests a TLB flush.
+        Usable as a decorator; returns ``fn``."""
+        if not callable(fn):
+            raise TypeError(f"on_unmap hook must be callable, not {type(fn).__name__}")
+        self._unmap_hooks = (*self._unmap_hooks, fn)
+        return fn
+
+    def on_post_set(self, fn: H) -> H:
+        """Register ``fn(GfnRange)`` for the post-set pass (mmu_lock held,
+        after the MMU's post-set work; the new attributes are stored).
+        Usable as a decorator; returns ``fn``."""
+        if not callable(fn):
+            raise TypeError(f"on_post_set hook must be callable, not {type(fn).__name__}")
+        self._post_set_hooks = (*self._post_set_hooks, fn)
+        return fn
+
+    def remove_hook(self, fn: Hook) -> None:
+        """Unregister ``fn`` from both hook lists (ValueError if absent)."""
+        unmap = tuple(h for h in self._unmap_hooks if h is not fn)
+        post = tuple(h for h in self._post_set_hooks if h is not fn)
+        if len(unmap) == len(self._unmap_hooks) and len(post) == len(self._post_set_hooks):
+            raise ValueError(f"{fn!r} is not a registered hook")
+        self._unmap_hooks, self._post_set_hooks = unmap, post
+
+    # --- MMU invalidation state ------------------------------------------------
+
+    @property
+    def mmu_invalidate_seq(self) -> int:
+        return self._inval.seq
+
+    @property
+    def mmu_invalidate_in_progress(self) -> int:
+        return self._inval.in_progress
+
+    @property
+    def mmu_invalidate_range_start(self) -> int:
+        return self._inval.range_start
+
+    @property
+    def mmu_invalidate_range_end(self) -> int:
+        return self._inval.range_end
+
+    def kvm_mmu_invalidate_begin(self) -> None:
+        """For other invalidation sources (mmu_lock must be held)."""
+        self._inval.begin()
+
+    def kvm_mmu_invalidate_range_add(self, start: int, end: int) -> None:
+        self._inval.range_add(start, end)
+
+    def kvm_mmu_invalidate_end(self) -> None:
+        self._inval.end()
+
+    # --- MMU model ---------------------------------------------------------------
+
+    def fault(self, gpa: int, private: bool = False, write: bool = False) -> int:
+        """A guest access at ``gpa``: the level it is mapped at (1 = 4K,
+        2 = 2M, 3 = 1G), or MemoryFault (KVM_EXIT_MEMORY_FAULT)."""
+        return self.mmu.fault(gpa, private=private, write=write)  # type: ignore[no-any-return]
+
+    def max_mapping_level(self, gfn: int) -> int:
+        return self.mmu.max_mapping_level(gfn)  # type: ignore[no-any-return]
+
+    def hugepage_mixed(self, slot: int, gfn: int, level: int) -> bool:
+        """Is the ``level`` hugepage holding ``gfn`` in uapi slot ``slot``
+        (as_id << 16 | id) mixed (hugepage_test_mixed)?"""
+        return self.mmu.hugepage_mixed(slot, gfn, level)  # type: ignore[no-any-return]
+
+    # --- ioctl front end ---------------------------------------------------------
+
+    def ioctl(self, request: int, arg: Any = 0, mutate_flag: bool = True) -> int | bytes:
+        """fcntl.ioctl() on the VM fd; see memattr.ioctl."""
+        from memattr.ioctl import vm_ioctl
+
+        return vm_ioctl(self, request, arg, mutate_flag)
+
+
+__all__ = ["Vm"]
