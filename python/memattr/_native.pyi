@@ -53,3 +53,70 @@ class RangeTree(_Store):
 class XArray(_Store):
     """The kernel's per-page xarray: 64-slot nodes, one entry per page,
     nodes allocated on demand and freed when empty."""
+
+# --- hugepage ---
+# Per-memslot 2M (level 2) / 1G (level 3) hugepage tracking: the disallow
+# rules of kvm_alloc_memslot_metadata() and the KVM_LPAGE_MIXED_FLAG state
+# of kvm_arch_post_set_memory_attributes(). Both trackers give identical
+# results; stores are RangeTree or XArray objects (TypeError otherwise).
+# Bad arguments raise TypeError/OverflowError/ValueError naming the argument
+# and change nothing.
+
+class _HugepageTracker:
+    def __init__(self, base_gfn: int, npages: int, userspace_addr: int | None = None) -> None:
+        """Head/tail hugepages not wholly inside the slot, and every hugepage
+        of a slot whose gfn and userspace address are incongruent modulo the
+        hugepage size, are disallowed; mixed flags start clear. ValueError if
+        npages is 0 or base_gfn + npages wraps."""
+    @property
+    def base_gfn(self) -> int: ...
+    @property
+    def npages(self) -> int: ...
+    @property
+    def userspace_addr(self) -> int: ...
+    def init_memory_attributes(self, store: RangeTree | XArray) -> None:
+        """kvm_mmu_init_memslot_memory_attributes(): the mixed flag of every
+        hugepage wholly inside the slot, from the store's current values."""
+    def post_set_memory_attributes(self, store: RangeTree | XArray, start: int, end: int, attrs: int) -> None:
+        """kvm_arch_post_set_memory_attributes() for [start, end) (inside the
+        slot) just set to attrs: covered hugepages cleared, straddling head
+        and tail re-checked; 2M first, 1G consumes the 2M results."""
+    def test_mixed(self, gfn: int, level: int) -> bool:
+        """hugepage_test_mixed() of the level-2/3 hugepage holding gfn."""
+    def disallow_lpage(self, gfn: int, level: int) -> bool:
+        """lpage_info_slot(gfn, slot, level)->disallow_lpage != 0."""
+    def max_mapping_level(self, gfn: int, max_level: int | None = None) -> int:
+        """Highest level <= max_level (default 3) whose hugepage at gfn is
+        not disallowed (1 if none)."""
+    def mixed_runs(self, level: int) -> list[tuple[int, int]]:
+        """Mixed hugepages of level 2/3 as (start_gfn, end_gfn) runs."""
+    def memory_bytes(self) -> int:
+        """Bytes of tracking state."""
+
+class RangeHugepageTracker(_HugepageTracker):
+    """Tracking kept as runs of hugepage numbers: a post-set pass costs
+    O(log n + runs), whatever the size of the range."""
+
+class LpageInfoTracker(_HugepageTracker):
+    """The kernel's lpage_info arrays (one word per hugepage) and its
+    per-hugepage loops: the reference and the faithful baseline."""
+
+class Stage2Map:
+    """Leaf mappings of one stage-2 (TDP) root as runs per level (1 = 4K,
+    2 = 2M, 3 = 1G); a gfn is mapped by at most one leaf."""
+    def __init__(self) -> None: ...
+    def map(self, gfn: int, level: int) -> tuple[bool, tuple[int, int, int]]:
+        """Installs a leaf at level covering gfn, replacing smaller leaves
+        under it and zapping a bigger leaf over it. Returns (installed, leaves
+        removed per level); installed is False if that leaf already existed."""
+    def zap(self, start: int, end: int) -> tuple[int, int, int]:
+        """Removes every leaf intersecting [start, end) (huge leaves whole);
+        returns the leaves removed per level."""
+    def zap_all(self) -> tuple[int, int, int]:
+        """Removes every leaf; returns the leaves removed per level."""
+    def mapped_level(self, gfn: int) -> int:
+        """Level of the leaf mapping gfn, 0 if unmapped."""
+    def counts(self) -> tuple[int, int, int]:
+        """Live leaves per level (4K, 2M, 1G)."""
+    def runs(self, level: int) -> list[tuple[int, int]]:
+        """The leaves of level as (start_gfn, end_gfn) runs."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 from memattr._native import LpageInfoTracker, RangeHugepageTracker, Stage2Map
 from memattr.errors import LockdepError, MemoryFault
 from memattr.locks import KvmWarning
+from memattr.memslots import Memslot
 from memattr.uapi import (
     INVALID_GPA,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -38,7 +39,6 @@ from memattr.uapi import (
 
 if TYPE_CHECKING:
     from memattr.gfn_range import GfnRange
-    from memattr.memslots import Memslot
     from memattr.vm import Vm
 
 PG_LEVEL_4K = 1
@@ -345,13 +345,17 @@ class X86Mmu:
         private = slot.has_guest_memfd() and self._mem_is_private(gfn)
         return self._max_level(slot, gfn, private)
 
-    def hugepage_mixed(self, slot: int, gfn: int, level: int) -> bool:
+    def hugepage_mixed(self, slot: int | Memslot, gfn: int, level: int) -> bool:
         """hugepage_test_mixed() of the ``level`` hugepage holding ``gfn`` in
-        uapi slot ``slot`` (as_id << 16 | id)."""
+        uapi slot ``slot`` (as_id << 16 | id; a live Memslot also works)."""
+        if isinstance(slot, Memslot):
+            slot = slot.slot
         slot = _check_u64(slot, "slot")
         gfn = _check_u64(gfn, "gfn")
         level = _check_level(level, "level")
-        memslot = self._vm.memslots.get(slot >> 16, slot & 0xFFFF)
+        memslot = None
+        if slot >> 16 < self._vm.memslots.nr_as_ids:
+            memslot = self._vm.memslots.get(slot >> 16, slot & 0xFFFF)
         if memslot is None:
             raise ValueError(f"slot {slot:#x} does not exist")
         if not memslot.base_gfn <= gfn < memslot.base_gfn + memslot.npages:

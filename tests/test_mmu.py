@@ -1,0 +1,472 @@
+"""The x86 MMU model through the Vm: faults and KVM_EXIT_MEMORY_FAULT, levels,
+zaps and flushes, mmu_invalidate_retry, memslot changes, stats.
+
+Rules from arch/x86/kvm/mmu/mmu.c (Linux 6.8+): __kvm_faultin_pfn's
+private/shared check, kvm_faultin_pfn_private, kvm_mmu_hugepage_adjust,
+kvm_arch_pre/post_set_memory_attributes, mmu_invalidate_retry_gfn.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from memattr.errors import LockdepError, MemoryFault
+from memattr.gfn_range import GfnRange
+from memattr.locks import KvmWarning
+from memattr.mmu import X86Mmu, kvm_max_level_for_order
+from memattr.uapi import (
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    KVM_X86_DEFAULT_VM,
+    KVM_X86_SW_PROTECTED_VM,
+)
+from memattr.vm import Vm
+
+P = KVM_MEMORY_ATTRIBUTE_PRIVATE
+PAGE = 4096
+M2 = 2 << 20
+G1 = 1 << 30
+
+
+def make_vm(
+    store: str = "rangetree",
+    *,
+    gmem: bool = True,
+    size: int = 2 * G1,
+    gpa: int = 0,
+    order: int = 0,
+    uaddr: int | None = None,
+    flags: int = 0,
+) -> Vm:
+    vm = Vm(KVM_X86_SW_PROTECTED_VM, store, guest_memfd_max_order=order)
+    if gmem:
+        fd = vm.create_guest_memfd(size)
+        vm.set_user_memory_region(
+            0,
+            gpa,
+            size,
+            userspace_addr=gpa if uaddr is None else uaddr,
+            flags=KVM_MEM_GUEST_MEMFD | flags,
+            guest_memfd=fd,
+        )
+    else:
+        vm.set_user_memory_region(0, gpa, size, userspace_addr=gpa if uaddr is None else uaddr, flags=flags)
+    return vm
+
+
+@pytest.fixture(params=["rangetree", "xarray"])
+def store(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+# --- the private/shared check, every combination ------------------------------
+
+
+@pytest.mark.parametrize("gmem", [True, False], ids=["gmem", "no_gmem"])
+@pytest.mark.parametrize("attr_private", [False, True], ids=["attr_shared", "attr_private"])
+@pytest.mark.parametrize("access_private", [False, True], ids=["access_shared", "access_private"])
+def test_fault_every_access_attribute_slot_combination(
+    store: str, gmem: bool, attr_private: bool, access_private: bool
+) -> None:
+    vm = make_vm(store, gmem=gmem)
+    gpa = G1 + 5 * M2 + 3 * PAGE + 0x123  # not page aligned on purpose
+    if attr_private:
+        vm.set_memory_attributes(G1, G1, P)
+    mismatch = access_private != attr_private
+    no_gmem_private = access_private and not gmem
+    before = vm.stats.as_dict()
+    if mismatch or no_gmem_private:
+        with pytest.raises(MemoryFault) as ei:
+            vm.fault(gpa, private=access_private)
+        e = ei.value
+        assert isinstance(e, OSError) and e.errno == errno.EFAULT
+        assert e.gpa == gpa & ~(PAGE - 1)
+        assert e.size == PAGE
+        assert e.flags == (KVM_MEMORY_EXIT_FLAG_PRIVATE if access_private else 0)
+        assert vm.stats.memory_fault_exits == before["memory_fault_exits"] + 1
+        assert vm.stats.mapped == before["mapped"]
+        assert vm.mmu.mapped_level(gpa) == 0
+    else:
+        level = vm.fault(gpa, private=access_private)
+        # Private memory from guest_memfd is 4K by default (max order 0);
+        # shared memory in an aligned, uniform 1G region maps 1G.
+        assert level == (1 if access_private else 3)
+        assert vm.mmu.mapped_level(gpa) == level
+        assert vm.stats.mapped[level] == 1
+        assert vm.stats.memory_fault_exits == 0
+    assert vm.stats.faults == before["faults"] + 1
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_fault_outside_every_slot_exits(store: str, private: bool) -> None:
+    vm = make_vm(store, size=G1)
+    with pytest.raises(MemoryFault) as ei:
+        vm.fault(G1 + 0x1234, private=private)
+    assert ei.value.gpa == G1 + 0x1000 and ei.value.size == PAGE
+    assert ei.value.flags == (KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0)
+    # A VM without any slot: the same.
+    empty = Vm(KVM_X86_SW_PROTECTED_VM, store)
+    with pytest.raises(MemoryFault):
+        empty.fault(0)
+    assert empty.stats.faults == 1 and empty.stats.memory_fault_exits == 1
+
+
+def test_default_vm_private_access_exits_shared_maps(store: str) -> None:
+    vm = Vm(KVM_X86_DEFAULT_VM, store)
+    vm.set_user_memory_region(0, 0, G1)
+    assert vm.fault(0x5000) == 3
+    with pytest.raises(MemoryFault) as ei:
+        vm.fault(0x5000, private=True)
+    assert ei.value.flags == KVM_MEMORY_EXIT_FLAG_PRIVATE
+
+
+# --- levels ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("order", "level"), [(0, 1), (8, 1), (9, 2), (17, 2), (18, 3)])
+def test_private_level_follows_guest_memfd_order(store: str, order: int, level: int) -> None:
+    assert kvm_max_level_for_order(order) == level
+    vm = make_vm(store, order=order)
+    vm.set_memory_attributes(0, 2 * G1, P)
+    assert vm.fault(G1 + 0x3000, private=True) == level
+    assert vm.max_mapping_level((G1 + 0x3000) >> 12) == level
+
+
+def test_levels_follow_mixed_flags_and_slot_alignment(store: str) -> None:
+    # Slot starts 4K past a 2M boundary and is 2G + 4K long.
+    base = G1 - 2 * M2 + PAGE
+    vm = make_vm(store, gpa=base, size=2 * G1 + PAGE, order=18)
+    assert vm.fault(base) == 1  # partial head 2M page
+    assert vm.fault(G1 - PAGE) == 2  # whole 2M, partial 1G
+    assert vm.fault(G1 + 123 * PAGE) == 3  # the whole 1G page
+    assert vm.fault(base + 2 * G1) == 1  # partial tail
+    # One private page in the 1G page: that 2M is mixed, the 1G is mixed.
+    vm.set_memory_attributes(G1 + 3 * M2 + PAGE, PAGE, P)
+    assert vm.hugepage_mixed(0, (G1 + 3 * M2) >> 12, 2)
+    assert vm.hugepage_mixed(0, G1 >> 12, 3)
+    assert not vm.hugepage_mixed(0, (G1 + 4 * M2) >> 12, 2)
+    assert vm.fault(G1 + 3 * M2) == 1
+    assert vm.fault(G1 + 3 * M2 + PAGE, private=True) == 1
+    assert vm.fault(G1 + 4 * M2) == 2
+    assert vm.max_mapping_level((G1 + 4 * M2) >> 12) == 2
+    # Uniform again: the 1G page is huge again.
+    vm.set_memory_attributes(G1 + 3 * M2 + PAGE, PAGE, 0)
+    assert not vm.hugepage_mixed(0, G1 >> 12, 3)
+    assert vm.fault(G1 + 4 * M2) == 3
+
+
+def test_incongruent_userspace_address_maps_4k(store: str) -> None:
+    vm = make_vm(store, uaddr=PAGE)
+    assert vm.fault(G1) == 1
+    vm2 = make_vm(store, uaddr=M2)
+    assert vm2.fault(G1) == 2  # congruent modulo 2M, not 1G
+
+
+def test_dirty_logging_and_host_level_cap(store: str) -> None:
+    vm = make_vm(store, gmem=False, flags=KVM_MEM_LOG_DIRTY_PAGES)
+    assert vm.fault(0) == 1
+    vm = make_vm(store, gmem=False)
+    vm.mmu.host_mapping_level = 2  # THP-backed host memory
+    assert vm.fault(0) == 2
+
+
+# --- zaps, flushes, stats -------------------------------------------------------------
+
+
+def test_zap_only_flushes_when_something_was_mapped(store: str) -> None:
+    vm = make_vm(store)
+    vm.set_memory_attributes(0, M2, P)
+    assert vm.stats.tlb_flushes == 0
+    assert vm.stats.zapped_pages == {1: 0, 2: 0, 3: 0}
+    vm.set_memory_attributes(0, M2, 0)  # back to shared, nothing mapped
+    assert vm.fault(G1 + 0x1000) == 3
+    assert vm.stats.mapped == {1: 0, 2: 0, 3: 1}
+    # Converting one page inside the 1G leaf zaps the leaf whole.
+    vm.set_memory_attributes(G1 + 7 * PAGE, PAGE, P)
+    assert vm.stats.tlb_flushes == 1
+    assert vm.stats.zapped_pages == {1: 0, 2: 0, 3: 1}
+    assert vm.stats.mapped == {1: 0, 2: 0, 3: 0}
+    assert vm.mmu.mapped_level(G1) == 0
+
+
+def test_zap_counts_by_level(store: str) -> None:
+    vm = make_vm(store, order=9)
+    vm.set_memory_attributes(3 * PAGE, PAGE, P)  # 2M page 0 and 1G page 0 mixed
+    assert vm.fault(0) == 1
+    assert vm.fault(PAGE) == 1
+    assert vm.fault(3 * PAGE, private=True) == 1
+    assert vm.fault(M2) == 2
+    assert vm.fault(G1) == 3
+    assert vm.stats.mapped == {1: 3, 2: 1, 3: 1}
+    assert vm.mmu.mappings(1) == [(0, 2), (3, 4)]
+    # One call covering [4K, 2M + 4K): two 4K leaves and one 2M leaf.
+    vm.set_memory_attributes(PAGE, M2, P)
+    assert vm.stats.zapped_pages == {1: 2, 2: 1, 3: 0}
+    assert vm.stats.mapped == {1: 1, 2: 0, 3: 1}
+    assert vm.stats.tlb_flushes == 1
+    assert vm.stats.faults == 5
+
+
+def test_refault_and_replacement_keep_footprint_exact(store: str) -> None:
+    vm = make_vm(store)
+    vm.set_memory_attributes(M2 + PAGE, PAGE, P)
+    assert vm.fault(M2) == 1
+    assert vm.fault(M2) == 1  # spurious: already mapped
+    assert vm.stats.mapped == {1: 1, 2: 0, 3: 0}
+    # Shared again; the conversion's range does not touch the 4K leaf at M2.
+    vm.set_memory_attributes(M2 + PAGE, PAGE, 0)
+    assert vm.stats.mapped == {1: 1, 2: 0, 3: 0}
+    assert vm.stats.zapped_pages == {1: 0, 2: 0, 3: 0}
+    # A fault there now installs a 1G leaf, which replaces the page table
+    # holding the 4K leaf (the TDP MMU frees the child table).
+    assert vm.fault(M2) == 3
+    assert vm.stats.mapped == {1: 0, 2: 0, 3: 1}
+    assert vm.stats.zapped_pages == {1: 1, 2: 0, 3: 0}
+    # A private page inside: the 1G leaf goes whole, then a 4K fault under
+    # a (re-faulted) 1G leaf splits it.
+    vm.set_memory_attributes(M2 + PAGE, PAGE, P)
+    assert vm.stats.mapped == {1: 0, 2: 0, 3: 0}
+    assert vm.stats.zapped_pages == {1: 1, 2: 0, 3: 1}
+
+
+def test_memslot_delete_and_move_zap(store: str) -> None:
+    vm = Vm(KVM_X86_SW_PROTECTED_VM, store)
+    vm.set_user_memory_region(0, 0, G1)
+    vm.set_user_memory_region(1, G1, G1, userspace_addr=G1)
+    assert vm.fault(0) == 3 and vm.fault(G1) == 3
+    # KVM_X86_QUIRK_SLOT_ZAP_ALL: deleting slot 1 zaps every root.
+    vm.set_user_memory_region(1, G1, 0)
+    assert vm.stats.zapped_pages[3] == 2
+    assert vm.stats.mapped == {1: 0, 2: 0, 3: 0}
+    with pytest.raises(MemoryFault):
+        vm.fault(G1)
+    # With the quirk off only the slot's range goes.
+    vm.set_user_memory_region(1, G1, G1, userspace_addr=G1)
+    vm.mmu.slot_zap_all = False
+    assert vm.fault(0) == 3 and vm.fault(G1) == 3
+    vm.set_user_memory_region(1, 2 * G1, G1, userspace_addr=G1)  # move
+    assert vm.stats.mapped == {1: 0, 2: 0, 3: 1}
+    assert vm.fault(2 * G1) == 3
+
+
+def test_memslot_created_reads_existing_attributes(store: str) -> None:
+    vm = Vm(KVM_X86_SW_PROTECTED_VM, store)
+    vm.set_memory_attributes(G1 + 5 * PAGE, PAGE, P)  # no slot yet
+    fd = vm.create_guest_memfd(2 * G1)
+    vm.set_user_memory_region(0, 0, 2 * G1, flags=KVM_MEM_GUEST_MEMFD, guest_memfd=fd)
+    assert vm.hugepage_mixed(0, G1 >> 12, 2)
+    assert vm.hugepage_mixed(0, G1 >> 12, 3)
+    assert not vm.hugepage_mixed(0, 0, 3)
+    assert vm.fault(G1 + 5 * PAGE, private=True) == 1
+
+
+# --- mmu_invalidate_retry -------------------------------------------------------------
+
+
+def test_fault_racing_an_invalidation_retries(store: str) -> None:
+    vm = make_vm(store)
+    target = G1 + 0x5000
+    result: dict[str, object] = {}
+
+    def vcpu() -> None:
+        try:
+            result["level"] = vm.fault(target, private=True)
+        except BaseException as e:  # pragma: no cover - reported below
+            result["error"] = e
+
+    threads: list[threading.Thread] = []
+
+    @vm.on_unmap
+    def start_vcpu_mid_invalidation(rng: GfnRange) -> bool:
+        # mmu_invalidate_in_progress is set and the range added: a fault on
+        # a gfn inside must not map anything until the invalidation ends.
+        t = threading.Thread(target=vcpu, name="vcpu0")
+        threads.append(t)
+        t.start()
+        deadline = time.monotonic() + 10
+        while vm.stats.fault_retries == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert "level" not in result
+        return False
+
+    vm.set_memory_attributes(G1, M2, P)
+    threads[0].join(10)
+    assert not threads[0].is_alive()
+    assert "error" not in result
+    # The retried fault saw the new attribute: a private 4K mapping.
+    assert result["level"] == 1
+    assert vm.stats.fault_retries >= 1
+    assert vm.stats.faults == 1
+    assert vm.mmu.mapped_level(target) == 1
+
+
+def test_fault_outside_invalidated_range_does_not_retry(store: str) -> None:
+    vm = make_vm(store)
+    result: dict[str, int] = {}
+    threads: list[threading.Thread] = []
+
+    @vm.on_unmap
+    def fault_elsewhere(rng: GfnRange) -> bool:
+        t = threading.Thread(target=lambda: result.setdefault("level", vm.fault(1 << 30)))
+        threads.append(t)
+        t.start()
+        # It blocks on mmu_lock (held here); give it time to get there.
+        time.sleep(0.05)
+        return False
+
+    vm.set_memory_attributes(0, PAGE, P)
+    threads[0].join(10)
+    # The sequence changed while it waited for mmu_lock: one retry at most,
+    # and never a mapping of a stale gfn.
+    assert result["level"] == 3
+    assert vm.stats.fault_retries <= 1
+
+
+def test_fault_under_mmu_lock_is_a_lockdep_error(store: str) -> None:
+    vm = make_vm(store)
+
+    @vm.on_post_set
+    def fault_inside(rng: GfnRange) -> bool:
+        vm.fault(0)
+        return False
+
+    with pytest.raises(LockdepError, match="mmu_lock"):
+        vm.set_memory_attributes(0, PAGE, P)
+    with vm.slots_lock, pytest.raises(LockdepError, match="slots_lock"):
+        vm.fault(0)
+
+
+def test_retry_checks_directly() -> None:
+    vm = make_vm()
+    mmu = vm.mmu
+    seq = vm.mmu_invalidate_seq
+    with vm.mmu_lock:
+        assert not mmu._retry_gfn(seq, 10)
+        vm.kvm_mmu_invalidate_begin()
+        # In progress, range not yet added: retry anything.
+        assert mmu._retry_gfn(seq, 10)
+        vm.kvm_mmu_invalidate_range_add(5, 11)
+        assert mmu._retry_gfn(seq, 10) and not mmu._retry_gfn(seq, 11)
+        vm.kvm_mmu_invalidate_end()
+        # Ended: the sequence moved on, so an old snapshot retries.
+        assert mmu._retry_gfn(seq, 11)
+        assert not mmu._retry_gfn(vm.mmu_invalidate_seq, 10)
+    with pytest.raises(LockdepError):
+        mmu._retry_gfn(seq, 10)
+
+
+# --- direct calls: lockdep and WARN semantics ----------------------------------------
+
+
+def test_passes_require_locks_and_private_memory() -> None:
+    vm = make_vm()
+    slot = vm.memslots.get(0, 0)
+    assert slot is not None
+    rng = GfnRange(slot, 0, 1, P, True)
+    with pytest.raises(LockdepError):
+        vm.mmu.pre_set_memory_attributes(rng)
+    with vm.mmu_lock, pytest.raises(LockdepError, match="slots_lock"):
+        vm.mmu.post_set_memory_attributes(rng)
+
+    plain = Vm(KVM_X86_DEFAULT_VM)
+    plain.set_user_memory_region(0, 0, G1)
+    pslot = plain.memslots.get(0, 0)
+    assert pslot is not None
+    prng = GfnRange(pslot, 0, 1, 0, True)
+    with plain.slots_lock, plain.mmu_lock:
+        with pytest.warns(KvmWarning, match="without private memory"):
+            assert plain.mmu.pre_set_memory_attributes(prng) is False
+        with pytest.warns(KvmWarning, match="without private memory"):
+            assert plain.mmu.post_set_memory_attributes(prng) is False
+
+
+# --- argument errors --------------------------------------------------------------------
+
+
+def test_argument_errors(store: str) -> None:
+    vm = make_vm(store, size=G1)
+    with pytest.raises(TypeError, match="gpa"):
+        vm.fault("0")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="gpa"):
+        vm.fault(True)
+    with pytest.raises(ValueError, match="gpa"):
+        vm.fault(-1)
+    with pytest.raises(ValueError, match="gpa"):
+        vm.fault(1 << 64)
+    with pytest.raises(TypeError, match="private"):
+        vm.fault(0, private=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="write"):
+        vm.fault(0, write=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="as_id"):
+        vm.mmu.fault(0, as_id=1)  # a private-memory VM has one address space
+    with pytest.raises(ValueError, match="not in any memslot"):
+        vm.max_mapping_level(G1 >> 12)
+    with pytest.raises(TypeError, match="gfn"):
+        vm.max_mapping_level(1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="level"):
+        vm.hugepage_mixed(0, 0, 1)
+    with pytest.raises(ValueError, match="level"):
+        vm.hugepage_mixed(0, 0, 4)
+    with pytest.raises(TypeError, match="level"):
+        vm.hugepage_mixed(0, 0, "2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="does not exist"):
+        vm.hugepage_mixed(5, 0, 2)
+    with pytest.raises(ValueError, match="does not exist"):
+        vm.hugepage_mixed(1 << 16, 0, 2)
+    with pytest.raises(ValueError, match="outside slot"):
+        vm.hugepage_mixed(0, G1 >> 12, 2)
+    with pytest.raises(ValueError, match="slot"):
+        vm.hugepage_mixed(-1, 0, 2)
+    with pytest.raises(ValueError, match="level"):
+        vm.mmu.mappings(0)
+    # Nothing was counted or mapped by the rejected calls.
+    assert vm.stats.faults == 0 and vm.stats.mapped == {1: 0, 2: 0, 3: 0}
+    assert isinstance(vm.mmu, X86Mmu)
+
+
+# --- both stores agree end to end -------------------------------------------------------
+
+_gfns = st.integers(0, (3 * G1 >> 12) - 1)
+
+
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.integers(0, (3 * G1 >> 12) - 1),
+            st.one_of(st.integers(1, 4), st.sampled_from([511, 512, 513, 1 << 18]), st.integers(1, 1 << 19)),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    probes=st.lists(st.tuples(_gfns, st.booleans()), min_size=1, max_size=8),
+)
+def test_rangetree_and_xarray_vms_agree(ops: list[tuple[int, int, bool]], probes: list[tuple[int, bool]]) -> None:
+    vms = [make_vm(kind, gpa=M2 + PAGE, size=2 * G1 + 3 * M2, order=9) for kind in ("rangetree", "xarray")]
+
+    def outcome(vm: Vm, gfn: int, private: bool) -> Iterator[object]:
+        try:
+            yield vm.fault(gfn << 12, private=private)
+        except MemoryFault as e:
+            yield ("exit", e.gpa, e.flags)
+        slot = vm.memslots.find(0, gfn)
+        if slot is not None:
+            yield vm.max_mapping_level(gfn)
+            for level in (2, 3):
+                yield vm.hugepage_mixed(0, gfn, level)
+
+    for start, npages, private in ops:
+        for vm in vms:
+            vm.set_memory_attributes(start << 12, npages << 12, P if private else 0)
+        for gfn, acc in probes:
+            assert list(outcome(vms[0], gfn, acc)) == list(outcome(vms[1], gfn, acc))
+    assert vms[0].stats.as_dict() == vms[1].stats.as_dict()
