@@ -17,3 +17,9 @@ from memattr.vm import Vm  # noqa: E402
 
 __all__ += list(_uapi.__all__)
 __all__ += ["GfnRange", "KvmBugError", "LockdepError", "Memslot", "MemoryFault", "Stats", "Vm"]
+
+# The x86 MMU model (MMU workstream): hugepage tracking, stage-2 map, faults.
+from memattr._native import LpageInfoTracker, RangeHugepageTracker, Stage2Map  # noqa: E402
+from memattr.mmu import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, X86Mmu  # noqa: E402
+
+__all__ += ["LpageInfoTracker", "PG_LEVEL_1G", "PG_LEVEL_2M", "PG_LEVEL_4K", "RangeHugepageTracker", "Stage2Map", "X86Mmu"]
