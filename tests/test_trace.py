@@ -353,3 +353,94 @@ def test_describe():
     assert d["name"] == "boot-and-churn" and d["operations"] > 0
     assert d["bytes_to_private"] >= 6 * GiB
     assert set(d["phases"]) == {"setup", "creation", "sharing", "acceptance", "implicit", "churn", "kexec"}
+
+
+# --------------------------------------------------------------------------
+# record and replay on a Vm
+
+
+def _vm(store: str = "rangetree"):
+    from memattr.vm import Vm
+
+    return Vm(w.KVM_X86_SW_PROTECTED_VM, store=store, guest_memfd_max_order=9)
+
+
+def _state(vm) -> list[tuple[int, int, int]]:
+    return list(vm.store.runs(0, (16 * GiB) >> 12))
+
+
+def _recorded(store: str = "rangetree") -> tuple[t.Trace, object]:
+    gen = w.boot_and_churn("6G", nr_vcpus=2, dma_buffers=8, accept_fraction=0.2, implicit=8, seed=4, kexec_at_end=False)
+    rec = t.Recorder(_vm(store), {"vm_kwargs": {"guest_memfd_max_order": 9}})
+    res = t.replay(gen, rec)
+    assert res.implicit_conversions == 8 and res.fault_exits == 8 and not res.errors
+    # calls that fail on purpose are recorded with their errno
+    with pytest.raises(OSError) as e:
+        rec.set_memory_attributes(0x1001, 0x1000, P)
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(OSError):
+        rec.set_memory_attributes(0, 0x1000, P, flags=1)
+    from memattr.errors import MemoryFault
+
+    with pytest.raises(MemoryFault):
+        rec.fault(0x2000, private=False)  # RAM is private: exits
+    return rec.trace(), rec.vm
+
+
+@pytest.mark.parametrize("suffix", [".trace", ".txt"])
+@pytest.mark.parametrize("store", ["rangetree", "xarray"])
+def test_record_write_read_replay_same_state_and_counters(tmp_path, suffix, store):
+    recorded, vm0 = _recorded()
+    ops = recorded.ops
+    # implicit conversions were recorded as what happened: exit, set, retry
+    assert (ops["result"] != t.RESULT_NONE).all()
+    assert int((ops["result"] == -errno.EFAULT).sum()) == 8 + 1
+    assert int((ops["result"] == -errno.EINVAL).sum()) == 2
+    path = tmp_path / ("rec" + suffix)
+    t.write(recorded, path)
+    back = t.read(path)
+    assert (back.ops == recorded.ops).all()
+    vm1 = _vm(store)
+    res = t.replay(back, vm1, check=True)
+    assert res.mismatches == 0, res.first_mismatch
+    assert res.errors == {"EINVAL": 2, "EFAULT": 9}
+    assert _state(vm1) == _state(vm0)
+    assert vm1.stats.as_dict() == vm0.stats.as_dict()
+
+
+def test_replay_check_reports_mismatch():
+    recorded, _ = _recorded()
+    ops = recorded.ops.copy()
+    i = int(np.flatnonzero(ops["kind"] == t.OP_SET_MEMORY_ATTRIBUTES)[3])
+    ops["result"][i] = -errno.ENOMEM
+    res = t.replay(t.Trace(ops, recorded.meta), _vm(), check=True)
+    assert res.mismatches == 1 and f"op {i} " in res.first_mismatch
+
+
+def test_replay_progress_and_phases():
+    tr = small_trace()
+    seen: list[int] = []
+    vm = _vm()
+    res = t.replay(tr, vm, progress=seen.append, chunk=100)
+    assert sum(seen) == len(tr) == res.ops
+    assert set(res.phase_seconds) == {n for n, _, _ in tr.phases}
+    assert res.phase_memory["kexec"] == vm.store.memory_bytes()
+    assert res.peak_memory >= res.phase_memory["churn"]
+
+
+def test_recorder_records_ioctl_and_passes_other_attributes():
+    vm = _vm()
+    rec = t.Recorder(vm)
+    assert rec.stats is vm.stats  # pass-through
+    fd = rec.create_guest_memfd(1 << 21)
+    rec.set_user_memory_region(0, 0, 1 << 21, w.USERSPACE_BASE, w.KVM_MEM_GUEST_MEMFD, fd, 0)
+    arg = memattr.kvm_memory_attributes(0, 1 << 21, P, 0)
+    rec.ioctl(memattr.KVM_SET_MEMORY_ATTRIBUTES, arg)
+    tr = rec.trace()
+    assert tr.ops["kind"].tolist() == [t.OP_CREATE_GUEST_MEMFD, t.OP_SET_USER_MEMORY_REGION, t.OP_SET_MEMORY_ATTRIBUTES]
+    assert tr.ops["result"].tolist() == [fd, 0, 0]
+    assert tr.meta["regions"] == [[0, w.USERSPACE_BASE, fd]]
+    # replay onto a fresh Vm maps the fd
+    vm2 = _vm("xarray")
+    assert t.replay(tr, vm2, check=True).mismatches == 0
+    assert vm2.get_memory_attributes(0) == P

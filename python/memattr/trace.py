@@ -765,9 +765,8 @@ def replay(
     are counted in ``mismatches``. ``progress(n)`` is called after every
     ``chunk`` operations with the number just done.
     """
-    import memattr
+    from memattr.errors import MemoryFault as memory_fault
 
-    memory_fault = getattr(memattr, "MemoryFault", None)
     res = ReplayResult()
     fd_map: dict[int, int] = {}
     regions = trace.meta["regions"]
@@ -789,7 +788,7 @@ def replay(
         try:
             return int(vm.fault(gpa, private=private, write=write))
         except OSError as e:
-            exit_ = memory_fault is not None and isinstance(e, memory_fault)
+            exit_ = isinstance(e, memory_fault)
             if not exit_:
                 return fail(e)
             res.fault_exits += 1
@@ -807,7 +806,7 @@ def replay(
         try:
             return int(vm.fault(gpa, private=private, write=write))
         except OSError as e:
-            if memory_fault is not None and isinstance(e, memory_fault):
+            if isinstance(e, memory_fault):
                 res.fault_exits += 1
             return fail(e)
 

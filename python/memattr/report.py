@@ -1,0 +1,247 @@
+"""Presenting runs: rich tables for the terminal, JSON and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from rich.table import Table
+
+from memattr.workloads import format_size
+
+STORE_LABEL = {"rangetree": "range store (RangeTree)", "xarray": "per-page store (XArray, kernel model)"}
+STORE_COLOR = {"rangetree": "#1f77b4", "xarray": "#d62728"}
+
+
+def human_bytes(n: float) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_rate(x: float) -> str:
+    if not math.isfinite(x):
+        return "inf"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f} M/s"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f} k/s"
+    return f"{x:.0f} /s"
+
+
+def run_table(result: dict[str, Any]) -> Table:
+    """What one run did, as the kernel would count it."""
+    st = result["stats"]
+    rp = result["replay"]
+    hp = result["hugepages"]
+    t = Table(
+        title=f"{result['workload']} on a {format_size(result['guest'])} guest, {STORE_LABEL[result['store']]}",
+        show_header=False,
+        title_justify="left",
+    )
+    t.add_column("what", style="bold")
+    t.add_column("value", justify="right")
+    rows: list[tuple[str, str]] = [
+        ("operations replayed", f"{result['operations']:,}"),
+        ("time", f"{result['seconds']:.3f} s"),
+        ("throughput", human_rate(result["ops_per_second"])),
+        ("KVM_SET_MEMORY_ATTRIBUTES calls", f"{st['set_calls']:,}"),
+        ("  conversions", f"{st['conversions']:,}"),
+        ("  no-op (already had the value)", f"{st['noop_conversions']:,}"),
+        ("  pages converted", f"{st['pages_converted']:,}"),
+        ("  failed calls", f"{st['failed_calls']:,}"),
+        ("zapped ranges (pre-set pass)", f"{st['zapped_ranges']:,}"),
+        ("post-set ranges", f"{st['post_set_ranges']:,}"),
+        ("TLB flushes", f"{st['tlb_flushes']:,}"),
+        ("mmu_lock acquisitions", f"{st['mmu_lock_acquisitions']:,}"),
+        ("faults", f"{st['faults']:,}"),
+        ("KVM_EXIT_MEMORY_FAULT exits", f"{st['memory_fault_exits']:,}"),
+        ("  converted by the VMM (implicit)", f"{rp['implicit_conversions']:,}"),
+        ("zapped pages 4K / 2M / 1G", " / ".join(f"{st['zapped_pages'].get(k, st['zapped_pages'].get(str(k), 0)):,}" for k in (1, 2, 3))),
+        ("final private RAM", human_bytes(result["private_bytes"])),
+        ("final shared RAM", human_bytes(result["shared_bytes"])),
+        (
+            "mapped now 4K / 2M / 1G",
+            " / ".join(human_bytes(hp["mapped_bytes"][k]) for k in ("4K", "2M", "1G")),
+        ),
+        ("hugepage coverage of mapped memory", f"{100 * hp['huge_fraction']:.1f}%"),
+        ("store memory at end / peak", f"{human_bytes(result['memory_bytes'])} / {human_bytes(result['peak_memory_bytes'])}"),
+        ("store entries at end", f"{result['entry_count']:,}"),
+    ]
+    errors = rp.get("errors") or {}
+    if errors:
+        rows.append(("errors by errno", ", ".join(f"{k} x{v}" for k, v in sorted(errors.items()))))
+    for k, v in rows:
+        t.add_row(k, v)
+    phases = Table(title="phases", title_justify="left")
+    phases.add_column("phase")
+    phases.add_column("seconds", justify="right")
+    phases.add_column("store memory at end", justify="right")
+    for name, secs in result["phase_seconds"].items():
+        phases.add_row(name, f"{secs:.3f}", human_bytes(result["phase_memory_bytes"].get(name, 0)))
+    outer = Table.grid(padding=(1, 0))
+    outer.add_row(t)
+    outer.add_row(phases)
+    return outer
+
+
+def _by_size(results: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Any]]]:
+    out: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        out.setdefault(int(r["guest"]), {})[r["store"]] = r
+    return dict(sorted(out.items()))
+
+
+def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per guest size with both stores side by side (JSON-able)."""
+    rows = []
+    for guest, runs in _by_size(results).items():
+        rt, xa = runs.get("rangetree"), runs.get("xarray")
+        row: dict[str, Any] = {"guest": guest, "operations": (rt or xa or {}).get("operations", 0)}
+        for name, r in (("rangetree", rt), ("xarray", xa)):
+            if r:
+                row[name] = {
+                    "seconds": r["seconds"],
+                    "ops_per_second": r["ops_per_second"],
+                    "memory_bytes": r["memory_bytes"],
+                    "peak_memory_bytes": r["peak_memory_bytes"],
+                    "memory_per_gib": r["memory_bytes"] / (guest / (1 << 30)),
+                }
+        if rt and xa and rt["seconds"] > 0:
+            row["throughput_ratio"] = xa["seconds"] / rt["seconds"]
+            row["memory_ratio"] = xa["memory_bytes"] / max(1, rt["memory_bytes"])
+        so = {name: r["store_only"] for name, r in runs.items() if "store_only" in r}
+        if so:
+            row["store_only"] = so
+        if "rangetree" in so and "xarray" in so and so["rangetree"]["seconds"] > 0:
+            row["store_only_ratio"] = so["xarray"]["seconds"] / so["rangetree"]["seconds"]
+        rows.append(row)
+    return rows
+
+
+def compare_table(rows: list[dict[str, Any]], title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("guest", justify="right", style="bold")
+    t.add_column("ops", justify="right")
+    for store in ("rangetree", "xarray"):
+        short = "range" if store == "rangetree" else "per-page"
+        t.add_column(f"{short} time", justify="right")
+        t.add_column(f"{short} ops/s", justify="right")
+        t.add_column(f"{short} memory", justify="right")
+    t.add_column("speedup (Vm)", justify="right", style="green")
+    t.add_column("speedup (store only)", justify="right", style="green")
+    t.add_column("memory ratio", justify="right", style="green")
+    for row in rows:
+        cells = [format_size(row["guest"]), f"{row['operations']:,}"]
+        for store in ("rangetree", "xarray"):
+            r = row.get(store)
+            if r:
+                cells += [f"{r['seconds']:.2f} s", human_rate(r["ops_per_second"]), human_bytes(r["memory_bytes"])]
+            else:
+                cells += ["-", "-", "skipped" if store == "xarray" else "-"]
+        cells.append(f"{row['throughput_ratio']:.1f}x" if "throughput_ratio" in row else "-")
+        cells.append(f"{row['store_only_ratio']:.0f}x" if "store_only_ratio" in row else "-")
+        cells.append(f"{row['memory_ratio']:,.0f}x" if "memory_ratio" in row else "-")
+        t.add_row(*cells)
+    return t
+
+
+def write_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON-able: {type(o).__name__}")
+
+
+def _bytes_tick(x: float, _pos: object = None) -> str:
+    for i, unit in enumerate(("B", "KiB", "MiB", "GiB", "TiB")):
+        if x < 1024 ** (i + 1) or unit == "TiB":
+            v = x / 1024**i
+            return f"{v:.0f} {unit}" if abs(v - round(v)) < 0.05 else f"{v:.1f} {unit}"
+    return str(x)
+
+
+def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], title: str) -> None:
+    """Three log-log panels over guest size, both stores on each: full Vm
+    replay throughput, store-only replay throughput, store memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    fig, (ax_t, ax_s, ax_m) = plt.subplots(1, 3, figsize=(16, 5.2), constrained_layout=True)
+    sizes = [r["guest"] for r in rows]
+    for store in ("rangetree", "xarray"):
+        color = STORE_COLOR[store]
+        label = STORE_LABEL[store]
+        pts = [(r["guest"], r[store]) for r in rows if store in r]
+        if not pts:
+            continue
+        xs = [g for g, _ in pts]
+        ax_t.plot(xs, [p["ops_per_second"] for _, p in pts], "o-", color=color, label=label)
+        so = [(r["guest"], r["store_only"][store]) for r in rows if store in r.get("store_only", {})]
+        if so:
+            ax_s.plot([g for g, _ in so], [p["ranges_per_second"] for _, p in so], "o-", color=color, label=label)
+        ax_m.plot(xs, [max(1, p["memory_bytes"]) for _, p in pts], "o-", color=color, label=label + ", at end")
+        ax_m.plot(
+            xs, [max(1, p["peak_memory_bytes"]) for _, p in pts], "s--", color=color, alpha=0.5, label=label + ", peak"
+        )
+
+    def annotate(ax: Any, key: str, y: Any) -> None:
+        for row in rows:
+            if key in row:
+                ax.annotate(
+                    f"{row[key]:.1f}x" if row[key] < 100 else f"{row[key]:,.0f}x",
+                    (row["guest"], y(row)),
+                    textcoords="offset points",
+                    xytext=(0, 8),
+                    ha="center",
+                    fontsize=9,
+                    color=STORE_COLOR["rangetree"],
+                )
+
+    annotate(ax_t, "throughput_ratio", lambda r: r["rangetree"]["ops_per_second"])
+    annotate(ax_s, "store_only_ratio", lambda r: r["store_only"]["rangetree"]["ranges_per_second"])
+    skipped = [r["guest"] for r in rows if "xarray" not in r]
+    for ax in (ax_t, ax_s, ax_m):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_size(int(round(x)))))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("guest RAM")
+        ax.grid(True, which="major", alpha=0.3)
+        if skipped:
+            ax.axvspan(min(skipped) / 1.3, max(skipped) * 1.3, color="0.92", zorder=0)
+            ax.text(0.98, 0.02, "shaded: per-page store skipped", transform=ax.transAxes, ha="right",
+                    va="bottom", fontsize=8, color="0.4")
+    ax_t.set_ylabel("operations per second (higher is better)")
+    ax_t.set_title("full replay on a Vm (ioctl model, memslots, MMU)")
+    ax_s.set_ylabel("ranges per second (higher is better)")
+    ax_s.set_title("the data structure alone (batch replay, no Vm)")
+    ax_m.set_ylabel("store memory (lower is better)")
+    lo = min([1.0] + [max(1, r[s]["memory_bytes"]) for r in rows for s in ("rangetree", "xarray") if s in r])
+    hi = max([1024.0] + [r[s]["peak_memory_bytes"] for r in rows for s in ("rangetree", "xarray") if s in r])
+    ticks = [32.0**k for k in range(0, 9) if lo / 32 <= 32.0**k <= hi * 32]
+    ax_m.yaxis.set_major_locator(FixedLocator(ticks))
+    ax_m.yaxis.set_major_formatter(FuncFormatter(_bytes_tick))
+    ax_m.yaxis.set_minor_formatter(NullFormatter())
+    ax_m.set_title("attribute store memory")
+    for ax in (ax_t, ax_s, ax_m):
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title, fontsize=12)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

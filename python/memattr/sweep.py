@@ -1,0 +1,307 @@
+"""Run workloads on Vms, one configuration or many in parallel.
+
+:func:`run_trace` replays one trace on a fresh :class:`memattr.Vm` and
+measures it; :func:`run_config` builds a named workload from a
+:class:`Config` and runs it; :func:`sweep` runs many configurations through
+a standard :class:`concurrent.futures.Executor`.
+
+By default :func:`sweep` uses a ``ProcessPoolExecutor`` with
+``max_workers=os.cpu_count()``: every configuration is independent (its
+own Vm, its own workload built from its seed in the worker), so processes
+scale across cores with nothing shared. Any other ``Executor`` works
+unchanged, because :func:`sweep` only calls ``executor.submit(run_config,
+config)`` and waits on the futures; :func:`run_config` and :class:`Config`
+are plain, picklable, module-level objects. To spread a sweep over a
+cluster::
+
+    # Dask: distributed.Client.get_executor() is a concurrent.futures.Executor
+    from dask.distributed import Client
+    client = Client("scheduler:8786")
+    results = sweep(configs, executor=client.get_executor())
+
+    # MPI: mpi4py.futures.MPIPoolExecutor is one too
+    from mpi4py.futures import MPIPoolExecutor
+    with MPIPoolExecutor() as ex:
+        results = sweep(configs, executor=ex)
+
+    # Ray: wrap ray.remote in an Executor (ray.util has no stock one); the
+    # only method sweep() needs is submit(fn, *args) -> Future:
+    import ray
+    class RayExecutor(concurrent.futures.Executor):
+        def submit(self, fn, /, *args, **kwargs):
+            return ray.remote(fn).remote(*args, **kwargs).future()
+    results = sweep(configs, executor=RayExecutor())
+
+The workers need ``memattr`` installed (``pip install memattr`` on each
+node); nothing else crosses the wire but the Config and the result dict.
+``sweep`` never shuts down an executor it was given.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from memattr import trace as trace_mod
+from memattr import workloads
+
+STORES = ("rangetree", "xarray")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One run: a named workload at a guest size on one store."""
+
+    workload: str = "boot-and-churn"
+    guest: int = 64 * workloads.GiB
+    store: str = "rangetree"
+    seed: int = 0
+    params: tuple[tuple[str, Any], ...] = ()  # extra workload parameters
+    vm_kwargs: tuple[tuple[str, Any], ...] = ()  # extra Vm(...) arguments
+
+    def __post_init__(self) -> None:
+        if self.store not in STORES:
+            raise ValueError(f"store must be one of {STORES}, got {self.store!r}")
+        if self.workload not in workloads.WORKLOADS:
+            raise ValueError(f"unknown workload {self.workload!r}; choose from {', '.join(workloads.WORKLOADS)}")
+        if not isinstance(self.guest, int) or self.guest <= 0:
+            raise ValueError(f"guest must be a positive int of bytes, got {self.guest!r}")
+
+    def label(self) -> str:
+        return f"{self.workload} {workloads.format_size(self.guest)} {self.store}"
+
+
+def make_trace(config: Config) -> trace_mod.Trace:
+    return workloads.make(config.workload, config.guest, seed=config.seed, **dict(config.params))
+
+
+def _ram_ranges(trace: trace_mod.Trace) -> list[tuple[int, int]]:
+    layout = trace.meta.get("layout")
+    if layout:
+        return [(gpa, gpa + size) for _slot, gpa, size, _off in layout["regions"]]
+    ops = trace.ops[trace.ops["kind"] == trace_mod.OP_SET_USER_MEMORY_REGION]
+    return [(int(g), int(g) + int(s)) for g, s in zip(ops["gpa"], ops["size"]) if s]
+
+
+def attribute_bytes(store: Any, ranges: list[tuple[int, int]]) -> dict[str, int]:
+    """Private and shared bytes of RAM (the given gpa ranges) in ``store``."""
+    PAGE = trace_mod.PAGE_SIZE
+    priv = 0
+    total = 0
+    for start, end in ranges:
+        s, e = start // PAGE, end // PAGE
+        total += e - s
+        priv += int(store.count_pages(s, e, trace_mod.KVM_MEMORY_ATTRIBUTE_PRIVATE, trace_mod.KVM_MEMORY_ATTRIBUTE_PRIVATE))
+    return {"private_bytes": priv * PAGE, "shared_bytes": (total - priv) * PAGE}
+
+
+def hugepage_coverage(mapped: dict[Any, int]) -> dict[str, Any]:
+    """Bytes mapped at each level from ``stats.mapped`` (live mappings)."""
+    sizes = {1: 4096, 2: 2 << 20, 3: 1 << 30}
+    by_level = {int(k): int(v) * sizes[int(k)] for k, v in mapped.items() if int(k) in sizes}
+    total = sum(by_level.values())
+    huge = by_level.get(2, 0) + by_level.get(3, 0)
+    return {
+        "mapped_bytes": {"4K": by_level.get(1, 0), "2M": by_level.get(2, 0), "1G": by_level.get(3, 0)},
+        "huge_fraction": (huge / total) if total else 0.0,
+    }
+
+
+def run_trace(
+    trace: trace_mod.Trace,
+    store: str = "rangetree",
+    *,
+    vm_kwargs: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+    recorder: bool = False,
+) -> dict[str, Any]:
+    """Replays ``trace`` on a fresh ``Vm(trace.vm_type, store=store)``.
+
+    Returns a JSON-able dict: timings (total, per phase), operations per
+    second, the store's memory (at the end, per phase end, peak), the Vm's
+    counters, the replay's own counts (fault exits, implicit conversions,
+    errors), the final private/shared bytes of RAM and the hugepage
+    coverage. With ``recorder``, the dict also holds the recorded trace
+    under ``"trace"`` (not JSON-able; pop it before dumping).
+    """
+    from memattr.vm import Vm
+
+    if store not in STORES:
+        raise ValueError(f"store must be one of {STORES}, got {store!r}")
+    kwargs = dict(trace.meta.get("vm_kwargs", {}))
+    kwargs.update(vm_kwargs or {})
+    vm = Vm(trace.vm_type, store=store, **kwargs)
+    target: Any = trace_mod.Recorder(vm, {"name": trace.name, "vm_kwargs": kwargs}) if recorder else vm
+    res = trace_mod.replay(trace, target, progress=progress)
+    stats = vm.stats.as_dict()
+    ranges = _ram_ranges(trace)
+    out: dict[str, Any] = {
+        "workload": trace.name,
+        "store": store,
+        "guest": int(trace.meta.get("params", {}).get("guest", sum(e - s for s, e in ranges))),
+        "operations": res.ops,
+        "seconds": res.seconds,
+        "ops_per_second": res.ops / res.seconds if res.seconds > 0 else float("inf"),
+        "memory_bytes": int(vm.store.memory_bytes()),
+        "peak_memory_bytes": res.peak_memory,
+        "entry_count": int(vm.store.entry_count()),
+        "phase_seconds": res.phase_seconds,
+        "phase_memory_bytes": res.phase_memory,
+        "replay": {
+            "sets": res.sets,
+            "faults": res.faults,
+            "fault_exits": res.fault_exits,
+            "implicit_conversions": res.implicit_conversions,
+            "errors": res.errors,
+        },
+        "stats": stats,
+        **attribute_bytes(vm.store, ranges),
+        "hugepages": hugepage_coverage(stats.get("mapped", {})),
+    }
+    if recorder:
+        out["trace"] = target.trace()
+    return out
+
+
+def run_store_only(trace: trace_mod.Trace, store: str) -> dict[str, Any]:
+    """The data structure alone: the trace's attribute changes applied to a
+    fresh bare store through its batch entry point (no Vm, no MMU, no
+    per-operation Python), timed."""
+    import memattr
+
+    obj = memattr.RangeTree() if store == "rangetree" else memattr.XArray()
+    t0 = time.perf_counter()
+    n = trace_mod.apply_to_store(trace, obj)
+    secs = time.perf_counter() - t0
+    return {
+        "ranges": n,
+        "seconds": secs,
+        "ranges_per_second": n / secs if secs > 0 else float("inf"),
+        "memory_bytes": int(obj.memory_bytes()),
+    }
+
+
+def run_config(config: Config) -> dict[str, Any]:
+    """Builds the workload in this process and runs it (the sweep task):
+    the full Vm replay, then the store-only replay of the same trace."""
+    t0 = time.perf_counter()
+    trace = make_trace(config)
+    gen = time.perf_counter() - t0
+    out = run_trace(trace, config.store, vm_kwargs=dict(config.vm_kwargs))
+    out["store_only"] = run_store_only(trace, config.store)
+    out["guest"] = config.guest
+    out["seed"] = config.seed
+    out["generate_seconds"] = gen
+    out["config"] = dataclasses.asdict(config)
+    return out
+
+
+@dataclass
+class SweepResult:
+    results: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[tuple[Config, str]] = field(default_factory=list)
+
+
+def sweep(
+    configs: Iterable[Config],
+    executor: cf.Executor | None = None,
+    max_workers: int | None = None,
+    on_done: Callable[[Config, dict[str, Any] | None, BaseException | None], None] | None = None,
+    follow_up: Callable[[Config, dict[str, Any]], Iterable[Config]] | None = None,
+    task: Callable[[Config], dict[str, Any]] = run_config,
+) -> SweepResult:
+    """Runs every configuration through ``executor`` (see the module doc).
+
+    Results come back in submission order. A configuration that raises is
+    reported in ``failures`` (the others still run). ``on_done(config,
+    result, error)`` is called as each one finishes; ``follow_up(config,
+    result)`` may return more configurations to submit (an adaptive sweep:
+    e.g. the next size only if this one fit the time budget). ``task`` is
+    the module-level function run per configuration.
+    """
+    pending_configs = list(configs)
+    own = executor is None
+    if own:
+        executor = cf.ProcessPoolExecutor(max_workers=max_workers or os.cpu_count() or 1)
+    assert executor is not None
+    out = SweepResult()
+    submitted: list[Config] = []
+    done: dict[int, dict[str, Any]] = {}
+    futures: dict[cf.Future[dict[str, Any]], int] = {}
+
+    def submit(c: Config) -> None:
+        futures[executor.submit(task, c)] = len(submitted)
+        submitted.append(c)
+
+    try:
+        for c in pending_configs:
+            submit(c)
+        while futures:
+            finished, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                i = futures.pop(fut)
+                try:
+                    result = fut.result()
+                except Exception as e:  # a failed run must not sink the sweep
+                    out.failures.append((submitted[i], f"{type(e).__name__}: {e}"))
+                    if on_done:
+                        on_done(submitted[i], None, e)
+                    continue
+                done[i] = result
+                if on_done:
+                    on_done(submitted[i], result, None)
+                if follow_up:
+                    for c in follow_up(submitted[i], result):
+                        submit(c)
+        out.results = [done[i] for i in sorted(done)]
+    finally:
+        if own:
+            executor.shutdown(wait=True)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers came from."""
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        mem = 0
+    return {
+        "cpus": os.cpu_count(),
+        "memory_bytes": mem,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def available_memory() -> int:
+    """Bytes of memory currently available (MemAvailable), 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+# The per-page store's footprint: an xarray of 64-slot nodes, ~9.2 bytes a
+# page once every page holds a value (measured through memory_bytes()).
+XARRAY_BYTES_PER_PAGE = 9.2
+
+
+def xarray_memory_estimate(guest: int) -> int:
+    return int(guest // trace_mod.PAGE_SIZE * XARRAY_BYTES_PER_PAGE)

@@ -1,0 +1,158 @@
+"""The ``memattr`` command end to end at small sizes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from memattr import cli
+from memattr import trace as t
+from memattr import workloads as w
+
+GiB = w.GiB
+
+
+def run(argv: list[str], capsys) -> tuple[int, str]:
+    code = cli.main(argv)
+    return code, capsys.readouterr().out
+
+
+def test_list(capsys):
+    code, out = run(["list"], capsys)
+    assert code == 0
+    for name in w.WORKLOADS:
+        assert name in out
+
+
+def test_run_workload_prints_and_writes_json(tmp_path, capsys):
+    js = tmp_path / "r.json"
+    code, out = run(["run", "boot-and-churn", "--guest", "1G", "--json", str(js), "--no-progress"], capsys)
+    assert code == 0
+    for what in ("conversions", "no-op", "zapped ranges", "TLB flushes", "KVM_EXIT_MEMORY_FAULT", "final shared RAM", "hugepage coverage"):
+        assert what in out
+    res = json.loads(js.read_text())["result"]
+    # kexec converts everything back: RAM ends private
+    assert res["private_bytes"] == GiB and res["shared_bytes"] == 0
+    assert res["replay"]["implicit_conversions"] == 64
+    assert res["stats"]["memory_fault_exits"] == 64
+    assert res["stats"]["set_calls"] == res["replay"]["sets"]
+    assert res["operations"] == len(w.make("boot-and-churn", "1G"))
+    assert set(res["hugepages"]["mapped_bytes"]) == {"4K", "2M", "1G"}
+
+
+def test_run_record_then_replay_trace(tmp_path, capsys):
+    rec = tmp_path / "rec.trace"
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    code, _ = run(
+        ["run", "churn", "--guest", "2G", "--store", "xarray", "--record", str(rec), "--json", str(a), "--seed", "3"],
+        capsys,
+    )
+    assert code == 0 and rec.exists()
+    tr = t.read(rec)
+    assert (tr.ops["result"] != t.RESULT_NONE).all()
+    code, _ = run(["run", str(rec), "--store", "rangetree", "--json", str(b)], capsys)
+    assert code == 0
+    ra, rb = json.loads(a.read_text())["result"], json.loads(b.read_text())["result"]
+    assert ra["stats"] == rb["stats"]
+    assert (ra["private_bytes"], ra["shared_bytes"]) == (rb["private_bytes"], rb["shared_bytes"])
+
+
+def test_generate_show_and_text_form(tmp_path, capsys):
+    out_txt = tmp_path / "cb.txt"
+    code, out = run(["generate", "checkerboard", "-o", str(out_txt), "--guest", "5G"], capsys)
+    assert code == 0 and "operations" in out
+    assert out_txt.read_text().startswith(t.TEXT_HEADER)
+    code, out = run(["show", str(out_txt)], capsys)
+    assert code == 0 and '"checkerboard"' in out
+    code, out = run(["run", str(out_txt), "--json", str(tmp_path / "cb.json")], capsys)
+    assert code == 0
+    res = json.loads((tmp_path / "cb.json").read_text())["result"]
+    assert res["shared_bytes"] == 5 * GiB  # memory starts and ends shared
+
+
+def test_import_qemu_and_run(tmp_path, capsys):
+    log = tmp_path / "qemu.log"
+    log.write_text(
+        "4242@1700000000.1:kvm_convert_memory start 0x100000000 size 0x200000 private_to_shared\n"
+        "4242@1700000000.2:kvm_memory_fault start 0x100400000 size 0x1000 flags 0x0\n"
+        "4242@1700000000.3:kvm_convert_memory start 0x100400000 size 0x1000 private_to_shared\n"
+    )
+    out_trace = tmp_path / "q.trace"
+    code, out = run(["import-qemu", str(log), "-o", str(out_trace), "--guest", "4G"], capsys)
+    assert code == 0 and "imported 3 QEMU events" in out
+    code, _ = run(["run", str(out_trace), "--json", str(tmp_path / "q.json")], capsys)
+    assert code == 0
+    res = json.loads((tmp_path / "q.json").read_text())["result"]
+    assert res["shared_bytes"] == 0x200000 + 0x1000
+    assert res["stats"]["memory_fault_exits"] == 1
+    # the log can also be run directly
+    code, _ = run(["run", str(log), "--qemu-log", "--guest", "4G", "--json", str(tmp_path / "q2.json")], capsys)
+    assert code == 0
+    assert json.loads((tmp_path / "q2.json").read_text())["result"]["stats"] == res["stats"]
+
+
+def test_compare_writes_json_and_png(tmp_path, capsys):
+    out_dir = tmp_path / "results"
+    code, out = run(
+        ["compare", "--sizes", "1G,2G,4G", "--xarray-max", "2G", "--jobs", "1", "--out", str(out_dir)], capsys
+    )
+    assert code == 0
+    assert "per-page store skipped at 4G" in out
+    data = json.loads((out_dir / "compare.json").read_text())
+    rows = {r["guest"]: r for r in data["rows"]}
+    assert sorted(rows) == [GiB, 2 * GiB, 4 * GiB]
+    for g in (GiB, 2 * GiB):
+        assert {"rangetree", "xarray", "throughput_ratio", "memory_ratio", "store_only_ratio"} <= set(rows[g])
+        assert rows[g]["xarray"]["memory_bytes"] > rows[g]["rangetree"]["memory_bytes"]
+    assert "xarray" not in rows[4 * GiB] and "4G" in data["skipped"]
+    assert len(data["runs"]) == 5 and data["machine"]["cpus"] >= 1
+    png = out_dir / "compare.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_time_budget_stops_per_page_store(tmp_path, capsys):
+    code, out = run(
+        ["compare", "--sizes", "1G,2G", "--time-budget", "0.000001", "--jobs", "1", "--out", str(tmp_path), "--no-plot"],
+        capsys,
+    )
+    assert code == 0
+    assert "per-page store skipped at 2G: time: predicted" in out
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["store"] for r in data["runs"]].count("xarray") == 1
+    assert not (tmp_path / "compare.png").exists()
+
+
+def test_bad_trace_rejected_with_location(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_text(t.TEXT_HEADER + "\nfault gpa=0x0 access=shared\nexplode gpa=0x0\n")
+    code, out = run(["run", str(bad)], capsys)
+    assert code == 2 and "line 3" in out and "unknown operation 'explode'" in out
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00" * 64)
+    code, out = run(["run", str(junk)], capsys)
+    assert code == 2 and "not a memattr trace" in out
+    code, out = run(["show", str(junk)], capsys)
+    assert code == 2 and "byte offset 0" in out
+
+
+def test_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--guest", "12Q"])
+    assert e.value.code == 2
+    assert "cannot parse size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--shared-fraction", "2"])
+    with pytest.raises(SystemExit):
+        cli.main(["run", "no-such-workload-or-file"])
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--jobs", "0"])
+    code, out = run(["run", "checkerboard", "--guest", "1G"], capsys)
+    assert code == 2 and "checkerboard" in out  # needs RAM above 4 GiB
+
+
+def test_python_dash_m():
+    proc = subprocess.run([sys.executable, "-m", "memattr", "list"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "boot-and-churn" in proc.stdout
