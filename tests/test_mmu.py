@@ -470,3 +470,20 @@ def test_rangetree_and_xarray_vms_agree(ops: list[tuple[int, int, bool]], probes
         for gfn, acc in probes:
             assert list(outcome(vms[0], gfn, acc)) == list(outcome(vms[1], gfn, acc))
     assert vms[0].stats.as_dict() == vms[1].stats.as_dict()
+
+
+def test_fault_that_could_never_make_progress_is_reported(store: str) -> None:
+    vm = make_vm(store)
+    with vm.mmu_lock:
+        vm.kvm_mmu_invalidate_begin()
+        vm.kvm_mmu_invalidate_range_add(0, 16)
+    # Single-threaded: nobody will ever call invalidate_end.
+    with pytest.raises(LockdepError, match="retry forever"):
+        vm.fault(0x3000)
+    # Outside the range the fault goes through: like mmu_invalidate_retry_gfn
+    # only the faulting gfn is checked, so the leaf may be huge.
+    assert vm.fault(16 << 12) == 3
+    with vm.mmu_lock:
+        vm.kvm_mmu_invalidate_end()
+    assert vm.fault(0x3000) == 3  # spurious: the 1G leaf is there
+    assert vm.stats.mapped == {1: 0, 2: 0, 3: 1}

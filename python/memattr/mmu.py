@@ -298,6 +298,7 @@ class X86Mmu:
             # Don't fault in a pfn that is being invalidated: go back to the
             # guest and fault again (RET_PF_RETRY).
             if slot is not None and self._retry_gfn_unsafe(mmu_seq, gfn):
+                self._check_can_make_progress(gpa)
                 self._retry_later()
                 continue
 
@@ -326,6 +327,18 @@ class X86Mmu:
                 self._retry_later()
                 continue
             return int(level)
+
+    def _check_can_make_progress(self, gpa: int) -> None:
+        # The kernel's vCPU retries until whoever began the invalidation
+        # ends it. With no other thread alive nobody ever will: report the
+        # livelock instead of spinning forever.
+        if threading.active_count() == 1 and self._vm.mmu_invalidate_in_progress:
+            raise LockdepError(
+                "mmu_invalidate_in_progress",
+                "a fault would retry forever: an invalidation covering its gfn "
+                "is in progress and no other thread exists to end it",
+                f"X86Mmu.fault(gpa={gpa:#x})",
+            )
 
     def _retry_later(self) -> None:
         self._vm.stats.fault_retries += 1
