@@ -23,3 +23,9 @@ from memattr._native import LpageInfoTracker, RangeHugepageTracker, Stage2Map  #
 from memattr.mmu import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, X86Mmu  # noqa: E402
 
 __all__ += ["LpageInfoTracker", "PG_LEVEL_1G", "PG_LEVEL_2M", "PG_LEVEL_4K", "RangeHugepageTracker", "Stage2Map", "X86Mmu"]
+
+# Workloads, traces and sweeps (WORKLOADS workstream).
+from memattr import sweep, trace, workloads  # noqa: E402
+from memattr.trace import Recorder, Trace, TraceFormatError, replay  # noqa: E402
+
+__all__ += ["Recorder", "Trace", "TraceFormatError", "replay", "sweep", "trace", "workloads"]

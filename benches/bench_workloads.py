@@ -1,0 +1,118 @@
+"""Replaying boot-and-churn workloads on both stores.
+
+Collected by every pytest run (``--benchmark-disable`` runs each once, at
+small sizes); time them with ``pytest benches/bench_workloads.py
+--benchmark-enable``. Sizes:
+
+* default: 1 GiB and 4 GiB guests;
+* ``MEMATTR_BENCH_FULL=1``: the range store up to a 1 TiB guest (about 1.5
+  million operations), the per-page store up to
+  ``MEMATTR_BENCH_XARRAY_MAX`` (default 256G, the largest size both stores
+  run in this machine's time budget), and the store-only replay of the
+  1 TiB trace on both stores.
+
+``bench_side_by_side`` runs both stores on the same trace in one process,
+one after the other, and prints the throughput ratio (full Vm replay and
+store-only batch replay) and the memory of each store; the assertions are
+about behaviour only (same final state, range-store memory flat in guest
+size), never about time.
+"""
+
+from __future__ import annotations
+
+import os
+import pytest
+
+import memattr
+from memattr import sweep, workloads
+from memattr import trace as trace_mod
+
+FULL = os.environ.get("MEMATTR_BENCH_FULL") == "1"
+XARRAY_MAX = workloads.parse_size(os.environ.get("MEMATTR_BENCH_XARRAY_MAX", "256G"))
+RT_SIZES = ["1G", "4G"] + (["64G", "256G", "1T"] if FULL else [])
+XA_SIZES = [s for s in RT_SIZES if workloads.parse_size(s) <= (XARRAY_MAX if FULL else 4 << 30)]
+SIDE_BY_SIDE = "256G" if FULL else "4G"
+if FULL and workloads.parse_size(SIDE_BY_SIDE) > XARRAY_MAX:
+    SIDE_BY_SIDE = max(XA_SIZES, key=workloads.parse_size)
+STORE_ONLY = "1T" if FULL else "4G"
+
+_traces: dict[str, trace_mod.Trace] = {}
+
+
+def _trace(size: str) -> trace_mod.Trace:
+    if size not in _traces:
+        _traces.clear()  # one big trace in memory at a time
+        _traces[size] = workloads.boot_and_churn(size)
+    return _traces[size]
+
+
+def _sizes_for(store: str) -> list[str]:
+    return RT_SIZES if store == "rangetree" else XA_SIZES
+
+
+@pytest.mark.parametrize("size", RT_SIZES)
+@pytest.mark.parametrize("store", ["rangetree", "xarray"])
+def bench_replay_on_vm(benchmark, store, size):
+    if size not in _sizes_for(store):
+        pytest.skip(f"the per-page store is limited to {workloads.format_size(XARRAY_MAX)} here")
+    tr = _trace(size)
+    result = benchmark.pedantic(sweep.run_trace, args=(tr, store), rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        operations=result["operations"],
+        ops_per_second=result["ops_per_second"],
+        memory_bytes=result["memory_bytes"],
+        peak_memory_bytes=result["peak_memory_bytes"],
+    )
+    assert result["operations"] == len(tr)
+    assert result["shared_bytes"] == 0  # kexec converted everything back
+    assert result["private_bytes"] == workloads.parse_size(size)
+
+
+@pytest.mark.parametrize("store", ["rangetree", "xarray"])
+def bench_store_only_replay(benchmark, store):
+    tr = _trace(STORE_ONLY)
+    result = benchmark.pedantic(sweep.run_store_only, args=(tr, store), rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    assert result["ranges"] == tr.counts()["set_memory_attributes"]
+
+
+def bench_side_by_side(capsys):
+    """Both stores on one trace, in one process: ratios and memory."""
+    size = workloads.parse_size(SIDE_BY_SIDE)
+    tr = _trace(SIDE_BY_SIDE)
+    rt = sweep.run_trace(tr, "rangetree")
+    xa = sweep.run_trace(tr, "xarray")
+    so_rt = sweep.run_store_only(tr, "rangetree")
+    so_xa = sweep.run_store_only(tr, "xarray")
+    for key in ("stats", "private_bytes", "shared_bytes", "hugepages", "replay"):
+        assert rt[key] == xa[key], key
+    with capsys.disabled():
+        print(
+            f"\n[bench_workloads] boot-and-churn {SIDE_BY_SIDE}, {len(tr):,} ops: "
+            f"Vm replay rangetree {rt['seconds']:.2f} s ({rt['ops_per_second']:,.0f} ops/s), "
+            f"xarray {xa['seconds']:.2f} s ({xa['ops_per_second']:,.0f} ops/s), ratio {xa['seconds'] / rt['seconds']:.1f}x; "
+            f"store-only rangetree {so_rt['seconds']:.3f} s, xarray {so_xa['seconds']:.3f} s, "
+            f"ratio {so_xa['seconds'] / so_rt['seconds']:.1f}x; memory rangetree {rt['memory_bytes']:,} B "
+            f"(peak {rt['peak_memory_bytes']:,} B), xarray {xa['memory_bytes']:,} B "
+            f"({xa['memory_bytes'] / (size >> 12):.2f} B/page)"
+        )
+
+
+def bench_range_store_memory_flat_in_guest_size(capsys):
+    """After boot-and-churn (kexec back to private), the range store holds a
+    run per RAM region whatever the guest size; the per-page store grows
+    with it. Store-only replay, so it is cheap at every size."""
+    sizes = ["1G", "4G", "16G", "64G"] + (["256G", "1T"] if FULL else [])
+    mem: dict[str, int] = {}
+    for s in sizes:
+        store = memattr.RangeTree()
+        trace_mod.apply_to_store(workloads.boot_and_churn(s), store)
+        mem[s] = store.memory_bytes()
+    # one region below 4 GiB for 1G, two from 4G up: flat from there on
+    big = [mem[s] for s in sizes if workloads.parse_size(s) > (2 << 30)]
+    assert len(set(big)) == 1, mem
+    xa = memattr.XArray()
+    trace_mod.apply_to_store(workloads.boot_and_churn("4G"), xa)
+    assert xa.memory_bytes() > 1000 * max(big)
+    with capsys.disabled():
+        print(f"\n[bench_workloads] range store memory after boot-and-churn: {mem}")
