@@ -487,3 +487,52 @@ def test_fault_that_could_never_make_progress_is_reported(store: str) -> None:
         vm.kvm_mmu_invalidate_end()
     assert vm.fault(0x3000) == 3  # spurious: the 1G leaf is there
     assert vm.stats.mapped == {1: 0, 2: 0, 3: 1}
+
+
+@pytest.mark.parametrize("fix", [True, False], ids=["with_fix", "6.8"])
+def test_pre_set_invalidates_straddling_hugepages(store: str, fix: bool) -> None:
+    vm = make_vm(store)
+    vm.mmu.invalidate_straddling_hugepages = fix
+    seen: list[tuple[int, int]] = []
+
+    @vm.on_unmap
+    def record(rng: GfnRange) -> bool:
+        seen.append((vm.mmu_invalidate_range_start, vm.mmu_invalidate_range_end))
+        return False
+
+    gfn = (G1 + 3 * M2 + PAGE) >> 12
+    vm.set_memory_attributes(gfn << 12, PAGE, P)
+    # Head and tail are the same 2M and 1G pages here: the 1G page wins.
+    assert seen[-1] == ((G1 >> 12, 2 * G1 >> 12) if fix else (gfn, gfn + 1))
+    # Both now mixed: a second conversion inside them adds nothing.
+    vm.set_memory_attributes((gfn + 5) << 12, PAGE, P)
+    assert seen[-1] == (gfn + 5, gfn + 6)
+    # A range whose head and tail straddle different 2M pages of a mixed 1G.
+    vm.set_memory_attributes((G1 + 10 * M2 - PAGE), 2 * PAGE, P)
+    first = (G1 + 9 * M2) >> 12
+    assert seen[-1] == ((first, first + 1024) if fix else (first + 511, first + 513))
+
+
+def test_fault_beside_a_conversion_in_the_same_hugepage_retries(store: str) -> None:
+    vm = make_vm(store)
+    result: dict[str, object] = {}
+    threads: list[threading.Thread] = []
+
+    @vm.on_unmap
+    def start_vcpu(rng: GfnRange) -> bool:
+        # The gfn faulted is not being converted, but its 2M page is.
+        t = threading.Thread(target=lambda: result.setdefault("level", vm.fault(G1 + 0x2000)), name="vcpu1")
+        threads.append(t)
+        t.start()
+        deadline = time.monotonic() + 10
+        while vm.stats.fault_retries == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return False
+
+    vm.set_memory_attributes(G1 + 0x5000, PAGE, P)
+    threads[0].join(10)
+    # Without the straddling-hugepage invalidation this would have mapped a
+    # shared 1G leaf over the private page.
+    assert result["level"] == 1
+    assert vm.stats.fault_retries >= 1
+    assert vm.hugepage_mixed(0, G1 >> 12, 2)

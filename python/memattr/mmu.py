@@ -108,6 +108,10 @@ class X86Mmu:
         # KVM_X86_QUIRK_SLOT_ZAP_ALL (on by default): deleting or moving a
         # memslot zaps every root (kvm_mmu_zap_all_fast), not just the slot.
         self.slot_zap_all: bool = True
+        # The fix for the attributes-vs-hugepage race (2025): the pre-set
+        # pass also invalidates the straddling head/tail hugepages. False
+        # models kernels from 6.8 up to that fix.
+        self.invalidate_straddling_hugepages: bool = True
         self._warned: set[str] = set()
 
     # --- helpers ---------------------------------------------------------
@@ -182,7 +186,9 @@ class X86Mmu:
     # --- the KVM_SET_MEMORY_ATTRIBUTES passes --------------------------------
 
     def pre_set_memory_attributes(self, rng: GfnRange) -> bool:
-        """kvm_arch_pre_set_memory_attributes(): zap the leaves intersecting
+        """kvm_arch_pre_set_memory_attributes(): add the straddling head and
+        tail hugepages that are not mixed to the ongoing invalidation (see
+        ``invalidate_straddling_hugepages``), then zap the leaves intersecting
         the range (huge leaves straddling it go whole). True if anything was
         mapped, i.e. a TLB flush is needed."""
         vm = self._vm
@@ -194,12 +200,39 @@ class X86Mmu:
         if not vm.has_private_mem:
             self._warn_once("kvm_arch_pre_set_memory_attributes() on a VM without private memory")
             return False
+        if self.invalidate_straddling_hugepages:
+            self._invalidate_straddling_hugepages(rng)
         root = self._roots.get(rng.slot.as_id)
         if root is None:
             return False
         removed = root.zap(rng.start, rng.end)
         self._account_removed(removed)
         return any(removed)
+
+    def _invalidate_straddling_hugepages(self, rng: GfnRange) -> None:
+        """Add the head and tail hugepages that straddle the range, if they
+        could be mapped huge now, to the ongoing invalidation: otherwise a
+        fault on a gfn outside the range, racing with the conversion, could
+        install a hugepage from mixed flags that are about to change."""
+        vm = self._vm
+        slot = rng.slot
+        tracker = self._tracker(slot)
+        slot_end = slot.base_gfn + slot.npages
+        for level in (PG_LEVEL_2M, PG_LEVEL_1G):
+            n = 1 << (9 * (level - 1))
+            head = rng.start & ~(n - 1)
+            tail = (rng.end - 1) & ~(n - 1)
+            if (
+                (head != rng.start or head + n > rng.end)
+                and head >= slot.base_gfn
+                and head + n <= slot_end
+                and not tracker.test_mixed(head, level)
+            ):
+                vm.kvm_mmu_invalidate_range_add(head, head + n)
+            if tail == head:
+                continue
+            if tail + n > rng.end and tail + n <= slot_end and not tracker.test_mixed(tail, level):
+                vm.kvm_mmu_invalidate_range_add(tail, tail + n)
 
     def post_set_memory_attributes(self, rng: GfnRange) -> bool:
         """kvm_arch_post_set_memory_attributes(): recompute the mixed flags of
