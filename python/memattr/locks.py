@@ -18,6 +18,7 @@ because the alternative is a real deadlock).
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import warnings
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 _get_ident = threading.get_ident
 _THIS_FILE = __file__
+_PACKAGE_DIR = os.path.dirname(__file__) + os.sep
 
 
 class KvmWarning(RuntimeWarning):
@@ -39,14 +41,25 @@ class KvmWarning(RuntimeWarning):
 
 
 def _call_site(skip_files: tuple[str, ...] = (_THIS_FILE,)) -> str:
-    """``file:line in function`` of the first frame outside ``skip_files``."""
+    """Where a lock rule was broken: the first frame outside ``skip_files``
+    and, if that is inside memattr, the user code that led there."""
+
+    def where(f: FrameType) -> str:
+        code = f.f_code
+        return f"{code.co_filename}:{f.f_lineno} in {code.co_name}()"
+
     frame: FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename in skip_files:
         frame = frame.f_back
     if frame is None:  # pragma: no cover - there is always a caller
         return "<unknown>"
-    code = frame.f_code
-    return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}()"
+    site = where(frame)
+    outer: FrameType | None = frame
+    while outer is not None and outer.f_code.co_filename.startswith(_PACKAGE_DIR):
+        outer = outer.f_back
+    if outer is not None and outer is not frame:
+        site += f" <- {where(outer)}"
+    return site
 
 
 def _thread_name(ident: int | None) -> str:
@@ -143,7 +156,17 @@ class MmuLock(KvmLock):
         self._stats = stats
 
     def acquire(self) -> None:
-        super().acquire()
+        # KvmLock.acquire() inlined: the set path takes mmu_lock twice per call.
+        me = _get_ident()
+        if self._owner == me:
+            raise LockdepError(
+                self.name,
+                "possible recursive locking detected: the lock is not recursive "
+                "and this thread already holds it (a real kernel deadlocks here)",
+                _call_site(),
+            )
+        self._lock.acquire()
+        self._owner = me
         self._stats.mmu_lock_acquisitions += 1
 
 

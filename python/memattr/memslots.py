@@ -190,6 +190,9 @@ gmem_files = _GmemTable()
 
 
 def _fd_is_open(fd: int) -> bool:
+    # fget() takes an unsigned int; fds above INT_MAX can never be open.
+    if fd > 0x7FFFFFFF:
+        return False
     try:
         os.fstat(fd)
     except OSError:

@@ -163,6 +163,12 @@ class Vm:
 
         self.vm_type = vm_type
         self.has_private_mem, self.has_protected_state = _X86_VM_TYPES[vm_type]
+        # kvm_supported_mem_attributes()
+        self.supported_memory_attributes = (
+            KVM_MEMORY_ATTRIBUTE_PRIVATE if self.has_private_mem else 0
+        )
+        # kvm_arch_has_readonly_mem(): no read-only slots with protected state.
+        self.has_readonly_mem = not self.has_protected_state
         self.store_kind: StoreKind = store
         self.semantics: Semantics = semantics
         self.attr_memory_limit = attr_memory_limit
@@ -194,16 +200,6 @@ class Vm:
         )
 
     # --- capabilities --------------------------------------------------------
-
-    @property
-    def supported_memory_attributes(self) -> int:
-        """kvm_supported_mem_attributes()."""
-        return KVM_MEMORY_ATTRIBUTE_PRIVATE if self.has_private_mem else 0
-
-    @property
-    def has_readonly_mem(self) -> bool:
-        """kvm_arch_has_readonly_mem(): no read-only slots with protected state."""
-        return not self.has_protected_state
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (x86, Linux 6.8); unknown caps 0."""
@@ -382,31 +378,30 @@ class Vm:
         if type(flags) is not int or not 0 <= flags <= U64_MAX:
             flags = _uint("flags", flags, 64)
         try:
-            self._kvm_vm_ioctl_set_mem_attributes(address, size, attributes, flags)
+            # kvm_vm_ioctl_set_mem_attributes(): each check EINVAL, in this order.
+            if flags:
+                raise _einval(f"flags {flags:#x} must be 0 (reserved)")
+            if attributes & ~self.supported_memory_attributes:
+                raise _einval(
+                    f"attributes {attributes:#x} not supported by this VM "
+                    f"(supported: {self.supported_memory_attributes:#x})"
+                )
+            if size == 0 or address + size > U64_MAX:
+                raise _einval(f"size {size:#x} is 0 or address + size wraps")
+            if address & _PAGE_MASK or size & _PAGE_MASK:
+                raise _einval(f"address {address:#x} or size {size:#x} not page aligned")
+            self.stats.set_calls += 1
+            slots_lock = self.slots_lock
+            slots_lock.acquire()
+            try:
+                self._kvm_vm_set_mem_attributes(
+                    address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT, attributes
+                )
+            finally:
+                slots_lock.release()
         except BaseException:
             self.stats.failed_calls += 1
             raise
-
-    def _kvm_vm_ioctl_set_mem_attributes(
-        self, address: int, size: int, attributes: int, flags: int
-    ) -> None:
-        # flags is reserved for future extensions.
-        if flags:
-            raise _einval(f"flags {flags:#x} must be 0")
-        if attributes & ~self.supported_memory_attributes:
-            raise _einval(
-                f"attributes {attributes:#x} not supported by this VM "
-                f"(supported: {self.supported_memory_attributes:#x})"
-            )
-        if size == 0 or address + size > U64_MAX:
-            raise _einval(f"size {size:#x} is 0 or address + size wraps")
-        if address & _PAGE_MASK or size & _PAGE_MASK:
-            raise _einval(f"address {address:#x} or size {size:#x} not page aligned")
-        self.stats.set_calls += 1
-        start = address >> PAGE_SHIFT
-        end = (address + size) >> PAGE_SHIFT
-        with self.slots_lock:
-            self._kvm_vm_set_mem_attributes(start, end, attributes)
 
     def _kvm_vm_set_mem_attributes(self, start: int, end: int, attributes: int) -> None:
         store = self.store
@@ -420,6 +415,7 @@ class Vm:
         except MemoryError as e:
             self.stats.enomem += 1
             raise OSError(errno.ENOMEM, f"{os.strerror(errno.ENOMEM)}: {e}") from None
+        ok = False
         try:
             ranges = clip_gfn_ranges(self.memslots, start, end, attributes, True)
             kvm_handle_gfn_range(
@@ -433,8 +429,11 @@ class Vm:
                 # An on_unmap hook failed: abort before anything is stored.
                 raise self._hook_error
             store.set_range(start, end, attributes)
-            self.stats.conversions += 1
-            self.stats.pages_converted += end - start
+            # Every reserved entry is now used: nothing left to release.
+            ok = True
+            stats = self.stats
+            stats.conversions += 1
+            stats.pages_converted += end - start
             if self.semantics == "v11":
                 kvm_handle_gfn_range(
                     self,
@@ -452,7 +451,8 @@ class Vm:
             if self._hook_error is not None:
                 raise self._hook_error
         finally:
-            self._hook_error = None
+            if self._hook_error is not None:
+                self._hook_error = None
             if self._inval_open:
                 # Something raised between begin and end (a hook, the MMU, or
                 # the v11 end outside the lock): close the invalidation
@@ -460,7 +460,8 @@ class Vm:
                 with self.mmu_lock:
                     self._inval.end()
                 self._inval_open = False
-            store.release_reservations()
+            if not ok:
+                store.release_reservations()
 
     def _begin_set_invalidation(self) -> None:
         self._inval.begin()

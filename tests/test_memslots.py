@@ -1,0 +1,268 @@
+"""Memslots and guest_memfd: KVM_SET_USER_MEMORY_REGION2 rules (Linux 6.8)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from collections.abc import Callable
+
+import pytest
+
+import memattr as m
+from memattr import uapi
+from memattr.memslots import Memslots, gmem_files
+
+GPA = 0xC0000000  # set_memory_region_test's MEM_REGION_GPA
+SIZE = 0x200000  # and MEM_REGION_SIZE
+GMEM = m.KVM_MEM_GUEST_MEMFD
+
+
+def snapshot(vm: m.Vm) -> object:
+    """Everything a memslot call may change."""
+    slots = [
+        (
+            s.as_id,
+            s.id,
+            s.base_gfn,
+            s.npages,
+            s.flags,
+            s.userspace_addr,
+            s.guest_memfd,
+            s.guest_memfd_offset,
+            id(s),
+        )
+        for s in vm.memslots
+    ]
+    bindings = sorted(
+        (fd, [(a, b, id(s)) for a, b, s in g.bindings()])
+        for fd, g in gmem_files._files.items()
+        if g.owner is vm._gmem_owner
+    )
+    return slots, bindings, vm.stats.memslot_updates, vm.memslots.nr_memslot_pages
+
+
+def expect_errno(vm: m.Vm, code: int, fn: Callable[[], object]) -> None:
+    before = snapshot(vm)
+    with pytest.raises(OSError) as info:
+        fn()
+    assert info.value.errno == code, info.value
+    assert snapshot(vm) == before
+
+
+@pytest.fixture
+def pvm() -> m.Vm:
+    return m.Vm(m.KVM_X86_SW_PROTECTED_VM)
+
+
+@pytest.fixture
+def dvm() -> m.Vm:
+    return m.Vm(m.KVM_X86_DEFAULT_VM)
+
+
+def test_create_find_delete(dvm: m.Vm) -> None:
+    dvm.set_user_memory_region(0, GPA, SIZE, 0x7F0000000000)
+    slot = dvm.memslots.find(0, GPA >> 12)
+    assert slot is not None
+    assert (slot.id, slot.as_id, slot.base_gfn, slot.npages) == (0, 0, GPA >> 12, SIZE >> 12)
+    assert slot.userspace_addr == 0x7F0000000000 and slot.guest_memfd is None
+    assert slot.arch is not None  # the MMU built its per-slot state
+    assert dvm.memslots.find(0, (GPA + SIZE) >> 12) is None
+    assert dvm.memslots.find(0, (GPA >> 12) - 1) is None
+    assert dvm.stats.memslot_updates == 1
+    dvm.set_user_memory_region(0, GPA, 0)
+    assert dvm.memslots.find(0, GPA >> 12) is None and len(dvm.memslots) == 0
+    assert dvm.stats.memslot_updates == 2
+
+
+def test_address_spaces(dvm: m.Vm, pvm: m.Vm) -> None:
+    # x86 has an SMM address space, except for VMs with private memory.
+    assert dvm.check_extension(uapi.KVM_CAP_MULTI_ADDRESS_SPACE) == 2
+    assert pvm.check_extension(uapi.KVM_CAP_MULTI_ADDRESS_SPACE) == 1
+    dvm.set_user_memory_region(0, GPA, SIZE)
+    dvm.set_user_memory_region(1 << 16, GPA, SIZE)  # same gpa, other as_id: fine
+    assert dvm.memslots.find(1, GPA >> 12).as_id == 1
+    assert dvm.memslots.find(1, GPA >> 12).slot == 1 << 16
+    expect_errno(dvm, errno.EINVAL, lambda: dvm.set_user_memory_region(2 << 16, GPA, SIZE))
+    expect_errno(pvm, errno.EINVAL, lambda: pvm.set_user_memory_region(1 << 16, GPA, SIZE))
+
+
+def test_invalid_arguments_change_nothing(dvm: m.Vm) -> None:
+    dvm.set_user_memory_region(0, GPA, SIZE)
+    bad: list[tuple[str, Callable[[], object]]] = [
+        ("unknown flag", lambda: dvm.set_user_memory_region(1, 0, SIZE, flags=1 << 3)),
+        ("guest_memfd flag, no private mem", lambda: dvm.set_user_memory_region(1, 0, SIZE, flags=GMEM)),
+        ("size unaligned", lambda: dvm.set_user_memory_region(1, 0, SIZE - 1)),
+        ("gpa unaligned", lambda: dvm.set_user_memory_region(1, 0x800, SIZE)),
+        ("uaddr unaligned", lambda: dvm.set_user_memory_region(1, 0, SIZE, 0x123)),
+        ("uaddr kernel half", lambda: dvm.set_user_memory_region(1, 0, SIZE, 1 << 63)),
+        ("uaddr+size kernel half", lambda: dvm.set_user_memory_region(1, 0, SIZE, (1 << 63) - 0x1000)),
+        ("gpa wraps", lambda: dvm.set_user_memory_region(1, (1 << 64) - 0x1000, SIZE)),
+        (
+            "too many pages",
+            lambda: dvm.set_user_memory_region(1, 0, (uapi.KVM_MEM_MAX_NR_PAGES + 1) << 12),
+        ),
+        ("id too big", lambda: dvm.set_user_memory_region(uapi.KVM_USER_MEM_SLOTS, 0, SIZE)),
+        ("delete missing", lambda: dvm.set_user_memory_region(7, 0, 0)),
+        ("resize", lambda: dvm.set_user_memory_region(0, GPA, SIZE * 2)),
+        ("new uaddr", lambda: dvm.set_user_memory_region(0, GPA, SIZE, 0x1000)),
+        ("toggle readonly", lambda: dvm.set_user_memory_region(0, GPA, SIZE, flags=uapi.KVM_MEM_READONLY)),
+    ]
+    for why, fn in bad:
+        try:
+            expect_errno(dvm, errno.EINVAL, fn)
+        except AssertionError as e:  # pragma: no cover - names the failing case
+            raise AssertionError(why) from e
+    # The largest legal slot is fine.
+    dvm.set_user_memory_region(1, 1 << 40, uapi.KVM_MEM_MAX_NR_PAGES << 12)
+
+
+def test_overlap_is_eexist(dvm: m.Vm) -> None:
+    dvm.set_user_memory_region(0, GPA, SIZE)
+    dvm.set_user_memory_region(1, GPA + SIZE, SIZE)
+    for gpa in (GPA - 0x1000, GPA, GPA + SIZE - 0x1000, GPA - SIZE + 0x1000):
+        expect_errno(dvm, errno.EEXIST, lambda gpa=gpa: dvm.set_user_memory_region(2, gpa, SIZE))
+    # Moving onto a neighbour is an overlap too; onto itself is not.
+    expect_errno(dvm, errno.EEXIST, lambda: dvm.set_user_memory_region(0, GPA + 0x1000, SIZE))
+    dvm.set_user_memory_region(2, GPA - SIZE, SIZE)  # adjacent: fine
+
+
+def test_move_and_flags_only(dvm: m.Vm) -> None:
+    dvm.set_user_memory_region(3, GPA, SIZE, 0x10000)
+    old = dvm.memslots.get(0, 3)
+    dvm.set_user_memory_region(3, GPA + 0x1000, SIZE, 0x10000)  # overlaps only itself
+    new = dvm.memslots.get(0, 3)
+    assert new is not old and new.base_gfn == (GPA >> 12) + 1 and old.arch is None
+    assert dvm.memslots.find(0, GPA >> 12) is None
+    assert dvm.stats.memslot_updates == 2
+    dvm.set_user_memory_region(3, GPA + 0x1000, SIZE, 0x10000, uapi.KVM_MEM_LOG_DIRTY_PAGES)
+    assert dvm.memslots.get(0, 3) is new and new.flags == uapi.KVM_MEM_LOG_DIRTY_PAGES
+    # Same again: nothing to change, not counted.
+    dvm.set_user_memory_region(3, GPA + 0x1000, SIZE, 0x10000, uapi.KVM_MEM_LOG_DIRTY_PAGES)
+    assert dvm.stats.memslot_updates == 3
+
+
+def test_readonly_flag_per_vm_type() -> None:
+    for vm_type, ok in [
+        (m.KVM_X86_DEFAULT_VM, True),
+        (m.KVM_X86_SW_PROTECTED_VM, True),
+        (uapi.KVM_X86_SEV_VM, True),
+        (uapi.KVM_X86_SEV_ES_VM, False),
+        (uapi.KVM_X86_SNP_VM, False),
+        (uapi.KVM_X86_TDX_VM, False),
+    ]:
+        vm = m.Vm(vm_type)
+        assert vm.check_extension(uapi.KVM_CAP_READONLY_MEM) == int(ok)
+        if ok:
+            vm.set_user_memory_region(0, 0, SIZE, flags=uapi.KVM_MEM_READONLY)
+        else:
+            expect_errno(
+                vm, errno.EINVAL, lambda vm=vm: vm.set_user_memory_region(0, 0, SIZE, flags=uapi.KVM_MEM_READONLY)
+            )
+
+
+def test_guest_memfd_create_rules(dvm: m.Vm, pvm: m.Vm) -> None:
+    # guest_memfd_test: creation works on any VM in 6.8 ...
+    fd = dvm.create_guest_memfd(4 * 4096)
+    assert fd >= 0 and gmem_files.get(fd) is not None
+    # ... but only VMs with private memory can bind it.
+    assert dvm.check_extension(m.KVM_CAP_GUEST_MEMFD) == 0
+    assert pvm.check_extension(m.KVM_CAP_GUEST_MEMFD) == 1
+    for size in (0, 1, 4095, 4097, 1 << 63, (1 << 64) - 4096):
+        with pytest.raises(OSError) as info:
+            pvm.create_guest_memfd(size)
+        assert info.value.errno == errno.EINVAL, size
+    for bit in range(64):
+        with pytest.raises(OSError) as info:
+            pvm.create_guest_memfd(4096, 1 << bit)
+        assert info.value.errno == errno.EINVAL
+    fds = {pvm.create_guest_memfd(4096) for _ in range(4)}
+    assert len(fds) == 4  # test_create_guest_memfd_multiple
+
+
+def test_guest_memfd_binding_rules(pvm: m.Vm) -> None:
+    fd = pvm.create_guest_memfd(SIZE * 4)
+    pvm.set_user_memory_region(0, GPA, SIZE * 2, 0, GMEM, fd, 0)
+    slot = pvm.memslots.get(0, 0)
+    assert slot.guest_memfd == fd and slot.has_guest_memfd() and slot.gmem_pgoff == 0
+    other = m.Vm(m.KVM_X86_SW_PROTECTED_VM).create_guest_memfd(SIZE * 4)
+    real = os.open(os.devnull, os.O_RDONLY)
+    try:
+        cases: list[tuple[int, Callable[[], object]]] = [
+            # Dirty logging of private memory is not supported.
+            (errno.EINVAL, lambda: pvm.set_user_memory_region(1, 0, SIZE, 0, GMEM | uapi.KVM_MEM_LOG_DIRTY_PAGES, fd, SIZE * 2)),
+            (errno.EINVAL, lambda: pvm.set_user_memory_region(1, 0, SIZE, 0, GMEM, fd, 0x800)),  # unaligned
+            (errno.EINVAL, lambda: pvm.set_user_memory_region(1, 0, SIZE, 0, GMEM, fd, (1 << 64) - 4096)),  # wraps
+            (errno.EINVAL, lambda: pvm.set_user_memory_region(1, 0, SIZE, 0, GMEM, fd, SIZE * 4 - 0x1000)),  # past EOF
+            (errno.EINVAL, lambda: pvm.set_user_memory_region(1, 0, SIZE, 0, GMEM, fd, SIZE)),  # overlapping binding
+            (errno.EINVAL, lambda: pvm.set_user_memory_region(1, 0, SIZE, 0, GMEM, other, 0)),  # another VM's
+            (errno.EINVAL, lambda: pvm.set_user_memory_region(1, 0, SIZE, 0, GMEM, real, 0)),  # not a guest_memfd
+            (errno.EBADF, lambda: pvm.set_user_memory_region(1, 0, SIZE, 0, GMEM, -1, 0)),
+            (errno.EBADF, lambda: pvm.set_user_memory_region(1, 0, SIZE, 0, GMEM, (1 << 20) - 1, 0)),
+            # Private memslots are immutable: only deletion is allowed.
+            (errno.EINVAL, lambda: pvm.set_user_memory_region(0, GPA, SIZE * 2, 0, GMEM, fd, 0)),
+            (errno.EINVAL, lambda: pvm.set_user_memory_region(0, GPA + SIZE, SIZE * 2, 0, GMEM, fd, 0)),
+            (errno.EINVAL, lambda: pvm.set_user_memory_region(0, GPA, SIZE * 2, 0, 0, fd, 0)),
+            # The gpa overlap check comes before the binding checks.
+            (errno.EEXIST, lambda: pvm.set_user_memory_region(1, GPA, SIZE, 0, GMEM, -1, 0)),
+        ]
+        for code, fn in cases:
+            expect_errno(pvm, code, fn)
+    finally:
+        os.close(real)
+    # The free half of the file binds fine; deleting unbinds.
+    pvm.set_user_memory_region(1, 0, SIZE * 2, 0, GMEM, fd, SIZE * 2)
+    assert [b[:2] for b in gmem_files.get(fd).bindings()] == [(0, 1024), (1024, 2048)]
+    pvm.set_user_memory_region(0, GPA, 0)
+    assert [b[:2] for b in gmem_files.get(fd).bindings()] == [(1024, 2048)]
+    pvm.set_user_memory_region(0, GPA, SIZE, 0, GMEM, fd, SIZE)  # now free
+    # A closed fd can no longer be bound, existing bindings stay.
+    pvm.close_guest_memfd(fd)
+    expect_errno(pvm, errno.EBADF, lambda: pvm.set_user_memory_region(2, 1 << 40, SIZE, 0, GMEM, fd, 0))
+    assert pvm.memslots.get(0, 1).gmem is not None
+    with pytest.raises(OSError) as info:
+        pvm.close_guest_memfd(fd)
+    assert info.value.errno == errno.EBADF
+
+
+def test_argument_types_are_named(dvm: m.Vm) -> None:
+    with pytest.raises(TypeError, match="slot"):
+        dvm.set_user_memory_region("0", 0, SIZE)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="guest_phys_addr"):
+        dvm.set_user_memory_region(0, -4096, SIZE)
+    with pytest.raises(ValueError, match="memory_size"):
+        dvm.set_user_memory_region(0, 0, 1 << 64)
+    with pytest.raises(ValueError, match="slot"):
+        dvm.set_user_memory_region(1 << 32, 0, SIZE)
+    with pytest.raises(ValueError, match="guest_memfd"):
+        dvm.set_user_memory_region(0, 0, SIZE, guest_memfd=1 << 32)
+    with pytest.raises(TypeError, match="size"):
+        dvm.create_guest_memfd(4096.0)  # type: ignore[arg-type]
+    assert len(dvm.memslots) == 0
+
+
+def test_lookup_with_thousands_of_slots_matches_brute_force() -> None:
+    rnd = random.Random(7)
+    ms = Memslots(2)
+    slots = []
+    gfn = 0
+    for i in range(3000):
+        gfn += rnd.randrange(0, 4)  # holes of 0..3 pages
+        npages = rnd.randrange(1, 6)
+        s = m.Memslot(i, i % 2, gfn, npages)
+        ms._install(s)
+        slots.append(s)
+        gfn += npages
+    for _ in range(2000):
+        as_id = rnd.randrange(2)
+        g = rnd.randrange(gfn + 5)
+        want = [s for s in slots if s.as_id == as_id and s.base_gfn <= g < s.end_gfn]
+        assert ms.find(as_id, g) is (want[0] if want else None)
+        a = rnd.randrange(gfn + 5)
+        b = a + rnd.randrange(1, 40)
+        want_range = [s for s in slots if s.as_id == as_id and s.base_gfn < b and a < s.end_gfn]
+        assert ms.in_range(as_id, a, b) == want_range
+    assert ms.in_range(0, 5, 5) == [] and ms.find(2, 0) is None and ms.in_range(7, 0, 9) == []
+    for s in slots[::2]:
+        ms._remove(s)
+    assert len(ms) == 1500 and all(ms.find(s.as_id, s.base_gfn) is s for s in slots[1::2])
