@@ -304,7 +304,10 @@ class X86Mmu:
         :class:`MemoryFault` (KVM_EXIT_MEMORY_FAULT) when the access's
         private-ness differs from the gfn's attribute, a private access hits
         a slot without guest_memfd, or no memslot holds the gpa. A fault that
-        races with an invalidation of its gfn retries (``fault_retries``)."""
+        races with an invalidation of its gfn retries (``fault_retries``).
+        ``write`` is validated but, as in the kernel's memory-fault exit, not
+        reported; read-only slots and MMIO emulation are not modelled, so a
+        gpa outside every slot exits like an unbacked private access would."""
         gpa = _check_u64(gpa, "gpa")
         private = _check_bool(private, "private")
         _check_bool(write, "write")
