@@ -238,7 +238,7 @@ def _xarray_plan(args: argparse.Namespace, console: Console) -> tuple[int, str]:
     fits = [s for s in args.sizes if not mem_cap or sweep.xarray_memory_estimate(s) * 2 <= mem_cap]
     limit = max(fits) if fits else 0
     why = (
-        f"memory: ~{report.human_bytes(sweep.XARRAY_BYTES_PER_PAGE * 2)} per 4K page with reservations, "
+        f"memory: needs ~{sweep.XARRAY_BYTES_PER_PAGE:g} B per 4K page (counted twice for headroom); "
         f"{report.human_bytes(mem_cap)} available per job"
     )
     return limit, why

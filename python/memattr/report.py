@@ -180,7 +180,7 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], title: str) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
     fig, (ax_t, ax_s, ax_m) = plt.subplots(1, 3, figsize=(16, 5.2), constrained_layout=True)
     sizes = [r["guest"] for r in rows]
@@ -204,7 +204,7 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], title: str) -
         for row in rows:
             if key in row:
                 ax.annotate(
-                    f"{row[key]:.1f}x" if row[key] < 100 else f"{row[key]:,.0f}x",
+                    f"{row[key]:.1f}x" if row[key] < 10 else f"{row[key]:,.0f}x",
                     (row["guest"], y(row)),
                     textcoords="offset points",
                     xytext=(0, 8),
@@ -228,6 +228,13 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], title: str) -
             ax.axvspan(min(skipped) / 1.3, max(skipped) * 1.3, color="0.92", zorder=0)
             ax.text(0.98, 0.02, "shaded: per-page store skipped", transform=ax.transAxes, ha="right",
                     va="bottom", fontsize=8, color="0.4")
+    rate_fmt = FuncFormatter(lambda x, _: human_rate(x).replace(" /s", "/s"))
+    for ax in (ax_t, ax_s):
+        ax.margins(y=0.2)
+        ax.yaxis.set_major_formatter(rate_fmt)
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(rate_fmt)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
     ax_t.set_ylabel("operations per second (higher is better)")
     ax_t.set_title("full replay on a Vm (ioctl model, memslots, MMU)")
     ax_s.set_ylabel("ranges per second (higher is better)")

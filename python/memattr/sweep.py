@@ -6,7 +6,7 @@ measures it; :func:`run_config` builds a named workload from a
 a standard :class:`concurrent.futures.Executor`.
 
 By default :func:`sweep` uses a ``ProcessPoolExecutor`` with
-``max_workers=os.cpu_count()``: every configuration is independent (its
+``max_workers=os.cpu_count()`` (:func:`default_executor`): every configuration is independent (its
 own Vm, its own workload built from its seed in the worker), so processes
 scale across cores with nothing shared. Any other ``Executor`` works
 unchanged, because :func:`sweep` only calls ``executor.submit(run_config,
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import multiprocessing
 import os
 import platform
 import time
@@ -210,6 +211,14 @@ class SweepResult:
     failures: list[tuple[Config, str]] = field(default_factory=list)
 
 
+def default_executor(max_workers: int | None = None) -> cf.Executor:
+    """A ``ProcessPoolExecutor`` over every core. Workers start from a fork
+    server, not by forking this (possibly threaded: progress bars) process."""
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else None)
+    return cf.ProcessPoolExecutor(max_workers=max_workers or os.cpu_count() or 1, mp_context=ctx)
+
+
 def sweep(
     configs: Iterable[Config],
     executor: cf.Executor | None = None,
@@ -230,7 +239,7 @@ def sweep(
     pending_configs = list(configs)
     own = executor is None
     if own:
-        executor = cf.ProcessPoolExecutor(max_workers=max_workers or os.cpu_count() or 1)
+        executor = default_executor(max_workers)
     assert executor is not None
     out = SweepResult()
     submitted: list[Config] = []
