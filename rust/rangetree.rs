@@ -1,5 +1,11 @@
 //! The range-based attribute store.
 //!
+//! `RangeTree` is a B+ tree of runs laid out for the cache: fixed-size nodes
+//! in two arenas, sorted u64 keys searched by counting (no branches to
+//! mispredict), leaves linked both ways for run iteration.
+//! `SimpleRangeTree` is the same store on `std::collections::BTreeMap`, kept
+//! as the reference it is measured against.
+//!
 //! Both versions keep maximal runs `[start, end) -> value` of equal non-zero
 //! value: adjacent runs with the same value are always merged and zero runs
 //! are not stored, so the stored runs are exactly the non-zero runs that
@@ -160,4 +166,946 @@ impl AttrStore for SimpleRangeTree {
     }
 }
 
-pub type RangeTree = SimpleRangeTree;
+/// Runs per leaf, and children per interior node.
+const CAP: usize = 32;
+/// A node below this (other than the root) borrows from or merges with a
+/// sibling, so every node is at least a quarter full: memory stays within a
+/// small factor of the runs themselves however they were built.
+const MIN: usize = CAP / 4;
+const NONE: u32 = u32::MAX;
+/// Deeper than any tree can get: with at least MIN children per interior
+/// node, 2^64 runs fit in 22 levels.
+const MAX_DEPTH: usize = 24;
+/// Unused key slots hold this so a search can count over the whole fixed
+/// array without looking at the length: a sentinel never compares <= a key
+/// searched for (searches never use u64::MAX, which no run can start at).
+const SENTINEL: u64 = u64::MAX;
+
+/// Up to CAP runs, sorted by start, in struct-of-arrays form so the search
+/// touches only the starts.
+#[derive(Clone)]
+struct Leaf {
+    len: u32,
+    prev: u32,
+    next: u32,
+    starts: [u64; CAP],
+    ends: [u64; CAP],
+    vals: [u64; CAP],
+}
+
+/// `keys[i]` separates `children[i]` (all starts < key) from
+/// `children[i + 1]` (all starts >= key).
+#[derive(Clone)]
+struct Inner {
+    len: u32,
+    keys: [u64; CAP],
+    children: [u32; CAP],
+}
+
+impl Leaf {
+    fn empty() -> Self {
+        Leaf {
+            len: 0,
+            prev: NONE,
+            next: NONE,
+            starts: [SENTINEL; CAP],
+            ends: [0; CAP],
+            vals: [0; CAP],
+        }
+    }
+
+    #[inline]
+    fn run(&self, i: usize) -> (u64, u64, u64) {
+        (self.starts[i], self.ends[i], self.vals[i])
+    }
+
+    #[inline]
+    fn put(&mut self, i: usize, r: (u64, u64, u64)) {
+        self.starts[i] = r.0;
+        self.ends[i] = r.1;
+        self.vals[i] = r.2;
+    }
+
+    /// Moves runs `[from, len)` to start at `to` (either direction).
+    fn shift(&mut self, from: usize, to: usize) {
+        let n = self.len as usize - from;
+        self.starts.copy_within(from..from + n, to);
+        self.ends.copy_within(from..from + n, to);
+        self.vals.copy_within(from..from + n, to);
+    }
+
+    fn seal(&mut self) {
+        self.starts[self.len as usize..].fill(SENTINEL);
+    }
+}
+
+impl Inner {
+    fn empty() -> Self {
+        Inner {
+            len: 0,
+            keys: [SENTINEL; CAP],
+            children: [NONE; CAP],
+        }
+    }
+
+    fn seal(&mut self) {
+        let k = (self.len as usize).saturating_sub(1);
+        self.keys[k..].fill(SENTINEL);
+    }
+
+    /// Removes child `ci` (>= 1) and the key to its left.
+    fn remove_child(&mut self, ci: usize) {
+        let len = self.len as usize;
+        self.keys
+            .copy_within(ci..len.saturating_sub(1).max(ci), ci - 1);
+        self.children.copy_within(ci + 1..len, ci);
+        self.len -= 1;
+        self.seal();
+    }
+}
+
+/// Number of keys `<= k`: a branch-free scan the compiler vectorises.
+#[inline]
+fn count_le(keys: &[u64; CAP], k: u64) -> usize {
+    keys.iter().map(|&x| (x <= k) as usize).sum()
+}
+
+/// The interior nodes and child indices from the root down to a leaf.
+struct Path {
+    ids: [u32; MAX_DEPTH],
+    idx: [u8; MAX_DEPTH],
+    depth: usize,
+}
+
+/// The range store: see the module documentation. Every node other than
+/// the root is at least a quarter full, all leaves are at the same depth,
+/// and the separators bound their subtrees exactly as documented on `Inner`.
+#[derive(Clone)]
+pub struct RangeTree {
+    leaves: Vec<Leaf>,
+    inners: Vec<Inner>,
+    free_leaves: Vec<u32>,
+    free_inners: Vec<u32>,
+    root: u32,
+    /// Interior levels above the leaves: 0 when the root is a leaf.
+    height: usize,
+    runs: usize,
+    live_leaves: usize,
+    live_inners: usize,
+    /// Nodes set aside by `reserve` for the next `set_range`.
+    spare_leaves: usize,
+    spare_inners: usize,
+}
+
+impl Default for RangeTree {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RangeTree {
+    pub fn new() -> Self {
+        RangeTree {
+            leaves: vec![Leaf::empty()],
+            inners: Vec::new(),
+            free_leaves: Vec::new(),
+            free_inners: Vec::new(),
+            root: 0,
+            height: 0,
+            runs: 0,
+            live_leaves: 1,
+            live_inners: 0,
+            spare_leaves: 0,
+            spare_inners: 0,
+        }
+    }
+
+    /// Height of the tree counting the leaf level.
+    pub fn depth(&self) -> usize {
+        self.height + 1
+    }
+
+    fn alloc_leaf(&mut self) -> u32 {
+        self.spare_leaves = self.spare_leaves.saturating_sub(1);
+        self.live_leaves += 1;
+        match self.free_leaves.pop() {
+            Some(id) => {
+                self.leaves[id as usize] = Leaf::empty();
+                id
+            }
+            None => {
+                self.leaves.push(Leaf::empty());
+                (self.leaves.len() - 1) as u32
+            }
+        }
+    }
+
+    fn alloc_inner(&mut self) -> u32 {
+        self.spare_inners = self.spare_inners.saturating_sub(1);
+        self.live_inners += 1;
+        match self.free_inners.pop() {
+            Some(id) => {
+                self.inners[id as usize] = Inner::empty();
+                id
+            }
+            None => {
+                self.inners.push(Inner::empty());
+                (self.inners.len() - 1) as u32
+            }
+        }
+    }
+
+    fn free_leaf(&mut self, id: u32) {
+        self.live_leaves -= 1;
+        self.free_leaves.push(id);
+    }
+
+    fn free_inner(&mut self, id: u32) {
+        self.live_inners -= 1;
+        self.free_inners.push(id);
+    }
+
+    /// Descends towards `k`: the path, the leaf, and how many of the
+    /// leaf's starts are `<= k`.
+    fn find(&self, k: u64) -> (Path, u32, usize) {
+        let mut path = Path {
+            ids: [0; MAX_DEPTH],
+            idx: [0; MAX_DEPTH],
+            depth: 0,
+        };
+        let mut id = self.root;
+        for d in 0..self.height {
+            let n = &self.inners[id as usize];
+            let c = count_le(&n.keys, k).min(n.len as usize - 1);
+            path.ids[d] = id;
+            path.idx[d] = c as u8;
+            id = n.children[c];
+        }
+        path.depth = self.height;
+        let l = &self.leaves[id as usize];
+        (path, id, count_le(&l.starts, k).min(l.len as usize))
+    }
+
+    /// The leaf and index of the last run starting `<= k`, if any.
+    #[inline]
+    fn locate(&self, k: u64) -> Option<(u32, usize)> {
+        let mut id = self.root;
+        for _ in 0..self.height {
+            let n = &self.inners[id as usize];
+            let c = count_le(&n.keys, k).min(n.len as usize - 1);
+            id = n.children[c];
+        }
+        let l = &self.leaves[id as usize];
+        let pos = count_le(&l.starts, k).min(l.len as usize);
+        if pos > 0 {
+            return Some((id, pos - 1));
+        }
+        // Everything here starts after k; the previous leaf ends before.
+        let prev = l.prev;
+        (prev != NONE).then(|| (prev, self.leaves[prev as usize].len as usize - 1))
+    }
+
+    #[inline]
+    fn lookup(&self, gfn: u64) -> u64 {
+        if gfn == SENTINEL {
+            return 0;
+        }
+        match self.locate(gfn) {
+            Some((id, i)) => {
+                let l = &self.leaves[id as usize];
+                if gfn < l.ends[i] {
+                    l.vals[i]
+                } else {
+                    0
+                }
+            }
+            None => 0,
+        }
+    }
+
+    /// The last run starting before `k`.
+    fn pred_lt(&self, k: u64) -> Option<(u64, u64, u64)> {
+        if k == 0 {
+            return None;
+        }
+        self.locate(k - 1)
+            .map(|(id, i)| self.leaves[id as usize].run(i))
+    }
+
+    /// The first run starting at or after `k`.
+    fn first_ge(&self, k: u64) -> Option<(u64, u64, u64)> {
+        let (_, id, pos) = if k == 0 {
+            let (p, id, _) = self.find(0);
+            (p, id, 0)
+        } else {
+            self.find(k - 1)
+        };
+        let l = &self.leaves[id as usize];
+        if pos < l.len as usize {
+            Some(l.run(pos))
+        } else if l.next != NONE {
+            Some(self.leaves[l.next as usize].run(0))
+        } else {
+            None
+        }
+    }
+
+    fn set_end(&mut self, start: u64, end: u64) {
+        let (_, id, pos) = self.find(start);
+        debug_assert!(pos > 0 && self.leaves[id as usize].starts[pos - 1] == start);
+        self.leaves[id as usize].ends[pos - 1] = end;
+    }
+
+    /// Inserts a run whose start is not stored yet.
+    fn insert(&mut self, r: (u64, u64, u64)) {
+        let (path, mut id, mut pos) = self.find(r.0);
+        if self.leaves[id as usize].len as usize == CAP {
+            let right = self.split_leaf(&path, id);
+            let half = self.leaves[id as usize].len as usize;
+            if pos > half {
+                id = right;
+                pos -= half;
+            }
+        }
+        let l = &mut self.leaves[id as usize];
+        l.shift(pos, pos + 1);
+        l.put(pos, r);
+        l.len += 1;
+        self.runs += 1;
+    }
+
+    /// Splits a full leaf in two halves; returns the new right leaf.
+    fn split_leaf(&mut self, path: &Path, id: u32) -> u32 {
+        let right = self.alloc_leaf();
+        let half = CAP / 2;
+        let (left_next, sep) = {
+            let (l, r) = two_mut(&mut self.leaves, id, right);
+            r.starts[..CAP - half].copy_from_slice(&l.starts[half..]);
+            r.ends[..CAP - half].copy_from_slice(&l.ends[half..]);
+            r.vals[..CAP - half].copy_from_slice(&l.vals[half..]);
+            r.len = (CAP - half) as u32;
+            l.len = half as u32;
+            l.seal();
+            r.prev = id;
+            r.next = l.next;
+            l.next = right;
+            (r.next, r.starts[0])
+        };
+        if left_next != NONE {
+            self.leaves[left_next as usize].prev = right;
+        }
+        self.insert_child(path, path.depth, sep, right);
+        right
+    }
+
+    /// Adds `child` with separator `key` right of the node reached at
+    /// `depth` along `path`, splitting interior nodes up to a new root.
+    fn insert_child(&mut self, path: &Path, depth: usize, key: u64, child: u32) {
+        if depth == 0 {
+            let old = self.root;
+            let root = self.alloc_inner();
+            let n = &mut self.inners[root as usize];
+            n.len = 2;
+            n.children[0] = old;
+            n.children[1] = child;
+            n.keys[0] = key;
+            self.root = root;
+            self.height += 1;
+            return;
+        }
+        let d = depth - 1;
+        let mut id = path.ids[d];
+        let mut ci = path.idx[d] as usize;
+        if self.inners[id as usize].len as usize == CAP {
+            // Split first: the left half keeps `half` children, the key
+            // between the halves moves up.
+            let half = CAP / 2;
+            let right = self.alloc_inner();
+            let up = {
+                let (l, r) = two_mut(&mut self.inners, id, right);
+                r.children[..CAP - half].copy_from_slice(&l.children[half..]);
+                r.keys[..CAP - half - 1].copy_from_slice(&l.keys[half..CAP - 1]);
+                r.len = (CAP - half) as u32;
+                let up = l.keys[half - 1];
+                l.len = half as u32;
+                l.seal();
+                r.seal();
+                up
+            };
+            self.insert_child(path, d, up, right);
+            if ci >= half {
+                id = right;
+                ci -= half;
+            }
+        }
+        let n = &mut self.inners[id as usize];
+        let len = n.len as usize;
+        n.children.copy_within(ci + 1..len, ci + 2);
+        n.keys.copy_within(ci..len - 1, ci + 1);
+        n.children[ci + 1] = child;
+        n.keys[ci] = key;
+        n.len += 1;
+    }
+
+    /// Removes the run starting at `start`.
+    fn remove(&mut self, start: u64) {
+        let (path, id, pos) = self.find(start);
+        debug_assert!(pos > 0 && self.leaves[id as usize].starts[pos - 1] == start);
+        let l = &mut self.leaves[id as usize];
+        l.shift(pos, pos - 1);
+        l.len -= 1;
+        l.seal();
+        self.runs -= 1;
+        if (l.len as usize) < MIN && path.depth > 0 {
+            self.rebalance_leaf(&path, id);
+        }
+    }
+
+    fn rebalance_leaf(&mut self, path: &Path, id: u32) {
+        let d = path.depth - 1;
+        let p = path.ids[d];
+        let ci = path.idx[d] as usize;
+        let (left, right) = if ci > 0 {
+            (self.inners[p as usize].children[ci - 1], id)
+        } else {
+            (id, self.inners[p as usize].children[1])
+        };
+        let (ll, rl) = (
+            self.leaves[left as usize].len as usize,
+            self.leaves[right as usize].len as usize,
+        );
+        if ll + rl <= CAP {
+            // Merge right into left and drop right from the parent.
+            let after = {
+                let (l, r) = two_mut(&mut self.leaves, left, right);
+                l.starts[ll..ll + rl].copy_from_slice(&r.starts[..rl]);
+                l.ends[ll..ll + rl].copy_from_slice(&r.ends[..rl]);
+                l.vals[ll..ll + rl].copy_from_slice(&r.vals[..rl]);
+                l.len = (ll + rl) as u32;
+                l.next = r.next;
+                r.next
+            };
+            if after != NONE {
+                self.leaves[after as usize].prev = left;
+            }
+            self.free_leaf(right);
+            let rci = if ci > 0 { ci } else { 1 };
+            self.inners[p as usize].remove_child(rci);
+            self.after_child_removed(path, d);
+        } else if ci > 0 {
+            // Borrow the left sibling's last run.
+            let (l, x) = two_mut(&mut self.leaves, left, right);
+            let r = l.run(ll - 1);
+            l.len -= 1;
+            l.seal();
+            x.shift(0, 1);
+            x.put(0, r);
+            x.len += 1;
+            self.inners[p as usize].keys[ci - 1] = r.0;
+        } else {
+            // Borrow the right sibling's first run.
+            let (x, r) = two_mut(&mut self.leaves, left, right);
+            x.put(ll, r.run(0));
+            x.len += 1;
+            r.shift(1, 0);
+            r.len -= 1;
+            r.seal();
+            self.inners[p as usize].keys[0] = r.starts[0];
+        }
+    }
+
+    /// After the node at `path.ids[d]` lost a child: collapse a root with one
+    /// child, or rebalance an interior node that fell below MIN.
+    fn after_child_removed(&mut self, path: &Path, d: usize) {
+        let id = path.ids[d];
+        let len = self.inners[id as usize].len as usize;
+        if d == 0 {
+            if len == 1 {
+                self.root = self.inners[id as usize].children[0];
+                self.height -= 1;
+                self.free_inner(id);
+            }
+            return;
+        }
+        if len >= MIN {
+            return;
+        }
+        let p = path.ids[d - 1];
+        let ci = path.idx[d - 1] as usize;
+        let (left, right) = if ci > 0 {
+            (self.inners[p as usize].children[ci - 1], id)
+        } else {
+            (id, self.inners[p as usize].children[1])
+        };
+        let sep_i = if ci > 0 { ci - 1 } else { 0 };
+        let sep = self.inners[p as usize].keys[sep_i];
+        let (ll, rl) = (
+            self.inners[left as usize].len as usize,
+            self.inners[right as usize].len as usize,
+        );
+        if ll + rl <= CAP {
+            let (l, r) = two_mut(&mut self.inners, left, right);
+            l.keys[ll - 1] = sep;
+            l.keys[ll..ll + rl - 1].copy_from_slice(&r.keys[..rl - 1]);
+            l.children[ll..ll + rl].copy_from_slice(&r.children[..rl]);
+            l.len = (ll + rl) as u32;
+            l.seal();
+            self.free_inner(right);
+            self.inners[p as usize].remove_child(sep_i + 1);
+            self.after_child_removed(path, d - 1);
+        } else if ci > 0 {
+            // Rotate the left sibling's last child through the parent.
+            let (l, x) = two_mut(&mut self.inners, left, right);
+            let moved = l.children[ll - 1];
+            let up = l.keys[ll - 2];
+            l.len -= 1;
+            l.seal();
+            x.children.copy_within(0..rl, 1);
+            x.keys.copy_within(0..rl - 1, 1);
+            x.children[0] = moved;
+            x.keys[0] = sep;
+            x.len += 1;
+            self.inners[p as usize].keys[sep_i] = up;
+        } else {
+            // Rotate the right sibling's first child through the parent.
+            let (x, r) = two_mut(&mut self.inners, left, right);
+            x.children[ll] = r.children[0];
+            x.keys[ll - 1] = sep;
+            x.len += 1;
+            let up = r.keys[0];
+            r.children.copy_within(1..rl, 0);
+            r.keys.copy_within(1..rl - 1, 0);
+            r.len -= 1;
+            r.seal();
+            self.inners[p as usize].keys[0] = up;
+        }
+    }
+
+    fn leftmost_leaf(&self) -> u32 {
+        let mut id = self.root;
+        for _ in 0..self.height {
+            id = self.inners[id as usize].children[0];
+        }
+        id
+    }
+
+    fn rightmost_leaf(&self) -> u32 {
+        let mut id = self.root;
+        for _ in 0..self.height {
+            let n = &self.inners[id as usize];
+            id = n.children[n.len as usize - 1];
+        }
+        id
+    }
+
+    fn clear(&mut self) {
+        let (spare_leaves, spare_inners) = (self.spare_leaves, self.spare_inners);
+        *self = RangeTree::new();
+        self.spare_leaves = spare_leaves;
+        self.spare_inners = spare_inners;
+    }
+
+    /// The common case in one descent: everything `set_range` changes lies
+    /// in one leaf, which stays within its size bounds and separators.
+    /// Returns false, having changed nothing, when that does not hold.
+    fn set_in_leaf(&mut self, s: u64, e: u64, v: u64) -> bool {
+        let (path, id, pos_le) = self.find(s.saturating_sub(1));
+        let pos = if s == 0 { 0 } else { pos_le };
+        let l = &self.leaves[id as usize];
+        let len = l.len as usize;
+        if pos == 0 && l.prev != NONE {
+            // The run before `s` may sit in the previous leaf.
+            return false;
+        }
+        let mut out = [(0u64, 0u64, 0u64); 3];
+        let mut m = 0;
+        let (mut lo, mut hi) = (s, e);
+        let mut a = pos;
+        let mut right = None;
+        let mut done = false;
+        if pos > 0 {
+            let (ps, pe, pv) = l.run(pos - 1);
+            if pe >= s {
+                if pv == v {
+                    a = pos - 1;
+                    lo = ps;
+                    hi = hi.max(pe);
+                    done = pe >= e;
+                } else if pe > s {
+                    a = pos - 1;
+                    out[m] = (ps, s, pv);
+                    m += 1;
+                    if pe > e {
+                        right = Some((e, pe, pv));
+                        done = true;
+                    }
+                }
+            }
+        }
+        let mut b = pos;
+        if !done {
+            while b < len {
+                let (rs, re, rv) = l.run(b);
+                if rs > e {
+                    done = true;
+                    break;
+                }
+                if rs == e {
+                    if rv == v {
+                        hi = hi.max(re);
+                        b += 1;
+                    }
+                    done = true;
+                    break;
+                }
+                b += 1;
+                if re > e {
+                    if rv == v {
+                        hi = hi.max(re);
+                    } else {
+                        right = Some((e, re, rv));
+                    }
+                    done = true;
+                    break;
+                }
+            }
+        }
+        if !done && l.next != NONE {
+            return false;
+        }
+        if v != 0 {
+            out[m] = (lo, hi, v);
+            m += 1;
+        }
+        if let Some(r) = right {
+            out[m] = r;
+            m += 1;
+        }
+        let new_len = len - (b - a) + m;
+        if new_len > CAP || (new_len < MIN && self.height > 0) {
+            return false;
+        }
+        if m > 0 {
+            // New starts must stay inside this leaf's separators.
+            let (lower, upper) = self.bounds(&path);
+            if lower.is_some_and(|k| out[0].0 < k) || upper.is_some_and(|k| out[m - 1].0 >= k) {
+                return false;
+            }
+        }
+        let l = &mut self.leaves[id as usize];
+        l.shift(b, a + m);
+        for (i, r) in out[..m].iter().enumerate() {
+            l.put(a + i, *r);
+        }
+        l.len = new_len as u32;
+        l.seal();
+        self.runs = self.runs + m - (b - a);
+        true
+    }
+
+    /// The separators bounding the leaf at the end of `path`.
+    fn bounds(&self, path: &Path) -> (Option<u64>, Option<u64>) {
+        let (mut lower, mut upper) = (None, None);
+        for d in (0..path.depth).rev() {
+            let n = &self.inners[path.ids[d] as usize];
+            let i = path.idx[d] as usize;
+            if lower.is_none() && i > 0 {
+                lower = Some(n.keys[i - 1]);
+            }
+            if upper.is_none() && i + 1 < n.len as usize {
+                upper = Some(n.keys[i]);
+            }
+            if lower.is_some() && upper.is_some() {
+                break;
+            }
+        }
+        (lower, upper)
+    }
+
+    /// The general case, one tree operation per run touched.
+    fn set_general(&mut self, s: u64, e: u64, v: u64) {
+        if self.runs > 0 {
+            let first = self.leaves[self.leftmost_leaf() as usize].starts[0];
+            let last = {
+                let l = &self.leaves[self.rightmost_leaf() as usize];
+                l.ends[l.len as usize - 1]
+            };
+            if s <= first && e >= last {
+                // Every run is covered: nothing survives, nothing to merge.
+                self.clear();
+                if v != 0 {
+                    self.insert((s, e, v));
+                }
+                return;
+            }
+        }
+        let (mut lo, mut hi) = (s, e);
+        if let Some((ps, pe, pv)) = self.pred_lt(s) {
+            if pe >= s {
+                if pv == v {
+                    lo = ps;
+                    hi = hi.max(pe);
+                    self.remove(ps);
+                } else if pe > s {
+                    self.set_end(ps, s);
+                    if pe > e {
+                        self.insert((e, pe, pv));
+                    }
+                }
+            }
+        }
+        while let Some((rs, re, rv)) = self.first_ge(s) {
+            if rs > e {
+                break;
+            }
+            if rs == e {
+                if rv == v {
+                    hi = hi.max(re);
+                    self.remove(rs);
+                }
+                break;
+            }
+            self.remove(rs);
+            if re > e {
+                if rv == v {
+                    hi = hi.max(re);
+                } else {
+                    self.insert((e, re, rv));
+                }
+                break;
+            }
+        }
+        if v != 0 {
+            self.insert((lo, hi, v));
+        }
+    }
+
+    /// Calls `f` on the runs covering `[start, end)` (zero gaps included)
+    /// until it returns false; returns whether it went to the end.
+    fn walk_runs(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64, u64) -> bool) -> bool {
+        let (mut id, mut i) = match self.locate(start) {
+            Some(p) => p,
+            None => (self.leftmost_leaf(), 0),
+        };
+        let mut pos = start;
+        while id != NONE {
+            let l = &self.leaves[id as usize];
+            while i < l.len as usize {
+                let (s, e, v) = l.run(i);
+                if s >= end {
+                    return f(pos, end, 0);
+                }
+                if e > pos {
+                    let s = s.max(pos);
+                    if s > pos && !f(pos, s, 0) {
+                        return false;
+                    }
+                    let e = e.min(end);
+                    if !f(s, e, v) {
+                        return false;
+                    }
+                    pos = e;
+                    if pos == end {
+                        return true;
+                    }
+                }
+                i += 1;
+            }
+            id = l.next;
+            i = 0;
+        }
+        f(pos, end, 0)
+    }
+
+    /// Checks every structural invariant, for tests.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut leaves = Vec::new();
+        let mut inners = 0usize;
+        self.check_node(
+            self.root,
+            self.height,
+            None,
+            None,
+            true,
+            &mut leaves,
+            &mut inners,
+        )?;
+        if leaves.len() != self.live_leaves || inners != self.live_inners {
+            return Err("node counts out of sync".into());
+        }
+        let mut runs = 0usize;
+        let mut prev: Option<(u64, u64)> = None;
+        for (i, &id) in leaves.iter().enumerate() {
+            let l = &self.leaves[id as usize];
+            let want_prev = if i == 0 { NONE } else { leaves[i - 1] };
+            let want_next = leaves.get(i + 1).copied().unwrap_or(NONE);
+            if l.prev != want_prev || l.next != want_next {
+                return Err(format!("leaf {id} badly linked"));
+            }
+            for j in 0..l.len as usize {
+                let (s, e, v) = l.run(j);
+                if s >= e || v == 0 {
+                    return Err(format!("bad run [{s}, {e}) = {v}"));
+                }
+                if let Some((pe, pv)) = prev {
+                    if pe > s || (pe == s && pv == v) {
+                        return Err(format!("run at {s} overlaps or should merge"));
+                    }
+                }
+                prev = Some((e, v));
+                runs += 1;
+            }
+            if l.starts[l.len as usize..].iter().any(|&k| k != SENTINEL) {
+                return Err("leaf sentinel".into());
+            }
+        }
+        if runs != self.runs {
+            return Err(format!("{runs} runs found, {} counted", self.runs));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_node(
+        &self,
+        id: u32,
+        level: usize,
+        lower: Option<u64>,
+        upper: Option<u64>,
+        is_root: bool,
+        leaves: &mut Vec<u32>,
+        inners: &mut usize,
+    ) -> Result<(), String> {
+        let in_bounds = |k: u64| lower.is_none_or(|lo| k >= lo) && upper.is_none_or(|up| k < up);
+        if level == 0 {
+            let l = &self.leaves[id as usize];
+            if !is_root && (l.len as usize) < MIN {
+                return Err(format!("leaf {id} underfull"));
+            }
+            if (0..l.len as usize).any(|j| !in_bounds(l.starts[j])) {
+                return Err(format!("leaf {id} outside its separators"));
+            }
+            leaves.push(id);
+            return Ok(());
+        }
+        *inners += 1;
+        let n = &self.inners[id as usize];
+        let len = n.len as usize;
+        if len < 2 || (!is_root && len < MIN) {
+            return Err(format!("inner {id} underfull ({len})"));
+        }
+        if n.keys[len - 1..].iter().any(|&k| k != SENTINEL) {
+            return Err("inner sentinel".into());
+        }
+        for i in 0..len {
+            let lo = if i == 0 { lower } else { Some(n.keys[i - 1]) };
+            let up = if i + 1 == len { upper } else { Some(n.keys[i]) };
+            if i > 0 && !in_bounds(n.keys[i - 1]) {
+                return Err("separator outside parent's bounds".into());
+            }
+            self.check_node(n.children[i], level - 1, lo, up, false, leaves, inners)?;
+        }
+        Ok(())
+    }
+}
+
+/// Two distinct elements of one arena, mutably.
+fn two_mut<T>(v: &mut [T], a: u32, b: u32) -> (&mut T, &mut T) {
+    let (a, b) = (a as usize, b as usize);
+    debug_assert_ne!(a, b);
+    if a < b {
+        let (x, y) = v.split_at_mut(b);
+        (&mut x[a], &mut y[0])
+    } else {
+        let (x, y) = v.split_at_mut(a);
+        (&mut y[0], &mut x[b])
+    }
+}
+
+const LEAF_BYTES: usize = std::mem::size_of::<Leaf>();
+const INNER_BYTES: usize = std::mem::size_of::<Inner>();
+
+impl AttrStore for RangeTree {
+    #[inline]
+    fn get(&self, gfn: u64) -> u64 {
+        self.lookup(gfn)
+    }
+
+    fn set_range(&mut self, start: u64, end: u64, value: u64) -> Result<(), StoreError> {
+        check_range(start, end)?;
+        if !self.set_in_leaf(start, end, value) {
+            self.set_general(start, end, value);
+        }
+        // The reservation was for this call.
+        self.spare_leaves = 0;
+        self.spare_inners = 0;
+        Ok(())
+    }
+
+    fn has_value(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<bool, StoreError> {
+        check_range(start, end)?;
+        let want = value & mask;
+        Ok(self.walk_runs(start, end, &mut |_, _, v| v & mask == want))
+    }
+
+    fn for_each_run(
+        &self,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, u64, u64),
+    ) -> Result<(), StoreError> {
+        check_range(start, end)?;
+        self.walk_runs(start, end, &mut |s, e, v| {
+            f(s, e, v);
+            true
+        });
+        Ok(())
+    }
+
+    fn memory_bytes(&self) -> usize {
+        (self.live_leaves + self.spare_leaves) * LEAF_BYTES
+            + (self.live_inners + self.spare_inners) * INNER_BYTES
+    }
+
+    fn entry_count(&self) -> usize {
+        self.runs
+    }
+
+    /// A set adds at most two runs (a split remnant and the new run); each
+    /// insert can split a leaf and every interior node above it and add a
+    /// root. Those nodes are set aside now, so the set cannot fail.
+    fn reserve(&mut self, start: u64, end: u64, limit: Option<usize>) -> Result<(), StoreError> {
+        check_range(start, end)?;
+        let want_leaves = 2usize.max(self.spare_leaves);
+        let want_inners = (2 * (self.height + 1)).max(self.spare_inners);
+        let needed = self.memory_bytes()
+            + (want_leaves - self.spare_leaves) * LEAF_BYTES
+            + (want_inners - self.spare_inners) * INNER_BYTES;
+        if let Some(limit) = limit {
+            if needed > limit && needed > self.memory_bytes() {
+                return Err(StoreError::OutOfMemory { needed, limit });
+            }
+        }
+        let oom = |_| StoreError::OutOfMemory {
+            needed,
+            limit: limit.unwrap_or(usize::MAX),
+        };
+        self.leaves.try_reserve(want_leaves).map_err(oom)?;
+        self.inners.try_reserve(want_inners).map_err(oom)?;
+        self.spare_leaves = want_leaves;
+        self.spare_inners = want_inners;
+        Ok(())
+    }
+
+    fn release_reservations(&mut self) {
+        self.spare_leaves = 0;
+        self.spare_inners = 0;
+    }
+
+    fn get_many(&self, gfns: &[u64], out: &mut [u64]) {
+        for (o, &g) in out.iter_mut().zip(gfns) {
+            *o = self.lookup(g);
+        }
+    }
+}

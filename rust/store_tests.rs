@@ -276,3 +276,90 @@ fn rangetree_memory_grows_with_runs_not_pages() {
     assert_eq!(t.entry_count(), 10_001);
     assert!(t.memory_bytes() < 10_001 * 64, "{}", t.memory_bytes());
 }
+
+/// A small deterministic generator, so the stress tests need no seed file.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Deep trees (many levels, every split/merge/borrow path) against the
+/// BTreeMap version, which the oracle tests pin down.
+#[test]
+fn rangetree_deep_tree_matches_simple() {
+    for seed in [1u64, 7, 99] {
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ seed);
+        let mut t = RangeTree::new();
+        let mut r = SimpleRangeTree::new();
+        let span = 400_000u64;
+        let mut max_depth = 0;
+        for step in 0..60_000u32 {
+            let s = rng.below(span);
+            // Mostly short ranges (they build and split many runs), some
+            // long ones (they remove many runs at once and merge nodes).
+            let len = match rng.below(100) {
+                0 => 1 + rng.below(span),
+                1..=5 => 1 + rng.below(5_000),
+                _ => 1 + rng.below(8),
+            };
+            let v = rng.below(4);
+            t.set_range(s, s + len, v).unwrap();
+            r.set_range(s, s + len, v).unwrap();
+            let g = rng.below(span + 10);
+            assert_eq!(t.get(g), r.get(g));
+            max_depth = max_depth.max(t.depth());
+            if step % 5_000 == 0 {
+                t.check_invariants().unwrap();
+                assert_eq!(runs_of(&t, 0, span * 2), runs_of(&r, 0, span * 2));
+                assert_eq!(t.entry_count(), r.entry_count());
+            }
+        }
+        t.check_invariants().unwrap();
+        assert_eq!(runs_of(&t, 0, span * 2), runs_of(&r, 0, span * 2));
+        assert!(max_depth >= 3, "depth {max_depth}");
+        // Drain to nothing through the general path, a run at a time.
+        let runs = runs_of(&t, 0, span * 2);
+        for &(a, b, v) in runs.iter().rev() {
+            if v != 0 {
+                t.set_range(a, b, 0).unwrap();
+            }
+        }
+        t.check_invariants().unwrap();
+        assert_eq!(t.entry_count(), 0);
+        assert_eq!(t.depth(), 1);
+    }
+}
+
+#[test]
+fn rangetree_reserve_sets_aside_nodes() {
+    let mut t = RangeTree::new();
+    for i in 0..10_000u64 {
+        t.set_range(i * 2, i * 2 + 1, 1 + i % 3).unwrap();
+    }
+    let before = t.memory_bytes();
+    assert!(t.reserve(5, 6, Some(before)).is_err());
+    assert_eq!(t.memory_bytes(), before);
+    t.reserve(5, 6, None).unwrap();
+    let reserved = t.memory_bytes();
+    assert!(reserved > before);
+    // Reserving again for the same set keeps the same spares.
+    t.reserve(5, 6, Some(reserved)).unwrap();
+    assert_eq!(t.memory_bytes(), reserved);
+    t.release_reservations();
+    assert_eq!(t.memory_bytes(), before);
+    t.reserve(5, 6, None).unwrap();
+    t.set_range(5, 6, 9).unwrap();
+    t.check_invariants().unwrap();
+    assert!(t.memory_bytes() <= reserved);
+}
