@@ -156,3 +156,57 @@ def test_bad_arguments(capsys):
 def test_python_dash_m():
     proc = subprocess.run([sys.executable, "-m", "memattr", "list"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "boot-and-churn" in proc.stdout
+
+
+# --------------------------------------------------------------------------
+# sweeps through any Executor
+
+
+def test_sweep_with_a_caller_executor_and_follow_up():
+    import concurrent.futures as cf
+
+    from memattr import sweep
+
+    configs = [sweep.Config("vm-creation", g, s) for g in (GiB, 2 * GiB) for s in sweep.STORES]
+    bad = sweep.Config("churn", 64 << 20, "rangetree", params=(("shared_fraction", 0.5),))
+    extra = sweep.Config("vm-creation", 4 * GiB, "rangetree")
+    seen: list[tuple[str, bool]] = []
+
+    def follow_up(c, r):
+        return [extra] if c.guest == 2 * GiB and c.store == "xarray" else []
+
+    with cf.ThreadPoolExecutor(max_workers=2) as ex:
+        res = sweep.sweep(
+            configs + [bad],
+            executor=ex,
+            on_done=lambda c, r, e: seen.append((c.label(), e is None)),
+            follow_up=follow_up,
+        )
+        # the caller's executor is still usable: sweep never shuts it down
+        assert ex.submit(lambda: 7).result() == 7
+    assert [(r["guest"], r["store"]) for r in res.results] == [
+        (GiB, "rangetree"),
+        (GiB, "xarray"),
+        (2 * GiB, "rangetree"),
+        (2 * GiB, "xarray"),
+        (4 * GiB, "rangetree"),
+    ]
+    assert len(res.failures) == 1 and res.failures[0][0] == bad and "free 2 MiB blocks" in res.failures[0][1]
+    assert len(seen) == 6 and ("churn 64M rangetree", False) in seen
+    for r in res.results:
+        assert r["private_bytes"] == r["guest"] and r["store_only"]["ranges"] == len(
+            [x for x in w.GuestLayout.build(r["guest"]).regions]
+        )
+
+
+def test_config_rejects():
+    from memattr import sweep
+
+    with pytest.raises(ValueError, match="store"):
+        sweep.Config(store="btree")
+    with pytest.raises(ValueError, match="unknown workload"):
+        sweep.Config(workload="nope")
+    with pytest.raises(ValueError, match="guest"):
+        sweep.Config(guest=0)
+    with pytest.raises(ValueError, match="store"):
+        sweep.run_trace(w.vm_creation("1G"), "btree")

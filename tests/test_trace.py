@@ -444,3 +444,38 @@ def test_recorder_records_ioctl_and_passes_other_attributes():
     vm2 = _vm("xarray")
     assert t.replay(tr, vm2, check=True).mismatches == 0
     assert vm2.get_memory_attributes(0) == P
+
+
+# --------------------------------------------------------------------------
+# property: any valid trace survives both forms bit for bit
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_u64 = st.integers(0, (1 << 64) - 1)
+_res = st.one_of(st.just(t.RESULT_NONE), st.integers(-(1 << 31) + 1, (1 << 31) - 1))
+_op = st.one_of(
+    st.tuples(st.just(t.OP_SET_MEMORY_ATTRIBUTES), _u64, _u64, _u64, _u64, _res, st.just(0)),
+    st.tuples(st.just(t.OP_FAULT), _u64, st.just(0), st.just(0), st.just(0), _res, st.integers(0, 7)),
+    st.tuples(st.just(t.OP_CREATE_GUEST_MEMFD), st.just(0), _u64, st.just(0), _u64, _res, st.just(0)),
+    st.tuples(st.just(t.OP_SET_USER_MEMORY_REGION), _u64, _u64, st.integers(0, (1 << 32) - 1), _u64, _res, st.just(0)),
+)
+
+
+@given(st.lists(_op, max_size=30), st.integers(0, 3))
+def test_any_valid_trace_round_trips(rows, vm_type):
+    ops = t.empty_ops(len(rows))
+    regions = []
+    for i, (kind, gpa, size, attrs, arg, result, flags) in enumerate(rows):
+        ops[i] = (gpa, size, attrs, arg, result, kind, flags, 0)
+        if kind == t.OP_SET_USER_MEMORY_REGION:
+            ops["aux"][i] = len(regions)
+            regions.append([i, (i * 4096) << 20, i - 1])
+    tr = t.Trace(ops, {"vm_type": vm_type, "regions": regions, "name": "prop"})
+    buf = io.BytesIO()
+    t.write_binary(tr, buf)
+    back = t.parse_binary(buf.getvalue())
+    assert (back.ops == tr.ops).all() and back.meta == tr.meta
+    text = list(t.iter_text_lines(tr))
+    back = t.parse_text(text)
+    assert (back.ops == tr.ops).all() and back.meta["regions"] == regions and back.vm_type == vm_type

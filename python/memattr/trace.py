@@ -417,7 +417,7 @@ def _parse_int(text: str, lo: int, hi: int, what: str) -> int:
 
 def _parse_result(text: str) -> int:
     text = text.strip()
-    if text.startswith("-") and text[1:].isalpha():
+    if text.startswith("-E") and text[1:].isidentifier():
         code = getattr(errno_mod, text[1:], None)
         if not isinstance(code, int):
             raise ValueError(f"unknown errno name {text[1:]!r}")
