@@ -483,7 +483,9 @@ impl HugepageTracker for LpageInfoTracker {
     ) -> Result<(), HugepageError> {
         self.slot.check_range(start, end)?;
         let slot_end = self.slot.end_gfn();
-        let mut next = self.clone();
+        // Validated above: from here on only reads of valid hugepage ranges,
+        // which a store cannot refuse, so the flags are updated in place
+        // (a copy would cost O(slot) per call).
         // Upper levels consume the lower level's results: 2M first.
         for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
             let n = pages_per_hpage(level);
@@ -493,7 +495,7 @@ impl HugepageTracker for LpageInfoTracker {
             // inside the slot is tracked (the others are never huge).
             if gfn != start || !fits(gfn, n, end) {
                 if gfn >= self.slot.base_gfn && fits(gfn, n, slot_end) {
-                    next.recheck(store, gfn, level, attrs)?;
+                    self.recheck(store, gfn, level, attrs)?;
                 }
                 // The head was the last hugepage of the gfn space.
                 gfn = match gfn.checked_add(n) {
@@ -504,16 +506,15 @@ impl HugepageTracker for LpageInfoTracker {
 
             // Hugepages the range covers hold only `attrs` now.
             while fits(gfn, n, end) {
-                next.set_mixed(gfn, level, false);
+                self.set_mixed(gfn, level, false);
                 gfn += n;
             }
 
             // The tail hugepage straddles the range.
             if gfn < end && fits(gfn, n, slot_end) {
-                next.recheck(store, gfn, level, attrs)?;
+                self.recheck(store, gfn, level, attrs)?;
             }
         }
-        *self = next;
         Ok(())
     }
 
@@ -727,7 +728,9 @@ impl HugepageTracker for RangeTracker {
     ) -> Result<(), HugepageError> {
         self.slot.check_range(start, end)?;
         let slot_end = self.slot.end_gfn();
-        let mut next = self.clone();
+        // Validated above: from here on only reads of valid hugepage ranges,
+        // which a store cannot refuse, so the flags are updated in place
+        // (a copy would cost O(slot) per call).
         for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
             let n = pages_per_hpage(level);
             let shift = hpage_gfn_shift(level);
@@ -735,7 +738,7 @@ impl HugepageTracker for RangeTracker {
 
             if gfn != start || !fits(gfn, n, end) {
                 if gfn >= self.slot.base_gfn && fits(gfn, n, slot_end) {
-                    next.recheck(store, gfn, level, attrs)?;
+                    self.recheck(store, gfn, level, attrs)?;
                 }
                 // The head was the last hugepage of the gfn space.
                 gfn = match gfn.checked_add(n) {
@@ -747,17 +750,16 @@ impl HugepageTracker for RangeTracker {
             // Every hugepage the range covers: one range removal.
             let covered_end = end & !(n - 1);
             if gfn < covered_end {
-                next.lvl_mut(level)
+                self.lvl_mut(level)
                     .mixed
                     .remove(gfn >> shift, covered_end >> shift);
                 gfn = covered_end;
             }
 
             if gfn < end && fits(gfn, n, slot_end) {
-                next.recheck(store, gfn, level, attrs)?;
+                self.recheck(store, gfn, level, attrs)?;
             }
         }
-        *self = next;
         Ok(())
     }
 
