@@ -18,6 +18,7 @@ import enum
 import errno
 import os
 import threading
+import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from typing import Any
@@ -239,42 +240,77 @@ def kvm_gmem_check_bind(owner: object, fd: int, offset: int, npages: int) -> Gue
 
 
 class Memslots:
-    """Every address space's memslots (kvm->memslots[as_id])."""
+    """Every address space's memslots (kvm->memslots[as_id]).
+
+    Per address space a list of base gfns and a list of slots in the same
+    order, updated in place (an O(n) memmove, not a copy: 32k slots must not
+    take O(n^2) refcount traffic). Lookups run without slots_lock, like the
+    kernel's SRCU readers, so updates are published through a sequence count
+    (a seqlock): a reader that saw an update in flight retries.
+    """
 
     def __init__(self, nr_as_ids: int) -> None:
         self.nr_as_ids = nr_as_ids
-        # Per address space: (sorted base gfns, slots in the same order).
-        self._sets: list[tuple[list[int], list[Memslot]]] = [([], []) for _ in range(nr_as_ids)]
+        self._bases: list[list[int]] = [[] for _ in range(nr_as_ids)]
+        self._slots: list[list[Memslot]] = [[] for _ in range(nr_as_ids)]
         self._by_id: list[dict[int, Memslot]] = [{} for _ in range(nr_as_ids)]
         self.nr_memslot_pages = 0
-        # Bumped on every change, like the kernel's memslot generation.
-        self.generation = 0
+        # Even when stable, odd while an update is in flight; it also serves
+        # as the memslot generation (it changes on every update).
+        self._seq = 0
+
+    @property
+    def generation(self) -> int:
+        return self._seq
+
+    def _read_begin(self) -> int:
+        seq = self._seq
+        while seq & 1:
+            time.sleep(0)  # let the writer (which holds slots_lock) finish
+            seq = self._seq
+        return seq
 
     def find(self, as_id: int, gfn: int) -> Memslot | None:
         """The slot of ``as_id`` that contains ``gfn`` (gfn_to_memslot)."""
         if not 0 <= as_id < self.nr_as_ids:
             return None
-        bases, slots = self._sets[as_id]
-        i = bisect_right(bases, gfn) - 1
-        if i >= 0:
-            slot = slots[i]
-            if gfn < slot.base_gfn + slot.npages:
-                return slot
-        return None
+        bases = self._bases[as_id]
+        slots = self._slots[as_id]
+        while True:
+            seq = self._seq
+            if seq & 1:
+                seq = self._read_begin()
+            found = None
+            i = bisect_right(bases, gfn) - 1
+            if i >= 0:
+                try:
+                    slot = slots[i]
+                except IndexError:  # raced with a removal; the retry sorts it out
+                    slot = None
+                if slot is not None and slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+                    found = slot
+            if self._seq == seq:
+                return found
 
     def in_range(self, as_id: int, start: int, end: int) -> list[Memslot]:
         """Slots of ``as_id`` intersecting [start, end), in gfn order
         (kvm_for_each_memslot_in_gfn_range)."""
         if not 0 <= as_id < self.nr_as_ids or start >= end:
             return []
-        bases, slots = self._sets[as_id]
-        i = bisect_right(bases, start) - 1
-        if i < 0:
-            i = 0
-        elif slots[i].base_gfn + slots[i].npages <= start:
-            i += 1
-        j = bisect_left(bases, end, i)
-        return slots[i:j]
+        bases = self._bases[as_id]
+        slots = self._slots[as_id]
+        while True:
+            seq = self._seq
+            if seq & 1:
+                seq = self._read_begin()
+            i = bisect_right(bases, start) - 1
+            if i < 0:
+                i = 0
+            elif i < len(slots) and slots[i].base_gfn + slots[i].npages <= start:
+                i += 1
+            found = slots[i : bisect_left(bases, end, i)]
+            if self._seq == seq:
+                return found
 
     def get(self, as_id: int, id: int) -> Memslot | None:
         """id_to_memslot()."""
@@ -284,41 +320,55 @@ class Memslots:
 
     def address_space(self, as_id: int) -> list[Memslot]:
         """A snapshot of one address space's slots in gfn order."""
-        return list(self._sets[as_id][1])
+        while True:
+            seq = self._read_begin()
+            snap = list(self._slots[as_id])
+            if self._seq == seq:
+                return snap
 
     def __iter__(self) -> Iterator[Memslot]:
-        for _, slots in self._sets:
-            yield from slots
+        for as_id in range(self.nr_as_ids):
+            yield from self.address_space(as_id)
 
     def __len__(self) -> int:
-        return sum(len(slots) for _, slots in self._sets)
+        return sum(len(d) for d in self._by_id)
 
     def check_overlap(self, as_id: int, id: int, start: int, end: int) -> bool:
         """kvm_check_memslot_overlap(): another slot intersects [start, end)."""
         return any(s.id != id for s in self.in_range(as_id, start, end))
 
-    # Updates: callers hold slots_lock.
+    # Updates: callers hold slots_lock, so there is one writer at a time.
 
     def _install(self, slot: Memslot) -> None:
-        bases, slots = self._sets[slot.as_id]
+        bases = self._bases[slot.as_id]
         i = bisect_left(bases, slot.base_gfn)
-        self._sets[slot.as_id] = (
-            bases[:i] + [slot.base_gfn] + bases[i:],
-            slots[:i] + [slot] + slots[i:],
-        )
-        self._by_id[slot.as_id][slot.id] = slot
-        self.nr_memslot_pages += slot.npages
-        self.generation += 1
+        self._seq += 1
+        try:
+            bases.insert(i, slot.base_gfn)
+            self._slots[slot.as_id].insert(i, slot)
+            self._by_id[slot.as_id][slot.id] = slot
+            self.nr_memslot_pages += slot.npages
+        finally:
+            self._seq += 1
 
     def _remove(self, slot: Memslot) -> None:
-        bases, slots = self._sets[slot.as_id]
+        bases = self._bases[slot.as_id]
+        slots = self._slots[slot.as_id]
         i = bisect_left(bases, slot.base_gfn)
         if i >= len(slots) or slots[i] is not slot:  # pragma: no cover - internal misuse
             raise KeyError(slot)
-        self._sets[slot.as_id] = (bases[:i] + bases[i + 1 :], slots[:i] + slots[i + 1 :])
-        del self._by_id[slot.as_id][slot.id]
-        self.nr_memslot_pages -= slot.npages
-        self.generation += 1
+        self._seq += 1
+        try:
+            del bases[i]
+            del slots[i]
+            del self._by_id[slot.as_id][slot.id]
+            self.nr_memslot_pages -= slot.npages
+        finally:
+            self._seq += 1
+
+    def _changed(self) -> None:
+        """A slot changed in place (flags): readers must see a new generation."""
+        self._seq += 2
 
 
 class MemslotChange(enum.Enum):

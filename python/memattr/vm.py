@@ -309,7 +309,7 @@ class Vm:
             # The kernel copies the arch state into a new struct; nothing the
             # MMU model tracks depends on the flags that may change here.
             old.flags = new.flags
-            memslots.generation += 1
+            memslots._changed()
             return
         if old is not None:
             # kvm_invalidate_memslot(): zap everything mapped through the old
