@@ -536,3 +536,41 @@ def test_fault_beside_a_conversion_in_the_same_hugepage_retries(store: str) -> N
     assert result["level"] == 1
     assert vm.stats.fault_retries >= 1
     assert vm.hugepage_mixed(0, G1 >> 12, 2)
+
+
+def test_fault_racing_a_memslot_deletion_retries_then_exits(store: str) -> None:
+    vm = make_vm(store, gmem=False, size=G1)
+    result: dict[str, object] = {}
+    slot = vm.memslots.get(0, 0)
+    assert slot is not None
+    # Between memslot_deleted() (tracking dropped, like KVM_MEMSLOT_INVALID)
+    # and the slot's removal, a fault must retry, not map or crash.
+    with vm.slots_lock:
+        vm.mmu.memslot_deleted(slot)
+
+        def vcpu() -> None:
+            try:
+                vm.fault(0x1000)
+            except MemoryFault as e:
+                result["exit"] = e
+
+        t = threading.Thread(target=vcpu, name="vcpu2")
+        t.start()
+        deadline = time.monotonic() + 10
+        while vm.stats.fault_retries == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        vm.memslots._remove(slot)
+    t.join(10)
+    assert isinstance(result["exit"], MemoryFault)
+    assert vm.stats.fault_retries >= 1 and vm.stats.mapped == {1: 0, 2: 0, 3: 0}
+
+
+def test_tracker_kind_follows_the_store() -> None:
+    from memattr import LpageInfoTracker, RangeHugepageTracker
+
+    for kind, cls in (("rangetree", RangeHugepageTracker), ("xarray", LpageInfoTracker)):
+        vm = make_vm(kind, size=G1)
+        slot = vm.memslots.get(0, 0)
+        assert slot is not None and isinstance(slot.arch, cls)
+        vm.set_user_memory_region(0, 0, 0)
+        assert slot.arch is None

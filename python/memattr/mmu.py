@@ -333,7 +333,9 @@ class X86Mmu:
             slot = vm.memslots.find(as_id, gfn)
             # Don't fault in a pfn that is being invalidated: go back to the
             # guest and fault again (RET_PF_RETRY).
-            if slot is not None and self._retry_gfn_unsafe(mmu_seq, gfn):
+            # A slot being deleted or moved (its tracking already dropped, as
+            # with KVM_MEMSLOT_INVALID) also means "retry".
+            if slot is not None and (slot.arch is None or self._retry_gfn_unsafe(mmu_seq, gfn)):
                 self._check_can_make_progress(gpa)
                 self._retry_later()
                 continue
@@ -347,7 +349,7 @@ class X86Mmu:
                 raise self._memory_fault_exit(gfn, private)
 
             with vm.mmu_lock:
-                if self._retry_gfn(mmu_seq, gfn):
+                if slot.arch is None or self._retry_gfn(mmu_seq, gfn):
                     stale = True
                 else:
                     stale = False
@@ -368,11 +370,12 @@ class X86Mmu:
         # The kernel's vCPU retries until whoever began the invalidation
         # ends it. With no other thread alive nobody ever will: report the
         # livelock instead of spinning forever.
-        if threading.active_count() == 1 and self._vm.mmu_invalidate_in_progress:
+        if threading.active_count() == 1:
             raise LockdepError(
                 "mmu_invalidate_in_progress",
                 "a fault would retry forever: an invalidation covering its gfn "
-                "is in progress and no other thread exists to end it",
+                "is in progress (or its memslot is going away) and no other "
+                "thread exists to finish it",
                 f"X86Mmu.fault(gpa={gpa:#x})",
             )
 
