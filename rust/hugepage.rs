@@ -1249,7 +1249,7 @@ mod tests {
         let mut m = Stage2Map::new();
         assert_eq!(m.map(5, 1).unwrap(), (true, [0, 0, 0]));
         assert_eq!(m.map(5, 1).unwrap(), (false, [0, 0, 0]));
-        assert_eq!(m.map(600, 1).unwrap().0, true);
+        assert!(m.map(600, 1).unwrap().0);
         assert_eq!(m.mapped_level(5), Some(1));
         // A 2M leaf over 4K leaves replaces them.
         assert_eq!(m.map(7, 2).unwrap(), (true, [1, 0, 0]));
@@ -1265,8 +1265,8 @@ mod tests {
         assert_eq!(m.zap_all(), [2, 0, 0]);
         assert!(m.zap(3, 3).is_err());
         assert!(m.map(0, 4).is_err());
-        assert_eq!(m.map(u64::MAX, 3).unwrap().0, true);
-        assert_eq!(m.runs(3).unwrap(), vec![(u64::MAX & !(G1 - 1), u64::MAX)]);
+        assert!(m.map(u64::MAX, 3).unwrap().0);
+        assert_eq!(m.runs(3).unwrap(), vec![(!(G1 - 1), u64::MAX)]);
         assert_eq!(m.zap(u64::MAX - 1, u64::MAX).unwrap(), [0, 0, 1]);
     }
 
