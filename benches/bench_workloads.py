@@ -36,6 +36,10 @@ if FULL and workloads.parse_size(SIDE_BY_SIDE) > XARRAY_MAX:
     SIDE_BY_SIDE = max(XA_SIZES, key=workloads.parse_size)
 STORE_ONLY = "1T" if FULL else "4G"
 
+# Full-size runs of the range store at 1 TiB take minutes on a busy 2-core
+# machine: give them room beyond the suite's 300 s per-test default.
+pytestmark = pytest.mark.timeout(3600 if FULL else 300)
+
 _traces: dict[str, trace_mod.Trace] = {}
 
 
