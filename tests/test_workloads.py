@@ -253,6 +253,16 @@ def test_split_requests_tile_each_range(ranges, style):
     assert pos == len(gpa)
 
 
+def test_split_requests_skips_empty_and_rejects_reversed():
+    s = np.array([0x1000, 0x5000], np.uint64)
+    gpa, size = w.split_requests(s, s + np.array([0, 0x1000], np.uint64), "snp")
+    assert gpa.tolist() == [0x5000] and size.tolist() == [0x1000]
+    with pytest.raises(ValueError, match="end"):
+        w.split_requests(s, s - np.uint64(0x1000), "tdx")
+    with pytest.raises(ValueError, match="style"):
+        w.split_requests(s, s, "sev")
+
+
 # --------------------------------------------------------------------------
 # acceptance and implicit conversions
 

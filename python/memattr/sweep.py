@@ -24,8 +24,9 @@ cluster::
     with MPIPoolExecutor() as ex:
         results = sweep(configs, executor=ex)
 
-    # Ray: wrap ray.remote in an Executor (ray.util has no stock one); the
-    # only method sweep() needs is submit(fn, *args) -> Future:
+    # Ray: wrap ray.remote in an Executor (Ray ships no stock one); sweep()
+    # only needs submit(fn, *args) -> concurrent.futures.Future, which an
+    # ObjectRef gives through .future():
     import ray
     class RayExecutor(concurrent.futures.Executor):
         def submit(self, fn, /, *args, **kwargs):

@@ -345,11 +345,16 @@ def split_requests(starts: np.ndarray, ends: np.ndarray, style: str) -> tuple[np
     contiguous entries of one request into one conversion. So each range
     becomes runs of up to 253 entries.
 
-    Returns (gpa, size) arrays of the requests.
+    Returns (gpa, size) arrays of the requests; empty ranges make none.
     """
     _check_style(style)
     starts = np.asarray(starts, dtype=np.uint64)
     ends = np.asarray(ends, dtype=np.uint64)
+    if starts.shape != ends.shape or (ends < starts).any():
+        raise ValueError("starts and ends must have one shape, with every end >= its start")
+    # An empty range asks for nothing: no request (a zero size is EINVAL).
+    keep = ends > starts
+    starts, ends = starts[keep], ends[keep]
     if starts.size == 0:
         return starts, ends - starts
     if style == "tdx":
