@@ -43,6 +43,8 @@ pub enum HugepageError {
     InvalidLevel { level: u8, min: u8, max: u8 },
     /// A gfn outside the tracker's memslot.
     GfnOutsideSlot { gfn: u64 },
+    /// A gfn whose gpa (`gfn << 12`) does not fit in 64 bits.
+    GfnBeyondGpaSpace { gfn: u64 },
     /// A range that is empty or not contained by the memslot.
     RangeOutsideSlot { start: u64, end: u64 },
     /// The attribute store refused a query.
@@ -61,6 +63,9 @@ impl fmt::Display for HugepageError {
             }
             HugepageError::GfnOutsideSlot { gfn } => {
                 write!(f, "gfn {gfn:#x} is outside the memslot")
+            }
+            HugepageError::GfnBeyondGpaSpace { gfn } => {
+                write!(f, "gfn {gfn:#x} is beyond the 64-bit gpa space")
             }
             HugepageError::RangeOutsideSlot { start, end } => write!(
                 f,
@@ -803,6 +808,9 @@ impl HugepageTracker for RangeTracker {
 // Simulated stage-2 mappings.
 // ---------------------------------------------------------------------------
 
+/// One past the largest gfn whose gpa fits in 64 bits.
+pub const GFN_LIMIT: u64 = 1 << (64 - 12);
+
 /// Leaf mappings of one address space's TDP root, kept as runs of frame
 /// numbers (`gfn >> shift`) per level. A gfn is mapped by at most one leaf.
 #[derive(Debug, Clone, Default)]
@@ -833,6 +841,9 @@ impl Stage2Map {
     /// it removed per level.
     pub fn map(&mut self, gfn: u64, level: u8) -> Result<(bool, LevelCounts), HugepageError> {
         check_level(level, PG_LEVEL_4K, PG_LEVEL_1G)?;
+        if gfn >= GFN_LIMIT {
+            return Err(HugepageError::GfnBeyondGpaSpace { gfn });
+        }
         let shift = hpage_gfn_shift(level);
         let frame = gfn >> shift;
         let mut removed = [0u64; 3];
@@ -1265,9 +1276,18 @@ mod tests {
         assert_eq!(m.zap_all(), [2, 0, 0]);
         assert!(m.zap(3, 3).is_err());
         assert!(m.map(0, 4).is_err());
-        assert!(m.map(u64::MAX, 3).unwrap().0);
-        assert_eq!(m.runs(3).unwrap(), vec![(!(G1 - 1), u64::MAX)]);
-        assert_eq!(m.zap(u64::MAX - 1, u64::MAX).unwrap(), [0, 0, 1]);
+        // The last page of the gpa space; nothing beyond.
+        assert!(m.map(GFN_LIMIT - 1, 1).unwrap().0);
+        assert!(m.map(GFN_LIMIT - 1, 3).unwrap().0);
+        assert_eq!(m.runs(3).unwrap(), vec![(GFN_LIMIT - G1, GFN_LIMIT)]);
+        assert_eq!(m.zap(u64::MAX - 1, u64::MAX).unwrap(), [0, 0, 0]);
+        assert_eq!(m.zap(GFN_LIMIT - 1, u64::MAX).unwrap(), [0, 0, 1]);
+        assert_eq!(
+            m.map(GFN_LIMIT, 1),
+            Err(HugepageError::GfnBeyondGpaSpace { gfn: GFN_LIMIT })
+        );
+        assert!(m.map(u64::MAX, 1).is_err());
+        assert_eq!(m.mapped_level(u64::MAX), None);
     }
 
     #[derive(Debug, Clone)]

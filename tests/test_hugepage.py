@@ -159,8 +159,10 @@ def test_stage2_map_zap_runs() -> None:
     assert m.mapped_level(511) == 2 and m.mapped_level(512) == 0
     assert m.counts() == (0, 1, 0)
     assert m.zap(511, 512) == (0, 1, 0)  # straddling leaf goes whole
-    assert m.map(2**64 - 1, 3) == (True, (0, 0, 0))
-    assert m.runs(3) == [(2**64 - G1, 2**64)]
+    assert m.map(2**52 - 1, 3) == (True, (0, 0, 0))  # the last page of the gpa space
+    assert m.runs(3) == [(2**52 - G1, 2**52)]
+    with pytest.raises(ValueError, match="gpa space"):
+        m.map(2**52, 1)
     assert m.zap_all() == (0, 0, 1)
     with pytest.raises(ValueError, match="start"):
         m.zap(5, 5)

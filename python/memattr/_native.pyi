@@ -108,7 +108,8 @@ class Stage2Map:
     def map(self, gfn: int, level: int) -> tuple[bool, tuple[int, int, int]]:
         """Installs a leaf at level covering gfn, replacing smaller leaves
         under it and zapping a bigger leaf over it. Returns (installed, leaves
-        removed per level); installed is False if that leaf already existed."""
+        removed per level); installed is False if that leaf already existed.
+        ValueError if gfn << 12 does not fit in 64 bits."""
     def zap(self, start: int, end: int) -> tuple[int, int, int]:
         """Removes every leaf intersecting [start, end) (huge leaves whole);
         returns the leaves removed per level."""
