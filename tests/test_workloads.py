@@ -387,6 +387,8 @@ def test_kexec_converts_every_shared_range(style):
     # covers 16 KiB in one go
     assert int(s["gpa"][0]) == 0x1000 and int(s["size"][0]) == 0x4000
     assert tr.shared.bytes == 0
+    with pytest.raises(TypeError, match="shared"):
+        w.kexec("1G", [(0, 4096)], style)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------

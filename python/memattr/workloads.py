@@ -823,6 +823,8 @@ def kexec(layout: GuestLayout | int | str, shared: SharedSet, style: str = "tdx"
     """
     layout = _layout(layout)
     _check_style(style)
+    if not isinstance(shared, SharedSet):
+        raise TypeError(f"shared must be a SharedSet, got {type(shared).__name__}")
     ops = _convert(shared.starts, shared.ends, PRIVATE, style)
     return _attach_shared(Trace(ops, _meta("kexec", layout, style=style)), SharedSet.empty())
 
