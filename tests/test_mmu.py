@@ -574,3 +574,60 @@ def test_tracker_kind_follows_the_store() -> None:
         assert slot is not None and isinstance(slot.arch, cls)
         vm.set_user_memory_region(0, 0, 0)
         assert slot.arch is None
+
+
+# --- an independent oracle: the level is the largest uniform, aligned, whole hugepage --
+
+
+@given(
+    head=st.sampled_from([0, 1, 511, 512]),
+    tail=st.sampled_from([0, 1, 512]),
+    incongruent=st.sampled_from([0, 1, 512]),
+    order=st.sampled_from([0, 9, 18]),
+    ops=st.lists(
+        st.tuples(st.integers(0, (3 << 18) - 1), st.integers(1, 1 << 19), st.booleans()), min_size=1, max_size=6
+    ),
+    probes=st.lists(st.integers(0, (3 << 18) - 1), min_size=1, max_size=10),
+)
+def test_fault_level_matches_brute_force_oracle(
+    head: int, tail: int, incongruent: int, order: int, ops: list[tuple[int, int, bool]], probes: list[int]
+) -> None:
+    import numpy as np
+
+    span = 3 << 18  # 3 GiB of gfns
+    base, end = head, span - tail
+    vm = Vm(KVM_X86_SW_PROTECTED_VM, "rangetree", guest_memfd_max_order=order)
+    fd = vm.create_guest_memfd((end - base) << 12)
+    uaddr = (base + incongruent) << 12
+    vm.set_user_memory_region(
+        0, base << 12, (end - base) << 12, userspace_addr=uaddr, flags=KVM_MEM_GUEST_MEMFD, guest_memfd=fd
+    )
+    attrs = np.zeros(span, dtype=np.uint64)
+    for start, npages, private in ops:
+        stop = min(start + npages, span)
+        vm.set_memory_attributes(start << 12, (stop - start) << 12, P if private else 0)
+        attrs[start:stop] = P if private else 0
+
+    def oracle(gfn: int) -> int:
+        private = bool(attrs[gfn] & P)
+        cap = kvm_max_level_for_order(order) if private else 3
+        for level in (3, 2):
+            n = 1 << (9 * (level - 1))
+            hp = gfn & ~(n - 1)
+            if (
+                level <= cap
+                and hp >= base
+                and hp + n <= end
+                and ((base ^ (uaddr >> 12)) & (n - 1)) == 0
+                and bool((attrs[hp : hp + n] == attrs[hp]).all())
+            ):
+                return level
+        return 1
+
+    for gfn in probes:
+        if not base <= gfn < end:
+            continue
+        private = bool(attrs[gfn] & P)
+        assert vm.max_mapping_level(gfn) == oracle(gfn)
+        assert vm.fault(gfn << 12, private=private) == oracle(gfn)
+        assert vm.mmu.mapped_level(gfn << 12) == oracle(gfn)
