@@ -131,69 +131,88 @@ fn time<R>(f: impl FnOnce() -> R) -> (Duration, R) {
     (t.elapsed(), r)
 }
 
-fn best_of<R>(n: usize, mut f: impl FnMut() -> (Duration, R)) -> Duration {
-    (0..n).map(|_| f().0).min().unwrap_or_default()
+type Maker = fn() -> Box<dyn Contender>;
+
+fn rangetree() -> Box<dyn Contender> {
+    Box::new(RangeTree::new())
+}
+fn simple() -> Box<dyn Contender> {
+    Box::new(SimpleRangeTree::new())
+}
+fn xarray() -> Box<dyn Contender> {
+    Box::new(XArray::new())
+}
+fn rangemap() -> Box<dyn Contender> {
+    Box::new(RangeMapContender(RangeMap::new()))
+}
+
+/// Runs `f` for every contender in turn, `rounds` times, interleaved so a
+/// change in machine load hits all of them alike; keeps each one's best.
+fn interleaved<R>(
+    makers: &[Maker],
+    rounds: usize,
+    mut f: impl FnMut(Maker) -> (Duration, R),
+) -> Vec<(Duration, R)> {
+    let mut best: Vec<Option<(Duration, R)>> = makers.iter().map(|_| None).collect();
+    for _ in 0..rounds {
+        for (k, mk) in makers.iter().enumerate() {
+            let r = f(*mk);
+            if best[k].as_ref().is_none_or(|b| r.0 < b.0) {
+                best[k] = Some(r);
+            }
+        }
+    }
+    best.into_iter().map(|b| b.expect("rounds > 0")).collect()
 }
 
 /// One side-by-side run at the sizes, printing the ratios.
 fn ratios() {
     println!("== whole-range set of 2^24 pages (64 GiB guest made private) ==");
     let pages = 1u64 << 24;
-    let mut rows = Vec::new();
-    for mk in [
-        (|| Box::new(RangeTree::new()) as Box<dyn Contender>) as fn() -> Box<dyn Contender>,
-        || Box::new(SimpleRangeTree::new()),
-        || Box::new(XArray::new()),
-        || Box::new(RangeMapContender(RangeMap::new())),
-    ] {
-        let reps = if mk().name() == "XArray" { 3 } else { 200 };
-        let mut bytes = 0;
-        let d = best_of(reps, || {
-            let mut c = mk();
-            let r = time(|| c.set(0, pages, PRIVATE));
-            bytes = c.bytes();
-            r
-        });
-        let name = mk().name();
+    let makers: [Maker; 4] = [rangetree, simple, xarray, rangemap];
+    let rows = interleaved(&makers, 3, |mk| {
+        let mut c = mk();
+        let (d, ()) = time(|| c.set(0, pages, PRIVATE));
+        (d, c.bytes())
+    });
+    for (mk, (d, bytes)) in makers.iter().zip(&rows) {
         println!(
-            "  {name:<28} {:>12.3} us  {bytes:>12} bytes",
+            "  {:<28} {:>14.3} us  {bytes:>12} bytes",
+            mk().name(),
             d.as_secs_f64() * 1e6
         );
-        rows.push((name, d, bytes));
     }
     let (rt, xa) = (&rows[0], &rows[2]);
     println!(
         "  RangeTree vs XArray: {:.0}x faster, {:.0}x less memory",
-        xa.1.as_secs_f64() / rt.1.as_secs_f64(),
-        xa.2 as f64 / rt.2 as f64
+        xa.0.as_secs_f64() / rt.0.as_secs_f64(),
+        xa.1 as f64 / rt.1 as f64
     );
 
     let runs = 1u64 << 20;
     let ops = mixed_ops(runs, 2_000_000, 0xD1CE);
     println!("== random mixed set_range/get (1:1, 2M ops) at 1M runs ==");
-    let mut rows = Vec::new();
-    for mk in [
-        (|| Box::new(RangeTree::new()) as Box<dyn Contender>) as fn() -> Box<dyn Contender>,
-        || Box::new(SimpleRangeTree::new()),
-        || Box::new(RangeMapContender(RangeMap::new())),
-        || Box::new(XArray::new()),
-    ] {
-        let d = best_of(2, || {
-            let mut c = mk();
-            populate(&mut *c, runs);
-            time(|| run_mixed(&mut *c, &ops))
-        });
-        let name = mk().name();
+    let makers: [Maker; 4] = [rangetree, simple, rangemap, xarray];
+    let rows = interleaved(&makers, 2, |mk| {
+        let mut c = mk();
+        populate(&mut *c, runs);
+        time(|| run_mixed(&mut *c, &ops))
+    });
+    for (mk, (d, _)) in makers.iter().zip(&rows) {
         println!(
-            "  {name:<28} {:>9.1} ms  {:>7.1} ns/op",
+            "  {:<28} {:>9.1} ms  {:>7.1} ns/op",
+            mk().name(),
             d.as_secs_f64() * 1e3,
             d.as_secs_f64() * 1e9 / ops.len() as f64
         );
-        rows.push((name, d));
     }
-    let rt = rows[0].1.as_secs_f64();
-    for (name, d) in &rows[1..] {
-        println!("  RangeTree vs {name}: {:.2}x faster", d.as_secs_f64() / rt);
+    let rt = rows[0].0.as_secs_f64();
+    for (mk, (d, _)) in makers.iter().zip(&rows).skip(1) {
+        println!(
+            "  RangeTree vs {}: {:.2}x faster",
+            mk().name(),
+            d.as_secs_f64() / rt
+        );
     }
 
     println!("== get of 2M random gfns over 100k runs ==");
@@ -202,8 +221,6 @@ fn ratios() {
     populate(&mut t, runs);
     let mut rng = XorShift(0xBEEF);
     let gfns: Vec<u64> = (0..2_000_000).map(|_| rng.below(runs * 4)).collect();
-    let mut out = vec![0u64; gfns.len()];
-    let tree = best_of(5, || time(|| t.get_many(&gfns, &mut out)));
     // The static floor: binary search over the sorted run boundaries.
     let mut bounds = Vec::new();
     let mut vals = Vec::new();
@@ -212,14 +229,20 @@ fn ratios() {
         vals.push(v);
     })
     .unwrap();
+    let mut out = vec![0u64; gfns.len()];
     let mut out2 = vec![0u64; gfns.len()];
-    let bsearch = best_of(5, || {
-        time(|| {
-            for (o, g) in out2.iter_mut().zip(&gfns) {
-                *o = vals[bounds.partition_point(|&b| b <= *g) - 1];
-            }
-        })
-    });
+    let (mut tree, mut bsearch) = (Duration::MAX, Duration::MAX);
+    for _ in 0..5 {
+        tree = tree.min(time(|| t.get_many(&gfns, &mut out)).0);
+        bsearch = bsearch.min(
+            time(|| {
+                for (o, g) in out2.iter_mut().zip(&gfns) {
+                    *o = vals[bounds.partition_point(|&b| b <= *g) - 1];
+                }
+            })
+            .0,
+        );
+    }
     assert_eq!(out, out2);
     println!(
         "  RangeTree.get_many {:.1} ms, partition_point over boundaries {:.1} ms: {:.2}x",
@@ -227,6 +250,37 @@ fn ratios() {
         bsearch.as_secs_f64() * 1e3,
         tree.as_secs_f64() / bsearch.as_secs_f64()
     );
+}
+
+/// Gets and sets apart, at 1M runs, for looking into where time goes.
+fn micro() {
+    for shift in [10u32, 14, 17, 20] {
+        println!("runs 2^{shift}");
+        micro_at(1u64 << shift);
+    }
+}
+
+fn micro_at(runs: u64) {
+    let ops = mixed_ops(runs, 2_000_000, 0xD1CE);
+    let gets: Vec<u64> = ops.iter().filter(|o| o.1 == 0).map(|o| o.0).collect();
+    let sets: Vec<(u64, u64, u64)> = ops.iter().filter(|o| o.1 != 0).copied().collect();
+    let makers: [Maker; 3] = [rangetree, xarray, rangemap];
+    for mk in makers {
+        let mut c = mk();
+        populate(&mut *c, runs);
+        let (dg, _) = time(|| gets.iter().fold(0u64, |a, &g| a.wrapping_add(c.get(g))));
+        let (ds, _) = time(|| {
+            for &(s, e, v) in &sets {
+                c.set(s, e, v)
+            }
+        });
+        println!(
+            "  {:<28} get {:>7.1} ns  set {:>7.1} ns",
+            c.name(),
+            dg.as_secs_f64() * 1e9 / gets.len() as f64,
+            ds.as_secs_f64() * 1e9 / sets.len() as f64
+        );
+    }
 }
 
 fn criterion_benches(c: &mut Criterion) {
@@ -301,6 +355,10 @@ fn criterion_benches(c: &mut Criterion) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().skip(1).any(|a| a == "micro") {
+        micro();
+        return;
+    }
     if args.iter().skip(1).any(|a| a == "ratios") {
         ratios();
         return;

@@ -168,6 +168,7 @@ impl AttrStore for SimpleRangeTree {
 
 /// Runs per leaf, and children per interior node.
 const CAP: usize = 32;
+const _: () = assert!(CAP.is_power_of_two());
 /// A node below this (other than the root) borrows from or merges with a
 /// sibling, so every node is at least a quarter full: memory stays within a
 /// small factor of the runs themselves however they were built.
@@ -264,10 +265,23 @@ impl Inner {
     }
 }
 
-/// Number of keys `<= k`: a branch-free scan the compiler vectorises.
-#[inline]
+/// Number of keys `<= k` in a sorted, sentinel-padded node: a binary search
+/// of fixed length whose steps compile to conditional moves, so no branch
+/// depends on the data (a linear scan of 32 u64 costs more without AVX2).
+#[inline(always)]
 fn count_le(keys: &[u64; CAP], k: u64) -> usize {
-    keys.iter().map(|&x| (x <= k) as usize).sum()
+    let mut base = 0usize;
+    let mut n = CAP;
+    while n > 1 {
+        let half = n / 2;
+        base = if keys[base + half - 1] <= k {
+            base + half
+        } else {
+            base
+        };
+        n -= half;
+    }
+    base + (keys[base] <= k) as usize
 }
 
 /// The interior nodes and child indices from the root down to a leaf.
@@ -460,11 +474,17 @@ impl RangeTree {
     fn insert(&mut self, r: (u64, u64, u64)) {
         let (path, mut id, mut pos) = self.find(r.0);
         if self.leaves[id as usize].len as usize == CAP {
-            let right = self.split_leaf(&path, id);
-            let half = self.leaves[id as usize].len as usize;
-            if pos > half {
+            // Appending past the last leaf (a guest converted front to
+            // back) splits unevenly, so such trees end up 3/4 full, not 1/2.
+            let keep = if pos == CAP && self.leaves[id as usize].next == NONE {
+                CAP - MIN
+            } else {
+                CAP / 2
+            };
+            let right = self.split_leaf(&path, id, keep);
+            if pos > keep {
                 id = right;
-                pos -= half;
+                pos -= keep;
             }
         }
         let l = &mut self.leaves[id as usize];
@@ -474,16 +494,17 @@ impl RangeTree {
         self.runs += 1;
     }
 
-    /// Splits a full leaf in two halves; returns the new right leaf.
-    fn split_leaf(&mut self, path: &Path, id: u32) -> u32 {
+    /// Splits a leaf (full, or about to overflow), keeping `half` runs in
+    /// it; returns the new right leaf.
+    fn split_leaf(&mut self, path: &Path, id: u32, half: usize) -> u32 {
         let right = self.alloc_leaf();
-        let half = CAP / 2;
         let (left_next, sep) = {
             let (l, r) = two_mut(&mut self.leaves, id, right);
-            r.starts[..CAP - half].copy_from_slice(&l.starts[half..]);
-            r.ends[..CAP - half].copy_from_slice(&l.ends[half..]);
-            r.vals[..CAP - half].copy_from_slice(&l.vals[half..]);
-            r.len = (CAP - half) as u32;
+            let len = l.len as usize;
+            r.starts[..len - half].copy_from_slice(&l.starts[half..len]);
+            r.ends[..len - half].copy_from_slice(&l.ends[half..len]);
+            r.vals[..len - half].copy_from_slice(&l.vals[half..len]);
+            r.len = (len - half) as u32;
             l.len = half as u32;
             l.seal();
             r.prev = id;
@@ -517,9 +538,9 @@ impl RangeTree {
         let mut id = path.ids[d];
         let mut ci = path.idx[d] as usize;
         if self.inners[id as usize].len as usize == CAP {
-            // Split first: the left half keeps `half` children, the key
-            // between the halves moves up.
-            let half = CAP / 2;
+            // Split first: the left part keeps `half` children, the key
+            // between the parts moves up. Appends split unevenly, as leaves.
+            let half = if ci == CAP - 1 { CAP - MIN } else { CAP / 2 };
             let right = self.alloc_inner();
             let up = {
                 let (l, r) = two_mut(&mut self.inners, id, right);
@@ -706,16 +727,22 @@ impl RangeTree {
     }
 
     /// The common case in one descent: everything `set_range` changes lies
-    /// in one leaf, which stays within its size bounds and separators.
-    /// Returns false, having changed nothing, when that does not hold.
-    fn set_in_leaf(&mut self, s: u64, e: u64, v: u64) -> bool {
+    /// in one leaf, which stays within its size bounds and separators (a
+    /// full leaf is split first, once). Returns false, having changed no
+    /// run, when that does not hold.
+    fn set_in_leaf(&mut self, s: u64, e: u64, v: u64, split_if_full: bool) -> bool {
         let (path, id, pos_le) = self.find(s.saturating_sub(1));
         let pos = if s == 0 { 0 } else { pos_le };
         let l = &self.leaves[id as usize];
         let len = l.len as usize;
         if pos == 0 && l.prev != NONE {
-            // The run before `s` may sit in the previous leaf.
-            return false;
+            // The run before `s` is the previous leaf's last: fine as long as
+            // it neither overlaps nor merges.
+            let p = &self.leaves[l.prev as usize];
+            let (_, pe, pv) = p.run(p.len as usize - 1);
+            if pe > s || (pe == s && pv == v) {
+                return false;
+            }
         }
         let mut out = [(0u64, 0u64, 0u64); 3];
         let mut m = 0;
@@ -771,7 +798,11 @@ impl RangeTree {
             }
         }
         if !done && l.next != NONE {
-            return false;
+            // Likewise the run after the last one here.
+            let (ns, _, nv) = self.leaves[l.next as usize].run(0);
+            if ns < e || (ns == e && nv == v) {
+                return false;
+            }
         }
         if v != 0 {
             out[m] = (lo, hi, v);
@@ -782,6 +813,12 @@ impl RangeTree {
             m += 1;
         }
         let new_len = len - (b - a) + m;
+        if new_len > CAP && split_if_full {
+            // Make room and try once more: splitting is cheaper than the
+            // general path's separate tree operations.
+            self.split_leaf(&path, id, CAP / 2);
+            return self.set_in_leaf(s, e, v, false);
+        }
         if new_len > CAP || (new_len < MIN && self.height > 0) {
             return false;
         }
@@ -1034,7 +1071,7 @@ impl AttrStore for RangeTree {
 
     fn set_range(&mut self, start: u64, end: u64, value: u64) -> Result<(), StoreError> {
         check_range(start, end)?;
-        if !self.set_in_leaf(start, end, value) {
+        if !self.set_in_leaf(start, end, value, true) {
             self.set_general(start, end, value);
         }
         // The reservation was for this call.
@@ -1103,9 +1140,43 @@ impl AttrStore for RangeTree {
         self.spare_inners = 0;
     }
 
+    /// Lookups go down the tree in groups, a level at a time for the whole
+    /// group, so the cache misses of independent lookups overlap instead of
+    /// being paid one after another.
     fn get_many(&self, gfns: &[u64], out: &mut [u64]) {
-        for (o, &g) in out.iter_mut().zip(gfns) {
-            *o = self.lookup(g);
+        const GROUP: usize = 16;
+        for (gs, os) in gfns.chunks(GROUP).zip(out.chunks_mut(GROUP)) {
+            let mut ids = [self.root; GROUP];
+            for _ in 0..self.height {
+                for (id, &g) in ids.iter_mut().zip(gs) {
+                    let n = &self.inners[*id as usize];
+                    let c = count_le(&n.keys, g).min(n.len as usize - 1);
+                    *id = n.children[c];
+                }
+            }
+            for ((o, &g), &id) in os.iter_mut().zip(gs).zip(&ids) {
+                let l = &self.leaves[id as usize];
+                let pos = count_le(&l.starts, g).min(l.len as usize);
+                *o = if g == SENTINEL {
+                    0
+                } else if pos > 0 {
+                    if g < l.ends[pos - 1] {
+                        l.vals[pos - 1]
+                    } else {
+                        0
+                    }
+                } else if l.prev != NONE {
+                    let p = &self.leaves[l.prev as usize];
+                    let i = p.len as usize - 1;
+                    if g < p.ends[i] {
+                        p.vals[i]
+                    } else {
+                        0
+                    }
+                } else {
+                    0
+                };
+            }
         }
     }
 }
