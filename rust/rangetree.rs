@@ -1109,13 +1109,14 @@ impl AttrStore for RangeTree {
         self.runs
     }
 
-    /// A set adds at most two runs (a split remnant and the new run); each
-    /// insert can split a leaf and every interior node above it and add a
-    /// root. Those nodes are set aside now, so the set cannot fail.
+    /// A set adds at most two runs (a split remnant and the new run) and
+    /// may split one leaf before trying in place; each split can split every
+    /// interior node above it and add a root. That many nodes are set aside
+    /// now, so the set that follows never needs more.
     fn reserve(&mut self, start: u64, end: u64, limit: Option<usize>) -> Result<(), StoreError> {
         check_range(start, end)?;
-        let want_leaves = 2usize.max(self.spare_leaves);
-        let want_inners = (2 * (self.height + 1)).max(self.spare_inners);
+        let want_leaves = 3usize.max(self.spare_leaves);
+        let want_inners = (3 * (self.height + 1)).max(self.spare_inners);
         let needed = self.memory_bytes()
             + (want_leaves - self.spare_leaves) * LEAF_BYTES
             + (want_inners - self.spare_inners) * INNER_BYTES;

@@ -350,7 +350,6 @@ store_class!(
 
 /// Read access to the store inside a `RangeTree` or `XArray` object, for
 /// other bindings (the MMU's hugepage tracking).
-#[allow(dead_code)]
 pub(crate) fn with_store<R>(
     obj: &Bound<'_, PyAny>,
     f: impl FnOnce(&dyn AttrStore) -> R,
