@@ -74,12 +74,13 @@ def clip_gfn_ranges(
     for as_id in range(memslots.nr_as_ids):
         for slot in in_range(as_id, start, end):
             base = slot.base_gfn
-            s = start if start > base else base
             e = base + slot.npages
-            if end < e:
-                e = end
-            if s < e:
-                ranges.append(_make_gfn_range(slot, s, e, attributes, may_block))
+            # Clip to the slot; in_range() only returns intersecting slots.
+            ranges.append(
+                _make_gfn_range(
+                    slot, start if start > base else base, end if end < e else e, attributes, may_block
+                )
+            )
     return ranges
 
 

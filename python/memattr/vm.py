@@ -190,6 +190,12 @@ class Vm:
         self._unmap_hooks: tuple[Hook, ...] = ()
         self._post_set_hooks: tuple[Hook, ...] = ()
         self._hook_error: BaseException | None = None
+        # Bound once: the set path hands these to every gfn-range walk.
+        self._pre_set_handler = self._pre_set_memory_attributes
+        self._post_set_handler = self._post_set_memory_attributes
+        self._begin_handler = self._begin_set_invalidation
+        self._end_handler = self._end_set_invalidation
+        self._v11 = semantics == "v11"
 
         self.mmu = X86Mmu(self)
 
@@ -419,11 +425,7 @@ class Vm:
         try:
             ranges = clip_gfn_ranges(self.memslots, start, end, attributes, True)
             kvm_handle_gfn_range(
-                self,
-                ranges,
-                self._pre_set_memory_attributes,
-                on_lock=self._begin_set_invalidation,
-                flush_on_ret=True,
+                self, ranges, self._pre_set_handler, on_lock=self._begin_handler, flush_on_ret=True
             )
             if self._hook_error is not None:
                 # An on_unmap hook failed: abort before anything is stored.
@@ -434,20 +436,11 @@ class Vm:
             stats = self.stats
             stats.conversions += 1
             stats.pages_converted += end - start
-            if self.semantics == "v11":
-                kvm_handle_gfn_range(
-                    self,
-                    ranges,
-                    self._post_set_memory_attributes,
-                    on_unlock=self._end_set_invalidation,
-                )
+            if self._v11:
+                # The seed's order: mmu_invalidate_end after mmu_lock is dropped.
+                kvm_handle_gfn_range(self, ranges, self._post_set_handler, on_unlock=self._end_handler)
             else:
-                kvm_handle_gfn_range(
-                    self,
-                    ranges,
-                    self._post_set_memory_attributes,
-                    on_lock=self._end_set_invalidation,
-                )
+                kvm_handle_gfn_range(self, ranges, self._post_set_handler, on_lock=self._end_handler)
             if self._hook_error is not None:
                 raise self._hook_error
         finally:
@@ -571,7 +564,7 @@ class Vm:
     def max_mapping_level(self, gfn: int) -> int:
         return self.mmu.max_mapping_level(gfn)  # type: ignore[no-any-return]
 
-    def hugepage_mixed(self, slot: int, gfn: int, level: int) -> bool:
+    def hugepage_mixed(self, slot: int | Memslot, gfn: int, level: int) -> bool:
         """Is the ``level`` hugepage holding ``gfn`` in uapi slot ``slot``
         (as_id << 16 | id) mixed (hugepage_test_mixed)?"""
         return self.mmu.hugepage_mixed(slot, gfn, level)  # type: ignore[no-any-return]
