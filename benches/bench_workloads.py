@@ -94,7 +94,8 @@ def bench_side_by_side(capsys):
         print(
             f"\n[bench_workloads] boot-and-churn {SIDE_BY_SIDE}, {len(tr):,} ops: "
             f"Vm replay rangetree {rt['seconds']:.2f} s ({rt['ops_per_second']:,.0f} ops/s), "
-            f"xarray {xa['seconds']:.2f} s ({xa['ops_per_second']:,.0f} ops/s), ratio {xa['seconds'] / rt['seconds']:.1f}x; "
+            f"xarray {xa['seconds']:.2f} s ({xa['ops_per_second']:,.0f} ops/s), ratio {xa['seconds'] / rt['seconds']:.1f}x "
+            f"(CPU time {rt['cpu_seconds']:.2f} s vs {xa['cpu_seconds']:.2f} s: {xa['cpu_seconds'] / rt['cpu_seconds']:.1f}x); "
             f"store-only rangetree {so_rt['seconds']:.3f} s, xarray {so_xa['seconds']:.3f} s, "
             f"ratio {so_xa['seconds'] / so_rt['seconds']:.1f}x; memory rangetree {rt['memory_bytes']:,} B "
             f"(peak {rt['peak_memory_bytes']:,} B), xarray {xa['memory_bytes']:,} B "

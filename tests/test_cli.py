@@ -105,7 +105,7 @@ def test_compare_writes_json_and_png(tmp_path, capsys):
     rows = {r["guest"]: r for r in data["rows"]}
     assert sorted(rows) == [GiB, 2 * GiB, 4 * GiB]
     for g in (GiB, 2 * GiB):
-        assert {"rangetree", "xarray", "throughput_ratio", "memory_ratio", "store_only_ratio"} <= set(rows[g])
+        assert {"rangetree", "xarray", "throughput_ratio", "cpu_ratio", "memory_ratio", "store_only_ratio"} <= set(rows[g])
         assert rows[g]["xarray"]["memory_bytes"] > rows[g]["rangetree"]["memory_bytes"]
     assert "xarray" not in rows[4 * GiB] and "4G" in data["skipped"]
     assert len(data["runs"]) == 5 and data["machine"]["cpus"] >= 1

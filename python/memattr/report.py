@@ -48,7 +48,7 @@ def run_table(result: dict[str, Any]) -> Table:
     t.add_column("value", justify="right")
     rows: list[tuple[str, str]] = [
         ("operations replayed", f"{result['operations']:,}"),
-        ("time", f"{result['seconds']:.3f} s"),
+        ("time (wall / CPU)", f"{result['seconds']:.3f} s / {result['cpu_seconds']:.3f} s"),
         ("throughput", human_rate(result["ops_per_second"])),
         ("KVM_SET_MEMORY_ATTRIBUTES calls", f"{st['set_calls']:,}"),
         ("  conversions", f"{st['conversions']:,}"),
@@ -107,6 +107,7 @@ def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if r:
                 row[name] = {
                     "seconds": r["seconds"],
+                    "cpu_seconds": r["cpu_seconds"],
                     "ops_per_second": r["ops_per_second"],
                     "memory_bytes": r["memory_bytes"],
                     "peak_memory_bytes": r["peak_memory_bytes"],
@@ -114,6 +115,8 @@ def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
         if rt and xa and rt["seconds"] > 0:
             row["throughput_ratio"] = xa["seconds"] / rt["seconds"]
+            if rt["cpu_seconds"] > 0:
+                row["cpu_ratio"] = xa["cpu_seconds"] / rt["cpu_seconds"]
             row["memory_ratio"] = xa["memory_bytes"] / max(1, rt["memory_bytes"])
         so = {name: r["store_only"] for name, r in runs.items() if "store_only" in r}
         if so:
@@ -134,6 +137,7 @@ def compare_table(rows: list[dict[str, Any]], title: str) -> Table:
         t.add_column(f"{short} ops/s", justify="right")
         t.add_column(f"{short} memory", justify="right")
     t.add_column("speedup (Vm)", justify="right", style="green")
+    t.add_column("speedup (Vm, CPU time)", justify="right", style="green")
     t.add_column("speedup (store only)", justify="right", style="green")
     t.add_column("memory ratio", justify="right", style="green")
     for row in rows:
@@ -145,6 +149,7 @@ def compare_table(rows: list[dict[str, Any]], title: str) -> Table:
             else:
                 cells += ["-", "-", "skipped" if store == "xarray" else "-"]
         cells.append(f"{row['throughput_ratio']:.1f}x" if "throughput_ratio" in row else "-")
+        cells.append(f"{row['cpu_ratio']:.1f}x" if "cpu_ratio" in row else "-")
         cells.append(f"{row['store_only_ratio']:.0f}x" if "store_only_ratio" in row else "-")
         cells.append(f"{row['memory_ratio']:,.0f}x" if "memory_ratio" in row else "-")
         t.add_row(*cells)

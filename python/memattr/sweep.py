@@ -151,6 +151,7 @@ def run_trace(
         "guest": int(trace.meta.get("params", {}).get("guest", sum(e - s for s, e in ranges))),
         "operations": res.ops,
         "seconds": res.seconds,
+        "cpu_seconds": res.cpu_seconds,
         "ops_per_second": res.ops / res.seconds if res.seconds > 0 else float("inf"),
         "memory_bytes": int(vm.store.memory_bytes()),
         "peak_memory_bytes": res.peak_memory,
@@ -180,12 +181,13 @@ def run_store_only(trace: trace_mod.Trace, store: str) -> dict[str, Any]:
     import memattr
 
     obj = memattr.RangeTree() if store == "rangetree" else memattr.XArray()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = trace_mod.apply_to_store(trace, obj)
     secs = time.perf_counter() - t0
     return {
         "ranges": n,
         "seconds": secs,
+        "cpu_seconds": time.process_time() - c0,
         "ranges_per_second": n / secs if secs > 0 else float("inf"),
         "memory_bytes": int(obj.memory_bytes()),
     }

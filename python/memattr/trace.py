@@ -737,7 +737,8 @@ class ReplayResult:
     errors: dict[str, int] = field(default_factory=dict)
     mismatches: int = 0  # results differing from the recorded ones
     first_mismatch: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall clock
+    cpu_seconds: float = 0.0  # this process's CPU time: steadier on a busy machine
     phase_seconds: dict[str, float] = field(default_factory=dict)
     phase_memory: dict[str, int] = field(default_factory=dict)  # store.memory_bytes() at phase end
     peak_memory: int = 0
@@ -774,6 +775,7 @@ def replay(
     phases = trace.phases or [("all", 0, len(trace))]
     ops = trace.ops
     t_all = time.perf_counter()
+    cpu_all = time.process_time()
     errors = res.errors
 
     def fail(e: OSError) -> int:
@@ -859,6 +861,7 @@ def replay(
         if store is not None:
             res.phase_memory[phase] = int(store.memory_bytes())
     res.seconds = time.perf_counter() - t_all
+    res.cpu_seconds = time.process_time() - cpu_all
     return res
 
 
