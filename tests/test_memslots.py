@@ -266,3 +266,26 @@ def test_lookup_with_thousands_of_slots_matches_brute_force() -> None:
     for s in slots[::2]:
         ms._remove(s)
     assert len(ms) == 1500 and all(ms.find(s.as_id, s.base_gfn) is s for s in slots[1::2])
+
+
+def test_failed_mmu_setup_rolls_the_memslot_back(dvm: m.Vm, monkeypatch: pytest.MonkeyPatch) -> None:
+    dvm.set_user_memory_region(0, GPA, SIZE)
+    old = dvm.memslots.get(0, 0)
+    real = dvm.mmu.memslot_created
+    calls: list[object] = []
+
+    def failing(slot: m.Memslot) -> None:
+        calls.append(slot)
+        if len(calls) == 1:
+            raise MemoryError("lpage info")  # kvm_alloc_memslot_metadata -ENOMEM
+        real(slot)
+
+    monkeypatch.setattr(dvm.mmu, "memslot_created", failing)
+    with pytest.raises(MemoryError):
+        dvm.set_user_memory_region(0, GPA + SIZE, SIZE)  # a move
+    assert dvm.memslots.get(0, 0) is old and dvm.memslots.find(0, GPA >> 12) is old
+    assert old.arch is not None and dvm.stats.memslot_updates == 1
+    calls.clear()
+    with pytest.raises(MemoryError):
+        dvm.set_user_memory_region(1, 0, SIZE)  # a create
+    assert dvm.memslots.get(0, 1) is None and len(dvm.memslots) == 1

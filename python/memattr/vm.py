@@ -334,9 +334,14 @@ class Vm:
             # the attributes as they are now.
             self.mmu.memslot_created(new)
         except BaseException:
+            # Like kvm_set_memslot() on failure: the new slot never existed,
+            # a moved slot goes back where it was.
             memslots._remove(new)
             if new.gmem is not None:
                 new.gmem._unbind(new)
+            if old is not None:
+                memslots._install(old)
+                self.mmu.memslot_created(old)
             raise
 
     def close_guest_memfd(self, fd: int) -> None:
