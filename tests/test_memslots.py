@@ -168,6 +168,7 @@ def test_guest_memfd_create_rules(dvm: m.Vm, pvm: m.Vm) -> None:
     # ... but only VMs with private memory can bind it.
     assert dvm.check_extension(m.KVM_CAP_GUEST_MEMFD) == 0
     assert pvm.check_extension(m.KVM_CAP_GUEST_MEMFD) == 1
+    table = (gmem_files._next, dict(gmem_files._files))
     for size in (0, 1, 4095, 4097, 1 << 63, (1 << 64) - 4096):
         with pytest.raises(OSError) as info:
             pvm.create_guest_memfd(size)
@@ -176,6 +177,7 @@ def test_guest_memfd_create_rules(dvm: m.Vm, pvm: m.Vm) -> None:
         with pytest.raises(OSError) as info:
             pvm.create_guest_memfd(4096, 1 << bit)
         assert info.value.errno == errno.EINVAL
+    assert (gmem_files._next, dict(gmem_files._files)) == table  # no fd consumed
     fds = {pvm.create_guest_memfd(4096) for _ in range(4)}
     assert len(fds) == 4  # test_create_guest_memfd_multiple
 
