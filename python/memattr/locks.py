@@ -189,10 +189,12 @@ class MmuInvalidation:
 
     def begin(self) -> None:
         """kvm_mmu_invalidate_begin()."""
-        self._mmu_lock.assert_held(
-            "mmu_invalidate_in_progress may only change with mmu_lock held "
-            "(kvm_mmu_invalidate_begin)"
-        )
+        lock = self._mmu_lock
+        if lock._owner != _get_ident() and lock.lockdep:
+            lock.assert_held(
+                "mmu_invalidate_in_progress may only change with mmu_lock held "
+                "(kvm_mmu_invalidate_begin)"
+            )
         # Visible to faults only at unlock time; nothing can be mapped until then.
         self.in_progress += 1
         if self.in_progress == 1:
@@ -201,10 +203,12 @@ class MmuInvalidation:
 
     def range_add(self, start: int, end: int) -> None:
         """kvm_mmu_invalidate_range_add(): widen the range faults must avoid."""
-        self._mmu_lock.assert_held(
-            "mmu_invalidate_range_start/end may only change with mmu_lock held "
-            "(kvm_mmu_invalidate_range_add)"
-        )
+        lock = self._mmu_lock
+        if lock._owner != _get_ident() and lock.lockdep:
+            lock.assert_held(
+                "mmu_invalidate_range_start/end may only change with mmu_lock held "
+                "(kvm_mmu_invalidate_range_add)"
+            )
         if self.in_progress == 0:
             warnings.warn(
                 KvmWarning("kvm_mmu_invalidate_range_add() outside begin()/end()"),
@@ -219,10 +223,12 @@ class MmuInvalidation:
 
     def end(self) -> None:
         """kvm_mmu_invalidate_end()."""
-        self._mmu_lock.assert_held(
-            "mmu_invalidate_seq and mmu_invalidate_in_progress may only change "
-            "with mmu_lock held (kvm_mmu_invalidate_end)"
-        )
+        lock = self._mmu_lock
+        if lock._owner != _get_ident() and lock.lockdep:
+            lock.assert_held(
+                "mmu_invalidate_seq and mmu_invalidate_in_progress may only change "
+                "with mmu_lock held (kvm_mmu_invalidate_end)"
+            )
         if self.in_progress <= 0:
             raise KvmBugError("KVM_BUG_ON: mmu_invalidate_end() without a matching begin()")
         # The sequence bump must be visible before the count drops, so a fault
