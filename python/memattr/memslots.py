@@ -179,13 +179,6 @@ class _GmemTable:
     def get(self, fd: int) -> GuestMemfd | None:
         return self._files.get(fd)
 
-    def close(self, fd: int) -> GuestMemfd:
-        with self._lock:
-            gmem = self._files.pop(fd, None)
-        if gmem is None:
-            raise _err(errno.EBADF, f"fd {fd} is not an open guest_memfd")
-        return gmem
-
 
 gmem_files = _GmemTable()
 

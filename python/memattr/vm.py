@@ -48,7 +48,6 @@ from memattr.memslots import (
     Memslot,
     MemslotChange,
     Memslots,
-    gmem_files,
     kvm_gmem_create,
     prepare_memory_region,
 )
@@ -209,7 +208,10 @@ class Vm:
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (x86, Linux 6.8); unknown caps 0."""
-        cap = operator.index(cap)
+        try:
+            cap = operator.index(cap)
+        except TypeError:
+            raise TypeError(f"cap must be an int, not {type(cap).__name__}") from None
         if cap == KVM_CAP_MEMORY_ATTRIBUTES:
             if self.semantics == "v11":
                 # v11 advertised the ioctls with the cap and reported the
@@ -343,15 +345,6 @@ class Vm:
                 memslots._install(old)
                 self.mmu.memslot_created(old)
             raise
-
-    def close_guest_memfd(self, fd: int) -> None:
-        """close(fd) on a guest_memfd of this VM. Bindings are not affected
-        (a bound memslot holds its own reference to the file)."""
-        fd = _uint("fd", fd, 32)
-        gmem = gmem_files.get(fd)
-        if gmem is None or gmem.owner is not self._gmem_owner:
-            raise OSError(errno.EBADF, f"{os.strerror(errno.EBADF)}: fd {fd}")
-        gmem_files.close(fd)
 
     # --- memory attributes ---------------------------------------------------
 
