@@ -859,6 +859,115 @@ impl RangeTree {
         (lower, upper)
     }
 
+    /// True if more than an eighth of the runs start in `[s, e]`: then one
+    /// pass over every run (`rebuild_with`) is cheaper than one tree
+    /// operation per run touched, and still linear in the runs touched.
+    fn touches_many(&self, s: u64, e: u64) -> bool {
+        let limit = self.runs / 8;
+        if limit < CAP {
+            return false;
+        }
+        let mut n = 0usize;
+        !self.walk_runs(s, e, &mut |_, _, v| {
+            if v != 0 {
+                n += 1;
+            }
+            n <= limit
+        })
+    }
+
+    /// Applies `set_range(s, e, v)` while copying every run out in order,
+    /// then bulk-loads a fresh tree from them.
+    fn rebuild_with(&mut self, s: u64, e: u64, v: u64) {
+        let mut out: Vec<(u64, u64, u64)> = Vec::with_capacity(self.runs + 2);
+        let push = |out: &mut Vec<(u64, u64, u64)>, r: (u64, u64, u64)| {
+            if r.0 >= r.1 || r.2 == 0 {
+                return;
+            }
+            match out.last_mut() {
+                Some(last) if last.1 == r.0 && last.2 == r.2 => last.1 = r.1,
+                _ => out.push(r),
+            }
+        };
+        let mut placed = false;
+        let mut id = self.leftmost_leaf();
+        while id != NONE {
+            let l = &self.leaves[id as usize];
+            for i in 0..l.len as usize {
+                let (rs, re, rv) = l.run(i);
+                push(&mut out, (rs, re.min(s), rv));
+                if !placed && re > s {
+                    push(&mut out, (s, e, v));
+                    placed = true;
+                }
+                if placed {
+                    push(&mut out, (rs.max(e), re, rv));
+                }
+            }
+            id = l.next;
+        }
+        if !placed {
+            push(&mut out, (s, e, v));
+        }
+        self.bulk_load(&out);
+    }
+
+    /// Replaces the tree by one holding `runs` (sorted, disjoint, non-zero,
+    /// coalesced), leaves and interior nodes 3/4 full.
+    fn bulk_load(&mut self, runs: &[(u64, u64, u64)]) {
+        self.clear();
+        if runs.is_empty() {
+            return;
+        }
+        let fill = CAP - MIN;
+        // Evenly sized groups of at most `fill`, so none falls below MIN.
+        let groups = |n: usize| -> Vec<std::ops::Range<usize>> {
+            let k = n.div_ceil(fill);
+            (0..k).map(|i| i * n / k..(i + 1) * n / k).collect()
+        };
+        // (node id, smallest start in its subtree) per node of the level.
+        let mut level: Vec<(u32, u64)> = Vec::new();
+        let mut prev = NONE;
+        for (gi, g) in groups(runs.len()).into_iter().enumerate() {
+            let id = if gi == 0 {
+                self.root
+            } else {
+                self.alloc_leaf()
+            };
+            let l = &mut self.leaves[id as usize];
+            for (i, r) in runs[g].iter().enumerate() {
+                l.put(i, *r);
+                l.len += 1;
+            }
+            l.prev = prev;
+            let first = l.starts[0];
+            if prev != NONE {
+                self.leaves[prev as usize].next = id;
+            }
+            prev = id;
+            level.push((id, first));
+        }
+        self.runs = runs.len();
+        while level.len() > 1 {
+            let mut up = Vec::with_capacity(level.len() / fill + 1);
+            for g in groups(level.len()) {
+                let id = self.alloc_inner();
+                let n = &mut self.inners[id as usize];
+                for (i, &(child, min)) in level[g.clone()].iter().enumerate() {
+                    n.children[i] = child;
+                    if i > 0 {
+                        n.keys[i - 1] = min;
+                    }
+                }
+                n.len = g.len() as u32;
+                up.push((id, level[g.start].1));
+            }
+            level = up;
+            self.height += 1;
+        }
+        self.root = level[0].0;
+    }
+
     /// The general case, one tree operation per run touched.
     fn set_general(&mut self, s: u64, e: u64, v: u64) {
         if self.runs > 0 {
@@ -875,6 +984,10 @@ impl RangeTree {
                 }
                 return;
             }
+        }
+        if self.touches_many(s, e) {
+            self.rebuild_with(s, e, v);
+            return;
         }
         let (mut lo, mut hi) = (s, e);
         if let Some((ps, pe, pv)) = self.pred_lt(s) {

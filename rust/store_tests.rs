@@ -363,3 +363,53 @@ fn rangetree_reserve_sets_aside_nodes() {
     t.check_invariants().unwrap();
     assert!(t.memory_bytes() <= reserved);
 }
+
+#[test]
+#[ignore = "timing probe, run by hand"]
+fn probe_big_partial_clear() {
+    let mut t = RangeTree::new();
+    for i in 0..1_000_000u64 {
+        t.set_range(i * 4, i * 4 + 3, 1 + (i & 1)).unwrap();
+    }
+    let now = std::time::Instant::now();
+    t.set_range(1, 4_000_000 - 2, 0).unwrap();
+    eprintln!("partial clear of 1M runs: {:?}", now.elapsed());
+    t.check_invariants().unwrap();
+    assert_eq!(t.entry_count(), 2);
+}
+
+/// Sets that cover many runs take the rebuild path; its edges (merging with
+/// the runs around, remnants of cut runs) must match the reference.
+#[test]
+fn rangetree_bulk_rebuild_matches_simple() {
+    let mut rng = XorShift(42);
+    for _ in 0..40 {
+        let mut t = RangeTree::new();
+        let mut r = SimpleRangeTree::new();
+        let n = 300 + rng.below(3000);
+        for i in 0..n {
+            let (v, len) = (1 + rng.below(3), 1 + rng.below(4));
+            t.set_range(i * 4, i * 4 + len, v).unwrap();
+            r.set_range(i * 4, i * 4 + len, v).unwrap();
+        }
+        assert_eq!(runs_of(&t, 0, n * 4 + 8), runs_of(&r, 0, n * 4 + 8));
+        let s = rng.below(n);
+        let e = s + 1 + rng.below(n * 4 - s + 4);
+        let v = rng.below(4);
+        t.set_range(s, e, v).unwrap();
+        r.set_range(s, e, v).unwrap();
+        t.check_invariants().unwrap();
+        assert_eq!(runs_of(&t, 0, n * 4 + 8), runs_of(&r, 0, n * 4 + 8));
+        assert_eq!(t.entry_count(), r.entry_count());
+        // And the tree keeps working after a rebuild.
+        for _ in 0..200 {
+            let a = rng.below(n * 4);
+            let b = a + 1 + rng.below(6);
+            let v = rng.below(3);
+            t.set_range(a, b, v).unwrap();
+            r.set_range(a, b, v).unwrap();
+        }
+        t.check_invariants().unwrap();
+        assert_eq!(runs_of(&t, 0, n * 4 + 8), runs_of(&r, 0, n * 4 + 8));
+    }
+}
