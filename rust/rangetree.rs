@@ -913,13 +913,15 @@ impl RangeTree {
     }
 
     /// Replaces the tree by one holding `runs` (sorted, disjoint, non-zero,
-    /// coalesced), leaves and interior nodes 3/4 full.
+    /// coalesced) in as few nodes as fit them. Packing full keeps a rebuild
+    /// from ever needing more nodes than the tree had (a rebuild drops more
+    /// runs than it adds), so a `reserve` made before stays sufficient.
     fn bulk_load(&mut self, runs: &[(u64, u64, u64)]) {
         self.clear();
         if runs.is_empty() {
             return;
         }
-        let fill = CAP - MIN;
+        let fill = CAP;
         // Evenly sized groups of at most `fill`, so none falls below MIN.
         let groups = |n: usize| -> Vec<std::ops::Range<usize>> {
             let k = n.div_ceil(fill);

@@ -413,3 +413,20 @@ fn rangetree_bulk_rebuild_matches_simple() {
         assert_eq!(runs_of(&t, 0, n * 4 + 8), runs_of(&r, 0, n * 4 + 8));
     }
 }
+
+/// A rebuild never needs more memory than the tree had plus its reservation.
+#[test]
+fn rangetree_rebuild_stays_within_reservation() {
+    let mut t = RangeTree::new();
+    // Random inserts leave leaves anywhere from half to completely full.
+    let mut rng = XorShift(5);
+    for _ in 0..20_000 {
+        let a = rng.below(200_000) * 2;
+        t.set_range(a, a + 1, 1 + rng.below(2)).unwrap();
+    }
+    t.reserve(1000, 300_000, None).unwrap();
+    let reserved = t.memory_bytes();
+    t.set_range(1000, 300_000, 7).unwrap();
+    t.check_invariants().unwrap();
+    assert!(t.memory_bytes() <= reserved);
+}
