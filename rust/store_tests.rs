@@ -430,3 +430,24 @@ fn rangetree_rebuild_stays_within_reservation() {
     t.check_invariants().unwrap();
     assert!(t.memory_bytes() <= reserved);
 }
+
+/// A per-page set too big for any host fails up front and changes nothing.
+#[test]
+fn xarray_refuses_impossible_sizes() {
+    let mut x = XArray::new();
+    x.set_range(5, 9, 1).unwrap();
+    let before = x.memory_bytes();
+    assert!(matches!(
+        x.set_range(0, u64::MAX, 1),
+        Err(StoreError::OutOfMemory { .. })
+    ));
+    assert!(matches!(
+        x.reserve(0, 1 << 62, None),
+        Err(StoreError::OutOfMemory { .. })
+    ));
+    assert_eq!(x.memory_bytes(), before);
+    assert_eq!(runs_of(&x, 0, 12), vec![(0, 5, 0), (5, 9, 1), (9, 12, 0)]);
+    // Erasing allocates nothing, so it is never refused.
+    x.set_range(0, 1 << 20, 0).unwrap();
+    assert_eq!(x.entry_count(), 0);
+}

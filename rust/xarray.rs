@@ -148,8 +148,7 @@ impl XArray {
             self.nodes[id as usize] = node;
             id
         } else {
-            // u32 ids: 2^32 nodes would be 2.4 TiB of kernel memory, far past
-            // anything a reservation limit or the host allows.
+            // Fits: `check_node_ids` keeps the arena below u32::MAX nodes.
             let id = self.nodes.len() as u32;
             self.nodes.push(node);
             id
@@ -165,6 +164,27 @@ impl XArray {
         } else {
             self.free_ids.push(id);
         }
+    }
+
+    /// Refuses, before changing anything, a store into `[start, end)` that
+    /// could need more nodes than a u32 node id can name (some 2.4 TiB of
+    /// nodes: no host gets there, but the ids must never wrap).
+    fn check_node_ids(&self, start: u64, end: u64) -> Result<(), StoreError> {
+        // Leaves for the range, plus at most one partial leaf at each end
+        // and the interior nodes above them (under 1/63 more).
+        let leaves = (end - start) / XA_CHUNK_SIZE as u64 + 2;
+        let worst = leaves + leaves / 63 + 12;
+        let room = (NO_NODE as u64).saturating_sub(self.nodes.len() as u64);
+        if worst > room {
+            let needed =
+                usize::try_from(worst.saturating_mul(XA_NODE_BYTES as u64)).unwrap_or(usize::MAX);
+            return Err(StoreError::OutOfMemory {
+                needed,
+                limit: usize::try_from(room.saturating_mul(XA_NODE_BYTES as u64))
+                    .unwrap_or(usize::MAX),
+            });
+        }
+        Ok(())
     }
 
     /// `xa_load()`: reserved entries read as 0, like NULL.
@@ -613,6 +633,9 @@ impl AttrStore for XArray {
     /// One `xa_store()` per gfn, as `kvm_vm_set_mem_attributes()` does.
     fn set_range(&mut self, start: u64, end: u64, value: u64) -> Result<(), StoreError> {
         check_range(start, end)?;
+        if value != 0 {
+            self.check_node_ids(start, end)?;
+        }
         for index in start..end {
             self.store(index, value);
         }
@@ -688,6 +711,7 @@ impl AttrStore for XArray {
     /// which frees every node they allocated.
     fn reserve(&mut self, start: u64, end: u64, limit: Option<usize>) -> Result<(), StoreError> {
         check_range(start, end)?;
+        self.check_node_ids(start, end)?;
         // Runs of indices this call reserved, to undo on failure.
         let mut made: Vec<(u64, u64)> = Vec::new();
         let mut failed = None;

@@ -135,6 +135,17 @@ def test_xarray_memory_counts_kernel_nodes() -> None:
     assert x.memory_bytes() == base
 
 
+def test_xarray_refuses_sizes_no_host_could_hold() -> None:
+    x = XArray()
+    x.set_range(5, 9, 1)
+    before = snapshot(x)
+    with pytest.raises(MemoryError):
+        x.set_range(0, U64_MAX, 1)
+    with pytest.raises(MemoryError):
+        x.reserve(0, 1 << 62)
+    assert snapshot(x) == before
+
+
 def test_rangetree_memory_follows_runs() -> None:
     t = RangeTree()
     t.set_range(0, 1 << 40, 8)
