@@ -144,7 +144,10 @@ fn probe() -> impl Strategy<Value = (u64, u64, u64, u64)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(300))]
+    // 300 cases by default; PROPTEST_CASES=N for a longer hunt.
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+    ))]
 
     #[test]
     fn rangetree_matches_oracle(b in 0usize..3, ops in prop::collection::vec(op(), 1..40), probes in prop::collection::vec(probe(), 1..20)) {
