@@ -38,7 +38,8 @@ from __future__ import annotations
 import errno
 import operator
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 from memattr import _native
@@ -74,9 +75,14 @@ from memattr.uapi import (
     KVM_X86_TDX_VM,
     PAGE_SHIFT,
     PAGE_SIZE,
+    INVALID_GPA,
     U64_MAX,
 )
 
+_get_ident = threading.get_ident
+# Distinct (start, end, attributes) keys whose memslot-clipped ranges a Vm
+# keeps for reuse (see Vm._gfn_ranges).
+_RANGES_CACHE_SIZE = 64
 _PAGE_MASK = PAGE_SIZE - 1
 _U32_MAX = (1 << 32) - 1
 
@@ -195,6 +201,8 @@ class Vm:
         self._begin_handler = self._begin_set_invalidation
         self._end_handler = self._end_set_invalidation
         self._v11 = semantics == "v11"
+        self._ranges_cache: dict[tuple[int, int, int], tuple[GfnRange, ...]] = {}
+        self._ranges_cache_gen = -1
 
         self.mmu = X86Mmu(self)
 
@@ -312,6 +320,9 @@ class Vm:
         self, change: MemslotChange, old: Memslot | None, new: Memslot | None, gmem: Any
     ) -> None:
         memslots = self.memslots
+        # The cached clipped ranges name the old slots; drop them now rather
+        # than at the next set call.
+        self._ranges_cache.clear()
         if change is MemslotChange.FLAGS_ONLY:
             assert old is not None and new is not None
             # The kernel copies the arch state into a new struct; nothing the
@@ -396,18 +407,197 @@ class Vm:
                 raise _einval(f"address {address:#x} or size {size:#x} not page aligned")
             self.stats.set_calls += 1
             slots_lock = self.slots_lock
-            slots_lock.acquire()
+            mmu_lock = self.mmu_lock
+            me = _get_ident()
+            # slots_lock.acquire() inlined; it raises the lockdep splat itself
+            # for recursion or an order inversion (slots_lock nests outside
+            # mmu_lock, the only inner lock the Vm gives it).
+            if slots_lock._owner == me or mmu_lock._owner == me:
+                slots_lock.acquire()
+            else:
+                slots_lock._lock.acquire()
+                slots_lock._owner = me
             try:
-                self._kvm_vm_set_mem_attributes(
-                    address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT, attributes
-                )
+                if self._v11:
+                    self._kvm_vm_set_mem_attributes(
+                        address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT, attributes
+                    )
+                else:
+                    self._kvm_vm_set_mem_attributes_68(
+                        address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT, attributes, me
+                    )
             finally:
-                slots_lock.release()
+                if slots_lock._owner == me:
+                    slots_lock._owner = None
+                    slots_lock._lock.release()
+                else:
+                    slots_lock.release()  # the lockdep splat for a bad unlock
         except BaseException:
             self.stats.failed_calls += 1
             raise
 
+    def _gfn_ranges(self, start: int, end: int, attributes: int) -> Sequence[GfnRange]:
+        """clip_gfn_ranges() for a set call. Without user hooks nothing but
+        the MMU model sees the (immutable) ranges, so they are reused across
+        calls while the memslots stay the same generation (slots_lock is
+        held, so they cannot change under the caller)."""
+        memslots = self.memslots
+        if self._unmap_hooks or self._post_set_hooks:
+            return clip_gfn_ranges(memslots, start, end, attributes, True)
+        cache = self._ranges_cache
+        if self._ranges_cache_gen != memslots._seq:
+            cache.clear()
+            self._ranges_cache_gen = memslots._seq
+        key = (start, end, attributes)
+        ranges = cache.get(key)
+        if ranges is None:
+            ranges = tuple(clip_gfn_ranges(memslots, start, end, attributes, True))
+            if len(cache) >= _RANGES_CACHE_SIZE:
+                cache.clear()
+            cache[key] = ranges
+        return ranges
+
+    def _kvm_vm_set_mem_attributes_68(self, start: int, end: int, attributes: int, me: int) -> None:
+        """_kvm_vm_set_mem_attributes() in 6.8 semantics, with both gfn-range
+        passes (kvm_handle_gfn_range with the pre-set and post-set handlers)
+        inlined: the same locks, callbacks, counters and failure handling,
+        without the per-range indirection. ``me`` is the caller's thread id;
+        it holds slots_lock."""
+        store = self.store
+        stats = self.stats
+        # Nothing to do if the entire range already has the desired attributes.
+        if store.has_value(start, end, attributes):
+            stats.noop_conversions += 1
+            return
+        # Reserve ahead of time, so a failure cannot leave the range half set.
+        try:
+            store.reserve(start, end, self.attr_memory_limit)
+        except MemoryError as e:
+            stats.enomem += 1
+            raise OSError(errno.ENOMEM, f"{os.strerror(errno.ENOMEM)}: {e}") from None
+        ok = False
+        try:
+            ranges = self._gfn_ranges(start, end, attributes)
+            if ranges:
+                mmu = self.mmu
+                mmu_lock = self.mmu_lock
+                inval = self._inval
+                # --- pre-set pass: mmu_lock, mmu_invalidate_begin as on_lock,
+                # range add + zap + on_unmap hooks per range, one TLB flush.
+                if mmu_lock._owner == me:
+                    mmu_lock.acquire()  # the lockdep splat for recursion
+                else:
+                    mmu_lock._lock.acquire()
+                    mmu_lock._owner = me
+                    stats.mmu_lock_acquisitions += 1
+                flush = False
+                try:
+                    # kvm_mmu_invalidate_begin(): this thread took mmu_lock
+                    # just above, so lockdep's assertion holds.
+                    inval.in_progress += 1
+                    if inval.in_progress == 1:
+                        inval.range_start = INVALID_GPA
+                        inval.range_end = INVALID_GPA
+                    self._inval_open = True
+                    first = True
+                    for rng in ranges:
+                        # Add the range even if nothing needs zapping, so faults
+                        # stay away from gfns whose attributes are in flux.
+                        if first:
+                            # Right after begin under our own mmu_lock: held,
+                            # and in progress, so no assertion can fire.
+                            first = False
+                            if inval.range_start == INVALID_GPA:
+                                inval.range_start = rng.start
+                                inval.range_end = rng.end
+                            else:
+                                inval.range_start = min(inval.range_start, rng.start)
+                                inval.range_end = max(inval.range_end, rng.end)
+                        else:
+                            inval.range_add(rng.start, rng.end)
+                        ret = bool(mmu.pre_set_memory_attributes(rng))
+                        stats.zapped_ranges += 1
+                        if self._unmap_hooks and self._hook_error is None:
+                            for hook in self._unmap_hooks:
+                                try:
+                                    if hook(rng):
+                                        ret = True
+                                except BaseException as e:
+                                    self._hook_error = e
+                                    break
+                        if ret:
+                            flush = True
+                finally:
+                    try:
+                        if flush:
+                            self.kvm_flush_remote_tlbs()
+                    finally:
+                        if mmu_lock._owner == me:
+                            mmu_lock._owner = None
+                            mmu_lock._lock.release()
+                        else:
+                            mmu_lock.release()  # the lockdep splat for a bad unlock
+            if self._hook_error is not None:
+                # An on_unmap hook failed: abort before anything is stored.
+                raise self._hook_error
+            store.set_range(start, end, attributes)
+            # Every reserved entry is now used: nothing left to release.
+            ok = True
+            stats.conversions += 1
+            stats.pages_converted += end - start
+            if ranges:
+                # --- post-set pass: mmu_invalidate_end as on_lock (inside
+                # mmu_lock), MMU post-set + on_post_set hooks per range.
+                if mmu_lock._owner == me:
+                    mmu_lock.acquire()
+                else:
+                    mmu_lock._lock.acquire()
+                    mmu_lock._owner = me
+                    stats.mmu_lock_acquisitions += 1
+                try:
+                    if inval.in_progress <= 0 or inval.range_start == INVALID_GPA:
+                        # The KVM_BUG_ON / WARN cases: let end() report them.
+                        inval.end()
+                    else:
+                        # kvm_mmu_invalidate_end(), under the mmu_lock this
+                        # thread took just above. The sequence bump comes
+                        # first, as in end().
+                        inval.seq += 1
+                        inval.in_progress -= 1
+                    self._inval_open = False
+                    for rng in ranges:
+                        mmu.post_set_memory_attributes(rng)
+                        stats.post_set_ranges += 1
+                        if self._post_set_hooks and self._hook_error is None:
+                            for hook in self._post_set_hooks:
+                                try:
+                                    hook(rng)
+                                except BaseException as e:
+                                    self._hook_error = e
+                                    break
+                finally:
+                    if mmu_lock._owner == me:
+                        mmu_lock._owner = None
+                        mmu_lock._lock.release()
+                    else:
+                        mmu_lock.release()
+            if self._hook_error is not None:
+                raise self._hook_error
+        finally:
+            if self._hook_error is not None:
+                self._hook_error = None
+            if self._inval_open:
+                # Something raised between begin and end (a hook or the MMU):
+                # close the invalidation properly so faults are not blocked
+                # forever.
+                with self.mmu_lock:
+                    self._inval.end()
+                self._inval_open = False
+            if not ok:
+                store.release_reservations()
+
     def _kvm_vm_set_mem_attributes(self, start: int, end: int, attributes: int) -> None:
+        """The seed's v11 order (see _kvm_vm_set_mem_attributes_68 for 6.8)."""
         store = self.store
         # Nothing to do if the entire range already has the desired attributes.
         if store.has_value(start, end, attributes):
@@ -421,7 +611,7 @@ class Vm:
             raise OSError(errno.ENOMEM, f"{os.strerror(errno.ENOMEM)}: {e}") from None
         ok = False
         try:
-            ranges = clip_gfn_ranges(self.memslots, start, end, attributes, True)
+            ranges = self._gfn_ranges(start, end, attributes)
             kvm_handle_gfn_range(
                 self, ranges, self._pre_set_handler, on_lock=self._begin_handler, flush_on_ret=True
             )
