@@ -218,8 +218,10 @@ class MmuInvalidation:
             self.range_start = start
             self.range_end = end
         else:
-            self.range_start = min(self.range_start, start)
-            self.range_end = max(self.range_end, end)
+            if start < self.range_start:
+                self.range_start = start
+            if end > self.range_end:
+                self.range_end = end
 
     def end(self) -> None:
         """kvm_mmu_invalidate_end()."""

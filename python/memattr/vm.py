@@ -477,7 +477,17 @@ class Vm:
             raise OSError(errno.ENOMEM, f"{os.strerror(errno.ENOMEM)}: {e}") from None
         ok = False
         try:
-            ranges = self._gfn_ranges(start, end, attributes)
+            # self._gfn_ranges(start, end, attributes), inlined.
+            if self._unmap_hooks or self._post_set_hooks:
+                ranges = self._gfn_ranges(start, end, attributes)
+            else:
+                seq = self.memslots._seq
+                if self._ranges_cache_gen != seq:
+                    ranges = self._gfn_ranges(start, end, attributes)
+                else:
+                    ranges = self._ranges_cache.get((start, end, attributes))
+                    if ranges is None:
+                        ranges = self._gfn_ranges(start, end, attributes)
             if ranges:
                 mmu = self.mmu
                 mmu_lock = self.mmu_lock
@@ -511,8 +521,10 @@ class Vm:
                                 inval.range_start = rng.start
                                 inval.range_end = rng.end
                             else:
-                                inval.range_start = min(inval.range_start, rng.start)
-                                inval.range_end = max(inval.range_end, rng.end)
+                                if rng.start < inval.range_start:
+                                    inval.range_start = rng.start
+                                if rng.end > inval.range_end:
+                                    inval.range_end = rng.end
                         else:
                             inval.range_add(rng.start, rng.end)
                         ret = bool(mmu.pre_set_memory_attributes(rng))
@@ -737,7 +749,22 @@ class Vm:
         self._inval.begin()
 
     def kvm_mmu_invalidate_range_add(self, start: int, end: int) -> None:
-        self._inval.range_add(start, end)
+        inval = self._inval
+        lock = self.mmu_lock
+        if lock._owner == _get_ident() and inval.in_progress:
+            # MmuInvalidation.range_add() when neither its lockdep assertion
+            # nor its warning can fire (the MMU's pre-set pass calls this
+            # for the straddling hugepages of every conversion).
+            if inval.range_start == INVALID_GPA:
+                inval.range_start = start
+                inval.range_end = end
+            else:
+                if start < inval.range_start:
+                    inval.range_start = start
+                if end > inval.range_end:
+                    inval.range_end = end
+        else:
+            inval.range_add(start, end)
 
     def kvm_mmu_invalidate_end(self) -> None:
         self._inval.end()
