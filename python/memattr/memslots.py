@@ -280,7 +280,8 @@ class Memslots:
                     slot = slots[i]
                 except IndexError:  # raced with a removal; the retry sorts it out
                     slot = None
-                if slot is not None and slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+                # bisect put base_gfn <= gfn (a racing update is retried below).
+                if slot is not None and gfn < slot.base_gfn + slot.npages:
                     found = slot
             if self._seq == seq:
                 return found
