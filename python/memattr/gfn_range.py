@@ -76,11 +76,14 @@ def clip_gfn_ranges(
             base = slot.base_gfn
             e = base + slot.npages
             # Clip to the slot; in_range() only returns intersecting slots.
-            ranges.append(
-                _make_gfn_range(
-                    slot, start if start > base else base, end if end < e else e, attributes, may_block
-                )
-            )
+            # _make_gfn_range(), inlined.
+            rng: GfnRange = _new_object(GfnRange)
+            _set_slot(rng, slot)
+            _set_start(rng, start if start > base else base)
+            _set_end(rng, end if end < e else e)
+            _set_attributes(rng, attributes)
+            _set_may_block(rng, may_block)
+            ranges.append(rng)
     return ranges
 
 
