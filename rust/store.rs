@@ -78,6 +78,23 @@ pub trait AttrStore {
     /// Drops reserved-but-unused storage (reserved entries never stored).
     fn release_reservations(&mut self);
 
+    /// The set path's first two steps in one call: true (nothing reserved)
+    /// if every gfn in `[start, end)` already has `value`, else
+    /// `reserve(start, end, limit)` and false.
+    fn reserve_unless_has_value(
+        &mut self,
+        start: u64,
+        end: u64,
+        value: u64,
+        limit: Option<usize>,
+    ) -> Result<bool, StoreError> {
+        if self.has_value(start, end, value, u64::MAX)? {
+            return Ok(true);
+        }
+        self.reserve(start, end, limit)?;
+        Ok(false)
+    }
+
     /// Number of gfns in `[start, end)` whose value matches `value` under
     /// `mask`. The answer fits a u64 because `end` is a u64.
     fn count_pages(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<u64, StoreError> {

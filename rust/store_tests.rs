@@ -224,6 +224,34 @@ fn invalid_ranges_are_rejected_and_change_nothing() {
 }
 
 #[test]
+fn reserve_unless_has_value_is_has_value_then_reserve() {
+    for mut s in both() {
+        s.set_range(5, 10, 3).unwrap();
+        let mem = s.memory_bytes();
+        // Already set: true, nothing reserved.
+        assert_eq!(s.reserve_unless_has_value(5, 10, 3, Some(0)), Ok(true));
+        assert_eq!(s.memory_bytes(), mem);
+        // Over the limit: the reservation's error, nothing kept.
+        assert!(matches!(
+            s.reserve_unless_has_value(0, 1 << 16, 1, Some(0)),
+            Err(StoreError::OutOfMemory { .. })
+        ));
+        assert_eq!(s.memory_bytes(), mem);
+        assert_eq!(
+            s.reserve_unless_has_value(3, 3, 1, None),
+            Err(StoreError::InvalidRange { start: 3, end: 3 })
+        );
+        // Not set: reserved, so the set cannot fail within the limit.
+        assert_eq!(s.reserve_unless_has_value(0, 20, 1, None), Ok(false));
+        let limit = s.memory_bytes();
+        s.set_range(0, 20, 1).unwrap();
+        assert!(s.memory_bytes() <= limit);
+        s.release_reservations();
+        assert_eq!(runs_of(&*s, 0, 30), vec![(0, 20, 1), (20, 30, 0)]);
+    }
+}
+
+#[test]
 fn edges_near_two_to_the_64() {
     for mut s in both() {
         let top = u64::MAX;

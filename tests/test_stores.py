@@ -125,6 +125,27 @@ def test_reserve_over_limit_raises_memory_error_and_keeps_nothing(store: Store) 
     assert snapshot(store)[0] == before[0]
 
 
+def test_reserve_unless_has_value(store: Store) -> None:
+    store.set_range(3, 70, 8)
+    before = snapshot(store)
+    # Already has the value: True, nothing reserved (not even over a limit).
+    assert store.reserve_unless_has_value(3, 70, 8, limit=0) is True
+    assert snapshot(store) == before
+    # Not yet: the reservation's MemoryError, keeping nothing...
+    with pytest.raises(MemoryError, match="limit"):
+        store.reserve_unless_has_value(0, 1 << 16, 8, limit=0)
+    assert snapshot(store) == before
+    # ...or False with the reservation made.
+    assert store.reserve_unless_has_value(0, 1 << 12, 8) is False
+    store.set_range(0, 1 << 12, 8)
+    store.release_reservations()
+    assert list(store.runs(0, 1 << 12)) == [(0, 1 << 12, 8)]
+    with pytest.raises(ValueError, match="start"):
+        store.reserve_unless_has_value(5, 5, 1)
+    with pytest.raises(TypeError, match="value"):
+        store.reserve_unless_has_value(0, 5, "x")
+
+
 def test_xarray_memory_counts_kernel_nodes() -> None:
     x = XArray()
     base = x.memory_bytes()

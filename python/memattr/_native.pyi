@@ -43,6 +43,12 @@ class _Store:
         """Allocates ahead what set_range(start, end, _) needs (XArray: like
         xa_reserve on every index). Raises MemoryError, keeping nothing, if
         memory_bytes() would exceed limit."""
+    def reserve_unless_has_value(
+        self, start: int, end: int, value: int, limit: int | None = None
+    ) -> bool:
+        """has_value(start, end, value), and if False, reserve(start, end,
+        limit): the set path's early exit and reservation in one call. True
+        means every gfn already has value and nothing was reserved."""
     def release_reservations(self) -> None:
         """Drops reserved storage that no set_range used."""
 

@@ -465,13 +465,13 @@ class Vm:
         it holds slots_lock."""
         store = self.store
         stats = self.stats
-        # Nothing to do if the entire range already has the desired attributes.
-        if store.has_value(start, end, attributes):
-            stats.noop_conversions += 1
-            return
-        # Reserve ahead of time, so a failure cannot leave the range half set.
+        # Nothing to do if the entire range already has the desired attributes;
+        # otherwise reserve ahead of time, so a failure cannot leave the range
+        # half set (has_value, then reserve, in one store call).
         try:
-            store.reserve(start, end, self.attr_memory_limit)
+            if store.reserve_unless_has_value(start, end, attributes, self.attr_memory_limit):
+                stats.noop_conversions += 1
+                return
         except MemoryError as e:
             stats.enomem += 1
             raise OSError(errno.ENOMEM, f"{os.strerror(errno.ENOMEM)}: {e}") from None

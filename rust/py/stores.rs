@@ -315,6 +315,36 @@ macro_rules! store_class {
                 r.map_err(store_err)
             }
 
+            /// `has_value(start, end, value)`, and if false, `reserve(start,
+            /// end, limit)`: the set path's early-exit check and reservation
+            /// in one call. True means nothing to do (nothing reserved).
+            #[pyo3(signature = (start, end, value, limit=None))]
+            fn reserve_unless_has_value(
+                &self,
+                py: Python<'_>,
+                start: &Bound<'_, PyAny>,
+                end: &Bound<'_, PyAny>,
+                value: &Bound<'_, PyAny>,
+                limit: Option<&Bound<'_, PyAny>>,
+            ) -> PyResult<bool> {
+                let (s, e) = range_args(start, end)?;
+                let v = u64_arg(value, "value")?;
+                let limit = match limit {
+                    Some(l) if !l.is_none() => {
+                        let l = u64_arg(l, "limit")?;
+                        Some(usize::try_from(l).unwrap_or(usize::MAX))
+                    }
+                    _ => None,
+                };
+                let run = || write(&self.inner).reserve_unless_has_value(s, e, v, limit);
+                let r = if self.big(s, e) {
+                    py.detach(run)
+                } else {
+                    run()
+                };
+                r.map_err(store_err)
+            }
+
             /// Drops reserved storage that no set used.
             fn release_reservations(&self, py: Python<'_>) {
                 py.detach(|| write(&self.inner).release_reservations())
