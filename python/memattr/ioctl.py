@@ -76,7 +76,9 @@ def _copy_in(buf: Any, struct: type[ctypes.Structure], what: str) -> Any:
             errno.EFAULT,
             f"{what} needs {size} bytes (struct {struct.__name__}), the buffer has {len(buf)}",
         )
-    return struct.from_buffer_copy(bytes(buf[:size]))
+    # from_buffer_copy() copies the first sizeof(struct) bytes of a longer
+    # buffer, so no intermediate slice is needed.
+    return struct.from_buffer_copy(buf)
 
 
 def _kvm_set_user_memory_region(vm: Vm, buf: Any) -> int:

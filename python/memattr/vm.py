@@ -44,6 +44,7 @@ from typing import Any, Literal, TypeVar
 
 from memattr import _native
 from memattr.gfn_range import GfnRange, clip_gfn_ranges, kvm_handle_gfn_range
+from memattr.ioctl import vm_ioctl
 from memattr.locks import KvmLock, MmuInvalidation, MmuLock
 from memattr.memslots import (
     Memslot,
@@ -783,8 +784,6 @@ class Vm:
 
     def ioctl(self, request: int, arg: Any = 0, mutate_flag: bool = True) -> int | bytes:
         """fcntl.ioctl() on the VM fd; see memattr.ioctl."""
-        from memattr.ioctl import vm_ioctl
-
         return vm_ioctl(self, request, arg, mutate_flag)
 
 
