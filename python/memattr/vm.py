@@ -202,7 +202,8 @@ class Vm:
         self._begin_handler = self._begin_set_invalidation
         self._end_handler = self._end_set_invalidation
         self._v11 = semantics == "v11"
-        self._ranges_cache: dict[tuple[int, int, int], tuple[GfnRange, ...]] = {}
+        # Never mutated once cached: the passes only iterate them.
+        self._ranges_cache: dict[tuple[int, int, int], list[GfnRange]] = {}
         self._ranges_cache_gen = -1
 
         self.mmu = X86Mmu(self)
@@ -451,9 +452,14 @@ class Vm:
                         if self._ranges_cache_gen != seq:
                             ranges = self._gfn_ranges(start, end, attributes)
                         else:
-                            ranges = self._ranges_cache.get((start, end, attributes))
+                            key = (start, end, attributes)
+                            cache = self._ranges_cache
+                            ranges = cache.get(key)
                             if ranges is None:
-                                ranges = self._gfn_ranges(start, end, attributes)
+                                ranges = clip_gfn_ranges(self.memslots, start, end, attributes, True)
+                                if len(cache) >= _RANGES_CACHE_SIZE:
+                                    cache.clear()
+                                cache[key] = ranges
                     if ranges:
                         mmu = self.mmu
                         mmu_lock = self.mmu_lock
@@ -598,7 +604,7 @@ class Vm:
         key = (start, end, attributes)
         ranges = cache.get(key)
         if ranges is None:
-            ranges = tuple(clip_gfn_ranges(memslots, start, end, attributes, True))
+            ranges = clip_gfn_ranges(memslots, start, end, attributes, True)
             if len(cache) >= _RANGES_CACHE_SIZE:
                 cache.clear()
             cache[key] = ranges
