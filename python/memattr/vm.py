@@ -38,7 +38,6 @@ from __future__ import annotations
 import errno
 import operator
 import os
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -80,7 +79,6 @@ from memattr.uapi import (
     U64_MAX,
 )
 
-_get_ident = threading.get_ident
 # Distinct (start, end, attributes) keys whose memslot-clipped ranges a Vm
 # keeps for reuse (see Vm._gfn_ranges).
 _RANGES_CACHE_SIZE = 64
@@ -408,183 +406,10 @@ class Vm:
             if address & _PAGE_MASK or size & _PAGE_MASK:
                 raise _einval(f"address {address:#x} or size {size:#x} not page aligned")
             self.stats.set_calls += 1
-            slots_lock = self.slots_lock
-            mmu_lock = self.mmu_lock
-            me = _get_ident()
-            # slots_lock.acquire() inlined; it raises the lockdep splat itself
-            # for recursion or an order inversion (slots_lock nests outside
-            # mmu_lock, the only inner lock the Vm gives it).
-            if slots_lock._owner == me or mmu_lock._owner == me:
-                slots_lock.acquire()
-            else:
-                slots_lock._lock.acquire()
-                slots_lock._owner = me
-            try:
-                start = address >> PAGE_SHIFT
-                end = (address + size) >> PAGE_SHIFT
-                if self._v11:
-                    self._kvm_vm_set_mem_attributes(start, end, attributes)
-                    return
-                # _kvm_vm_set_mem_attributes() in 6.8 semantics, inlined with
-                # both gfn-range passes (kvm_handle_gfn_range with the pre-set
-                # and post-set handlers): the same locks, callbacks, counters
-                # and failure handling, without the per-call and per-range
-                # indirection.
-                store = self.store
-                stats = self.stats
-                # Nothing to do if the entire range already has the desired attributes;
-                # otherwise reserve ahead of time, so a failure cannot leave the range
-                # half set (has_value, then reserve, in one store call).
-                try:
-                    if store.reserve_unless_has_value(start, end, attributes, self.attr_memory_limit):
-                        stats.noop_conversions += 1
-                        return
-                except MemoryError as e:
-                    stats.enomem += 1
-                    raise OSError(errno.ENOMEM, f"{os.strerror(errno.ENOMEM)}: {e}") from None
-                ok = False
-                try:
-                    # self._gfn_ranges(start, end, attributes), inlined.
-                    if self._unmap_hooks or self._post_set_hooks:
-                        ranges = self._gfn_ranges(start, end, attributes)
-                    else:
-                        seq = self.memslots._seq
-                        if self._ranges_cache_gen != seq:
-                            ranges = self._gfn_ranges(start, end, attributes)
-                        else:
-                            key = (start, end, attributes)
-                            cache = self._ranges_cache
-                            ranges = cache.get(key)
-                            if ranges is None:
-                                ranges = clip_gfn_ranges(self.memslots, start, end, attributes, True)
-                                if len(cache) >= _RANGES_CACHE_SIZE:
-                                    cache.clear()
-                                cache[key] = ranges
-                    if ranges:
-                        mmu = self.mmu
-                        mmu_lock = self.mmu_lock
-                        inval = self._inval
-                        # --- pre-set pass: mmu_lock, mmu_invalidate_begin as on_lock,
-                        # range add + zap + on_unmap hooks per range, one TLB flush.
-                        if mmu_lock._owner == me:
-                            mmu_lock.acquire()  # the lockdep splat for recursion
-                        else:
-                            mmu_lock._lock.acquire()
-                            mmu_lock._owner = me
-                            stats.mmu_lock_acquisitions += 1
-                        flush = False
-                        try:
-                            # kvm_mmu_invalidate_begin(): this thread took mmu_lock
-                            # just above, so lockdep's assertion holds.
-                            inval.in_progress += 1
-                            if inval.in_progress == 1:
-                                inval.range_start = INVALID_GPA
-                                inval.range_end = INVALID_GPA
-                            self._inval_open = True
-                            first = True
-                            for rng in ranges:
-                                # Add the range even if nothing needs zapping, so faults
-                                # stay away from gfns whose attributes are in flux.
-                                if first:
-                                    # Right after begin under our own mmu_lock: held,
-                                    # and in progress, so no assertion can fire.
-                                    first = False
-                                    if inval.range_start == INVALID_GPA:
-                                        inval.range_start = rng.start
-                                        inval.range_end = rng.end
-                                    else:
-                                        if rng.start < inval.range_start:
-                                            inval.range_start = rng.start
-                                        if rng.end > inval.range_end:
-                                            inval.range_end = rng.end
-                                else:
-                                    inval.range_add(rng.start, rng.end)
-                                ret = bool(mmu.pre_set_memory_attributes(rng))
-                                stats.zapped_ranges += 1
-                                if self._unmap_hooks and self._hook_error is None:
-                                    for hook in self._unmap_hooks:
-                                        try:
-                                            if hook(rng):
-                                                ret = True
-                                        except BaseException as e:
-                                            self._hook_error = e
-                                            break
-                                if ret:
-                                    flush = True
-                        finally:
-                            try:
-                                if flush:
-                                    self.kvm_flush_remote_tlbs()
-                            finally:
-                                if mmu_lock._owner == me:
-                                    mmu_lock._owner = None
-                                    mmu_lock._lock.release()
-                                else:
-                                    mmu_lock.release()  # the lockdep splat for a bad unlock
-                    if self._hook_error is not None:
-                        # An on_unmap hook failed: abort before anything is stored.
-                        raise self._hook_error
-                    store.set_range(start, end, attributes)
-                    # Every reserved entry is now used: nothing left to release.
-                    ok = True
-                    stats.conversions += 1
-                    stats.pages_converted += end - start
-                    if ranges:
-                        # --- post-set pass: mmu_invalidate_end as on_lock (inside
-                        # mmu_lock), MMU post-set + on_post_set hooks per range.
-                        if mmu_lock._owner == me:
-                            mmu_lock.acquire()
-                        else:
-                            mmu_lock._lock.acquire()
-                            mmu_lock._owner = me
-                            stats.mmu_lock_acquisitions += 1
-                        try:
-                            if inval.in_progress <= 0 or inval.range_start == INVALID_GPA:
-                                # The KVM_BUG_ON / WARN cases: let end() report them.
-                                inval.end()
-                            else:
-                                # kvm_mmu_invalidate_end(), under the mmu_lock this
-                                # thread took just above. The sequence bump comes
-                                # first, as in end().
-                                inval.seq += 1
-                                inval.in_progress -= 1
-                            self._inval_open = False
-                            for rng in ranges:
-                                mmu.post_set_memory_attributes(rng)
-                                stats.post_set_ranges += 1
-                                if self._post_set_hooks and self._hook_error is None:
-                                    for hook in self._post_set_hooks:
-                                        try:
-                                            hook(rng)
-                                        except BaseException as e:
-                                            self._hook_error = e
-                                            break
-                        finally:
-                            if mmu_lock._owner == me:
-                                mmu_lock._owner = None
-                                mmu_lock._lock.release()
-                            else:
-                                mmu_lock.release()
-                    if self._hook_error is not None:
-                        raise self._hook_error
-                finally:
-                    if self._hook_error is not None:
-                        self._hook_error = None
-                    if self._inval_open:
-                        # Something raised between begin and end (a hook or the MMU):
-                        # close the invalidation properly so faults are not blocked
-                        # forever.
-                        with self.mmu_lock:
-                            self._inval.end()
-                        self._inval_open = False
-                    if not ok:
-                        store.release_reservations()
-            finally:
-                if slots_lock._owner == me:
-                    slots_lock._owner = None
-                    slots_lock._lock.release()
-                else:
-                    slots_lock.release()  # the lockdep splat for a bad unlock
+            with self.slots_lock:
+                self._kvm_vm_set_mem_attributes(
+                    address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT, attributes
+                )
         except BaseException:
             self.stats.failed_calls += 1
             raise
@@ -611,15 +436,15 @@ class Vm:
         return ranges
 
     def _kvm_vm_set_mem_attributes(self, start: int, end: int, attributes: int) -> None:
-        """The seed's v11 order (see _kvm_vm_set_mem_attributes_68 for 6.8)."""
+        """kvm_vm_set_mem_attributes(), under slots_lock."""
         store = self.store
-        # Nothing to do if the entire range already has the desired attributes.
-        if store.has_value(start, end, attributes):
-            self.stats.noop_conversions += 1
-            return
-        # Reserve ahead of time, so a failure cannot leave the range half set.
+        # Nothing to do if the entire range already has the desired
+        # attributes; otherwise reserve ahead of time, so a failure cannot
+        # leave the range half set (both in one store call).
         try:
-            store.reserve(start, end, self.attr_memory_limit)
+            if store.reserve_unless_has_value(start, end, attributes, self.attr_memory_limit):
+                self.stats.noop_conversions += 1
+                return
         except MemoryError as e:
             self.stats.enomem += 1
             raise OSError(errno.ENOMEM, f"{os.strerror(errno.ENOMEM)}: {e}") from None
@@ -751,22 +576,7 @@ class Vm:
         self._inval.begin()
 
     def kvm_mmu_invalidate_range_add(self, start: int, end: int) -> None:
-        inval = self._inval
-        lock = self.mmu_lock
-        if lock._owner == _get_ident() and inval.in_progress:
-            # MmuInvalidation.range_add() when neither its lockdep assertion
-            # nor its warning can fire (the MMU's pre-set pass calls this
-            # for the straddling hugepages of every conversion).
-            if inval.range_start == INVALID_GPA:
-                inval.range_start = start
-                inval.range_end = end
-            else:
-                if start < inval.range_start:
-                    inval.range_start = start
-                if end > inval.range_end:
-                    inval.range_end = end
-        else:
-            inval.range_add(start, end)
+        self._inval.range_add(start, end)
 
     def kvm_mmu_invalidate_end(self) -> None:
         self._inval.end()
