@@ -45,6 +45,17 @@ fn opt_u64_arg(obj: Option<&Bound<'_, PyAny>>, name: &str, default: u64) -> PyRe
 }
 
 /// `start` and `end` as a half-open range with `start < end`.
+/// The optional `limit` (bytes) of `reserve`; None means unlimited.
+fn limit_arg(limit: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
+    match limit {
+        Some(l) if !l.is_none() => {
+            let l = u64_arg(l, "limit")?;
+            Ok(Some(usize::try_from(l).unwrap_or(usize::MAX)))
+        }
+        _ => Ok(None),
+    }
+}
+
 fn range_args(start: &Bound<'_, PyAny>, end: &Bound<'_, PyAny>) -> PyResult<(u64, u64)> {
     let s = u64_arg(start, "start")?;
     let e = u64_arg(end, "end")?;
@@ -124,8 +135,20 @@ macro_rules! store_class {
         }
 
         impl $class {
-            fn big(&self, start: u64, end: u64) -> bool {
-                $per_page && end - start >= DETACH_PAGES
+            /// Runs `f`, with the GIL released when its work scales with a
+            /// big range of pages (XArray), so other threads go on meanwhile.
+            fn sized<R: Send>(
+                &self,
+                py: Python<'_>,
+                start: u64,
+                end: u64,
+                f: impl FnOnce() -> R + Send,
+            ) -> R {
+                if $per_page && end - start >= DETACH_PAGES {
+                    py.detach(f)
+                } else {
+                    f()
+                }
             }
         }
 
@@ -154,13 +177,8 @@ macro_rules! store_class {
             ) -> PyResult<()> {
                 let (s, e) = range_args(start, end)?;
                 let v = u64_arg(value, "value")?;
-                let run = || write(&self.inner).set_range(s, e, v);
-                let r = if self.big(s, e) {
-                    py.detach(run)
-                } else {
-                    run()
-                };
-                r.map_err(store_err)
+                self.sized(py, s, e, || write(&self.inner).set_range(s, e, v))
+                    .map_err(store_err)
             }
 
             /// True if every gfn in `[start, end)` has `get(gfn) & mask == value & mask`.
@@ -176,13 +194,8 @@ macro_rules! store_class {
                 let (s, e) = range_args(start, end)?;
                 let v = u64_arg(value, "value")?;
                 let m = opt_u64_arg(mask, "mask", u64::MAX)?;
-                let run = || read(&self.inner).has_value(s, e, v, m);
-                let r = if self.big(s, e) {
-                    py.detach(run)
-                } else {
-                    run()
-                };
-                r.map_err(store_err)
+                self.sized(py, s, e, || read(&self.inner).has_value(s, e, v, m))
+                    .map_err(store_err)
             }
 
             /// Number of gfns in `[start, end)` whose value matches under `mask`.
@@ -299,20 +312,9 @@ macro_rules! store_class {
                 limit: Option<&Bound<'_, PyAny>>,
             ) -> PyResult<()> {
                 let (s, e) = range_args(start, end)?;
-                let limit = match limit {
-                    Some(l) if !l.is_none() => {
-                        let l = u64_arg(l, "limit")?;
-                        Some(usize::try_from(l).unwrap_or(usize::MAX))
-                    }
-                    _ => None,
-                };
-                let run = || write(&self.inner).reserve(s, e, limit);
-                let r = if self.big(s, e) {
-                    py.detach(run)
-                } else {
-                    run()
-                };
-                r.map_err(store_err)
+                let limit = limit_arg(limit)?;
+                self.sized(py, s, e, || write(&self.inner).reserve(s, e, limit))
+                    .map_err(store_err)
             }
 
             /// `has_value(start, end, value)`, and if false, `reserve(start,
@@ -329,20 +331,11 @@ macro_rules! store_class {
             ) -> PyResult<bool> {
                 let (s, e) = range_args(start, end)?;
                 let v = u64_arg(value, "value")?;
-                let limit = match limit {
-                    Some(l) if !l.is_none() => {
-                        let l = u64_arg(l, "limit")?;
-                        Some(usize::try_from(l).unwrap_or(usize::MAX))
-                    }
-                    _ => None,
-                };
-                let run = || write(&self.inner).reserve_unless_has_value(s, e, v, limit);
-                let r = if self.big(s, e) {
-                    py.detach(run)
-                } else {
-                    run()
-                };
-                r.map_err(store_err)
+                let limit = limit_arg(limit)?;
+                self.sized(py, s, e, || {
+                    write(&self.inner).reserve_unless_has_value(s, e, v, limit)
+                })
+                .map_err(store_err)
             }
 
             /// Drops reserved storage that no set used.
