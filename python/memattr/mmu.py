@@ -48,6 +48,8 @@ KVM_MAX_HUGEPAGE_LEVEL = PG_LEVEL_1G
 _U64_LIMIT = 1 << 64
 # How long a vCPU "stays in the guest" before re-faulting after RET_PF_RETRY.
 _RETRY_BACKOFF_S = 0.0002
+# (level, pages per hugepage) for the straddling head/tail checks, 2M first.
+_STRADDLE_LEVELS = ((PG_LEVEL_2M, 1 << 9), (PG_LEVEL_1G, 1 << 18))
 
 
 class HugepageTrackerLike(Protocol):
@@ -137,11 +139,20 @@ class X86Mmu:
             yield
 
     def _account_removed(self, removed: tuple[int, int, int]) -> None:
+        n4k, n2m, n1g = removed
+        if not (n4k or n2m or n1g):
+            return
         stats = self._vm.stats
-        for level, n in zip((PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G), removed):
-            if n:
-                stats.zapped_pages[level] += n
-                stats.mapped[level] -= n
+        zapped, mapped = stats.zapped_pages, stats.mapped
+        if n4k:
+            zapped[PG_LEVEL_4K] += n4k
+            mapped[PG_LEVEL_4K] -= n4k
+        if n2m:
+            zapped[PG_LEVEL_2M] += n2m
+            mapped[PG_LEVEL_2M] -= n2m
+        if n1g:
+            zapped[PG_LEVEL_1G] += n1g
+            mapped[PG_LEVEL_1G] -= n1g
 
     def _tracker(self, slot: Memslot) -> HugepageTrackerLike:
         tracker = slot.arch
@@ -206,33 +217,39 @@ class X86Mmu:
         if root is None:
             return False
         removed = root.zap(rng.start, rng.end)
-        self._account_removed(removed)
-        return any(removed)
+        if removed[0] or removed[1] or removed[2]:
+            self._account_removed(removed)
+            return True
+        return False
 
     def _invalidate_straddling_hugepages(self, rng: GfnRange) -> None:
         """Add the head and tail hugepages that straddle the range, if they
         could be mapped huge now, to the ongoing invalidation: otherwise a
         fault on a gfn outside the range, racing with the conversion, could
         install a hugepage from mixed flags that are about to change."""
-        vm = self._vm
         slot = rng.slot
-        tracker = self._tracker(slot)
-        slot_end = slot.base_gfn + slot.npages
-        for level in (PG_LEVEL_2M, PG_LEVEL_1G):
-            n = 1 << (9 * (level - 1))
-            head = rng.start & ~(n - 1)
-            tail = (rng.end - 1) & ~(n - 1)
+        tracker = slot.arch
+        if tracker is None:
+            tracker = self._tracker(slot)  # raises LookupError
+        test_mixed = tracker.test_mixed
+        range_add = self._vm.kvm_mmu_invalidate_range_add
+        start, end = rng.start, rng.end
+        base_gfn = slot.base_gfn
+        slot_end = base_gfn + slot.npages
+        for level, n in _STRADDLE_LEVELS:
+            head = start & ~(n - 1)
+            tail = (end - 1) & ~(n - 1)
             if (
-                (head != rng.start or head + n > rng.end)
-                and head >= slot.base_gfn
+                (head != start or head + n > end)
+                and head >= base_gfn
                 and head + n <= slot_end
-                and not tracker.test_mixed(head, level)
+                and not test_mixed(head, level)
             ):
-                vm.kvm_mmu_invalidate_range_add(head, head + n)
+                range_add(head, head + n)
             if tail == head:
                 continue
-            if tail + n > rng.end and tail + n <= slot_end and not tracker.test_mixed(tail, level):
-                vm.kvm_mmu_invalidate_range_add(tail, tail + n)
+            if tail + n > end and tail + n <= slot_end and not test_mixed(tail, level):
+                range_add(tail, tail + n)
 
     def post_set_memory_attributes(self, rng: GfnRange) -> bool:
         """kvm_arch_post_set_memory_attributes(): recompute the mixed flags of
@@ -244,7 +261,10 @@ class X86Mmu:
         if not vm.has_private_mem:
             self._warn_once("kvm_arch_post_set_memory_attributes() on a VM without private memory")
             return False
-        self._tracker(rng.slot).post_set_memory_attributes(vm.store, rng.start, rng.end, rng.attributes)
+        tracker = rng.slot.arch
+        if tracker is None:
+            tracker = self._tracker(rng.slot)  # raises LookupError
+        tracker.post_set_memory_attributes(vm.store, rng.start, rng.end, rng.attributes)
         return False
 
     # --- faults --------------------------------------------------------------
@@ -308,18 +328,26 @@ class X86Mmu:
         ``write`` is validated but, as in the kernel's memory-fault exit, not
         reported; read-only slots and MMIO emulation are not modelled, so a
         gpa outside every slot exits like an unbacked private access would."""
-        gpa = _check_u64(gpa, "gpa")
-        private = _check_bool(private, "private")
-        _check_bool(write, "write")
+        # Exact ints and bools take the fast path; anything else gets the
+        # full checks (same errors, same order).
+        if type(gpa) is not int or not 0 <= gpa < _U64_LIMIT:
+            gpa = _check_u64(gpa, "gpa")
+        if private is not True and private is not False:
+            _check_bool(private, "private")
+        if write is not True and write is not False:
+            _check_bool(write, "write")
         vm = self._vm
-        if not isinstance(as_id, int) or isinstance(as_id, bool):
-            raise TypeError(f"as_id must be an int, not {type(as_id).__name__}")
-        if not 0 <= as_id < vm.memslots.nr_as_ids:
-            raise ValueError(f"as_id must be in 0..{vm.memslots.nr_as_ids - 1}, got {as_id}")
+        if type(as_id) is not int:
+            if not isinstance(as_id, int) or isinstance(as_id, bool):
+                raise TypeError(f"as_id must be an int, not {type(as_id).__name__}")
+        memslots = vm.memslots
+        if not 0 <= as_id < memslots.nr_as_ids:
+            raise ValueError(f"as_id must be in 0..{memslots.nr_as_ids - 1}, got {as_id}")
+        mmu_lock = vm.mmu_lock
         # A vCPU never faults while holding these: with mmu_lock it would
         # deadlock, and with slots_lock held by the thread performing an
         # invalidation the retry loop could never make progress.
-        for lock in (vm.mmu_lock, vm.slots_lock):
+        for lock in (mmu_lock, vm.slots_lock):
             if lock.held_by_current_thread():
                 raise LockdepError(
                     lock.name,
@@ -330,12 +358,17 @@ class X86Mmu:
         vm.stats.faults += 1
         while True:
             mmu_seq = vm.mmu_invalidate_seq
-            slot = vm.memslots.find(as_id, gfn)
+            slot = memslots.find(as_id, gfn)
             # Don't fault in a pfn that is being invalidated: go back to the
             # guest and fault again (RET_PF_RETRY).
             # A slot being deleted or moved (its tracking already dropped, as
             # with KVM_MEMSLOT_INVALID) also means "retry".
-            if slot is not None and (slot.arch is None or self._retry_gfn_unsafe(mmu_seq, gfn)):
+            # (mmu_invalidate_retry_gfn_unsafe(), inlined.)
+            if slot is not None and (
+                slot.arch is None
+                or (vm.mmu_invalidate_in_progress and self._invalidation_covers(gfn))
+                or vm.mmu_invalidate_seq != mmu_seq
+            ):
                 self._check_can_make_progress(gpa)
                 self._retry_later()
                 continue
@@ -343,12 +376,12 @@ class X86Mmu:
             # __kvm_faultin_pfn(): checked without mmu_lock, like the kernel.
             if slot is None:
                 raise self._memory_fault_exit(gfn, private)
-            if private != self._mem_is_private(gfn):
+            if private != bool(vm.store.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE):
                 raise self._memory_fault_exit(gfn, private)
             if private and not slot.has_guest_memfd():
                 raise self._memory_fault_exit(gfn, private)
 
-            with vm.mmu_lock:
+            with mmu_lock:
                 if slot.arch is None or self._retry_gfn(mmu_seq, gfn):
                     stale = True
                 else:
@@ -358,7 +391,8 @@ class X86Mmu:
                     if root is None:
                         root = self._roots[as_id] = Stage2Map()
                     installed, removed = root.map(gfn, level)
-                    self._account_removed(removed)
+                    if removed[0] or removed[1] or removed[2]:
+                        self._account_removed(removed)
                     if installed:
                         vm.stats.mapped[level] += 1
             if stale:
