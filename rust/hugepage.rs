@@ -346,6 +346,39 @@ pub trait HugepageTracker {
     /// Bytes of tracking state.
     fn memory_bytes(&self) -> usize;
 
+    /// The head and tail hugepages (2M, then 1G; head before tail) that
+    /// straddle `[start, end)` (already clipped to the slot), lie wholly
+    /// inside the slot and are not mixed: the pre-set pass adds them to the
+    /// ongoing invalidation. Returned as (first gfn, level).
+    fn straddling_hugepages(&self, start: u64, end: u64) -> Result<Vec<(u64, u8)>, HugepageError> {
+        if start >= end {
+            return Err(HugepageError::RangeOutsideSlot { start, end });
+        }
+        let base = self.slot().base_gfn as u128;
+        let slot_end = self.slot().end_gfn() as u128;
+        let (s, e) = (start as u128, end as u128);
+        let mut out = Vec::new();
+        for level in [PG_LEVEL_2M, PG_LEVEL_1G] {
+            let n = pages_per_hpage(level) as u128;
+            let head = s & !(n - 1);
+            let tail = (e - 1) & !(n - 1);
+            if (head != s || head + n > e)
+                && head >= base
+                && head + n <= slot_end
+                && !self.test_mixed(head as u64, level)?
+            {
+                out.push((head as u64, level));
+            }
+            if tail == head {
+                continue;
+            }
+            if tail + n > e && tail + n <= slot_end && !self.test_mixed(tail as u64, level)? {
+                out.push((tail as u64, level));
+            }
+        }
+        Ok(out)
+    }
+
     /// The lpage_info walk of __kvm_mmu_max_mapping_level(): the highest
     /// level <= `max_level` whose hugepage at `gfn` is not disallowed.
     fn max_mapping_level(&self, gfn: u64, max_level: u8) -> Result<u8, HugepageError> {

@@ -89,6 +89,11 @@ class _HugepageTracker:
         and tail re-checked; 2M first, 1G consumes the 2M results."""
     def test_mixed(self, gfn: int, level: int) -> bool:
         """hugepage_test_mixed() of the level-2/3 hugepage holding gfn."""
+    def straddling_hugepages(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The head and tail hugepages (2M, then 1G) straddling [start, end)
+        (inside the slot, start < end) that lie wholly inside the slot and
+        are not mixed, as (start_gfn, end_gfn): what the pre-set pass adds to
+        the ongoing invalidation."""
     def disallow_lpage(self, gfn: int, level: int) -> bool:
         """lpage_info_slot(gfn, slot, level)->disallow_lpage != 0."""
     def max_mapping_level(self, gfn: int, max_level: int | None = None) -> int:

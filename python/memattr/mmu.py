@@ -58,6 +58,7 @@ class HugepageTrackerLike(Protocol):
     def init_memory_attributes(self, store: object) -> None: ...
     def post_set_memory_attributes(self, store: object, start: int, end: int, attrs: int) -> None: ...
     def test_mixed(self, gfn: int, level: int) -> bool: ...
+    def straddling_hugepages(self, start: int, end: int) -> list[tuple[int, int]]: ...
     def disallow_lpage(self, gfn: int, level: int) -> bool: ...
     def max_mapping_level(self, gfn: int, max_level: int | None = None) -> int: ...
     def mixed_runs(self, level: int) -> list[tuple[int, int]]: ...
@@ -231,25 +232,37 @@ class X86Mmu:
         tracker = slot.arch
         if tracker is None:
             tracker = self._tracker(slot)  # raises LookupError
-        test_mixed = tracker.test_mixed
-        range_add = self._vm.kvm_mmu_invalidate_range_add
-        start, end = rng.start, rng.end
-        base_gfn = slot.base_gfn
-        slot_end = base_gfn + slot.npages
+        # One native call does the 2M/1G head/tail scan (test_mixed of each
+        # candidate); the ranges come back in the order they are added.
+        pages = tracker.straddling_hugepages(rng.start, rng.end)
+        if pages:
+            range_add = self._vm.kvm_mmu_invalidate_range_add
+            for start, end in pages:
+                range_add(start, end)
+
+    @staticmethod
+    def _straddling_hugepages_reference(
+        tracker: HugepageTrackerLike, slot: Memslot, start: int, end: int
+    ) -> list[tuple[int, int]]:
+        """The per-level head/tail scan straddling_hugepages() does natively,
+        kept in Python for tests."""
+        out = []
+        slot_end = slot.base_gfn + slot.npages
         for level, n in _STRADDLE_LEVELS:
             head = start & ~(n - 1)
             tail = (end - 1) & ~(n - 1)
             if (
                 (head != start or head + n > end)
-                and head >= base_gfn
+                and head >= slot.base_gfn
                 and head + n <= slot_end
-                and not test_mixed(head, level)
+                and not tracker.test_mixed(head, level)
             ):
-                range_add(head, head + n)
+                out.append((head, head + n))
             if tail == head:
                 continue
-            if tail + n > end and tail + n <= slot_end and not test_mixed(tail, level):
-                range_add(tail, tail + n)
+            if tail + n > end and tail + n <= slot_end and not tracker.test_mixed(tail, level):
+                out.append((tail, tail + n))
+        return out
 
     def post_set_memory_attributes(self, rng: GfnRange) -> bool:
         """kvm_arch_post_set_memory_attributes(): recompute the mixed flags of

@@ -4,7 +4,7 @@
 
 use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBool;
+use pyo3::types::{PyBool, PyInt};
 
 use super::stores::with_store;
 use crate::hugepage::{
@@ -25,6 +25,14 @@ fn to_pyerr(e: HugepageError) -> PyErr {
 /// A u64 argument: TypeError for non-int (bool included), OverflowError
 /// outside 0..2**64, both naming the argument.
 fn u64_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u64> {
+    // Exact ints (the common case) need no `__index__` round trip: it would
+    // return the object itself. Out-of-range values fall through to the
+    // general path so the error is the same.
+    if obj.is_exact_instance_of::<PyInt>() {
+        if let Ok(v) = obj.extract::<u64>() {
+            return Ok(v);
+        }
+    }
     if obj.is_instance_of::<PyBool>() {
         return Err(PyTypeError::new_err(format!(
             "{name} must be an int, not bool"
@@ -147,6 +155,26 @@ macro_rules! tracker_pyclass {
                 let gfn = u64_arg(gfn, "gfn")?;
                 let level = level_arg(level, "level", 2, 3)?;
                 self.inner.test_mixed(gfn, level).map_err(to_pyerr)
+            }
+
+            /// The non-mixed head/tail hugepages straddling `[start, end)` as
+            /// `(start_gfn, end_gfn)` ranges, 2M first.
+            fn straddling_hugepages(
+                &self,
+                start: &Bound<'_, PyAny>,
+                end: &Bound<'_, PyAny>,
+            ) -> PyResult<Vec<(u64, u64)>> {
+                let start = u64_arg(start, "start")?;
+                let end = u64_arg(end, "end")?;
+                // Wholly inside the slot, so the end fits in a u64.
+                let pages = self
+                    .inner
+                    .straddling_hugepages(start, end)
+                    .map_err(to_pyerr)?;
+                Ok(pages
+                    .into_iter()
+                    .map(|(gfn, level)| (gfn, gfn + crate::hugepage::pages_per_hpage(level)))
+                    .collect())
             }
 
             /// `disallow_lpage != 0` for the hugepage at `level` containing `gfn`.
