@@ -395,11 +395,28 @@ class X86Mmu:
                 raise self._memory_fault_exit(gfn, private)
 
             with mmu_lock:
-                if slot.arch is None or self._retry_gfn(mmu_seq, gfn):
+                # mmu_invalidate_retry_gfn() (inlined; mmu_lock is held by
+                # this very block, so its lockdep assertion is implied).
+                tracker = slot.arch
+                if (
+                    tracker is None
+                    or (vm.mmu_invalidate_in_progress and self._invalidation_covers(gfn))
+                    or vm.mmu_invalidate_seq != mmu_seq
+                ):
                     stale = True
                 else:
                     stale = False
-                    level = self._max_level(slot, gfn, private)
+                    # _max_level(), inlined.
+                    if private:
+                        max_level = kvm_max_level_for_order(vm.guest_memfd_max_order)
+                    else:
+                        max_level = KVM_MAX_HUGEPAGE_LEVEL
+                    if max_level == PG_LEVEL_4K or slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                        level = PG_LEVEL_4K
+                    else:
+                        level = int(tracker.max_mapping_level(gfn, max_level))
+                        if not private and level > self.host_mapping_level:
+                            level = self.host_mapping_level
                     root = self._roots.get(as_id)
                     if root is None:
                         root = self._roots[as_id] = Stage2Map()
