@@ -660,3 +660,8 @@ def test_straddling_hugepages_native_equals_reference() -> None:
             qe = rnd.randrange(qs + 1, min(base + npages, qs + rnd.choice((2, 600, 300000))) + 1)
             got = slot.arch.straddling_hugepages(qs, qe)
             assert got == X86Mmu._straddling_hugepages_reference(slot.arch, slot, qs, qe)
+            hull = slot.arch.straddling_hugepages_hull(qs, qe)
+            if got:
+                assert hull == (min(s for s, _ in got), max(e for _, e in got))
+            else:
+                assert hull is None

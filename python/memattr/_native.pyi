@@ -94,6 +94,9 @@ class _HugepageTracker:
         (inside the slot, start < end) that lie wholly inside the slot and
         are not mixed, as (start_gfn, end_gfn): what the pre-set pass adds to
         the ongoing invalidation."""
+    def straddling_hugepages_hull(self, start: int, end: int) -> tuple[int, int] | None:
+        """The smallest (start_gfn, end_gfn) covering every range
+        straddling_hugepages() returns, None if there are none."""
     def disallow_lpage(self, gfn: int, level: int) -> bool:
         """lpage_info_slot(gfn, slot, level)->disallow_lpage != 0."""
     def max_mapping_level(self, gfn: int, max_level: int | None = None) -> int:

@@ -59,6 +59,7 @@ class HugepageTrackerLike(Protocol):
     def post_set_memory_attributes(self, store: object, start: int, end: int, attrs: int) -> None: ...
     def test_mixed(self, gfn: int, level: int) -> bool: ...
     def straddling_hugepages(self, start: int, end: int) -> list[tuple[int, int]]: ...
+    def straddling_hugepages_hull(self, start: int, end: int) -> tuple[int, int] | None: ...
     def disallow_lpage(self, gfn: int, level: int) -> bool: ...
     def max_mapping_level(self, gfn: int, max_level: int | None = None) -> int: ...
     def mixed_runs(self, level: int) -> list[tuple[int, int]]: ...
@@ -233,12 +234,12 @@ class X86Mmu:
         if tracker is None:
             tracker = self._tracker(slot)  # raises LookupError
         # One native call does the 2M/1G head/tail scan (test_mixed of each
-        # candidate); the ranges come back in the order they are added.
-        pages = tracker.straddling_hugepages(rng.start, rng.end)
-        if pages:
-            range_add = self._vm.kvm_mmu_invalidate_range_add
-            for start, end in pages:
-                range_add(start, end)
+        # candidate). kvm_mmu_invalidate_range_add() only widens the range
+        # to the hull of what it is given, so adding the hull of the
+        # straddling hugepages once leaves the same state as adding each.
+        hull = tracker.straddling_hugepages_hull(rng.start, rng.end)
+        if hull is not None:
+            self._vm.kvm_mmu_invalidate_range_add(hull[0], hull[1])
 
     @staticmethod
     def _straddling_hugepages_reference(

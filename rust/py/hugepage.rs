@@ -177,6 +177,28 @@ macro_rules! tracker_pyclass {
                     .collect())
             }
 
+            /// The smallest `(start_gfn, end_gfn)` covering every range
+            /// `straddling_hugepages()` returns, or None if it returns none.
+            fn straddling_hugepages_hull(
+                &self,
+                start: &Bound<'_, PyAny>,
+                end: &Bound<'_, PyAny>,
+            ) -> PyResult<Option<(u64, u64)>> {
+                let start = u64_arg(start, "start")?;
+                let end = u64_arg(end, "end")?;
+                let pages = self
+                    .inner
+                    .straddling_hugepages(start, end)
+                    .map_err(to_pyerr)?;
+                Ok(pages.into_iter().fold(None, |hull, (gfn, level)| {
+                    let e = gfn + crate::hugepage::pages_per_hpage(level);
+                    Some(match hull {
+                        None => (gfn, e),
+                        Some((hs, he)) => (hs.min(gfn), he.max(e)),
+                    })
+                }))
+            }
+
             /// `disallow_lpage != 0` for the hugepage at `level` containing `gfn`.
             fn disallow_lpage(
                 &self,
