@@ -377,11 +377,8 @@ class X86Mmu:
             # guest and fault again (RET_PF_RETRY).
             # A slot being deleted or moved (its tracking already dropped, as
             # with KVM_MEMSLOT_INVALID) also means "retry".
-            # (mmu_invalidate_retry_gfn_unsafe(), inlined.)
             if slot is not None and (
-                slot.arch is None
-                or (vm.mmu_invalidate_in_progress and self._invalidation_covers(gfn))
-                or vm.mmu_invalidate_seq != mmu_seq
+                slot.arch is None or self._retry_gfn_unsafe(mmu_seq, gfn)
             ):
                 self._check_can_make_progress(gpa)
                 self._retry_later()
@@ -390,34 +387,16 @@ class X86Mmu:
             # __kvm_faultin_pfn(): checked without mmu_lock, like the kernel.
             if slot is None:
                 raise self._memory_fault_exit(gfn, private)
-            if private != bool(vm.store.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE):
+            if private != self._mem_is_private(gfn):
                 raise self._memory_fault_exit(gfn, private)
             if private and not slot.has_guest_memfd():
                 raise self._memory_fault_exit(gfn, private)
 
             with mmu_lock:
-                # mmu_invalidate_retry_gfn() (inlined; mmu_lock is held by
-                # this very block, so its lockdep assertion is implied).
-                tracker = slot.arch
-                if (
-                    tracker is None
-                    or (vm.mmu_invalidate_in_progress and self._invalidation_covers(gfn))
-                    or vm.mmu_invalidate_seq != mmu_seq
-                ):
-                    stale = True
-                else:
-                    stale = False
-                    # _max_level(), inlined.
-                    if private:
-                        max_level = kvm_max_level_for_order(vm.guest_memfd_max_order)
-                    else:
-                        max_level = KVM_MAX_HUGEPAGE_LEVEL
-                    if max_level == PG_LEVEL_4K or slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-                        level = PG_LEVEL_4K
-                    else:
-                        level = int(tracker.max_mapping_level(gfn, max_level))
-                        if not private and level > self.host_mapping_level:
-                            level = self.host_mapping_level
+                # The tracking is gone if the slot was deleted meanwhile.
+                stale = slot.arch is None or self._retry_gfn(mmu_seq, gfn)
+                if not stale:
+                    level = self._max_level(slot, gfn, private)
                     root = self._roots.get(as_id)
                     if root is None:
                         root = self._roots[as_id] = Stage2Map()
