@@ -325,8 +325,10 @@ class Vm:
         self._ranges_cache.clear()
         if change is MemslotChange.FLAGS_ONLY:
             assert old is not None and new is not None
-            # The kernel copies the arch state into a new struct; nothing the
-            # MMU model tracks depends on the flags that may change here.
+            # The kernel copies the arch state into a new struct. Not modelled:
+            # kvm_mmu_slot_apply_flags() splitting huge mappings when dirty
+            # logging starts and recovering them when it stops; faults from
+            # now on honour the new flags.
             old.flags = new.flags
             memslots._changed()
             return
