@@ -399,6 +399,32 @@ pub trait HugepageTracker {
 // The kernel's per-hugepage algorithm, literally.
 // ---------------------------------------------------------------------------
 
+/// The mixed-flag storage a tracker keeps, and the kernel's per-hugepage
+/// re-check on top of it (hugepage_has_attrs, then set or clear the flag).
+trait MixedFlags {
+    fn set_mixed(&mut self, gfn: u64, level: u8, mixed: bool);
+
+    fn hugepage_has_attrs(
+        &self,
+        store: &dyn AttrStore,
+        gfn: u64,
+        level: u8,
+        attrs: u64,
+    ) -> Result<bool, HugepageError>;
+
+    fn recheck(
+        &mut self,
+        store: &dyn AttrStore,
+        gfn: u64,
+        level: u8,
+        attrs: u64,
+    ) -> Result<(), HugepageError> {
+        let has = self.hugepage_has_attrs(store, gfn, level, attrs)?;
+        self.set_mixed(gfn, level, !has);
+        Ok(())
+    }
+}
+
 /// `slot->arch.lpage_info[]`: one `disallow_lpage` word per hugepage.
 #[derive(Debug, Clone)]
 pub struct LpageInfoTracker {
@@ -436,7 +462,9 @@ impl LpageInfoTracker {
         let idx = self.slot.lpage_index(gfn, level);
         &mut self.lpage_info[(level - PG_LEVEL_2M) as usize][idx]
     }
+}
 
+impl MixedFlags for LpageInfoTracker {
     fn set_mixed(&mut self, gfn: u64, level: u8, mixed: bool) {
         let d = self.linfo_mut(gfn, level);
         if mixed {
@@ -468,18 +496,6 @@ impl LpageInfoTracker {
             sub += step;
         }
         Ok(true)
-    }
-
-    fn recheck(
-        &mut self,
-        store: &dyn AttrStore,
-        gfn: u64,
-        level: u8,
-        attrs: u64,
-    ) -> Result<(), HugepageError> {
-        let has = self.hugepage_has_attrs(store, gfn, level, attrs)?;
-        self.set_mixed(gfn, level, !has);
-        Ok(())
     }
 }
 
@@ -643,7 +659,9 @@ impl RangeTracker {
     fn lvl_mut(&mut self, level: u8) -> &mut LevelRuns {
         &mut self.levels[(level - PG_LEVEL_2M) as usize]
     }
+}
 
+impl MixedFlags for RangeTracker {
     fn set_mixed(&mut self, gfn: u64, level: u8, mixed: bool) {
         let hp = gfn >> hpage_gfn_shift(level);
         let set = &mut self.lvl_mut(level).mixed;
@@ -688,18 +706,6 @@ impl RangeTracker {
             }
         })?;
         Ok(!sampled_other)
-    }
-
-    fn recheck(
-        &mut self,
-        store: &dyn AttrStore,
-        gfn: u64,
-        level: u8,
-        attrs: u64,
-    ) -> Result<(), HugepageError> {
-        let has = self.hugepage_has_attrs(store, gfn, level, attrs)?;
-        self.set_mixed(gfn, level, !has);
-        Ok(())
     }
 }
 
