@@ -402,7 +402,13 @@ pub trait HugepageTracker {
 /// The mixed-flag storage a tracker keeps, and the kernel's per-hugepage
 /// re-check on top of it (hugepage_has_attrs, then set or clear the flag).
 trait MixedFlags {
+    fn layout(&self) -> &SlotLayout;
+
     fn set_mixed(&mut self, gfn: u64, level: u8, mixed: bool);
+
+    /// Clears the flag of every level-`level` hugepage in `[first, end)`
+    /// (both hugepage aligned): they hold only the attributes just set.
+    fn clear_mixed_covered(&mut self, first: u64, end: u64, level: u8);
 
     fn hugepage_has_attrs(
         &self,
@@ -421,6 +427,52 @@ trait MixedFlags {
     ) -> Result<(), HugepageError> {
         let has = self.hugepage_has_attrs(store, gfn, level, attrs)?;
         self.set_mixed(gfn, level, !has);
+        Ok(())
+    }
+
+    /// kvm_arch_post_set_memory_attributes() for `[start, end)` of this
+    /// slot: per level (2M first, as 1G consumes its results) re-check the
+    /// straddling head, clear what the range covers, re-check the straddling
+    /// tail; only hugepages wholly inside the slot are tracked (the others
+    /// are never huge).
+    fn post_set_pass(
+        &mut self,
+        store: &dyn AttrStore,
+        start: u64,
+        end: u64,
+        attrs: u64,
+    ) -> Result<(), HugepageError> {
+        self.layout().check_range(start, end)?;
+        let base = self.layout().base_gfn;
+        let slot_end = self.layout().end_gfn();
+        // Validated above: from here on only reads of valid hugepage ranges,
+        // which a store cannot refuse, so the flags are updated in place
+        // (a copy would cost O(slot) per call).
+        for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
+            let n = pages_per_hpage(level);
+            let mut gfn = start & !(n - 1);
+
+            if gfn != start || !fits(gfn, n, end) {
+                if gfn >= base && fits(gfn, n, slot_end) {
+                    self.recheck(store, gfn, level, attrs)?;
+                }
+                // The head was the last hugepage of the gfn space.
+                gfn = match gfn.checked_add(n) {
+                    Some(g) => g,
+                    None => continue,
+                };
+            }
+
+            let covered_end = end & !(n - 1);
+            if gfn < covered_end {
+                self.clear_mixed_covered(gfn, covered_end, level);
+                gfn = covered_end;
+            }
+
+            if gfn < end && fits(gfn, n, slot_end) {
+                self.recheck(store, gfn, level, attrs)?;
+            }
+        }
         Ok(())
     }
 }
@@ -465,6 +517,20 @@ impl LpageInfoTracker {
 }
 
 impl MixedFlags for LpageInfoTracker {
+    fn layout(&self) -> &SlotLayout {
+        &self.slot
+    }
+
+    /// The kernel's loop: one hugepage_clear_mixed() per hugepage.
+    fn clear_mixed_covered(&mut self, first: u64, end: u64, level: u8) {
+        let n = pages_per_hpage(level);
+        let mut gfn = first;
+        while gfn < end {
+            self.set_mixed(gfn, level, false);
+            gfn += n;
+        }
+    }
+
     fn set_mixed(&mut self, gfn: u64, level: u8, mixed: bool) {
         let d = self.linfo_mut(gfn, level);
         if mixed {
@@ -535,41 +601,7 @@ impl HugepageTracker for LpageInfoTracker {
         end: u64,
         attrs: u64,
     ) -> Result<(), HugepageError> {
-        self.slot.check_range(start, end)?;
-        let slot_end = self.slot.end_gfn();
-        // Validated above: from here on only reads of valid hugepage ranges,
-        // which a store cannot refuse, so the flags are updated in place
-        // (a copy would cost O(slot) per call).
-        // Upper levels consume the lower level's results: 2M first.
-        for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
-            let n = pages_per_hpage(level);
-            let mut gfn = start & !(n - 1);
-
-            // The head hugepage straddles the range; only a hugepage wholly
-            // inside the slot is tracked (the others are never huge).
-            if gfn != start || !fits(gfn, n, end) {
-                if gfn >= self.slot.base_gfn && fits(gfn, n, slot_end) {
-                    self.recheck(store, gfn, level, attrs)?;
-                }
-                // The head was the last hugepage of the gfn space.
-                gfn = match gfn.checked_add(n) {
-                    Some(g) => g,
-                    None => continue,
-                };
-            }
-
-            // Hugepages the range covers hold only `attrs` now.
-            while fits(gfn, n, end) {
-                self.set_mixed(gfn, level, false);
-                gfn += n;
-            }
-
-            // The tail hugepage straddles the range.
-            if gfn < end && fits(gfn, n, slot_end) {
-                self.recheck(store, gfn, level, attrs)?;
-            }
-        }
-        Ok(())
+        self.post_set_pass(store, start, end, attrs)
     }
 
     fn test_mixed(&self, gfn: u64, level: u8) -> Result<bool, HugepageError> {
@@ -662,6 +694,18 @@ impl RangeTracker {
 }
 
 impl MixedFlags for RangeTracker {
+    fn layout(&self) -> &SlotLayout {
+        &self.slot
+    }
+
+    /// One range removal, whatever the number of hugepages.
+    fn clear_mixed_covered(&mut self, first: u64, end: u64, level: u8) {
+        let shift = hpage_gfn_shift(level);
+        self.lvl_mut(level)
+            .mixed
+            .remove(first >> shift, end >> shift);
+    }
+
     fn set_mixed(&mut self, gfn: u64, level: u8, mixed: bool) {
         let hp = gfn >> hpage_gfn_shift(level);
         let set = &mut self.lvl_mut(level).mixed;
@@ -770,41 +814,7 @@ impl HugepageTracker for RangeTracker {
         end: u64,
         attrs: u64,
     ) -> Result<(), HugepageError> {
-        self.slot.check_range(start, end)?;
-        let slot_end = self.slot.end_gfn();
-        // Validated above: from here on only reads of valid hugepage ranges,
-        // which a store cannot refuse, so the flags are updated in place
-        // (a copy would cost O(slot) per call).
-        for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
-            let n = pages_per_hpage(level);
-            let shift = hpage_gfn_shift(level);
-            let mut gfn = start & !(n - 1);
-
-            if gfn != start || !fits(gfn, n, end) {
-                if gfn >= self.slot.base_gfn && fits(gfn, n, slot_end) {
-                    self.recheck(store, gfn, level, attrs)?;
-                }
-                // The head was the last hugepage of the gfn space.
-                gfn = match gfn.checked_add(n) {
-                    Some(g) => g,
-                    None => continue,
-                };
-            }
-
-            // Every hugepage the range covers: one range removal.
-            let covered_end = end & !(n - 1);
-            if gfn < covered_end {
-                self.lvl_mut(level)
-                    .mixed
-                    .remove(gfn >> shift, covered_end >> shift);
-                gfn = covered_end;
-            }
-
-            if gfn < end && fits(gfn, n, slot_end) {
-                self.recheck(store, gfn, level, attrs)?;
-            }
-        }
-        Ok(())
+        self.post_set_pass(store, start, end, attrs)
     }
 
     fn test_mixed(&self, gfn: u64, level: u8) -> Result<bool, HugepageError> {
