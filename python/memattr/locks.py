@@ -156,37 +156,8 @@ class MmuLock(KvmLock):
         self._stats = stats
 
     def acquire(self) -> None:
-        # KvmLock.acquire() inlined: the set path takes mmu_lock twice per call.
-        me = _get_ident()
-        if self._owner == me:
-            raise LockdepError(
-                self.name,
-                "possible recursive locking detected: the lock is not recursive "
-                "and this thread already holds it (a real kernel deadlocks here)",
-                _call_site(),
-            )
-        self._lock.acquire()
-        self._owner = me
+        super().acquire()
         self._stats.mmu_lock_acquisitions += 1
-
-    def __enter__(self) -> KvmLock:
-        # acquire() and release() inlined: the fault path takes mmu_lock
-        # with a with-statement on every fault. The rare error cases go
-        # through the methods, which raise the lockdep splats.
-        me = _get_ident()
-        if self._owner == me:
-            self.acquire()
-        self._lock.acquire()
-        self._owner = me
-        self._stats.mmu_lock_acquisitions += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._owner != _get_ident():
-            self.release()
-            return
-        self._owner = None
-        self._lock.release()
 
 
 class MmuInvalidation:
