@@ -742,13 +742,23 @@ class ReplayResult:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     phase_memory: dict[str, int] = field(default_factory=dict)  # store.memory_bytes() at phase end
     peak_memory: int = 0
+    engine: str = "python"  # "native" if operations ran in native batches
+    # With replay(keep_results=True): each operation's result (0, the mapped
+    # level, an fd, or -errno), int64, in trace order.
+    results: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field but ``results``, as plain data (JSON-ready)."""
+        d = dataclasses.asdict(dataclasses.replace(self, results=None))
+        del d["results"]
+        return d
 
 
 def _errname(code: int | None) -> str:
     return errno_mod.errorcode.get(code or 0, str(code))
+
+
+ENGINES = ("auto", "native", "python")
 
 
 def replay(
@@ -758,6 +768,8 @@ def replay(
     check: bool = False,
     progress: Callable[[int], None] | None = None,
     chunk: int = 8192,
+    engine: str = "auto",
+    keep_results: bool = False,
 ) -> ReplayResult:
     """Runs every operation of ``trace`` on ``vm`` (a Vm or a Recorder).
 
@@ -765,92 +777,56 @@ def replay(
     on purpose. With ``check``, results that differ from the recorded ones
     are counted in ``mismatches``. ``progress(n)`` is called after every
     ``chunk`` operations with the number just done.
-    """
-    from memattr.errors import MemoryFault as memory_fault
 
-    res = ReplayResult()
-    fd_map: dict[int, int] = {}
-    regions = trace.meta["regions"]
+    ``engine``: ``"python"`` makes one Vm call per operation; ``"native"``
+    runs SET_MEMORY_ATTRIBUTES and fault operations in native batches
+    (:mod:`memattr.batch`: same rules, same state, same counters, without
+    the interpreter between operations) and the rest per call, and raises
+    ValueError if ``vm`` cannot run batches (a Recorder, hooks, v11
+    semantics); ``"auto"`` is native where possible, else python.
+    ``ReplayResult.engine`` says which ran. ``keep_results`` keeps every
+    operation's result in ``ReplayResult.results``.
+    """
+    from memattr.batch import batch_blocker
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if type(chunk) is not int or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    blocker = batch_blocker(vm) if engine != "python" else "engine='python'"
+    if engine == "native" and blocker is not None:
+        raise ValueError(f"engine='native' cannot run on this Vm: {blocker}")
+    res = ReplayResult(engine="python" if blocker else "native")
+    if keep_results:
+        res.results = np.full(len(trace), RESULT_NONE, dtype=np.int64)
+    replayer = _Replayer(trace, vm, res)
     store = getattr(vm, "store", None)
     phases = trace.phases or [("all", 0, len(trace))]
     ops = trace.ops
     t_all = time.perf_counter()
     cpu_all = time.process_time()
-    errors = res.errors
-
-    def fail(e: OSError) -> int:
-        name = _errname(e.errno)
-        errors[name] = errors.get(name, 0) + 1
-        return -(e.errno or 0)
-
-    def do_fault(gpa: int, flags: int) -> int:
-        res.faults += 1
-        private = bool(flags & FLAG_PRIVATE)
-        write = bool(flags & FLAG_WRITE)
-        try:
-            return int(vm.fault(gpa, private=private, write=write))
-        except OSError as e:
-            exit_ = isinstance(e, memory_fault)
-            if not exit_:
-                return fail(e)
-            res.fault_exits += 1
-            if not flags & FLAG_CONVERT:
-                return fail(e)
-            # What a VMM does on KVM_EXIT_MEMORY_FAULT: convert the reported
-            # range to what the guest asked for, then re-enter the guest.
-            to_private = bool(e.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
-            try:
-                vm.set_memory_attributes(e.gpa, e.size, KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0)
-            except OSError as e2:
-                return fail(e2)
-            res.implicit_conversions += 1
-            res.sets += 1
-        try:
-            return int(vm.fault(gpa, private=private, write=write))
-        except OSError as e:
-            if isinstance(e, memory_fault):
-                res.fault_exits += 1
-            return fail(e)
-
-    set_attrs = vm.set_memory_attributes
     for phase, start, end in phases:
         t0 = time.perf_counter()
         for lo in range(start, end, chunk):
             hi = min(end, lo + chunk)
             part = ops[lo:hi]
-            cols = [part[f].tolist() for f in ("kind", "gpa", "size", "attributes", "arg", "result", "flags", "aux")]
-            for i, (kind, gpa, size, attributes, arg, recorded, flags, aux) in enumerate(zip(*cols)):
-                if kind == OP_SET_MEMORY_ATTRIBUTES:
-                    res.sets += 1
-                    try:
-                        set_attrs(gpa, size, attributes, arg)
-                        got = 0
-                    except OSError as e:
-                        got = fail(e)
-                elif kind == OP_FAULT:
-                    got = do_fault(gpa, flags)
-                elif kind == OP_CREATE_GUEST_MEMFD:
-                    try:
-                        got = int(vm.create_guest_memfd(size, arg))
-                        if recorded != RESULT_NONE and recorded >= 0:
-                            fd_map[recorded] = got
-                            got = recorded  # fds are compared through the map
-                    except OSError as e:
-                        got = fail(e)
-                else:
-                    slot, uaddr, gmem = regions[aux]
-                    try:
-                        vm.set_user_memory_region(
-                            slot, gpa, size, uaddr, attributes, fd_map.get(gmem, gmem), arg
-                        )
-                        got = 0
-                    except OSError as e:
-                        got = fail(e)
-                if check and recorded != RESULT_NONE and got != recorded:
-                    res.mismatches += 1
+            if blocker is None:
+                got = replayer.run_native(part)
+            else:
+                got = replayer.run_python(part)
+            if res.results is not None:
+                res.results[lo:hi] = got
+            if check:
+                recorded = part["result"].astype(np.int64)
+                bad = np.flatnonzero((recorded != RESULT_NONE) & (got != recorded))
+                if bad.size:
+                    res.mismatches += int(bad.size)
                     if res.first_mismatch is None:
+                        i = int(bad[0])
+                        op = part[i]
                         res.first_mismatch = (
-                            f"op {lo + i} ({OP_NAMES[kind]} gpa={gpa:#x}): recorded {recorded}, got {got}"
+                            f"op {lo + i} ({OP_NAMES[int(op['kind'])]} gpa={int(op['gpa']):#x}): "
+                            f"recorded {int(recorded[i])}, got {int(got[i])}"
                         )
             res.ops += hi - lo
             if progress is not None:
@@ -863,6 +839,125 @@ def replay(
     res.seconds = time.perf_counter() - t_all
     res.cpu_seconds = time.process_time() - cpu_all
     return res
+
+
+_COLUMNS = ("kind", "gpa", "size", "attributes", "arg", "result", "flags", "aux")
+
+
+class _Replayer:
+    """One replay's state: the Vm, the tally, and recorded-to-live fds."""
+
+    def __init__(self, trace: Trace, vm: Any, res: ReplayResult) -> None:
+        self.vm = vm
+        self.res = res
+        self.regions = trace.meta["regions"]
+        self.fd_map: dict[int, int] = {}
+
+    def fail(self, e: OSError) -> int:
+        name = _errname(e.errno)
+        errors = self.res.errors
+        errors[name] = errors.get(name, 0) + 1
+        return -(e.errno or 0)
+
+    def run_python(self, part: np.ndarray) -> np.ndarray:
+        """One Vm call per operation; returns the results."""
+        got = np.empty(len(part), dtype=np.int64)
+        cols = [part[f].tolist() for f in _COLUMNS]
+        for i, row in enumerate(zip(*cols)):
+            got[i] = self.run_one(*row)
+        return got
+
+    def run_native(self, part: np.ndarray) -> np.ndarray:
+        """Native batches, with the operations they stop at run per call."""
+        from memattr.batch import run_batch
+
+        n = len(part)
+        got = np.empty(n, dtype=np.int64)
+        kind = np.ascontiguousarray(part["kind"])
+        cols = [np.ascontiguousarray(part[f]) for f in ("gpa", "size", "attributes", "arg")]
+        flags = np.ascontiguousarray(part["flags"])
+        res = self.res
+        i = 0
+        while i < n:
+            out = run_batch(
+                self.vm, kind[i:], cols[0][i:], cols[1][i:], cols[2][i:], cols[3][i:], flags[i:], got[i:]
+            )
+            res.sets += out["sets"]
+            res.faults += out["faults"]
+            res.fault_exits += out["fault_exits"]
+            res.implicit_conversions += out["implicit_conversions"]
+            for code, count in out["errors"].items():
+                name = _errname(code)
+                res.errors[name] = res.errors.get(name, 0) + count
+            i += out["done"]
+            if i < n:
+                # A memslot or guest_memfd operation: per call.
+                row = [part[f][i].item() for f in _COLUMNS]
+                got[i] = self.run_one(*row)
+                i += 1
+        return got
+
+    def run_one(
+        self, kind: int, gpa: int, size: int, attributes: int, arg: int, recorded: int, flags: int, aux: int
+    ) -> int:
+        """One operation through the Vm's Python API; returns the result."""
+        vm = self.vm
+        if kind == OP_SET_MEMORY_ATTRIBUTES:
+            self.res.sets += 1
+            try:
+                vm.set_memory_attributes(gpa, size, attributes, arg)
+                return 0
+            except OSError as e:
+                return self.fail(e)
+        if kind == OP_FAULT:
+            return self.fault(gpa, flags)
+        if kind == OP_CREATE_GUEST_MEMFD:
+            try:
+                fd = int(vm.create_guest_memfd(size, arg))
+            except OSError as e:
+                return self.fail(e)
+            if recorded != RESULT_NONE and recorded >= 0:
+                self.fd_map[recorded] = fd
+                return int(recorded)  # fds are compared through the map
+            return fd
+        slot, uaddr, gmem = self.regions[aux]
+        try:
+            vm.set_user_memory_region(slot, gpa, size, uaddr, attributes, self.fd_map.get(gmem, gmem), arg)
+            return 0
+        except OSError as e:
+            return self.fail(e)
+
+    def fault(self, gpa: int, flags: int) -> int:
+        from memattr.errors import MemoryFault
+
+        res = self.res
+        vm = self.vm
+        res.faults += 1
+        private = bool(flags & FLAG_PRIVATE)
+        write = bool(flags & FLAG_WRITE)
+        try:
+            return int(vm.fault(gpa, private=private, write=write))
+        except OSError as e:
+            if not isinstance(e, MemoryFault):
+                return self.fail(e)
+            res.fault_exits += 1
+            if not flags & FLAG_CONVERT:
+                return self.fail(e)
+            # What a VMM does on KVM_EXIT_MEMORY_FAULT: convert the reported
+            # range to what the guest asked for, then re-enter the guest.
+            to_private = bool(e.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
+            try:
+                vm.set_memory_attributes(e.gpa, e.size, KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0)
+            except OSError as e2:
+                return self.fail(e2)
+            res.implicit_conversions += 1
+            res.sets += 1
+        try:
+            return int(vm.fault(gpa, private=private, write=write))
+        except OSError as e:
+            if isinstance(e, MemoryFault):
+                res.fault_exits += 1
+            return self.fail(e)
 
 
 def apply_to_store(trace: Trace, store: Any) -> int:

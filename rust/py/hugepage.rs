@@ -2,6 +2,8 @@
 //! conversion with errors that name the argument, error mapping, nothing
 //! else. The rules live in `crate::hugepage`.
 
+use std::sync::{Mutex, MutexGuard};
+
 use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt};
@@ -12,6 +14,15 @@ use crate::hugepage::{
     Stage2Map, KVM_MAX_HUGEPAGE_LEVEL,
 };
 use crate::store::StoreError;
+
+/// Each class keeps its state behind a `Mutex` (like the stores' `RwLock`),
+/// so a replay batch can hold it with the GIL released and another thread
+/// simply waits instead of meeting a borrow error.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every method validates before it mutates, so a poisoned state is
+    // still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn to_pyerr(e: HugepageError) -> PyErr {
     match e {
@@ -77,9 +88,9 @@ fn gfn_runs(runs: Vec<(u64, u64)>, shift: u32) -> Vec<(u128, u128)> {
 macro_rules! tracker_pyclass {
     ($pyname:ident, $name:literal, $inner:ty, $doc:literal) => {
         #[doc = $doc]
-        #[pyclass(name = $name, module = "memattr._native")]
+        #[pyclass(name = $name, module = "memattr._native", frozen)]
         pub struct $pyname {
-            inner: $inner,
+            pub(crate) inner: Mutex<$inner>,
         }
 
         #[pymethods]
@@ -102,35 +113,35 @@ macro_rules! tracker_pyclass {
                 };
                 let slot = SlotLayout::new(base, n, ua).map_err(to_pyerr)?;
                 Ok(Self {
-                    inner: <$inner>::new(slot),
+                    inner: Mutex::new(<$inner>::new(slot)),
                 })
             }
 
             #[getter]
             fn base_gfn(&self) -> u64 {
-                self.inner.slot().base_gfn
+                lock(&self.inner).slot().base_gfn
             }
 
             #[getter]
             fn npages(&self) -> u64 {
-                self.inner.slot().npages
+                lock(&self.inner).slot().npages
             }
 
             #[getter]
             fn userspace_addr(&self) -> u64 {
-                self.inner.slot().userspace_addr
+                lock(&self.inner).slot().userspace_addr
             }
 
             /// kvm_mmu_init_memslot_memory_attributes() from `store`.
-            fn init_memory_attributes(&mut self, store: &Bound<'_, PyAny>) -> PyResult<()> {
-                let inner = &mut self.inner;
+            fn init_memory_attributes(&self, store: &Bound<'_, PyAny>) -> PyResult<()> {
+                let mut inner = lock(&self.inner);
                 with_store(store, |s| inner.init_memory_attributes(s))?.map_err(to_pyerr)
             }
 
             /// kvm_arch_post_set_memory_attributes() for `[start, end)`
             /// (inside the slot), just set to `attrs` in `store`.
             fn post_set_memory_attributes(
-                &mut self,
+                &self,
                 store: &Bound<'_, PyAny>,
                 start: &Bound<'_, PyAny>,
                 end: &Bound<'_, PyAny>,
@@ -139,7 +150,7 @@ macro_rules! tracker_pyclass {
                 let start = u64_arg(start, "start")?;
                 let end = u64_arg(end, "end")?;
                 let attrs = u64_arg(attrs, "attrs")?;
-                let inner = &mut self.inner;
+                let mut inner = lock(&self.inner);
                 with_store(store, |s| {
                     inner.post_set_memory_attributes(s, start, end, attrs)
                 })?
@@ -154,7 +165,7 @@ macro_rules! tracker_pyclass {
             ) -> PyResult<bool> {
                 let gfn = u64_arg(gfn, "gfn")?;
                 let level = level_arg(level, "level", 2, 3)?;
-                self.inner.test_mixed(gfn, level).map_err(to_pyerr)
+                lock(&self.inner).test_mixed(gfn, level).map_err(to_pyerr)
             }
 
             /// The non-mixed head/tail hugepages straddling `[start, end)` as
@@ -167,8 +178,7 @@ macro_rules! tracker_pyclass {
                 let start = u64_arg(start, "start")?;
                 let end = u64_arg(end, "end")?;
                 // Wholly inside the slot, so the end fits in a u64.
-                let pages = self
-                    .inner
+                let pages = lock(&self.inner)
                     .straddling_hugepages(start, end)
                     .map_err(to_pyerr)?;
                 Ok(pages
@@ -186,8 +196,7 @@ macro_rules! tracker_pyclass {
             ) -> PyResult<Option<(u64, u64)>> {
                 let start = u64_arg(start, "start")?;
                 let end = u64_arg(end, "end")?;
-                let pages = self
-                    .inner
+                let pages = lock(&self.inner)
                     .straddling_hugepages(start, end)
                     .map_err(to_pyerr)?;
                 Ok(pages.into_iter().fold(None, |hull, (gfn, level)| {
@@ -207,7 +216,9 @@ macro_rules! tracker_pyclass {
             ) -> PyResult<bool> {
                 let gfn = u64_arg(gfn, "gfn")?;
                 let level = level_arg(level, "level", 2, 3)?;
-                self.inner.disallow_lpage(gfn, level).map_err(to_pyerr)
+                lock(&self.inner)
+                    .disallow_lpage(gfn, level)
+                    .map_err(to_pyerr)
             }
 
             /// The highest level <= `max_level` not disallowed at `gfn`.
@@ -222,7 +233,7 @@ macro_rules! tracker_pyclass {
                     Some(o) => level_arg(o, "max_level", 1, 3)?,
                     None => KVM_MAX_HUGEPAGE_LEVEL,
                 };
-                self.inner
+                lock(&self.inner)
                     .max_mapping_level(gfn, max_level)
                     .map_err(to_pyerr)
             }
@@ -230,17 +241,17 @@ macro_rules! tracker_pyclass {
             /// Mixed hugepages of `level` as `(start_gfn, end_gfn)` runs.
             fn mixed_runs(&self, level: &Bound<'_, PyAny>) -> PyResult<Vec<(u128, u128)>> {
                 let level = level_arg(level, "level", 2, 3)?;
-                let runs = self.inner.mixed_runs(level).map_err(to_pyerr)?;
+                let runs = lock(&self.inner).mixed_runs(level).map_err(to_pyerr)?;
                 Ok(gfn_runs(runs, crate::hugepage::hpage_gfn_shift(level)))
             }
 
             /// Bytes of tracking state.
             fn memory_bytes(&self) -> usize {
-                self.inner.memory_bytes()
+                lock(&self.inner).memory_bytes()
             }
 
             fn __repr__(&self) -> String {
-                let s = self.inner.slot();
+                let s = *lock(&self.inner).slot();
                 format!(
                     "{}(base_gfn={:#x}, npages={:#x}, userspace_addr={:#x})",
                     $name, s.base_gfn, s.npages, s.userspace_addr
@@ -265,9 +276,9 @@ tracker_pyclass!(
 );
 
 /// Leaf mappings of one address space's stage-2 root, as runs per level.
-#[pyclass(name = "Stage2Map", module = "memattr._native")]
+#[pyclass(name = "Stage2Map", module = "memattr._native", frozen)]
 pub struct PyStage2Map {
-    inner: Stage2Map,
+    pub(crate) inner: Mutex<Stage2Map>,
 }
 
 #[pymethods]
@@ -275,30 +286,26 @@ impl PyStage2Map {
     #[new]
     fn new() -> Self {
         Self {
-            inner: Stage2Map::new(),
+            inner: Mutex::new(Stage2Map::new()),
         }
     }
 
     /// Installs a leaf at `level` covering `gfn`; returns (installed,
     /// leaves removed per level as (4K, 2M, 1G)).
     fn map(
-        &mut self,
+        &self,
         gfn: &Bound<'_, PyAny>,
         level: &Bound<'_, PyAny>,
     ) -> PyResult<(bool, (u64, u64, u64))> {
         let gfn = u64_arg(gfn, "gfn")?;
         let level = level_arg(level, "level", 1, 3)?;
-        let (installed, removed) = self.inner.map(gfn, level).map_err(to_pyerr)?;
+        let (installed, removed) = lock(&self.inner).map(gfn, level).map_err(to_pyerr)?;
         Ok((installed, counts_tuple(removed)))
     }
 
     /// Removes every leaf intersecting `[start, end)` (huge leaves whole);
     /// returns the leaves removed per level.
-    fn zap(
-        &mut self,
-        start: &Bound<'_, PyAny>,
-        end: &Bound<'_, PyAny>,
-    ) -> PyResult<(u64, u64, u64)> {
+    fn zap(&self, start: &Bound<'_, PyAny>, end: &Bound<'_, PyAny>) -> PyResult<(u64, u64, u64)> {
         let start = u64_arg(start, "start")?;
         let end = u64_arg(end, "end")?;
         if start >= end {
@@ -306,32 +313,32 @@ impl PyStage2Map {
                 "start ({start}) must be < end ({end})"
             )));
         }
-        self.inner
+        lock(&self.inner)
             .zap(start, end)
             .map(counts_tuple)
             .map_err(to_pyerr)
     }
 
     /// Removes every leaf; returns the leaves removed per level.
-    fn zap_all(&mut self) -> (u64, u64, u64) {
-        counts_tuple(self.inner.zap_all())
+    fn zap_all(&self) -> (u64, u64, u64) {
+        counts_tuple(lock(&self.inner).zap_all())
     }
 
     /// Level of the leaf mapping `gfn`, 0 if unmapped.
     fn mapped_level(&self, gfn: &Bound<'_, PyAny>) -> PyResult<u8> {
         let gfn = u64_arg(gfn, "gfn")?;
-        Ok(self.inner.mapped_level(gfn).unwrap_or(0))
+        Ok(lock(&self.inner).mapped_level(gfn).unwrap_or(0))
     }
 
     /// Live leaves per level (4K, 2M, 1G).
     fn counts(&self) -> (u64, u64, u64) {
-        counts_tuple(self.inner.counts())
+        counts_tuple(lock(&self.inner).counts())
     }
 
     /// The leaves of `level` as `(start_gfn, end_gfn)` runs.
     fn runs(&self, level: &Bound<'_, PyAny>) -> PyResult<Vec<(u128, u128)>> {
         let level = level_arg(level, "level", 1, 3)?;
-        let runs = self.inner.frame_runs(level).map_err(to_pyerr)?;
+        let runs = lock(&self.inner).frame_runs(level).map_err(to_pyerr)?;
         Ok(gfn_runs(runs, crate::hugepage::hpage_gfn_shift(level)))
     }
 }

@@ -4,11 +4,13 @@
 use pyo3::prelude::*;
 
 mod hugepage;
+mod replay;
 mod stores;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     stores::register(m)?;
     hugepage::register(m)?;
+    replay::register(m)?;
     Ok(())
 }

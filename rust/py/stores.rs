@@ -391,6 +391,37 @@ pub(crate) fn with_store<R>(
     )))
 }
 
+/// The store inside a `RangeTree` or `XArray` object, to be written from a
+/// section that runs with the GIL released (a replay batch).
+pub(crate) enum StoreCell<'a> {
+    Range(&'a RwLock<rangetree::RangeTree>),
+    PerPage(&'a RwLock<xarray::XArray>),
+}
+
+impl StoreCell<'_> {
+    /// Runs `f` with the store write-locked. Only call this with the GIL
+    /// released (see the module comment).
+    pub(crate) fn with_write<R>(&self, f: impl FnOnce(&mut (dyn AttrStore + Send)) -> R) -> R {
+        match self {
+            StoreCell::Range(l) => f(&mut *write(l)),
+            StoreCell::PerPage(l) => f(&mut *write(l)),
+        }
+    }
+}
+
+pub(crate) fn store_cell<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<StoreCell<'a>> {
+    if let Ok(t) = obj.cast::<RangeTree>() {
+        return Ok(StoreCell::Range(&t.get().inner));
+    }
+    if let Ok(x) = obj.cast::<XArray>() {
+        return Ok(StoreCell::PerPage(&x.get().inner));
+    }
+    Err(PyTypeError::new_err(format!(
+        "store must be a RangeTree or an XArray, not {}",
+        obj.get_type().name()?
+    )))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RangeTree>()?;
     m.add_class::<XArray>()?;
