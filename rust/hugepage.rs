@@ -186,6 +186,26 @@ impl IntervalSet {
         if start >= end {
             return 0;
         }
+        // The last run starting before `end`: if it ends by `start` nothing
+        // intersects (the common case for zaps), and if it starts at or
+        // before `start` it is the only run that does.
+        let (s, e) = match self.runs.range(..end).next_back() {
+            Some((&s, &e)) if e > start => (s, e),
+            _ => return 0,
+        };
+        if s <= start {
+            let removed = e.min(end) - start;
+            if s < start {
+                self.runs.insert(s, start);
+            } else {
+                self.runs.remove(&s);
+            }
+            if e > end {
+                self.runs.insert(end, e);
+            }
+            self.len -= removed;
+            return removed;
+        }
         let mut removed = 0;
         // A run that starts before `start` and reaches into the range.
         if let Some((&s, &e)) = self.runs.range(..start).next_back() {
@@ -1360,6 +1380,38 @@ mod tests {
             prop_oneof![Just(0u64), Just(P), Just(P | 1)],
         )
             .prop_map(|(start, len, value)| Op { start, len, value })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        #[test]
+        fn interval_set_equals_a_set_of_keys(
+            ops in prop::collection::vec((any::<bool>(), 0u64..200, 0u64..40), 1..60),
+        ) {
+            let mut s = IntervalSet::new();
+            let mut oracle = std::collections::BTreeSet::new();
+            for (insert, start, len) in ops {
+                let end = start + len;
+                if insert {
+                    s.insert(start, end);
+                    oracle.extend(start..end);
+                } else {
+                    let want = oracle.range(start..end).count() as u64;
+                    prop_assert_eq!(s.remove(start, end), want);
+                    for k in start..end {
+                        oracle.remove(&k);
+                    }
+                }
+                prop_assert_eq!(s.len(), oracle.len() as u64);
+                // Runs are disjoint, non-adjacent and hold exactly the keys.
+                let runs: Vec<_> = s.runs().collect();
+                for w in runs.windows(2) {
+                    prop_assert!(w[0].1 < w[1].0);
+                }
+                let keys: Vec<u64> = runs.iter().flat_map(|&(a, b)| a..b).collect();
+                prop_assert_eq!(keys, oracle.iter().copied().collect::<Vec<_>>());
+            }
+        }
     }
 
     proptest! {

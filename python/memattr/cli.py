@@ -37,7 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from memattr import qemu, report, sweep, workloads
 from memattr import trace as trace_mod
 
-DEFAULT_SIZES = "1G,4G,16G,64G,256G"
+DEFAULT_SIZES = "1G,4G,16G,64G,256G,1T"
 # A run of the per-page store is skipped when predicted to take longer than
 # this (seconds) or to need more than MEMORY_SHARE of available memory.
 DEFAULT_TIME_BUDGET = 40.0
@@ -104,6 +104,16 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        choices=trace_mod.ENGINES,
+        default="auto",
+        help="native: set/fault operations in Rust batches (same rules and counters); "
+        "python: one Vm call per operation, the reference; auto (default): native where possible",
+    )
+
+
 def _params(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"style": args.style}
     if args.vcpus is not None:
@@ -145,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     _workload_args(c)
+    _engine_arg(c)
 
     r = sub.add_parser("run", help="one workload or trace on one store")
     r.add_argument("source", nargs="?", default="boot-and-churn", help="workload name or trace/QEMU log file")
@@ -156,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", metavar="FILE", help="write the result as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     _workload_args(r)
+    _engine_arg(r)
 
     g = sub.add_parser("generate", help="write a workload as a trace file")
     g.add_argument("workload", choices=list(workloads.WORKLOADS))
@@ -213,10 +225,17 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         ) as prog:
             task = prog.add_task(f"{tr.name} on {args.store}", total=len(tr))
             result = sweep.run_trace(
-                tr, args.store, vm_kwargs=_vm_kwargs(args), progress=lambda n: prog.advance(task, n), recorder=bool(args.record)
+                tr,
+                args.store,
+                vm_kwargs=_vm_kwargs(args),
+                progress=lambda n: prog.advance(task, n),
+                recorder=bool(args.record),
+                engine=args.engine,
             )
     else:
-        result = sweep.run_trace(tr, args.store, vm_kwargs=_vm_kwargs(args), recorder=bool(args.record))
+        result = sweep.run_trace(
+            tr, args.store, vm_kwargs=_vm_kwargs(args), recorder=bool(args.record), engine=args.engine
+        )
     recorded = result.pop("trace", None)
     console.print(report.run_table(result))
     if recorded is not None:
@@ -252,7 +271,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     xa_limit, xa_why = _xarray_plan(args, console)
 
     def cfg(size: int, store: str) -> sweep.Config:
-        return sweep.Config(args.workload, size, store, args.seed, params, vmk)
+        return sweep.Config(args.workload, size, store, args.seed, params, vmk, args.engine)
 
     rt_configs = [cfg(s, "rangetree") for s in sorted(sizes, reverse=True)]  # longest first
     xa_sizes = [s for s in sizes if s <= xa_limit]
@@ -317,7 +336,11 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     wall = time.perf_counter() - t0
 
     rows = report.compare_rows(res.results)
-    title = f"{args.workload}: range store vs per-page store (seed {args.seed}, {args.jobs} jobs, {wall:.0f} s wall)"
+    engines = sorted({r.get("engine", "python") for r in res.results})
+    title = (
+        f"{args.workload}: range store vs per-page store (seed {args.seed}, "
+        f"{'/'.join(engines) or args.engine} engine, {args.jobs} jobs, {wall:.0f} s wall)"
+    )
     console.print(report.compare_table(rows, title))
     for s in sorted(skipped):
         console.print(f"per-page store skipped at {workloads.format_size(s)}: {skipped[s]}")

@@ -48,6 +48,7 @@ def run_table(result: dict[str, Any]) -> Table:
     t.add_column("value", justify="right")
     rows: list[tuple[str, str]] = [
         ("operations replayed", f"{result['operations']:,}"),
+        ("engine", str(result.get("engine", "python"))),
         ("time (wall / CPU)", f"{result['seconds']:.3f} s / {result['cpu_seconds']:.3f} s"),
         ("throughput", human_rate(result["ops_per_second"])),
         ("KVM_SET_MEMORY_ATTRIBUTES calls", f"{st['set_calls']:,}"),

@@ -68,8 +68,11 @@ class Config:
     seed: int = 0
     params: tuple[tuple[str, Any], ...] = ()  # extra workload parameters
     vm_kwargs: tuple[tuple[str, Any], ...] = ()  # extra Vm(...) arguments
+    engine: str = "auto"  # memattr.trace.replay's engine
 
     def __post_init__(self) -> None:
+        if self.engine not in trace_mod.ENGINES:
+            raise ValueError(f"engine must be one of {trace_mod.ENGINES}, got {self.engine!r}")
         if self.store not in STORES:
             raise ValueError(f"store must be one of {STORES}, got {self.store!r}")
         if self.workload not in workloads.WORKLOADS:
@@ -124,8 +127,11 @@ def run_trace(
     vm_kwargs: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     recorder: bool = False,
+    engine: str = "auto",
 ) -> dict[str, Any]:
-    """Replays ``trace`` on a fresh ``Vm(trace.vm_type, store=store)``.
+    """Replays ``trace`` on a fresh ``Vm(trace.vm_type, store=store)``
+    (``engine`` as in :func:`memattr.trace.replay`; a recorder always runs
+    per call).
 
     Returns a JSON-able dict: timings (total, per phase), operations per
     second, the store's memory (at the end, per phase end, peak), the Vm's
@@ -142,12 +148,15 @@ def run_trace(
     kwargs.update(vm_kwargs or {})
     vm = Vm(trace.vm_type, store=store, **kwargs)
     target: Any = trace_mod.Recorder(vm, {"name": trace.name, "vm_kwargs": kwargs}) if recorder else vm
-    res = trace_mod.replay(trace, target, progress=progress)
+    if recorder and engine == "native":
+        raise ValueError("engine='native' cannot record: a Recorder must see every call")
+    res = trace_mod.replay(trace, target, progress=progress, engine=engine)
     stats = vm.stats.as_dict()
     ranges = _ram_ranges(trace)
     out: dict[str, Any] = {
         "workload": trace.name,
         "store": store,
+        "engine": res.engine,
         "guest": int(trace.meta.get("params", {}).get("guest", sum(e - s for s, e in ranges))),
         "operations": res.ops,
         "seconds": res.seconds,
@@ -199,7 +208,7 @@ def run_config(config: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     trace = make_trace(config)
     gen = time.perf_counter() - t0
-    out = run_trace(trace, config.store, vm_kwargs=dict(config.vm_kwargs))
+    out = run_trace(trace, config.store, vm_kwargs=dict(config.vm_kwargs), engine=config.engine)
     out["store_only"] = run_store_only(trace, config.store)
     out["guest"] = config.guest
     out["seed"] = config.seed
