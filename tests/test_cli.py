@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from memattr import cli
+from memattr import cli, sweep
 from memattr import trace as t
 from memattr import workloads as w
 
@@ -41,6 +41,27 @@ def test_run_workload_prints_and_writes_json(tmp_path, capsys):
     assert res["stats"]["set_calls"] == res["replay"]["sets"]
     assert res["operations"] == len(w.make("boot-and-churn", "1G"))
     assert set(res["hugepages"]["mapped_bytes"]) == {"4K", "2M", "1G"}
+
+
+def test_run_engines_agree_and_are_reported(tmp_path, capsys):
+    results = {}
+    for engine in ("python", "native"):
+        js = tmp_path / f"{engine}.json"
+        code, out = run(
+            ["run", "boot-and-churn", "--guest", "2G", "--engine", engine, "--json", str(js), "--no-progress"], capsys
+        )
+        assert code == 0 and engine in out
+        results[engine] = json.loads(js.read_text())["result"]
+        assert results[engine]["engine"] == engine
+    for key in ("stats", "replay", "private_bytes", "shared_bytes", "hugepages", "memory_bytes"):
+        assert results["python"][key] == results["native"][key], key
+    # A recording must see every call: native cannot record.
+    code = cli.main(["run", "churn", "--guest", "2G", "--engine", "native", "--record", str(tmp_path / "x.trace")])
+    assert code == 2 and "cannot record" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run(["run", "churn", "--engine", "rust"], capsys)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        sweep.Config(engine="rust")
 
 
 def test_run_record_then_replay_trace(tmp_path, capsys):

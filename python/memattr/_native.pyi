@@ -135,3 +135,29 @@ class Stage2Map:
         """Live leaves per level (4K, 2M, 1G)."""
     def runs(self, level: int) -> list[tuple[int, int]]:
         """The leaves of level as (start_gfn, end_gfn) runs."""
+
+def replay_batch(
+    store: RangeTree | XArray,
+    slots: list[tuple[int, int, int, int, bool, RangeHugepageTracker | LpageInfoTracker]],
+    roots: list[Stage2Map],
+    config: tuple[int, bool, int | None, int, int, bool],
+    inval: tuple[int, int, int, int],
+    kind: npt.NDArray[np.uint8],
+    gpa: npt.NDArray[np.uint64],
+    size: npt.NDArray[np.uint64],
+    attributes: npt.NDArray[np.uint64],
+    arg: npt.NDArray[np.uint64],
+    flags: npt.NDArray[np.uint8],
+    results: npt.NDArray[np.int64],
+) -> dict[str, object]:
+    """Runs trace operations (contiguous columns) on a Vm's state in Rust,
+    with the GIL released, until one a batch does not run (a memslot or
+    guest_memfd change); see memattr.batch, which is the way to call it.
+    ``slots``: (as_id, base_gfn, npages, flags, can_be_private, tracker);
+    ``roots``: one per address space; ``config``: (supported_attributes,
+    has_private_mem, attr_memory_limit, guest_memfd_max_order,
+    host_mapping_level, invalidate_straddling_hugepages); ``inval``:
+    (seq, in_progress, range_start, range_end). Writes each result to
+    ``results``; returns done, ops, sets, faults, fault_exits,
+    implicit_conversions, errors ({errno: count}), counters (Stats deltas),
+    inval, warned_no_private_mem and bug (None or a message)."""
