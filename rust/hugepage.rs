@@ -19,9 +19,9 @@
 //!
 //! Hugepages are named by their absolute hugepage number `gfn >> shift`.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::rangetree::RangeTree;
 use crate::store::{AttrStore, StoreError};
 
 /// x86 page-table levels as KVM numbers them (`PG_LEVEL_*`).
@@ -114,12 +114,28 @@ fn check_level(level: u8, min: u8, max: u8) -> Result<(), HugepageError> {
 // A set of u64 kept as disjoint, non-adjacent half-open runs.
 // ---------------------------------------------------------------------------
 
-/// Disjoint, coalesced `[start, end)` runs of u64 keys.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Disjoint, coalesced `[start, end)` runs of u64 keys: a [`RangeTree`]
+/// holding 1 for the keys in the set (its B+ tree is faster than a
+/// `BTreeMap` of runs for the point queries the MMU model makes per fault).
+#[derive(Clone, Default)]
 pub struct IntervalSet {
-    runs: BTreeMap<u64, u64>,
+    tree: RangeTree,
     len: u64,
 }
+
+impl fmt::Debug for IntervalSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.runs()).finish()
+    }
+}
+
+impl PartialEq for IntervalSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.runs().eq(other.runs())
+    }
+}
+
+impl Eq for IntervalSet {}
 
 impl IntervalSet {
     pub fn new() -> Self {
@@ -137,19 +153,21 @@ impl IntervalSet {
 
     /// Number of stored runs.
     pub fn run_count(&self) -> usize {
-        self.runs.len()
+        self.tree.entry_count()
     }
 
     pub fn contains(&self, key: u64) -> bool {
-        matches!(self.runs.range(..=key).next_back(), Some((_, &e)) if e > key)
+        self.tree.get(key) != 0
     }
 
     /// True if any key of `[start, end)` is in the set.
     pub fn intersects(&self, start: u64, end: u64) -> bool {
-        if start >= end {
-            return false;
-        }
-        matches!(self.runs.range(..end).next_back(), Some((_, &e)) if e > start)
+        start < end && !self.tree.has_value(start, end, 0, u64::MAX).unwrap_or(true)
+    }
+
+    /// Keys of `[start, end)` in the set (`start < end`).
+    fn count(&self, start: u64, end: u64) -> u64 {
+        self.tree.count_pages(start, end, 1, u64::MAX).unwrap_or(0)
     }
 
     /// Adds `[start, end)`, merging with touching runs.
@@ -157,28 +175,13 @@ impl IntervalSet {
         if start >= end {
             return;
         }
-        let mut new_start = start;
-        let mut new_end = end;
-        // A run starting at or before `start` that reaches it merges in.
-        if let Some((&s, &e)) = self.runs.range(..=start).next_back() {
-            if e >= start {
-                new_start = s;
-                new_end = new_end.max(e);
-            }
+        let present = self.count(start, end);
+        if present == end - start {
+            return;
         }
-        // Runs starting inside (or right at the end of) the new run merge in.
-        let swallowed: Vec<(u64, u64)> = self
-            .runs
-            .range(new_start..=new_end)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for (s, e) in swallowed {
-            self.runs.remove(&s);
-            self.len -= e - s;
-            new_end = new_end.max(e);
-        }
-        self.runs.insert(new_start, new_end);
-        self.len += new_end - new_start;
+        // A valid range: the tree cannot refuse it.
+        let _ = self.tree.set_range(start, end, 1);
+        self.len += (end - start) - present;
     }
 
     /// Removes `[start, end)`; returns how many keys were removed.
@@ -186,69 +189,36 @@ impl IntervalSet {
         if start >= end {
             return 0;
         }
-        // The last run starting before `end`: if it ends by `start` nothing
-        // intersects (the common case for zaps), and if it starts at or
-        // before `start` it is the only run that does.
-        let (s, e) = match self.runs.range(..end).next_back() {
-            Some((&s, &e)) if e > start => (s, e),
-            _ => return 0,
-        };
-        if s <= start {
-            let removed = e.min(end) - start;
-            if s < start {
-                self.runs.insert(s, start);
-            } else {
-                self.runs.remove(&s);
-            }
-            if e > end {
-                self.runs.insert(end, e);
-            }
-            self.len -= removed;
-            return removed;
+        let present = self.count(start, end);
+        if present != 0 {
+            let _ = self.tree.set_range(start, end, 0);
+            self.len -= present;
         }
-        let mut removed = 0;
-        // A run that starts before `start` and reaches into the range.
-        if let Some((&s, &e)) = self.runs.range(..start).next_back() {
-            if e > start {
-                self.runs.insert(s, start);
-                if e > end {
-                    self.runs.insert(end, e);
-                    self.len -= end - start;
-                    return end - start;
-                }
-                removed += e - start;
-            }
-        }
-        let inside: Vec<(u64, u64)> = self.runs.range(start..end).map(|(&s, &e)| (s, e)).collect();
-        for (s, e) in inside {
-            self.runs.remove(&s);
-            if e > end {
-                self.runs.insert(end, e);
-                removed += end - s;
-            } else {
-                removed += e - s;
-            }
-        }
-        self.len -= removed;
-        removed
+        present
     }
 
     /// Removes every key; returns how many there were.
     pub fn clear(&mut self) -> u64 {
         let n = self.len;
-        self.runs.clear();
+        self.tree = RangeTree::new();
         self.len = 0;
         n
     }
 
     /// The runs, in order.
     pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.runs.iter().map(|(&s, &e)| (s, e))
+        let mut out = Vec::with_capacity(self.run_count());
+        let _ = self.tree.for_each_run(0, u64::MAX, &mut |s, e, v| {
+            if v != 0 {
+                out.push((s, e));
+            }
+        });
+        out.into_iter()
     }
 
-    /// Rough footprint: a BTreeMap entry per run.
+    /// The tree's footprint.
     pub fn memory_bytes(&self) -> usize {
-        self.runs.len() * 2 * std::mem::size_of::<u64>() + std::mem::size_of::<Self>()
+        self.tree.memory_bytes() + std::mem::size_of::<Self>()
     }
 }
 
