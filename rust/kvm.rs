@@ -384,6 +384,9 @@ impl<'a> Kvm<'a> {
                 match self.pre_set_memory_attributes(rng) {
                     Ok(f) => flush |= f,
                     Err(e) => {
+                        // Like the reference's cleanup: close the
+                        // invalidation so faults are not blocked forever.
+                        self.inval.end()?;
                         self.store.release_reservations();
                         return Err(e);
                     }
@@ -396,6 +399,9 @@ impl<'a> Kvm<'a> {
         }
 
         if let Err(e) = self.store.set_range(start, end, attributes) {
+            if !ranges.is_empty() {
+                self.inval.end()?;
+            }
             self.store.release_reservations();
             return Err(KvmError::Bug(e.to_string()));
         }
