@@ -285,55 +285,34 @@ fn enomem_changes_nothing() {
 
 #[test]
 fn new_rejects_inconsistent_state() {
-    let mut store = RangeTree::new();
-    let mut root = Stage2Map::new();
-    let mut t = RangeTracker::new(SlotLayout::new(0, 10, 0).unwrap());
-    fn slot(t: &mut RangeTracker, npages: u64) -> Memslot<'_> {
-        Memslot {
+    /// Whether `Kvm::new` takes a 10-page tracker described as `npages`
+    /// pages, with or without a root, at `inval`.
+    fn accepts(npages: u64, with_root: bool, inval: MmuInvalidation) -> bool {
+        let mut store = RangeTree::new();
+        let mut root = Stage2Map::new();
+        let mut t = RangeTracker::new(SlotLayout::new(0, 10, 0).unwrap());
+        let slot = Memslot {
             as_id: 0,
             base_gfn: 0,
             npages,
             flags: 0,
             can_be_private: true,
-            tracker: t as &mut (dyn HugepageTracker + Send),
-        }
+            tracker: &mut t,
+        };
+        let roots = if with_root { vec![&mut root] } else { vec![] };
+        Kvm::new(config(), &mut store, vec![slot], roots, inval).is_ok()
     }
     let busy = MmuInvalidation {
         in_progress: 1,
         ..Default::default()
     };
-    assert!(Kvm::new(
-        config(),
-        &mut store,
-        vec![slot(&mut t, 10)],
-        vec![&mut root],
-        busy
-    )
-    .is_err());
-    assert!(Kvm::new(
-        config(),
-        &mut store,
-        vec![slot(&mut t, 11)],
-        vec![&mut root],
-        Default::default()
-    )
-    .is_err());
-    assert!(Kvm::new(
-        config(),
-        &mut store,
-        vec![slot(&mut t, 10)],
-        vec![],
-        Default::default()
-    )
-    .is_err());
-    assert!(Kvm::new(
-        config(),
-        &mut store,
-        vec![slot(&mut t, 10)],
-        vec![&mut root],
-        Default::default()
-    )
-    .is_ok());
+    assert!(!accepts(10, true, busy), "an invalidation in progress");
+    assert!(
+        !accepts(11, true, Default::default()),
+        "slot and tracker differ"
+    );
+    assert!(!accepts(10, false, Default::default()), "no address space");
+    assert!(accepts(10, true, Default::default()));
 }
 
 #[test]
