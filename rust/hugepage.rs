@@ -369,6 +369,25 @@ pub trait HugepageTracker {
         Ok(out)
     }
 
+    /// The smallest `(start_gfn, end_gfn)` covering every hugepage
+    /// `straddling_hugepages` returns, or None if it returns none: what the
+    /// pre-set pass adds to the invalidation (range_add widens to a hull, so
+    /// adding the hull once equals adding each).
+    fn straddling_hugepages_hull(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<(u64, u64)>, HugepageError> {
+        let pages = self.straddling_hugepages(start, end)?;
+        Ok(pages.into_iter().fold(None, |hull, (gfn, level)| {
+            let e = gfn + pages_per_hpage(level);
+            Some(match hull {
+                None => (gfn, e),
+                Some((hs, he)) => (hs.min(gfn), he.max(e)),
+            })
+        }))
+    }
+
     /// The lpage_info walk of __kvm_mmu_max_mapping_level(): the highest
     /// level <= `max_level` whose hugepage at `gfn` is not disallowed.
     fn max_mapping_level(&self, gfn: u64, max_level: u8) -> Result<u8, HugepageError> {

@@ -13,8 +13,8 @@
 //! results and counters.
 
 use crate::hugepage::{
-    pages_per_hpage, HugepageError, HugepageTracker, LevelCounts, Stage2Map,
-    KVM_MAX_HUGEPAGE_LEVEL, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K,
+    HugepageError, HugepageTracker, LevelCounts, Stage2Map, KVM_MAX_HUGEPAGE_LEVEL, PG_LEVEL_1G,
+    PG_LEVEL_2M, PG_LEVEL_4K,
 };
 use crate::store::{AttrStore, StoreError};
 
@@ -428,16 +428,9 @@ impl<'a> Kvm<'a> {
         }
         let slot = &self.slots[rng.slot];
         if self.config.invalidate_straddling_hugepages {
-            // range_add widens to a hull, so adding the hull of the
-            // straddling hugepages once equals adding each.
-            let pages = slot.tracker.straddling_hugepages(rng.start, rng.end)?;
-            let hull = pages.into_iter().fold(None, |hull, (gfn, level)| {
-                let e = gfn + pages_per_hpage(level);
-                Some(match hull {
-                    None => (gfn, e),
-                    Some((hs, he)) => (gfn.min(hs), e.max(he)),
-                })
-            });
+            // A fault just outside the range could otherwise map a hugepage
+            // from mixed flags that are about to change.
+            let hull = slot.tracker.straddling_hugepages_hull(rng.start, rng.end)?;
             if let Some((s, e)) = hull {
                 self.inval.range_add(s, e);
             }

@@ -20,15 +20,14 @@ kernel.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
 
 from memattr import _native
 from memattr.errors import KvmBugError
-from memattr.locks import KvmLock, KvmWarning
-from memattr.mmu import X86Mmu
+from memattr.locks import KvmLock
+from memattr.mmu import POST_SET_WITHOUT_PRIVATE_MEM, PRE_SET_WITHOUT_PRIVATE_MEM, X86Mmu
 from memattr.vm import Vm
 
 # Counters a batch returns, and the Stats fields they add to.
@@ -47,11 +46,6 @@ _COUNTERS = (
     "memory_fault_exits",
 )
 
-# The per-call path's WARN_ON_ONCE texts (memattr.mmu), for the same case.
-_NO_PRIVATE_MEM_WARNINGS = (
-    "kvm_arch_pre_set_memory_attributes() on a VM without private memory",
-    "kvm_arch_post_set_memory_attributes() on a VM without private memory",
-)
 
 
 def batch_blocker(vm: Any) -> str | None:
@@ -142,10 +136,9 @@ def run_batch(
         finally:
             KvmLock.release(vm.mmu_lock)
     if out["warned_no_private_mem"]:
-        for what in _NO_PRIVATE_MEM_WARNINGS:
-            if what not in mmu._warned:
-                mmu._warned.add(what)
-                warnings.warn(KvmWarning(what), stacklevel=3)
+        # Both passes ran on such a VM, as the per-call path would warn.
+        mmu._warn_once(PRE_SET_WITHOUT_PRIVATE_MEM)
+        mmu._warn_once(POST_SET_WITHOUT_PRIVATE_MEM)
     if out["bug"] is not None:
         raise KvmBugError(f"native batch stopped after {out['done']} operations: {out['bug']}")
     return out

@@ -50,6 +50,10 @@ _U64_LIMIT = 1 << 64
 _RETRY_BACKOFF_S = 0.0002
 # (level, pages per hugepage) for the straddling head/tail checks, 2M first.
 _STRADDLE_LEVELS = ((PG_LEVEL_2M, 1 << 9), (PG_LEVEL_1G, 1 << 18))
+# WARN_ON_ONCE texts of the memory-attribute passes on a VM that cannot
+# have private memory (reachable only by writing the store behind its back).
+PRE_SET_WITHOUT_PRIVATE_MEM = "kvm_arch_pre_set_memory_attributes() on a VM without private memory"
+POST_SET_WITHOUT_PRIVATE_MEM = "kvm_arch_post_set_memory_attributes() on a VM without private memory"
 
 
 class HugepageTrackerLike(Protocol):
@@ -211,7 +215,7 @@ class X86Mmu:
         # which hugepages are possible. A VM without private memory never
         # gets here (its supported attribute mask is empty).
         if not vm.has_private_mem:
-            self._warn_once("kvm_arch_pre_set_memory_attributes() on a VM without private memory")
+            self._warn_once(PRE_SET_WITHOUT_PRIVATE_MEM)
             return False
         if self.invalidate_straddling_hugepages:
             self._invalidate_straddling_hugepages(rng)
@@ -273,7 +277,7 @@ class X86Mmu:
         vm.mmu_lock.assert_held("kvm_arch_post_set_memory_attributes runs under mmu_lock")
         vm.slots_lock.assert_held("kvm_arch_post_set_memory_attributes runs under slots_lock")
         if not vm.has_private_mem:
-            self._warn_once("kvm_arch_post_set_memory_attributes() on a VM without private memory")
+            self._warn_once(POST_SET_WITHOUT_PRIVATE_MEM)
             return False
         tracker = rng.slot.arch
         if tracker is None:

@@ -196,16 +196,9 @@ macro_rules! tracker_pyclass {
             ) -> PyResult<Option<(u64, u64)>> {
                 let start = u64_arg(start, "start")?;
                 let end = u64_arg(end, "end")?;
-                let pages = lock(&self.inner)
-                    .straddling_hugepages(start, end)
-                    .map_err(to_pyerr)?;
-                Ok(pages.into_iter().fold(None, |hull, (gfn, level)| {
-                    let e = gfn + crate::hugepage::pages_per_hpage(level);
-                    Some(match hull {
-                        None => (gfn, e),
-                        Some((hs, he)) => (hs.min(gfn), he.max(e)),
-                    })
-                }))
+                lock(&self.inner)
+                    .straddling_hugepages_hull(start, end)
+                    .map_err(to_pyerr)
             }
 
             /// `disallow_lpage != 0` for the hugepage at `level` containing `gfn`.
