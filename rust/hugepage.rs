@@ -205,6 +205,19 @@ impl IntervalSet {
         n
     }
 
+    /// The parts of runs that lie in `[start, end)`, in order.
+    pub fn runs_in(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        if start < end {
+            let _ = self.tree.for_each_run(start, end, &mut |s, e, v| {
+                if v != 0 {
+                    out.push((s, e));
+                }
+            });
+        }
+        out
+    }
+
     /// The runs, in order.
     pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         let mut out = Vec::with_capacity(self.run_count());
@@ -938,6 +951,29 @@ impl Stage2Map {
         Ok(removed)
     }
 
+    /// kvm_tdp_mmu_try_split_huge_pages() down to 4K: every 2M and 1G leaf
+    /// intersecting `[start, end)` becomes the 4K leaves mapping the same
+    /// gfns (the translation is unchanged, so no flush). Returns the huge
+    /// leaves split per level (the 4K count is always 0).
+    pub fn split_huge_pages(&mut self, start: u64, end: u64) -> Result<LevelCounts, HugepageError> {
+        if start >= end {
+            return Err(HugepageError::RangeOutsideSlot { start, end });
+        }
+        let mut split = [0u64; 3];
+        for level in [PG_LEVEL_1G, PG_LEVEL_2M] {
+            let shift = hpage_gfn_shift(level);
+            let idx = (level - 1) as usize;
+            let frames = self.leaves[idx].runs_in(start >> shift, ((end - 1) >> shift) + 1);
+            for (fs, fe) in frames {
+                split[idx] += self.leaves[idx].remove(fs, fe);
+                // Frames of a level never reach past the gpa space, so the
+                // gfns fit.
+                self.leaves[0].insert(fs << shift, fe << shift);
+            }
+        }
+        Ok(split)
+    }
+
     /// Removes every leaf (kvm_mmu_zap_all_fast on this root).
     pub fn zap_all(&mut self) -> LevelCounts {
         [
@@ -1311,6 +1347,27 @@ mod tests {
         set(&mut store, &mut [&mut r, &mut k], base + 5, u64::MAX, P);
         set(&mut store, &mut [&mut r, &mut k], u64::MAX - 7, u64::MAX, 0);
         assert_same(&r, &k);
+    }
+
+    #[test]
+    fn stage2_split_huge_pages_keeps_every_gfn_mapped() {
+        let mut m = Stage2Map::new();
+        m.map(0, PG_LEVEL_1G).unwrap();
+        m.map(G1 + M2, PG_LEVEL_2M).unwrap();
+        m.map(G1 + 5 * M2, PG_LEVEL_2M).unwrap();
+        m.map(G1 + 7, PG_LEVEL_4K).unwrap();
+        m.map(3 * G1, PG_LEVEL_1G).unwrap();
+        // Touches the first 1G leaf and the first 2M leaf only.
+        assert_eq!(m.split_huge_pages(G1 - 1, G1 + M2 + 1), Ok([0, 1, 1]));
+        assert_eq!(m.counts(), [G1 + M2 + 1, 1, 1]);
+        assert_eq!(
+            m.runs(PG_LEVEL_4K).unwrap(),
+            vec![(0, G1), (G1 + 7, G1 + 8), (G1 + M2, G1 + 2 * M2)]
+        );
+        assert_eq!(m.mapped_level(G1 + 5 * M2), Some(PG_LEVEL_2M));
+        assert_eq!(m.split_huge_pages(0, u64::MAX >> 12), Ok([0, 1, 1]));
+        assert_eq!(m.counts(), [2 * G1 + 2 * M2 + 1, 0, 0]);
+        assert!(m.split_huge_pages(5, 5).is_err());
     }
 
     #[test]

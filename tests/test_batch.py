@@ -21,7 +21,7 @@ from memattr import trace as t
 from memattr import workloads as w
 from memattr.batch import batch_blocker, run_batch
 from memattr.locks import KvmWarning
-from memattr.uapi import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_X86_DEFAULT_VM
+from memattr.uapi import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_X86_DEFAULT_VM, KVM_X86_SNP_VM
 from memattr.vm import Vm
 
 GiB, MiB = w.GiB, w.MiB
@@ -153,6 +153,9 @@ def _random_trace(data: st.DataObject) -> t.Trace:
                 op["aux"] = shared_region
     meta = dict(base.meta)
     meta["regions"] = regions
+    # A VM type without private memory (two address spaces, nothing
+    # convertible, guest_memfd slots refused) or with it.
+    meta["vm_type"] = data.draw(st.sampled_from([base.vm_type, base.vm_type, KVM_X86_DEFAULT_VM, KVM_X86_SNP_VM]))
     return t.Trace(np.concatenate([base.ops, ops]), meta)
 
 

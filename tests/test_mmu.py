@@ -665,3 +665,82 @@ def test_straddling_hugepages_native_equals_reference() -> None:
                 assert hull == (min(s for s, _ in got), max(e for _, e in got))
             else:
                 assert hull is None
+
+
+# --- dirty logging toggled on a live slot (kvm_mmu_slot_apply_flags) ---------
+
+
+def _toggle_logging(vm: Vm, on: bool, *, size: int = 2 * G1, gpa: int = 0) -> None:
+    vm.set_user_memory_region(0, gpa, size, userspace_addr=gpa, flags=KVM_MEM_LOG_DIRTY_PAGES if on else 0)
+
+
+def test_enabling_dirty_logging_splits_huge_leaves_to_4k(store):
+    vm = make_vm(store, gmem=False)
+    assert vm.fault(0) == 3 and vm.fault(G1 + 5 * M2) == 3
+    vm.set_memory_attributes(G1 + 3 * PAGE, PAGE, P)  # the second 1G is mixed
+    assert vm.fault(G1 + 7 * M2) == 2 and vm.fault(G1 + 9 * PAGE) == 1
+    before = vm.stats.as_dict()
+    _toggle_logging(vm, True)
+    st = vm.stats
+    assert vm.mmu.mappings(3) == [] and vm.mmu.mappings(2) == []
+    assert vm.mmu.mappings(1) == [(0, 1 << 18), ((G1 + 9 * PAGE) >> 12, (G1 + 10 * PAGE) >> 12),
+                                  ((G1 + 7 * M2) >> 12, (G1 + 8 * M2) >> 12)]
+    # Split, not zapped: the same gfns stay mapped.
+    assert st.mapped == {1: (1 << 18) + 512 + 1, 2: 0, 3: 0}
+    assert st.zapped_pages == before["zapped_pages"]
+    assert st.tlb_flushes == before["tlb_flushes"] + 1
+    assert st.mmu_lock_acquisitions == before["mmu_lock_acquisitions"] + 2
+    # From now on faults map 4K.
+    assert vm.fault(G1 + 100 * M2) == 1
+
+
+def test_without_eager_split_huge_leaves_stay_until_a_fault_splits_them(store):
+    vm = make_vm(store, gmem=False)
+    vm.mmu.eager_page_split = False
+    assert vm.fault(0) == 3
+    _toggle_logging(vm, True)
+    assert vm.mmu.mappings(3) == [(0, 1 << 18)]
+    assert vm.stats.mmu_lock_acquisitions == 1 + 1  # the fault, write-protect
+    assert vm.fault(5 * PAGE) == 1  # replaces the 1G leaf
+    assert vm.mmu.mappings(3) == [] and vm.stats.zapped_pages[3] == 1
+
+
+def test_disabling_dirty_logging_zaps_what_can_be_huge_again(store):
+    vm = make_vm(store, gmem=False, size=3 * G1)
+    _toggle_logging(vm, True, size=3 * G1)
+    vm.set_memory_attributes(G1 + 3 * PAGE, PAGE, P)  # 1G #1 mixed, its 2M #0 too
+    for gpa in (0, 5 * PAGE, M2, G1, G1 + 4 * PAGE, G1 + M2 + PAGE, 2 * G1 + 8 * PAGE):
+        assert vm.fault(gpa) == 1
+    flushes = vm.stats.tlb_flushes
+    _toggle_logging(vm, False, size=3 * G1)
+    # 1G #0 and #2 can be huge: their page tables go. In 1G #1 only the 2M
+    # tables that are not mixed go: the one holding G1 + M2.
+    assert vm.mmu.mappings(1) == [(G1 >> 12, (G1 >> 12) + 1), ((G1 >> 12) + 4, (G1 >> 12) + 5)]
+    assert vm.stats.zapped_pages[1] == 5
+    assert vm.stats.tlb_flushes == flushes + 3  # one per zapped table
+    assert vm.fault(7 * M2) == 3 and vm.fault(G1 + 9 * M2) == 2
+
+
+def test_disabling_dirty_logging_honours_host_level_and_slot_edges(store):
+    # A slot starting 2M into a 1G page: no 1G hugepage is inside it.
+    vm = make_vm(store, gmem=False, size=G1, gpa=M2)
+    vm.mmu.host_mapping_level = 2
+    _toggle_logging(vm, True, size=G1, gpa=M2)
+    assert vm.fault(M2) == 1 and vm.fault(3 * M2) == 1
+    _toggle_logging(vm, False, size=G1, gpa=M2)
+    assert vm.mmu.mappings(1) == []
+    assert vm.stats.zapped_pages[1] == 2
+    assert vm.fault(M2) == 2
+
+
+def test_toggling_dirty_logging_with_nothing_mapped_only_flushes_on_enable(store):
+    vm = make_vm(store, gmem=False)
+    _toggle_logging(vm, True)
+    _toggle_logging(vm, False)
+    st = vm.stats
+    assert (st.tlb_flushes, st.mmu_lock_acquisitions, st.zapped_pages[1]) == (1, 3, 0)
+    # guest_memfd slots cannot log dirty pages at all: EINVAL, nothing changes.
+    gvm = make_vm(store)
+    with pytest.raises(OSError) as e:
+        _toggle_logging(gvm, True)
+    assert e.value.errno == errno.EINVAL and gvm.stats.tlb_flushes == 0

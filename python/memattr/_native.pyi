@@ -127,6 +127,10 @@ class Stage2Map:
     def zap(self, start: int, end: int) -> tuple[int, int, int]:
         """Removes every leaf intersecting [start, end) (huge leaves whole);
         returns the leaves removed per level."""
+    def split_huge_pages(self, start: int, end: int) -> tuple[int, int, int]:
+        """Splits every 2M and 1G leaf intersecting [start, end) into the 4K
+        leaves mapping the same gfns; returns the huge leaves split per
+        level (4K always 0). ValueError unless start < end."""
     def zap_all(self) -> tuple[int, int, int]:
         """Removes every leaf; returns the leaves removed per level."""
     def mapped_level(self, gfn: int) -> int:

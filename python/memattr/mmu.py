@@ -31,6 +31,7 @@ from memattr.memslots import Memslot
 from memattr.uapi import (
     INVALID_GPA,
     KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
     PAGE_SHIFT,
@@ -120,6 +121,10 @@ class X86Mmu:
         # pass also invalidates the straddling head/tail hugepages. False
         # models kernels from 6.8 up to that fix.
         self.invalidate_straddling_hugepages: bool = True
+        # The eager_page_split module parameter (on by default): turning on
+        # dirty logging splits the slot's huge leaves to 4K at once, instead
+        # of on the first write to each.
+        self.eager_page_split: bool = True
         self._warned: set[str] = set()
 
     # --- helpers ---------------------------------------------------------
@@ -199,6 +204,64 @@ class X86Mmu:
             self._account_removed((total[0], total[1], total[2]))
             slot.arch = None
         return any(total)
+
+    def memslot_flags_changed(self, slot: Memslot, old_flags: int) -> None:
+        """kvm_mmu_slot_apply_flags() for a flags-only change (x86.c), which
+        can only toggle dirty logging (READONLY cannot change; guest_memfd
+        slots cannot log). Turning it on splits the slot's huge leaves to 4K
+        (``eager_page_split``), write-protects the slot (not modelled: the
+        model tracks no writes) and flushes; turning it off recovers
+        hugepages: each page table in the slot that could now be mapped huge
+        is zapped so that it refaults huge (kvm_mmu_zap_collapsible_sptes,
+        one TLB flush per zap). As without PML, like on AMD."""
+        vm = self._vm
+        vm.slots_lock.assert_held("memslot flags change under slots_lock")
+        if not (old_flags ^ slot.flags) & KVM_MEM_LOG_DIRTY_PAGES or slot.flags & KVM_MEM_READONLY:
+            return
+        root = self._roots.get(slot.as_id)
+        start, end = slot.base_gfn, slot.base_gfn + slot.npages
+        if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            if self.eager_page_split:
+                with self._mmu_locked():  # kvm_mmu_slot_try_split_huge_pages
+                    if root is not None:
+                        _, n2m, n1g = root.split_huge_pages(start, end)
+                        stats = vm.stats
+                        stats.mapped[PG_LEVEL_4K] += n2m * (1 << 9) + n1g * (1 << 18)
+                        stats.mapped[PG_LEVEL_2M] -= n2m
+                        stats.mapped[PG_LEVEL_1G] -= n1g
+            with self._mmu_locked():  # kvm_mmu_slot_remove_write_access
+                pass
+            # Unconditional, once the slot is write-protected.
+            vm.kvm_flush_remote_tlbs()
+            return
+        with self._mmu_locked():  # kvm_mmu_zap_collapsible_sptes
+            if root is not None:
+                self._recover_huge_pages(root, slot)
+
+    def _recover_huge_pages(self, root: Stage2Map, slot: Memslot) -> None:
+        """zap_collapsible_spte_range(): top down, zap each 1G then 2M page
+        table (a region holding smaller leaves) whose first gfn is in the
+        slot and whose level the gfn can now be mapped at."""
+        start, end = slot.base_gfn, slot.base_gfn + slot.npages
+        private_capable = slot.has_guest_memfd()
+        for level, smaller in ((PG_LEVEL_1G, (PG_LEVEL_4K, PG_LEVEL_2M)), (PG_LEVEL_2M, (PG_LEVEL_4K,))):
+            shift = 9 * (level - 1)
+            tables: set[int] = set()
+            for lvl in smaller:
+                for s, e in root.runs(lvl):
+                    s, e = max(s, start), min(e, end)
+                    if s < e:
+                        tables.update(range(s >> shift, ((e - 1) >> shift) + 1))
+            for table in sorted(tables):
+                gfn = table << shift
+                if gfn < start:
+                    continue  # the hugepage is not inside the slot
+                private = private_capable and self._mem_is_private(gfn)
+                if self._max_level(slot, gfn, private) < level:
+                    continue
+                self._account_removed(root.zap(gfn, gfn + (1 << shift)))
+                # A successful atomic zap flushes the range.
+                self._vm.kvm_flush_remote_tlbs()
 
     # --- the KVM_SET_MEMORY_ATTRIBUTES passes --------------------------------
 

@@ -325,12 +325,13 @@ class Vm:
         self._ranges_cache.clear()
         if change is MemslotChange.FLAGS_ONLY:
             assert old is not None and new is not None
-            # The kernel copies the arch state into a new struct. Not modelled:
-            # kvm_mmu_slot_apply_flags() splitting huge mappings when dirty
-            # logging starts and recovering them when it stops; faults from
-            # now on honour the new flags.
+            # The kernel copies the slot (arch state included) into a new
+            # struct; only the flags differ, so the model updates them in place.
+            old_flags = old.flags
             old.flags = new.flags
             memslots._changed()
+            # kvm_arch_commit_memory_region(): split or recover hugepages.
+            self.mmu.memslot_flags_changed(old, old_flags)
             return
         if old is not None:
             # kvm_invalidate_memslot(): zap everything mapped through the old

@@ -312,6 +312,26 @@ impl PyStage2Map {
             .map_err(to_pyerr)
     }
 
+    /// Splits every 2M and 1G leaf intersecting `[start, end)` into 4K
+    /// leaves; returns the huge leaves split per level (4K always 0).
+    fn split_huge_pages(
+        &self,
+        start: &Bound<'_, PyAny>,
+        end: &Bound<'_, PyAny>,
+    ) -> PyResult<(u64, u64, u64)> {
+        let start = u64_arg(start, "start")?;
+        let end = u64_arg(end, "end")?;
+        if start >= end {
+            return Err(PyValueError::new_err(format!(
+                "start ({start}) must be < end ({end})"
+            )));
+        }
+        lock(&self.inner)
+            .split_huge_pages(start, end)
+            .map(counts_tuple)
+            .map_err(to_pyerr)
+    }
+
     /// Removes every leaf; returns the leaves removed per level.
     fn zap_all(&self) -> (u64, u64, u64) {
         counts_tuple(lock(&self.inner).zap_all())
