@@ -167,6 +167,8 @@ pub struct Counters {
     pub mmu_lock_acquisitions: u64,
     pub faults: u64,
     pub memory_fault_exits: u64,
+    /// Shared accesses outside every memslot (emulated MMIO).
+    pub mmio_faults: u64,
     /// By level: index 0 = 4K, 1 = 2M, 2 = 1G.
     pub zapped_pages: [u64; 3],
     pub mapped: [i64; 3],
@@ -468,7 +470,7 @@ impl<'a> Kvm<'a> {
     // --- faults ------------------------------------------------------------------
 
     /// A TDP page fault at `gpa` in address space `as_id`: the level mapped,
-    /// or `MemoryFault` (KVM_EXIT_MEMORY_FAULT). A batch runs alone with no
+    /// 0 for emulated MMIO, or `MemoryFault` (KVM_EXIT_MEMORY_FAULT). A batch runs alone with no
     /// invalidation in flight, so the fault never has to retry.
     pub fn fault(&mut self, gpa: u64, private: bool, as_id: usize) -> Result<u8, KvmError> {
         if as_id >= self.roots.len() {
@@ -478,12 +480,18 @@ impl<'a> Kvm<'a> {
         }
         self.counters.faults += 1;
         let gfn = gpa >> PAGE_SHIFT;
-        // __kvm_faultin_pfn(): no slot, private-ness differs from the
-        // attribute, or private without guest_memfd: exit to userspace.
-        let Some(i) = self.find(as_id, gfn) else {
-            return Err(self.memory_fault_exit(gfn, private));
-        };
+        // __kvm_faultin_pfn(): private-ness differs from the attribute, or
+        // a private access without guest_memfd (or without a slot): exit to
+        // userspace. A shared access outside every slot is MMIO, emulated
+        // without a mapping (kvm_handle_noslot_fault): level 0.
         let is_private = self.store.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;
+        let Some(i) = self.find(as_id, gfn) else {
+            if private || is_private {
+                return Err(self.memory_fault_exit(gfn, private));
+            }
+            self.counters.mmio_faults += 1;
+            return Ok(0);
+        };
         if private != is_private || (private && !self.slots[i].can_be_private) {
             return Err(self.memory_fault_exit(gfn, private));
         }

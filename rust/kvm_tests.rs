@@ -95,6 +95,7 @@ fn add(into: &mut Counters, c: &Counters) {
     into.mmu_lock_acquisitions += c.mmu_lock_acquisitions;
     into.faults += c.faults;
     into.memory_fault_exits += c.memory_fault_exits;
+    into.mmio_faults += c.mmio_faults;
     for i in 0..3 {
         into.zapped_pages[i] += c.zapped_pages[i];
         into.mapped[i] += c.mapped[i];
@@ -205,11 +206,11 @@ fn faults_map_exit_and_get_zapped() {
                 flags: P
             })
         );
-        // No slot at all.
-        assert_eq!(
-            kvm.fault(gpa(3 * G1), false, 0).unwrap_err().errno(),
-            EFAULT
-        );
+        // No slot at all: a shared access is MMIO (level 0, nothing
+        // mapped), a private one exits.
+        assert_eq!(kvm.fault(gpa(3 * G1), false, 0), Ok(0));
+        assert_eq!(kvm.counters.mmio_faults, 1);
+        assert_eq!(kvm.fault(gpa(3 * G1), true, 0).unwrap_err().errno(), EFAULT);
         // Convert one 4K page: zaps the 1G leaf, flushes, mixes the hugepages.
         assert_eq!(kvm.set_memory_attributes(gpa(7), 4096, P, 0), Ok(true));
         assert_eq!(kvm.counters.zapped_pages, [0, 0, 1]);
@@ -227,7 +228,7 @@ fn faults_map_exit_and_get_zapped() {
             Err(KvmError::MemoryFault { .. })
         ));
         assert_eq!(kvm.counters.memory_fault_exits, 3);
-        assert_eq!(kvm.counters.faults, 7);
+        assert_eq!(kvm.counters.faults, 8);
         assert_eq!(kvm.counters.mapped, [2, 1, 0]);
     });
     // guest_memfd order caps private mappings; dirty logging caps all.
@@ -484,7 +485,8 @@ proptest! {
                 let private = op.flags & FLAG_PRIVATE != 0;
                 let slot = slots.iter().find(|s| s.0 <= gfn && gfn < s.0 + s.1);
                 let exits = match slot {
-                    None => true,
+                    // No slot: a shared access to shared memory is MMIO.
+                    None => private || oracle[gfn as usize] == P,
                     Some(s) => private != (oracle[gfn as usize] == P) || (private && !s.2),
                 };
                 if exits {

@@ -44,6 +44,7 @@ _COUNTERS = (
     "mmu_lock_acquisitions",
     "faults",
     "memory_fault_exits",
+    "mmio_faults",
 )
 
 

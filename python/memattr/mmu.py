@@ -403,12 +403,15 @@ class X86Mmu:
         """A TDP page fault at ``gpa``: maps it at the highest level allowed
         and returns that level (1 = 4K, 2 = 2M, 3 = 1G), or raises
         :class:`MemoryFault` (KVM_EXIT_MEMORY_FAULT) when the access's
-        private-ness differs from the gfn's attribute, a private access hits
-        a slot without guest_memfd, or no memslot holds the gpa. A fault that
-        races with an invalidation of its gfn retries (``fault_retries``).
-        ``write`` is validated but, as in the kernel's memory-fault exit, not
-        reported; read-only slots and MMIO emulation are not modelled, so a
-        gpa outside every slot exits like an unbacked private access would."""
+        private-ness differs from the gfn's attribute or a private access
+        hits a slot without guest_memfd or no slot at all. A shared access
+        outside every memslot is MMIO: it returns 0, nothing is mapped, and
+        ``stats.mmio_faults`` counts it (the kernel emulates it and exits
+        with KVM_EXIT_MMIO for userspace devices; MMIO SPTE caching is not
+        modelled). A fault that races with an invalidation of its gfn
+        retries (``fault_retries``). ``write`` is validated but, as in the
+        kernel's memory-fault exit, not reported; read-only slots are not
+        modelled."""
         # Exact ints and bools take the fast path; anything else gets the
         # full checks (same errors, same order).
         if type(gpa) is not int or not 0 <= gpa < _U64_LIMIT:
@@ -453,7 +456,13 @@ class X86Mmu:
 
             # __kvm_faultin_pfn(): checked without mmu_lock, like the kernel.
             if slot is None:
-                raise self._memory_fault_exit(gfn, private)
+                # A private access, or one whose private-ness differs from
+                # the attribute, exits; a shared one is MMIO, emulated
+                # without a mapping (kvm_handle_noslot_fault).
+                if private or self._mem_is_private(gfn):
+                    raise self._memory_fault_exit(gfn, private)
+                vm.stats.mmio_faults += 1
+                return 0
             if private != self._mem_is_private(gfn):
                 raise self._memory_fault_exit(gfn, private)
             if private and not slot.has_guest_memfd():

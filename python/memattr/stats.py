@@ -36,6 +36,7 @@ class Stats:
     faults: int = 0
     fault_retries: int = 0  # mmu_invalidate_retry said "raced, try again"
     memory_fault_exits: int = 0  # KVM_EXIT_MEMORY_FAULT
+    mmio_faults: int = 0  # shared accesses outside every memslot: emulated MMIO
     zapped_pages: dict[int, int] = field(default_factory=_per_level)  # by level
     mapped: dict[int, int] = field(default_factory=_per_level)  # live mappings by level
 

@@ -15,7 +15,8 @@ Operations (``kind``):
     result 0 or ``-errno``.
 ``OP_FAULT`` (1)
     ``vm.fault(gpa, private=flags & FLAG_PRIVATE, write=flags & FLAG_WRITE)``;
-    result the mapped level (1 = 4K, 2 = 2M, 3 = 1G) or ``-errno``
+    result the mapped level (1 = 4K, 2 = 2M, 3 = 1G), 0 for emulated MMIO
+    (a shared access outside every memslot), or ``-errno``
     (``-EFAULT`` for a ``KVM_EXIT_MEMORY_FAULT``). With ``FLAG_CONVERT``, the
     replayer behaves like a VMM on ``KVM_EXIT_MEMORY_FAULT``: it converts the
     reported range to the access's private-ness and runs the fault again

@@ -588,7 +588,8 @@ class Vm:
 
     def fault(self, gpa: int, private: bool = False, write: bool = False) -> int:
         """A guest access at ``gpa``: the level it is mapped at (1 = 4K,
-        2 = 2M, 3 = 1G), or MemoryFault (KVM_EXIT_MEMORY_FAULT)."""
+        2 = 2M, 3 = 1G), 0 for MMIO (a shared access outside every memslot),
+        or MemoryFault (KVM_EXIT_MEMORY_FAULT)."""
         return self.mmu.fault(gpa, private=private, write=write)  # type: ignore[no-any-return]
 
     def max_mapping_level(self, gfn: int) -> int:

@@ -89,6 +89,7 @@ fn counters_dict<'py>(py: Python<'py>, c: &Counters) -> PyResult<Bound<'py, PyDi
     d.set_item("mmu_lock_acquisitions", c.mmu_lock_acquisitions)?;
     d.set_item("faults", c.faults)?;
     d.set_item("memory_fault_exits", c.memory_fault_exits)?;
+    d.set_item("mmio_faults", c.mmio_faults)?;
     d.set_item("zapped_pages", c.zapped_pages)?;
     d.set_item("mapped", c.mapped)?;
     Ok(d)
