@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from memattr import cli, sweep
+from memattr import cli, report, sweep
 from memattr import trace as t
 from memattr import workloads as w
 
@@ -129,7 +129,11 @@ def test_compare_writes_json_and_png(tmp_path, capsys):
         assert {"rangetree", "xarray", "throughput_ratio", "cpu_ratio", "memory_ratio", "store_only_ratio"} <= set(rows[g])
         assert rows[g]["xarray"]["memory_bytes"] > rows[g]["rangetree"]["memory_bytes"]
     assert "xarray" not in rows[4 * GiB] and "4G" in data["skipped"]
-    assert len(data["runs"]) == 5 and data["machine"]["cpus"] >= 1
+    # Three range-store runs, and the per-page store's Vm and store-only
+    # replays as separate parts at 1G and 2G, joined per row.
+    assert len(data["runs"]) == 7 and data["machine"]["cpus"] >= 1
+    parts = sorted((r["guest"], r["part"]) for r in data["runs"] if r["store"] == "xarray")
+    assert parts == [(GiB, "store-only"), (GiB, "vm"), (2 * GiB, "store-only"), (2 * GiB, "vm")]
     png = out_dir / "compare.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -142,7 +146,8 @@ def test_compare_time_budget_stops_per_page_store(tmp_path, capsys):
     assert code == 0
     assert "per-page store skipped at 2G: time: predicted" in out
     data = json.loads((tmp_path / "compare.json").read_text())
-    assert [r["store"] for r in data["runs"]].count("xarray") == 1
+    # Only the smallest size's two parts ran.
+    assert sorted(r["part"] for r in data["runs"] if r["store"] == "xarray") == ["store-only", "vm"]
     assert not (tmp_path / "compare.png").exists()
 
 
@@ -220,6 +225,22 @@ def test_sweep_with_a_caller_executor_and_follow_up():
         )
 
 
+def test_run_config_parts_join_into_one_row():
+    both = sweep.run_config(sweep.Config("vm-creation", GiB, "xarray"))
+    vm = sweep.run_config(sweep.Config("vm-creation", GiB, "xarray", parts="vm"))
+    so = sweep.run_config(sweep.Config("vm-creation", GiB, "xarray", parts="store-only"))
+    assert "store_only" not in vm and "seconds" not in so
+    assert (both["part"], vm["part"], so["part"]) == ("both", "vm", "store-only")
+    rt = sweep.run_config(sweep.Config("vm-creation", GiB, "rangetree"))
+    for results in ([rt, both], [rt, so, vm], [rt, vm, so]):
+        (row,) = report.compare_rows(results)
+        assert row["xarray"]["memory_bytes"] == both["memory_bytes"]
+        assert set(row["store_only"]) == {"rangetree", "xarray"} and "store_only_ratio" in row
+    # Only the store-only part: no Vm columns for that store, no Vm ratios.
+    (row,) = report.compare_rows([rt, so])
+    assert "xarray" not in row and "throughput_ratio" not in row and "store_only_ratio" in row
+
+
 def test_config_rejects():
     from memattr import sweep
 
@@ -229,5 +250,7 @@ def test_config_rejects():
         sweep.Config(workload="nope")
     with pytest.raises(ValueError, match="guest"):
         sweep.Config(guest=0)
+    with pytest.raises(ValueError, match="parts must be one of"):
+        sweep.Config(parts="half")
     with pytest.raises(ValueError, match="store"):
         sweep.run_trace(w.vm_creation("1G"), "btree")

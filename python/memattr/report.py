@@ -93,9 +93,15 @@ def run_table(result: dict[str, Any]) -> Table:
 
 
 def _by_size(results: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Any]]]:
+    """Results by guest size and store, a run's parts (``"part"``: the Vm
+    replay and the store-only replay, run separately) joined into one."""
     out: dict[int, dict[str, dict[str, Any]]] = {}
     for r in results:
-        out.setdefault(int(r["guest"]), {})[r["store"]] = r
+        entry = out.setdefault(int(r["guest"]), {}).setdefault(r["store"], {})
+        if r.get("part") == "store-only":
+            entry["store_only"] = r["store_only"]
+        else:
+            entry.update(r)
     return dict(sorted(out.items()))
 
 
@@ -103,7 +109,9 @@ def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per guest size with both stores side by side (JSON-able)."""
     rows = []
     for guest, runs in _by_size(results).items():
-        rt, xa = runs.get("rangetree"), runs.get("xarray")
+        # A store with only its store-only part (its Vm replay failed) has no
+        # Vm columns.
+        rt, xa = ((r if r and "seconds" in r else None) for r in (runs.get("rangetree"), runs.get("xarray")))
         row: dict[str, Any] = {"guest": guest, "operations": (rt or xa or {}).get("operations", 0)}
         for name, r in (("rangetree", rt), ("xarray", xa)):
             if r:

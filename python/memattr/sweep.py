@@ -58,6 +58,9 @@ from memattr import workloads
 STORES = ("rangetree", "xarray")
 
 
+PARTS = ("both", "vm", "store-only")
+
+
 @dataclass(frozen=True)
 class Config:
     """One run: a named workload at a guest size on one store."""
@@ -69,8 +72,13 @@ class Config:
     params: tuple[tuple[str, Any], ...] = ()  # extra workload parameters
     vm_kwargs: tuple[tuple[str, Any], ...] = ()  # extra Vm(...) arguments
     engine: str = "auto"  # memattr.trace.replay's engine
+    # What run_config measures: "both" (Vm replay, then store-only replay),
+    # "vm" or "store-only" (so the two can run in parallel).
+    parts: str = "both"
 
     def __post_init__(self) -> None:
+        if self.parts not in PARTS:
+            raise ValueError(f"parts must be one of {PARTS}, got {self.parts!r}")
         if self.engine not in trace_mod.ENGINES:
             raise ValueError(f"engine must be one of {trace_mod.ENGINES}, got {self.engine!r}")
         if self.store not in STORES:
@@ -81,7 +89,8 @@ class Config:
             raise ValueError(f"guest must be a positive int of bytes, got {self.guest!r}")
 
     def label(self) -> str:
-        return f"{self.workload} {workloads.format_size(self.guest)} {self.store}"
+        part = "" if self.parts == "both" else f" ({self.parts})"
+        return f"{self.workload} {workloads.format_size(self.guest)} {self.store}{part}"
 
 
 def make_trace(config: Config) -> trace_mod.Trace:
@@ -204,12 +213,19 @@ def run_store_only(trace: trace_mod.Trace, store: str) -> dict[str, Any]:
 
 def run_config(config: Config) -> dict[str, Any]:
     """Builds the workload in this process and runs it (the sweep task):
-    the full Vm replay, then the store-only replay of the same trace."""
+    the full Vm replay, then the store-only replay of the same trace, or one
+    of them (``config.parts``; the result's ``"part"`` says which).
+    :func:`memattr.report.compare_rows` joins the parts of one size."""
     t0 = time.perf_counter()
     trace = make_trace(config)
     gen = time.perf_counter() - t0
-    out = run_trace(trace, config.store, vm_kwargs=dict(config.vm_kwargs), engine=config.engine)
-    out["store_only"] = run_store_only(trace, config.store)
+    if config.parts == "store-only":
+        out: dict[str, Any] = {"workload": trace.name, "store": config.store}
+    else:
+        out = run_trace(trace, config.store, vm_kwargs=dict(config.vm_kwargs), engine=config.engine)
+    if config.parts != "vm":
+        out["store_only"] = run_store_only(trace, config.store)
+    out["part"] = config.parts
     out["guest"] = config.guest
     out["seed"] = config.seed
     out["generate_seconds"] = gen
