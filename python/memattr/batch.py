@@ -96,9 +96,9 @@ def run_batch(
             for slot in vm.memslots:
                 if slot.arch is None:  # never outside slots_lock
                     raise KvmBugError(f"{slot!r} has no hugepage tracking")
-                slots.append(
-                    (slot.as_id, slot.base_gfn, slot.npages, slot.flags, slot.has_guest_memfd(), slot.arch)
-                )
+                # Private faults get a pfn only from a bound, open guest_memfd.
+                private_backing = slot.has_guest_memfd() and slot.gmem is not None
+                slots.append((slot.as_id, slot.base_gfn, slot.npages, slot.flags, private_backing, slot.arch))
             roots = mmu._roots
             for as_id in range(vm.nr_memslot_as_ids):
                 if as_id not in roots:

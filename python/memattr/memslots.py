@@ -179,6 +179,10 @@ class _GmemTable:
     def get(self, fd: int) -> GuestMemfd | None:
         return self._files.get(fd)
 
+    def remove(self, fd: int) -> None:
+        with self._lock:
+            self._files.pop(fd, None)
+
 
 gmem_files = _GmemTable()
 

@@ -282,10 +282,17 @@ class X86Mmu:
             return False
         if self.invalidate_straddling_hugepages:
             self._invalidate_straddling_hugepages(rng)
-        root = self._roots.get(rng.slot.as_id)
+        return self.unmap_gfn_range(rng.slot, rng.start, rng.end)
+
+    def unmap_gfn_range(self, slot: Memslot, start: int, end: int) -> bool:
+        """kvm_unmap_gfn_range(): zap the leaves of slot's address space
+        intersecting [start, end) (huge leaves straddling it go whole). True
+        if anything was mapped, i.e. a TLB flush is needed."""
+        self._vm.mmu_lock.assert_held("kvm_unmap_gfn_range runs under mmu_lock")
+        root = self._roots.get(slot.as_id)
         if root is None:
             return False
-        removed = root.zap(rng.start, rng.end)
+        removed = root.zap(start, end)
         if removed[0] or removed[1] or removed[2]:
             self._account_removed(removed)
             return True
@@ -465,7 +472,9 @@ class X86Mmu:
                 return 0
             if private != self._mem_is_private(gfn):
                 raise self._memory_fault_exit(gfn, private)
-            if private and not slot.has_guest_memfd():
+            # kvm_faultin_pfn_private(): no guest_memfd, or its file was
+            # closed (kvm_gmem_get_pfn fails): exit.
+            if private and (not slot.has_guest_memfd() or slot.gmem is None):
                 raise self._memory_fault_exit(gfn, private)
 
             with mmu_lock:

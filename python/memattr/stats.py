@@ -29,8 +29,10 @@ class Stats:
     tlb_flushes: int = 0  # kvm_flush_remote_tlbs calls
     mmu_lock_acquisitions: int = 0
 
-    # memslots
+    # memslots and guest_memfd
     memslot_updates: int = 0
+    gmem_holes_punched: int = 0  # fallocate(PUNCH_HOLE) calls that succeeded
+    gmem_closed: int = 0  # guest_memfd files released
 
     # MMU model
     faults: int = 0

@@ -187,6 +187,10 @@ KVM_MEMORY_ATTRIBUTE_PRIVATE: Final = 1 << 3
 KVM_EXIT_MEMORY_FAULT: Final = 39
 KVM_MEMORY_EXIT_FLAG_PRIVATE: Final = 1 << 3
 
+# include/uapi/linux/falloc.h: the fallocate(2) modes guest_memfd accepts.
+FALLOC_FL_KEEP_SIZE: Final = 0x01
+FALLOC_FL_PUNCH_HOLE: Final = 0x02
+
 # --- x86 VM types (KVM_CREATE_VM type argument) -----------------------------
 
 KVM_X86_DEFAULT_VM: Final = 0
@@ -197,6 +201,8 @@ KVM_X86_SNP_VM: Final = 4
 KVM_X86_TDX_VM: Final = 5
 
 __all__ = [
+    "FALLOC_FL_KEEP_SIZE",
+    "FALLOC_FL_PUNCH_HOLE",
     "INVALID_GPA",
     "KVMIO",
     "KVM_CAP_GUEST_MEMFD",

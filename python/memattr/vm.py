@@ -46,15 +46,19 @@ from memattr.gfn_range import GfnRange, clip_gfn_ranges, kvm_handle_gfn_range
 from memattr.ioctl import vm_ioctl
 from memattr.locks import KvmLock, MmuInvalidation, MmuLock
 from memattr.memslots import (
+    GuestMemfd,
     Memslot,
     MemslotChange,
     Memslots,
+    gmem_files,
     kvm_gmem_create,
     prepare_memory_region,
 )
 from memattr.mmu import X86Mmu
 from memattr.stats import Stats
 from memattr.uapi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
     KVM_CAP_GUEST_MEMFD,
     KVM_CAP_MEMORY_ATTRIBUTES,
     KVM_CAP_MEMORY_FAULT_INFO,
@@ -84,6 +88,7 @@ from memattr.uapi import (
 _RANGES_CACHE_SIZE = 64
 _PAGE_MASK = PAGE_SIZE - 1
 _U32_MAX = (1 << 32) - 1
+_S64_MAX = (1 << 63) - 1
 
 # vm_type -> (has_private_mem, has_protected_state), as x86 sets them at
 # KVM_CREATE_VM (kvm_arch_init_vm, svm_vm_init, tdx_vm_init). The SEV, SNP and
@@ -119,8 +124,25 @@ def _uint(name: str, value: object, bits: int) -> int:
     return value  # type: ignore[return-value]
 
 
+def _sint(name: str, value: object, bits: int) -> int:
+    """``value`` as a signed ``bits``-bit int (a loff_t), or a
+    TypeError/ValueError naming the argument."""
+    if type(value) is not int:
+        try:
+            value = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if not -(1 << (bits - 1)) <= value < 1 << (bits - 1):  # type: ignore[operator]
+        raise ValueError(f"{name} must be an s{bits}, got {value}")
+    return value  # type: ignore[return-value]
+
+
 def _einval(why: str) -> OSError:
     return OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: {why}")
+
+
+def _eopnotsupp(why: str) -> OSError:
+    return OSError(errno.EOPNOTSUPP, f"{os.strerror(errno.EOPNOTSUPP)}: {why}")
 
 
 class Vm:
@@ -359,6 +381,98 @@ class Vm:
                 memslots._install(old)
                 self.mmu.memslot_created(old)
             raise
+
+    def _own_guest_memfd(self, fd: object) -> GuestMemfd:
+        """The open guest_memfd file ``fd`` of this VM, or EBADF."""
+        if type(fd) is not int:
+            try:
+                fd = operator.index(fd)  # type: ignore[arg-type]
+            except TypeError:
+                raise TypeError(f"fd must be an int, not {type(fd).__name__}") from None
+        gmem = gmem_files.get(fd) if 0 <= fd <= _U32_MAX else None  # type: ignore[operator]
+        if gmem is None or gmem.owner is not self._gmem_owner:
+            raise OSError(errno.EBADF, f"{os.strerror(errno.EBADF)}: fd {fd} is not a guest_memfd of this VM")
+        return gmem
+
+    def guest_memfd_fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on a guest_memfd (vfs_fallocate, then
+        kvm_gmem_fallocate, Linux 6.8). ``FALLOC_FL_KEEP_SIZE`` allocates
+        (nothing to model beyond the checks); with ``FALLOC_FL_PUNCH_HOLE``
+        the pages go, and every mapping of them is zapped first: for each
+        memslot bound to the range, under mmu_lock, an invalidation begins,
+        the gfns are added and unmapped (private and shared mappings alike),
+        one TLB flush if anything was mapped; the invalidation ends after
+        the truncation (kvm_gmem_punch_hole). Errors: EBADF (not a
+        guest_memfd of this VM), EINVAL (offset < 0, length <= 0, not page
+        aligned, or an allocation past the file's size), EOPNOTSUPP (no
+        KEEP_SIZE, or any other mode), EFBIG (offset + length past
+        MAX_LFS_FILESIZE). slots_lock stands in for the file's invalidate
+        lock, which memslot binding also takes."""
+        gmem = self._own_guest_memfd(fd)
+        mode = _uint("mode", mode, 32)
+        offset = _sint("offset", offset, 64)
+        length = _sint("length", length, 64)
+        if offset < 0 or length <= 0:
+            raise _einval(f"offset {offset} must be >= 0 and length {length} > 0")
+        if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
+            raise _eopnotsupp("FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE")
+        if offset + length > _S64_MAX:
+            raise OSError(errno.EFBIG, f"{os.strerror(errno.EFBIG)}: offset + length past the largest file size")
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            raise _eopnotsupp("guest_memfd cannot change size: FALLOC_FL_KEEP_SIZE is required")
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+            raise _eopnotsupp(f"mode {mode:#x} is not supported by guest_memfd")
+        if offset & _PAGE_MASK or length & _PAGE_MASK:
+            raise _einval(f"offset {offset:#x} and length {length:#x} must be page aligned")
+        if not mode & FALLOC_FL_PUNCH_HOLE:
+            if offset + length > gmem.size:  # kvm_gmem_allocate(): immutable size
+                raise _einval(f"allocation past the file's size {gmem.size:#x}")
+            return
+        with self.slots_lock:
+            self._kvm_gmem_invalidate(gmem, offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT)
+        self.stats.gmem_holes_punched += 1
+
+    def guest_memfd_close(self, fd: int) -> None:
+        """close(2) of the last reference to a guest_memfd
+        (kvm_gmem_release): under slots_lock, every bound memslot loses the
+        file (private faults there now exit), every mapping through it is
+        zapped as for a hole over the whole file, and the bindings go. The
+        memslots stay; the fd number is free. EBADF if ``fd`` is not an open
+        guest_memfd of this VM."""
+        gmem = self._own_guest_memfd(fd)
+        with self.slots_lock:
+            gmem_files.remove(gmem.fd)
+            for _, _, slot in gmem.bindings():
+                slot.gmem = None  # slot->gmem.file = NULL
+            self._kvm_gmem_invalidate(gmem, 0, U64_MAX)
+            gmem._bindings = []
+        self.stats.gmem_closed += 1
+
+    def _kvm_gmem_invalidate(self, gmem: GuestMemfd, start: int, end: int) -> None:
+        """kvm_gmem_invalidate_begin() and _end() for file pages
+        [start, end), around a truncation that needs no modelling."""
+        self.slots_lock.assert_held("guest_memfd bindings are stable under slots_lock")
+        ranges = []
+        for first, last, slot in gmem.bindings():
+            if last <= start or first >= end:
+                continue
+            ranges.append(
+                (slot, slot.base_gfn + max(first, start) - first, slot.base_gfn + min(last, end) - first)
+            )
+        if not ranges:
+            return
+        with self.mmu_lock:
+            self._inval.begin()
+            flush = False
+            for slot, s, e in ranges:
+                # kvm_mmu_unmap_gfn_range(): add, then zap.
+                self._inval.range_add(s, e)
+                if self.mmu.unmap_gfn_range(slot, s, e):
+                    flush = True
+            if flush:
+                self.kvm_flush_remote_tlbs()
+        with self.mmu_lock:
+            self._inval.end()
 
     # --- memory attributes ---------------------------------------------------
 
