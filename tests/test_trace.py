@@ -459,6 +459,10 @@ _op = st.one_of(
     st.tuples(st.just(t.OP_FAULT), _u64, st.just(0), st.just(0), st.just(0), _res, st.integers(0, 7)),
     st.tuples(st.just(t.OP_CREATE_GUEST_MEMFD), st.just(0), _u64, st.just(0), _u64, _res, st.just(0)),
     st.tuples(st.just(t.OP_SET_USER_MEMORY_REGION), _u64, _u64, st.integers(0, (1 << 32) - 1), _u64, _res, st.just(0)),
+    st.tuples(
+        st.just(t.OP_GUEST_MEMFD_FALLOCATE), _u64, _u64, st.integers(0, (1 << 32) - 1), st.integers(0, (1 << 32) - 1), _res, st.just(0)
+    ),
+    st.tuples(st.just(t.OP_GUEST_MEMFD_CLOSE), st.just(0), st.just(0), st.integers(0, (1 << 32) - 1), st.just(0), _res, st.just(0)),
 )
 
 
@@ -479,3 +483,58 @@ def test_any_valid_trace_round_trips(rows, vm_type):
     text = list(t.iter_text_lines(tr))
     back = t.parse_text(text)
     assert (back.ops == tr.ops).all() and back.meta["regions"] == regions and back.vm_type == vm_type
+
+
+def test_guest_memfd_fallocate_and_close_record_write_read_replay(tmp_path):
+    from memattr.vm import Vm
+    from memattr.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+
+    punch = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+    rec = t.Recorder(Vm(memattr.KVM_X86_SW_PROTECTED_VM, "rangetree", guest_memfd_max_order=9))
+    fd = rec.create_guest_memfd(GiB)
+    rec.set_user_memory_region(0, 0, GiB, w.USERSPACE_BASE, w.KVM_MEM_GUEST_MEMFD, fd, 0)
+    rec.set_memory_attributes(0, GiB, P)
+    assert rec.fault(0, private=True) == 2
+    rec.guest_memfd_fallocate(fd, punch, 0, 2 * MiB)
+    with pytest.raises(OSError):
+        rec.guest_memfd_fallocate(fd, punch, -4096, 4096)  # EINVAL, recorded
+    rec.guest_memfd_close(fd)
+    with pytest.raises(OSError):
+        rec.guest_memfd_close(fd)  # EBADF, recorded
+    with pytest.raises(memattr.MemoryFault):
+        rec.fault(0, private=True)
+    recorded = rec.trace()
+    kinds = recorded.ops["kind"].tolist()
+    assert kinds[4:8] == [t.OP_GUEST_MEMFD_FALLOCATE] * 2 + [t.OP_GUEST_MEMFD_CLOSE] * 2
+    assert recorded.ops["result"][4:8].tolist() == [0, -errno.EINVAL, 0, -errno.EBADF]
+    lines = list(t.iter_text_lines(recorded))
+    assert f"guest_memfd_fallocate fd={fd} mode=0x3 offset=-0x1000 len=0x1000 -> -EINVAL" in lines
+    assert f"guest_memfd_close fd={fd} -> 0" in lines
+    for suffix in (".trace", ".txt"):
+        path = tmp_path / ("g" + suffix)
+        t.write(recorded, path)
+        back = t.read(path)
+        assert (back.ops == recorded.ops).all()
+        vm = Vm(memattr.KVM_X86_SW_PROTECTED_VM, "xarray", guest_memfd_max_order=9)
+        res = t.replay(back, vm, check=True)
+        assert res.mismatches == 0, res.first_mismatch
+        assert vm.stats.as_dict() == rec.vm.stats.as_dict()
+
+
+def test_guest_memfd_ops_are_validated():
+    ops = t.empty_ops(1)
+    ops["kind"] = t.OP_GUEST_MEMFD_CLOSE
+    ops["gpa"] = 4096
+    with pytest.raises(t.TraceFormatError, match="record 0.*guest_memfd_close operations must have gpa, size and arg 0"):
+        t.Trace(ops, {}).validate()
+    ops = t.empty_ops(1)
+    ops["kind"] = t.OP_GUEST_MEMFD_FALLOCATE
+    ops["attributes"] = 1 << 40
+    with pytest.raises(t.TraceFormatError, match="fd must fit in 32 bits"):
+        t.Trace(ops, {}).validate()
+    ops["attributes"] = 3
+    ops["arg"] = 1 << 33
+    with pytest.raises(t.TraceFormatError, match="mode must fit in 32 bits"):
+        t.Trace(ops, {}).validate()
+    with pytest.raises(t.TraceFormatError, match="line 3.*len"):
+        t.parse_text(["# memattr trace v1", "# meta {}", "guest_memfd_fallocate fd=3 mode=0x3 offset=0x0"])

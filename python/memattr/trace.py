@@ -29,6 +29,14 @@ Operations (``kind``):
     flags=attributes, guest_memfd, guest_memfd_offset=arg)``; ``aux`` indexes
     the metadata's ``"regions"`` table, which holds ``[slot, userspace_addr,
     guest_memfd]`` (fields that do not fit the record); result 0 or ``-errno``.
+``OP_GUEST_MEMFD_FALLOCATE`` (4)
+    ``vm.guest_memfd_fallocate(fd=attributes, mode=arg, offset=gpa,
+    length=size)`` (offset and length are loff_t: stored as their 64-bit
+    two's complement); result 0 or ``-errno``. The fd goes through the same
+    map as ``set_user_memory_region``'s.
+``OP_GUEST_MEMFD_CLOSE`` (5)
+    ``vm.guest_memfd_close(fd=attributes)``; gpa, size and arg 0; result 0
+    or ``-errno``.
 
 ``result`` is :data:`RESULT_NONE` where nothing was recorded (generated
 workloads).
@@ -54,6 +62,8 @@ Text form (``.txt``), one operation per line, ``#`` comments::
     set_memory_attributes gpa=0x0 size=0x80000000 attributes=0x8 flags=0x0 -> 0
     fault gpa=0x1000 access=private,write,convert -> 2
     fault gpa=0x2000 access=shared,read -> -EFAULT
+    guest_memfd_fallocate fd=3 mode=0x3 offset=0x0 len=0x200000 -> 0
+    guest_memfd_close fd=3 -> 0
 
 (``-> ...`` is omitted when nothing was recorded; ``set_user_memory_region``
 lines carry every argument, so text traces need no regions table.)
@@ -86,11 +96,15 @@ OP_SET_MEMORY_ATTRIBUTES = 0
 OP_FAULT = 1
 OP_CREATE_GUEST_MEMFD = 2
 OP_SET_USER_MEMORY_REGION = 3
+OP_GUEST_MEMFD_FALLOCATE = 4
+OP_GUEST_MEMFD_CLOSE = 5
 OP_NAMES: dict[int, str] = {
     OP_SET_MEMORY_ATTRIBUTES: "set_memory_attributes",
     OP_FAULT: "fault",
     OP_CREATE_GUEST_MEMFD: "create_guest_memfd",
     OP_SET_USER_MEMORY_REGION: "set_user_memory_region",
+    OP_GUEST_MEMFD_FALLOCATE: "guest_memfd_fallocate",
+    OP_GUEST_MEMFD_CLOSE: "guest_memfd_close",
 }
 
 FLAG_PRIVATE = 1 << 0
@@ -120,6 +134,17 @@ _HEADER = struct.Struct("<8sHHIQ")
 TEXT_HEADER = "# memattr trace v1"
 
 _U64 = (1 << 64) - 1
+_U32 = (1 << 32) - 1
+
+
+def _s64(value: int) -> int:
+    """A stored u64 read back as the loff_t it holds."""
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _s64_text(value: int) -> str:
+    v = _s64(value)
+    return f"{v:#x}" if v >= 0 else f"-{-v:#x}"
 
 
 class TraceFormatError(ValueError):
@@ -244,6 +269,16 @@ def _validate_records(ops: np.ndarray, meta: dict[str, Any], where: Callable[[in
     bad = is_fault & ((ops["size"] != 0) | (ops["attributes"] != 0) | (ops["arg"] != 0))
     if bad.any():
         fail(bad, "fault operations must have size, attributes and arg 0")
+    bad = (kind == OP_GUEST_MEMFD_CLOSE) & ((ops["gpa"] != 0) | (ops["size"] != 0) | (ops["arg"] != 0))
+    if bad.any():
+        fail(bad, "guest_memfd_close operations must have gpa, size and arg 0")
+    is_fd = (kind == OP_GUEST_MEMFD_FALLOCATE) | (kind == OP_GUEST_MEMFD_CLOSE)
+    bad = is_fd & (ops["attributes"] > np.uint64(_U32))
+    if bad.any():
+        fail(bad, "a guest_memfd fd must fit in 32 bits")
+    bad = (kind == OP_GUEST_MEMFD_FALLOCATE) & (ops["arg"] > np.uint64(_U32))
+    if bad.any():
+        fail(bad, "a fallocate mode must fit in 32 bits")
     is_region = kind == OP_SET_USER_MEMORY_REGION
     nregions = len(meta.get("regions", []))
     bad = is_region & (ops["aux"] >= nregions)
@@ -377,6 +412,13 @@ def iter_text_lines(trace: Trace) -> Iterator[str]:
             line = f"fault gpa={gpa:#x} access={_access_text(flags)}"
         elif kind == OP_CREATE_GUEST_MEMFD:
             line = f"create_guest_memfd size={size:#x} flags={arg:#x}"
+        elif kind == OP_GUEST_MEMFD_FALLOCATE:
+            line = (
+                f"guest_memfd_fallocate fd={attributes} mode={arg:#x} "
+                f"offset={_s64_text(gpa)} len={_s64_text(size)}"
+            )
+        elif kind == OP_GUEST_MEMFD_CLOSE:
+            line = f"guest_memfd_close fd={attributes}"
         else:
             slot, uaddr, gmem = regions[aux]
             line = (
@@ -402,6 +444,8 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "fault": ("gpa", "access"),
     "create_guest_memfd": ("size", "flags"),
     "set_user_memory_region": ("slot", "gpa", "size", "uaddr", "flags", "guest_memfd", "offset"),
+    "guest_memfd_fallocate": ("fd", "mode", "offset", "len"),
+    "guest_memfd_close": ("fd",),
 }
 _OPTIONAL = {"flags"}
 
@@ -511,6 +555,14 @@ def _parse_op_line(line: str, regions: list[list[int]]) -> tuple[int, int, int, 
         return (OP_FAULT, u64("gpa"), 0, 0, 0, result, flags, 0)
     if op == "create_guest_memfd":
         return (OP_CREATE_GUEST_MEMFD, 0, u64("size"), 0, u64("flags"), result, 0, 0)
+    if op == "guest_memfd_fallocate":
+        fd = _parse_int(args["fd"], 0, _U32, "fd")
+        mode = _parse_int(args["mode"], 0, _U32, "mode")
+        offset = _parse_int(args["offset"], -(1 << 63), (1 << 63) - 1, "offset") & _U64
+        length = _parse_int(args["len"], -(1 << 63), (1 << 63) - 1, "len") & _U64
+        return (OP_GUEST_MEMFD_FALLOCATE, offset, length, fd, mode, result, 0, 0)
+    if op == "guest_memfd_close":
+        return (OP_GUEST_MEMFD_CLOSE, 0, 0, _parse_int(args["fd"], 0, _U32, "fd"), 0, result, 0, 0)
     if len(regions) > 0xFFFF:
         raise ValueError("more than 65536 set_user_memory_region operations")
     slot = _parse_int(args["slot"], 0, (1 << 32) - 1, "slot")
@@ -660,6 +712,14 @@ class Recorder:
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
         row = [OP_CREATE_GUEST_MEMFD, 0, size & _U64, 0, flags & _U64, 0, 0, 0]
         return self._call(row, lambda: self._vm.create_guest_memfd(size, flags), int)
+
+    def guest_memfd_fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        row = [OP_GUEST_MEMFD_FALLOCATE, int(offset) & _U64, int(length) & _U64, int(fd) & _U32, int(mode) & _U64, 0, 0, 0]
+        return self._call(row, lambda: self._vm.guest_memfd_fallocate(fd, mode, offset, length), lambda _: 0)
+
+    def guest_memfd_close(self, fd: int) -> None:
+        row = [OP_GUEST_MEMFD_CLOSE, 0, 0, int(fd) & _U32, 0, 0, 0, 0]
+        return self._call(row, lambda: self._vm.guest_memfd_close(fd), lambda _: 0)
 
     def set_user_memory_region(
         self,
@@ -921,6 +981,18 @@ class _Replayer:
                 self.fd_map[recorded] = fd
                 return int(recorded)  # fds are compared through the map
             return fd
+        if kind == OP_GUEST_MEMFD_FALLOCATE:
+            try:
+                vm.guest_memfd_fallocate(self.fd_map.get(attributes, attributes), arg, _s64(gpa), _s64(size))
+                return 0
+            except OSError as e:
+                return self.fail(e)
+        if kind == OP_GUEST_MEMFD_CLOSE:
+            try:
+                vm.guest_memfd_close(self.fd_map.get(attributes, attributes))
+                return 0
+            except OSError as e:
+                return self.fail(e)
         slot, uaddr, gmem = self.regions[aux]
         try:
             vm.set_user_memory_region(slot, gpa, size, uaddr, attributes, self.fd_map.get(gmem, gmem), arg)
