@@ -124,7 +124,7 @@ def _random_trace(data: st.DataObject) -> t.Trace:
     ops[0]["aux"] = shared_region
     for i in range(1, n + 1):
         op = ops[i]
-        what = data.draw(st.sampled_from(["set", "set", "set", "fault", "fault", "fault", "slot"]))
+        what = data.draw(st.sampled_from(["set", "set", "set", "fault", "fault", "fault", "slot", "gmem"]))
         if what == "set":
             gfn = data.draw(st.integers(0, span - 1))
             npages = data.draw(st.sampled_from([1, 2, 7, 512, 513, 1 << 18, 1 << 19]))
@@ -137,6 +137,17 @@ def _random_trace(data: st.DataObject) -> t.Trace:
             op["kind"] = t.OP_FAULT
             op["gpa"] = (data.draw(st.integers(0, span - 1)) << 12) + data.draw(st.integers(0, 4095))
             op["flags"] = data.draw(st.integers(0, 7))
+        elif what == "gmem":
+            # Punch a hole in the guest_memfd (recorded fd 3, mapped by the
+            # replayer), now and then with a bad mode, or close it.
+            op["attributes"] = 3
+            if data.draw(st.integers(0, 9)) == 0:
+                op["kind"] = t.OP_GUEST_MEMFD_CLOSE
+            else:
+                op["kind"] = t.OP_GUEST_MEMFD_FALLOCATE
+                op["arg"] = data.draw(st.sampled_from([3, 3, 3, 2]))
+                op["gpa"] = data.draw(st.integers(0, (4 * GiB >> 12) - 1)) << 12
+                op["size"] = data.draw(st.sampled_from([1, 512, 513, 1 << 18])) << 12
         else:
             # Toggle dirty logging on, delete, or re-create the shared slot,
             # or try to change a guest_memfd slot's flags (EINVAL).
