@@ -85,7 +85,8 @@ pub struct Memslot<'a> {
     pub base_gfn: u64,
     pub npages: u64,
     pub flags: u32,
-    /// kvm_slot_can_be_private(): bound to a guest_memfd.
+    /// Private faults can get a pfn: kvm_slot_can_be_private() (bound to a
+    /// guest_memfd) and that file is still open.
     pub can_be_private: bool,
     pub tracker: &'a mut (dyn HugepageTracker + Send),
 }
