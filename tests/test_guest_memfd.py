@@ -111,6 +111,13 @@ def test_hole_outside_every_binding_touches_nothing(store):
         (PUNCH, (1 << 63) - PAGE, 2 * PAGE, errno.EFBIG),
         (0, 0, PAGE, errno.EOPNOTSUPP),  # growing the file
         (FALLOC_FL_KEEP_SIZE | 0x10, 0, PAGE, errno.EOPNOTSUPP),  # ZERO_RANGE
+        (PUNCH | 0x10, 0, PAGE, errno.EOPNOTSUPP),  # PUNCH_HOLE with ZERO_RANGE
+        (0x80 | PUNCH, (1 << 63) - PAGE, 2 * PAGE, errno.EOPNOTSUPP),  # unknown bit before EFBIG
+        (FALLOC_FL_KEEP_SIZE | 0x08, 0, PAGE, errno.EINVAL),  # COLLAPSE_RANGE not alone
+        (FALLOC_FL_KEEP_SIZE | 0x20, 0, PAGE, errno.EINVAL),  # INSERT_RANGE not alone
+        (PUNCH | 0x40, 0, PAGE, errno.EINVAL),  # UNSHARE_RANGE with PUNCH_HOLE
+        (0x08, (1 << 63) - PAGE, 2 * PAGE, errno.EFBIG),  # vfs passes COLLAPSE alone; size first
+        (0x08, 0, PAGE, errno.EOPNOTSUPP),  # then guest_memfd refuses it
         (PUNCH, 1, PAGE, errno.EINVAL),
         (PUNCH, 0, PAGE + 1, errno.EINVAL),
         (FALLOC_FL_KEEP_SIZE, 4 * G1 - PAGE, 2 * PAGE, errno.EINVAL),  # allocate past the size

@@ -88,7 +88,14 @@ from memattr.uapi import (
 _RANGES_CACHE_SIZE = 64
 _PAGE_MASK = PAGE_SIZE - 1
 _U32_MAX = (1 << 32) - 1
-_S64_MAX = (1 << 63) - 1
+_S64_MAX = (1 << 63) - 1  # MAX_LFS_FILESIZE
+# include/uapi/linux/falloc.h modes guest_memfd refuses, for vfs_fallocate's
+# checks (FALLOC_FL_SUPPORTED_MASK is every mode up to UNSHARE_RANGE).
+_FALLOC_FL_COLLAPSE_RANGE = 0x08
+_FALLOC_FL_ZERO_RANGE = 0x10
+_FALLOC_FL_INSERT_RANGE = 0x20
+_FALLOC_FL_UNSHARE_RANGE = 0x40
+_FALLOC_FL_SUPPORTED_MASK = 0x7F
 
 # vm_type -> (has_private_mem, has_protected_state), as x86 sets them at
 # KVM_CREATE_VM (kvm_arch_init_vm, svm_vm_init, tdx_vm_init). The SEV, SNP and
@@ -412,12 +419,23 @@ class Vm:
         mode = _uint("mode", mode, 32)
         offset = _sint("offset", offset, 64)
         length = _sint("length", length, 64)
+        # vfs_fallocate(), in its order.
         if offset < 0 or length <= 0:
             raise _einval(f"offset {offset} must be >= 0 and length {length} > 0")
+        if mode & ~_FALLOC_FL_SUPPORTED_MASK:
+            raise _eopnotsupp(f"mode {mode:#x} has unknown bits")
+        if mode & FALLOC_FL_PUNCH_HOLE and mode & _FALLOC_FL_ZERO_RANGE:
+            raise _eopnotsupp("FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE exclude each other")
         if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
             raise _eopnotsupp("FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE")
+        for alone, name in ((_FALLOC_FL_COLLAPSE_RANGE, "COLLAPSE_RANGE"), (_FALLOC_FL_INSERT_RANGE, "INSERT_RANGE")):
+            if mode & alone and mode & ~alone:
+                raise _einval(f"FALLOC_FL_{name} must be used alone")
+        if mode & _FALLOC_FL_UNSHARE_RANGE and mode & ~(_FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_KEEP_SIZE):
+            raise _einval("FALLOC_FL_UNSHARE_RANGE takes only FALLOC_FL_KEEP_SIZE")
         if offset + length > _S64_MAX:
             raise OSError(errno.EFBIG, f"{os.strerror(errno.EFBIG)}: offset + length past the largest file size")
+        # kvm_gmem_fallocate().
         if not mode & FALLOC_FL_KEEP_SIZE:
             raise _eopnotsupp("guest_memfd cannot change size: FALLOC_FL_KEEP_SIZE is required")
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
