@@ -103,12 +103,14 @@ def test_import_qemu_and_run(tmp_path, capsys):
     )
     out_trace = tmp_path / "q.trace"
     code, out = run(["import-qemu", str(log), "-o", str(out_trace), "--guest", "4G"], capsys)
-    assert code == 0 and "imported 3 QEMU events" in out
+    # Two conversions to shared: each followed by QEMU's guest_memfd discard.
+    assert code == 0 and "imported 3 QEMU events as 5 KVM operations" in out
     code, _ = run(["run", str(out_trace), "--json", str(tmp_path / "q.json")], capsys)
     assert code == 0
     res = json.loads((tmp_path / "q.json").read_text())["result"]
     assert res["shared_bytes"] == 0x200000 + 0x1000
     assert res["stats"]["memory_fault_exits"] == 1
+    assert res["stats"]["gmem_holes_punched"] == 2
     # the log can also be run directly
     code, _ = run(["run", str(log), "--qemu-log", "--guest", "4G", "--json", str(tmp_path / "q2.json")], capsys)
     assert code == 0

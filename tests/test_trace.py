@@ -289,10 +289,26 @@ def test_qemu_import_log_adds_setup_and_creation(tmp_path):
     p.write_text(QEMU_LOG)
     tr = qemu.import_log(p, "6G")
     assert [n for n, _, _ in tr.phases] == ["setup", "creation", "qemu"]
-    assert tr.counts()["set_memory_attributes"] == 2 + 4
     tr.validate()
-    tr2 = qemu.import_log(QEMU_LOG.splitlines(), "6G", initial_private=False)
+    # What QEMU asked of KVM: the conversion in the PCI hole (2G..4G) never
+    # reached it; each conversion to shared is followed by a guest_memfd hole
+    # at the range's offset in RAM (RAM from 4G starts at file offset 2G).
+    _, lo, hi = tr.phases[-1]
+    ops = tr.ops[lo:hi]
+    assert tr.meta["qemu_events"] == 6
+    assert ops["kind"].tolist() == [0, 4, 1, 0, 4, 1, 0]
+    holes = ops[ops["kind"] == t.OP_GUEST_MEMFD_FALLOCATE]
+    assert holes["gpa"].tolist() == [2 * GiB, 2 * GiB + 0x2000]
+    assert holes["size"].tolist() == [0x1000, 0x1000]
+    assert (holes["attributes"] == w.GUEST_MEMFD_FD).all() and (holes["arg"] == 3).all()
+    tr2 = qemu.import_log(QEMU_LOG.splitlines(), "6G", initial_private=False, discard=False)
     assert [n for n, _, _ in tr2.phases] == ["setup", "qemu"]
+    assert tr2.ops[tr2.phases[-1][1]:]["kind"].tolist() == [0, 1, 0, 1, 0]
+    # Replayed: the logged exits exit again (EFAULT), the holes are punched.
+    vm = memattr.Vm(memattr.KVM_X86_SW_PROTECTED_VM, guest_memfd_max_order=9)
+    res = t.replay(tr, vm)
+    assert res.errors == {"EFAULT": 2} and res.fault_exits == 2
+    assert vm.stats.gmem_holes_punched == 2
 
 
 @pytest.mark.parametrize(

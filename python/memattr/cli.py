@@ -182,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--guest", type=_size, required=True, help="the guest's RAM (QEMU -m)")
     q.add_argument("--low-limit", type=_size, default=_size("2G"))
     q.add_argument("--shared-at-start", action="store_true", help="QEMU did not make the slots private")
+    q.add_argument(
+        "--no-discard",
+        action="store_true",
+        help="no guest_memfd hole after each conversion to shared (QEMU punches one)",
+    )
     q.add_argument("--text", action="store_true")
 
     s = sub.add_parser("show", help="validate and summarise a trace")
@@ -386,10 +391,15 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_import_qemu(args: argparse.Namespace, console: Console) -> int:
-    tr = qemu.import_log(args.log, args.guest, args.low_limit, initial_private=not args.shared_at_start)
+    tr = qemu.import_log(
+        args.log, args.guest, args.low_limit, initial_private=not args.shared_at_start, discard=not args.no_discard
+    )
     trace_mod.write(tr, args.output, text=True if args.text else None)
     n = tr.phases[-1][2] - tr.phases[-1][1]
-    console.print(f"imported {n:,} QEMU events ({len(tr):,} operations with setup) to {args.output}")
+    console.print(
+        f"imported {tr.meta['qemu_events']:,} QEMU events as {n:,} KVM operations "
+        f"({len(tr):,} with setup) to {args.output}"
+    )
     return 0
 
 

@@ -27,12 +27,23 @@ but does not parse is an error naming the line.
 QEMU makes RAM private when it registers a guest_memfd slot, which is not a
 traced conversion, so the importer prepends the guest's setup and creation
 (:mod:`memattr.workloads` layout: RAM below ``low_limit`` and from 4 GiB).
+
+:func:`import_log` then replays what QEMU's kvm_convert_memory() does with
+each logged conversion: one that does not start in RAM never reaches KVM
+(QEMU ignores a conversion of MMIO or unassigned space to shared and fails
+one to private), and after a conversion to shared QEMU discards the private
+copy, ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` on the guest_memfd at the
+range's offset in the RAM block (ram_block_discard_guest_memfd_range), which
+the trace holds as a ``guest_memfd_fallocate`` operation. (QEMU skips that
+discard if the conversion failed; the trace cannot know, so a replay that
+fails the conversion still punches the hole.)
 """
 
 from __future__ import annotations
 
 import os
 import re
+from bisect import bisect_right
 from collections.abc import Iterable
 
 import numpy as np
@@ -42,6 +53,7 @@ from memattr.trace import (
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
     OP_FAULT,
+    OP_GUEST_MEMFD_FALLOCATE,
     OP_SET_MEMORY_ATTRIBUTES,
     Trace,
     TraceFormatError,
@@ -106,14 +118,50 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
     return Trace(ops, {"name": "qemu", "vm_type": workloads.KVM_X86_SW_PROTECTED_VM})
 
 
+# FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+_PUNCH_HOLE = 0x02 | 0x01
+
+
+def kvm_calls(events: Trace, layout: workloads.GuestLayout, discard: bool = True) -> Trace:
+    """What QEMU's kvm_convert_memory() asks of KVM for each logged event
+    (see the module doc): conversions that start outside RAM dropped, and
+    with ``discard`` a guest_memfd hole punched after each conversion to
+    shared. Faults pass through."""
+    regions = sorted(layout.regions, key=lambda r: r.gpa)
+    starts = [r.gpa for r in regions]
+    out = []
+    for op in events.ops:
+        if int(op["kind"]) != OP_SET_MEMORY_ATTRIBUTES:
+            out.append(op)
+            continue
+        gpa = int(op["gpa"])
+        i = bisect_right(starts, gpa) - 1
+        if i < 0 or gpa >= regions[i].end:
+            continue  # memory_region_find(): not RAM, KVM never hears of it
+        out.append(op)
+        if discard and not int(op["attributes"]) & KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            hole = empty_ops(1)[0]
+            hole["kind"] = OP_GUEST_MEMFD_FALLOCATE
+            hole["gpa"] = regions[i].guest_memfd_offset + gpa - regions[i].gpa
+            hole["size"] = op["size"]
+            hole["attributes"] = workloads.GUEST_MEMFD_FD
+            hole["arg"] = _PUNCH_HOLE
+            out.append(hole)
+    ops = np.array(out, dtype=events.ops.dtype) if out else empty_ops(0)
+    return Trace(ops, dict(events.meta))
+
+
 def import_log(
     source: str | os.PathLike[str] | Iterable[str],
     guest: int | str,
     low_limit: int | str = 2 * workloads.GiB,
     initial_private: bool = True,
+    discard: bool = True,
 ) -> Trace:
     """A replayable trace from a QEMU log: setup, creation (when QEMU made
-    the slots private, the default) and the logged operations.
+    the slots private, the default) and what QEMU asked of KVM for the
+    logged events (:func:`kvm_calls`; ``discard=False`` leaves out the
+    guest_memfd holes, as for a QEMU that does not discard).
 
     ``guest`` is the guest's RAM size (QEMU's ``-m``), ``low_limit`` where
     the PCI hole starts (2 GiB for q35 guests of 2.75 GiB or more; pass the
@@ -128,12 +176,18 @@ def import_log(
     parts = [("setup", workloads.setup(layout))]
     if initial_private:
         parts.append(("creation", workloads.vm_creation(layout)))
-    parts.append(("qemu", events))
+    parts.append(("qemu", kvm_calls(events, layout, discard)))
     meta = {
         "name": "qemu",
         "vm_type": workloads.KVM_X86_SW_PROTECTED_VM,
         "vm_kwargs": {},
-        "params": {"guest": layout.ram_size, "low_limit": layout.low_size, "initial_private": initial_private},
+        "params": {
+            "guest": layout.ram_size,
+            "low_limit": layout.low_size,
+            "initial_private": initial_private,
+            "discard": discard,
+        },
         "layout": layout.describe(),
+        "qemu_events": len(events),
     }
     return concat(parts, meta)

@@ -418,6 +418,11 @@ def _convert(starts: np.ndarray, ends: np.ndarray, attributes: int, style: str) 
 # generators
 
 
+# The fd setup() records for the guest's one guest_memfd (the first fd after
+# stdio); replay maps it to the fd the target Vm hands out.
+GUEST_MEMFD_FD = 3
+
+
 def setup(layout: GuestLayout | int | str) -> Trace:
     """The VMM's setup: one guest_memfd for all RAM, one memslot per region.
 
@@ -430,7 +435,7 @@ def setup(layout: GuestLayout | int | str) -> Trace:
     ops = empty_ops(1 + n)
     ops["kind"][0] = OP_CREATE_GUEST_MEMFD
     ops["size"][0] = layout.ram_size
-    fd = 3
+    fd = GUEST_MEMFD_FD
     regions = []
     for i, r in enumerate(layout.regions, 1):
         ops["kind"][i] = OP_SET_USER_MEMORY_REGION
