@@ -274,6 +274,28 @@ pub struct PyStage2Map {
     pub(crate) inner: Mutex<Stage2Map>,
 }
 
+impl PyStage2Map {
+    /// `op` on `[start, end)` (u64 arguments, `start < end`), its per-level
+    /// counts as a tuple.
+    fn on_range(
+        &self,
+        start: &Bound<'_, PyAny>,
+        end: &Bound<'_, PyAny>,
+        op: fn(&mut Stage2Map, u64, u64) -> Result<LevelCounts, HugepageError>,
+    ) -> PyResult<(u64, u64, u64)> {
+        let start = u64_arg(start, "start")?;
+        let end = u64_arg(end, "end")?;
+        if start >= end {
+            return Err(PyValueError::new_err(format!(
+                "start ({start}) must be < end ({end})"
+            )));
+        }
+        op(&mut lock(&self.inner), start, end)
+            .map(counts_tuple)
+            .map_err(to_pyerr)
+    }
+}
+
 #[pymethods]
 impl PyStage2Map {
     #[new]
@@ -299,17 +321,7 @@ impl PyStage2Map {
     /// Removes every leaf intersecting `[start, end)` (huge leaves whole);
     /// returns the leaves removed per level.
     fn zap(&self, start: &Bound<'_, PyAny>, end: &Bound<'_, PyAny>) -> PyResult<(u64, u64, u64)> {
-        let start = u64_arg(start, "start")?;
-        let end = u64_arg(end, "end")?;
-        if start >= end {
-            return Err(PyValueError::new_err(format!(
-                "start ({start}) must be < end ({end})"
-            )));
-        }
-        lock(&self.inner)
-            .zap(start, end)
-            .map(counts_tuple)
-            .map_err(to_pyerr)
+        self.on_range(start, end, Stage2Map::zap)
     }
 
     /// Splits every 2M and 1G leaf intersecting `[start, end)` into 4K
@@ -319,17 +331,7 @@ impl PyStage2Map {
         start: &Bound<'_, PyAny>,
         end: &Bound<'_, PyAny>,
     ) -> PyResult<(u64, u64, u64)> {
-        let start = u64_arg(start, "start")?;
-        let end = u64_arg(end, "end")?;
-        if start >= end {
-            return Err(PyValueError::new_err(format!(
-                "start ({start}) must be < end ({end})"
-            )));
-        }
-        lock(&self.inner)
-            .split_huge_pages(start, end)
-            .map(counts_tuple)
-            .map_err(to_pyerr)
+        self.on_range(start, end, Stage2Map::split_huge_pages)
     }
 
     /// Removes every leaf; returns the leaves removed per level.
