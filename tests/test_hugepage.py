@@ -170,6 +170,21 @@ def test_stage2_map_zap_runs() -> None:
         m.map(0, 4)
 
 
+def test_stage2_split_huge_pages_keeps_the_translation() -> None:
+    m = Stage2Map()
+    m.map(0, 3)
+    m.map(G1 + 5, 2)
+    m.map(G1 + M2, 1)
+    assert m.split_huge_pages(0, G1 + M2) == (0, 1, 1)
+    assert m.counts() == (G1 + M2 + 1, 0, 0)
+    assert m.runs(1) == [(0, G1 + M2 + 1)]  # coalesced: every gfn still mapped
+    assert m.split_huge_pages(0, 2**52) == (0, 0, 0)
+    with pytest.raises(ValueError, match="start"):
+        m.split_huge_pages(7, 7)
+    with pytest.raises(TypeError):
+        m.split_huge_pages(0, "1")  # type: ignore[arg-type]
+
+
 # --- property: range-based tracking == the kernel's per-hugepage loops --------
 
 _slot = st.tuples(

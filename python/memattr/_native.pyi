@@ -157,7 +157,9 @@ def replay_batch(
     """Runs trace operations (contiguous columns) on a Vm's state in Rust,
     with the GIL released, until one a batch does not run (a memslot or
     guest_memfd change); see memattr.batch, which is the way to call it.
-    ``slots``: (as_id, base_gfn, npages, flags, can_be_private, tracker);
+    ``slots``: (as_id, base_gfn, npages, flags, private_backing, tracker),
+    private_backing meaning a private fault can get a page (bound to a
+    guest_memfd whose file is open);
     ``roots``: one per address space; ``config``: (supported_attributes,
     has_private_mem, attr_memory_limit, guest_memfd_max_order,
     host_mapping_level, invalidate_straddling_hugepages); ``inval``:

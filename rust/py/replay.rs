@@ -96,7 +96,9 @@ fn counters_dict<'py>(py: Python<'py>, c: &Counters) -> PyResult<Bound<'py, PyDi
 }
 
 /// One memslot as the Vm describes it:
-/// `(as_id, base_gfn, npages, flags, can_be_private, tracker)`.
+/// `(as_id, base_gfn, npages, flags, private_backing, tracker)`, where
+/// `private_backing` says a private fault can get a page (a bound guest_memfd
+/// whose file is open).
 type SlotArg<'py> = (usize, u64, u64, u32, bool, Bound<'py, PyAny>);
 
 /// `(supported_attributes, has_private_mem, attr_memory_limit,
