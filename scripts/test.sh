@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs the project into ./.venv (from nothing) and runs every test:
-# the pure-Rust core with cargo, then the Python package with pytest
-# (benchmarks included, run once each without timing).
+# the pure-Rust core with cargo, the package's type hints with mypy, then
+# the Python package with pytest (benchmarks included, run once each
+# without timing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
 cargo test --release
+.venv/bin/python -m mypy
 .venv/bin/python -m pytest

@@ -38,11 +38,11 @@ class GfnRange:
 # per field; the set path builds one GfnRange per memslot per call, so build
 # them through the slot descriptors directly (same object, half the cost).
 _new_object = object.__new__
-_set_slot = GfnRange.slot.__set__  # type: ignore[attr-defined]
-_set_start = GfnRange.start.__set__  # type: ignore[attr-defined]
-_set_end = GfnRange.end.__set__  # type: ignore[attr-defined]
-_set_attributes = GfnRange.attributes.__set__  # type: ignore[attr-defined]
-_set_may_block = GfnRange.may_block.__set__  # type: ignore[attr-defined]
+_set_slot = GfnRange.slot.__set__  # type: ignore[attr-defined,misc]
+_set_start = GfnRange.start.__set__  # type: ignore[attr-defined,misc]
+_set_end = GfnRange.end.__set__  # type: ignore[attr-defined,misc]
+_set_attributes = GfnRange.attributes.__set__  # type: ignore[attr-defined,misc]
+_set_may_block = GfnRange.may_block.__set__  # type: ignore[attr-defined,misc]
 
 
 def _make_gfn_range(

@@ -198,9 +198,9 @@ class X86Mmu:
                     for i, n in enumerate(root.zap_all()):
                         total[i] += n
             else:
-                root = self._roots.get(slot.as_id)
-                if root is not None:
-                    total = list(root.zap(slot.base_gfn, slot.base_gfn + slot.npages))
+                own = self._roots.get(slot.as_id)
+                if own is not None:
+                    total = list(own.zap(slot.base_gfn, slot.base_gfn + slot.npages))
             self._account_removed((total[0], total[1], total[2]))
             slot.arch = None
         return any(total)

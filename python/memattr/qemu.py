@@ -109,12 +109,11 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
         raise TraceFormatError(f"{name} line {lineno}: malformed QEMU trace line: {line.strip()[:120]!r}")
     ops = empty_ops(len(rows))
     if rows:
-        kind, gpa, size, attrs, flags = zip(*rows)
-        ops["kind"] = np.array(kind, np.uint8)
-        ops["gpa"] = np.array(gpa, np.uint64)
-        ops["size"] = np.array(size, np.uint64)
-        ops["attributes"] = np.array(attrs, np.uint64)
-        ops["flags"] = np.array(flags, np.uint8)
+        cols = list(zip(*rows))
+        for name, col, dtype in zip(
+            ("kind", "gpa", "size", "attributes", "flags"), cols, (np.uint8, np.uint64, np.uint64, np.uint64, np.uint8)
+        ):
+            ops[name] = np.array(col, dtype)
     return Trace(ops, {"name": "qemu", "vm_type": workloads.KVM_X86_SW_PROTECTED_VM})
 
 

@@ -155,7 +155,7 @@ def run_trace(
         raise ValueError(f"store must be one of {STORES}, got {store!r}")
     kwargs = dict(trace.meta.get("vm_kwargs", {}))
     kwargs.update(vm_kwargs or {})
-    vm = Vm(trace.vm_type, store=store, **kwargs)
+    vm = Vm(trace.vm_type, store=store, **kwargs)  # type: ignore[arg-type]  # checked above
     target: Any = trace_mod.Recorder(vm, {"name": trace.name, "vm_kwargs": kwargs}) if recorder else vm
     if recorder and engine == "native":
         raise ValueError("engine='native' cannot record: a Recorder must see every call")
@@ -185,7 +185,7 @@ def run_trace(
         },
         "stats": stats,
         **attribute_bytes(vm.store, ranges),
-        "hugepages": hugepage_coverage(stats.get("mapped", {})),
+        "hugepages": hugepage_coverage(vm.stats.mapped),
     }
     if recorder:
         out["trace"] = target.trace()

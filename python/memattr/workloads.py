@@ -509,7 +509,7 @@ def firmware_sharing(
     nr_vcpus: int = 8,
     dma_buffers: int = 32,
     touch: bool = True,
-    seed: int | None = 0,
+    seed: int | np.random.Generator | None = 0,
 ) -> Trace:
     """Firmware and guest-kernel sharing at boot, private -> shared.
 
@@ -611,7 +611,7 @@ def lazy_acceptance(
     fraction: float = 1.0,
     exclude: SharedSet | None = None,
     order: str = "random",
-    seed: int | None = 0,
+    seed: int | np.random.Generator | None = 0,
 ) -> Trace:
     """Lazy acceptance of unaccepted memory in 4 MiB chunks.
 
@@ -647,7 +647,7 @@ def implicit_conversions(
     layout: GuestLayout | int | str,
     count: int = 64,
     exclude: SharedSet | None = None,
-    seed: int | None = 0,
+    seed: int | np.random.Generator | None = 0,
 ) -> Trace:
     """Implicit 4K conversions driven by memory-fault exits.
 
@@ -700,7 +700,7 @@ def churn(
     weights: tuple[float, ...] = CHURN_WEIGHTS,
     touch: float = 0.5,
     style: str = "tdx",
-    seed: int | None = 0,
+    seed: int | np.random.Generator | None = 0,
 ) -> Trace:
     """Steady-state churn of shared buffers around a target shared fraction.
 
@@ -845,7 +845,7 @@ def checkerboard(
     nr_vcpus: int = 4,
     iterations: int = 2,
     exact: bool = False,
-    seed: int | None = 0,
+    seed: int | np.random.Generator | None = 0,
 ) -> Trace:
     """The kernel selftest's conversion pattern as a multi-vCPU stress.
 
