@@ -63,6 +63,10 @@ def run_table(result: dict[str, Any]) -> Table:
         ("faults", f"{st['faults']:,}"),
         ("KVM_EXIT_MEMORY_FAULT exits", f"{st['memory_fault_exits']:,}"),
         ("emulated MMIO (shared, no memslot)", f"{st.get('mmio_faults', 0):,}"),
+        (
+            "guest_memfd holes punched / files closed",
+            f"{st.get('gmem_holes_punched', 0):,} / {st.get('gmem_closed', 0):,}",
+        ),
         ("  converted by the VMM (implicit)", f"{rp['implicit_conversions']:,}"),
         ("zapped pages 4K / 2M / 1G", " / ".join(f"{st['zapped_pages'].get(k, st['zapped_pages'].get(str(k), 0)):,}" for k in (1, 2, 3))),
         ("final private RAM", human_bytes(result["private_bytes"])),
