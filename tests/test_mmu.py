@@ -754,3 +754,20 @@ def test_toggling_dirty_logging_with_nothing_mapped_only_flushes_on_enable(store
     with pytest.raises(OSError) as e:
         _toggle_logging(gvm, True)
     assert e.value.errno == errno.EINVAL and gvm.stats.tlb_flushes == 0
+
+
+def test_pml_and_initially_set_change_what_enabling_dirty_logging_does(store):
+    vm = make_vm(store, gmem=False)
+    vm.mmu.pml = True
+    assert vm.fault(0) == 3
+    _toggle_logging(vm, True)
+    # fault + split + clear dirty + write-protect
+    assert vm.stats.mmu_lock_acquisitions == 4 and vm.stats.tlb_flushes == 1
+    vm = make_vm(store, gmem=False)
+    vm.mmu.dirty_log_initially_set = True
+    assert vm.fault(0) == 3
+    _toggle_logging(vm, True)
+    # Nothing split, protected or flushed; new faults still map 4K.
+    assert vm.mmu.mappings(3) == [(0, 1 << 18)]
+    assert vm.stats.mmu_lock_acquisitions == 1 and vm.stats.tlb_flushes == 0
+    assert vm.fault(G1 + PAGE) == 1

@@ -125,6 +125,13 @@ class X86Mmu:
         # dirty logging splits the slot's huge leaves to 4K at once, instead
         # of on the first write to each.
         self.eager_page_split: bool = True
+        # kvm->arch.cpu_dirty_log_size != 0: the CPU logs dirty pages itself
+        # (Intel PML), so enabling dirty logging clears dirty bits and only
+        # write-protects huge leaves; off (AMD) it write-protects everything.
+        self.pml: bool = False
+        # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with KVM_DIRTY_LOG_INITIALLY_SET:
+        # every page starts dirty, so enabling dirty logging touches nothing.
+        self.dirty_log_initially_set: bool = False
         self._warned: set[str] = set()
 
     # --- helpers ---------------------------------------------------------
@@ -213,7 +220,9 @@ class X86Mmu:
         model tracks no writes) and flushes; turning it off recovers
         hugepages: each page table in the slot that could now be mapped huge
         is zapped so that it refaults huge (kvm_mmu_zap_collapsible_sptes,
-        one TLB flush per zap). As without PML, like on AMD."""
+        one TLB flush per zap). ``dirty_log_initially_set`` skips everything
+        on enabling; ``pml`` adds the dirty-bit clearing pass (one more
+        mmu_lock round)."""
         vm = self._vm
         vm.slots_lock.assert_held("memslot flags change under slots_lock")
         if not (old_flags ^ slot.flags) & KVM_MEM_LOG_DIRTY_PAGES or slot.flags & KVM_MEM_READONLY:
@@ -221,6 +230,8 @@ class X86Mmu:
         root = self._roots.get(slot.as_id)
         start, end = slot.base_gfn, slot.base_gfn + slot.npages
         if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            if self.dirty_log_initially_set:
+                return  # all pages are assumed dirty: nothing to protect
             if self.eager_page_split:
                 with self._mmu_locked():  # kvm_mmu_slot_try_split_huge_pages
                     if root is not None:
@@ -229,6 +240,9 @@ class X86Mmu:
                         stats.mapped[PG_LEVEL_4K] += n2m * (1 << 9) + n1g * (1 << 18)
                         stats.mapped[PG_LEVEL_2M] -= n2m
                         stats.mapped[PG_LEVEL_1G] -= n1g
+            if self.pml:
+                with self._mmu_locked():  # kvm_mmu_slot_leaf_clear_dirty
+                    pass
             with self._mmu_locked():  # kvm_mmu_slot_remove_write_access
                 pass
             # Unconditional, once the slot is write-protected.
