@@ -481,14 +481,19 @@ class Vm:
             return
         with self.mmu_lock:
             self._inval.begin()
-            flush = False
-            for slot, s, e in ranges:
-                # kvm_mmu_unmap_gfn_range(): add, then zap.
-                self._inval.range_add(s, e)
-                if self.mmu.unmap_gfn_range(slot, s, e):
-                    flush = True
-            if flush:
-                self.kvm_flush_remote_tlbs()
+            try:
+                flush = False
+                for slot, s, e in ranges:
+                    # kvm_mmu_unmap_gfn_range(): add, then zap.
+                    self._inval.range_add(s, e)
+                    if self.mmu.unmap_gfn_range(slot, s, e):
+                        flush = True
+                if flush:
+                    self.kvm_flush_remote_tlbs()
+            except BaseException:
+                # Never leave faults blocked behind a half-done invalidation.
+                self._inval.end()
+                raise
         with self.mmu_lock:
             self._inval.end()
 
