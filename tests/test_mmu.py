@@ -8,6 +8,7 @@ kvm_arch_pre/post_set_memory_attributes, mmu_invalidate_retry_gfn.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import threading
 import time
@@ -22,12 +23,15 @@ from memattr.gfn_range import GfnRange
 from memattr.locks import KvmWarning
 from memattr.mmu import X86Mmu, kvm_max_level_for_order
 from memattr.uapi import (
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_ENABLE_CAP,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_X86_DEFAULT_VM,
     KVM_X86_SW_PROTECTED_VM,
+    kvm_enable_cap,
 )
 from memattr.vm import Vm
 
@@ -764,7 +768,11 @@ def test_pml_and_initially_set_change_what_enabling_dirty_logging_does(store):
     # fault + split + clear dirty + write-protect
     assert vm.stats.mmu_lock_acquisitions == 4 and vm.stats.tlb_flushes == 1
     vm = make_vm(store, gmem=False)
-    vm.mmu.dirty_log_initially_set = True
+    vm.ioctl(
+        KVM_ENABLE_CAP,
+        kvm_enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, (ctypes.c_uint64 * 4)(3, 0, 0, 0)),
+    )
+    assert vm.manual_dirty_log_protect == 3
     assert vm.fault(0) == 3
     _toggle_logging(vm, True)
     # Nothing split, protected or flushed; new faults still map 4K.

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from memattr.uapi import (
     KVM_CHECK_EXTENSION,
     KVM_CREATE_GUEST_MEMFD,
+    KVM_ENABLE_CAP,
     KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES,
     KVM_SET_MEMORY_ATTRIBUTES,
     KVM_SET_MEMORY_ATTRIBUTES_V11,
@@ -45,6 +46,7 @@ from memattr.uapi import (
     KVM_SET_USER_MEMORY_REGION2,
     KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
     kvm_create_guest_memfd,
+    kvm_enable_cap,
     kvm_memory_attributes,
     kvm_userspace_memory_region,
     kvm_userspace_memory_region2,
@@ -110,6 +112,12 @@ def _kvm_set_user_memory_region2(vm: Vm, buf: Any) -> int:
     return 0
 
 
+def _kvm_enable_cap(vm: Vm, buf: Any) -> int:
+    cap = _copy_in(buf, kvm_enable_cap, "KVM_ENABLE_CAP")
+    vm.enable_cap(cap.cap, cap.flags, list(cap.args))
+    return 0
+
+
 def _kvm_create_guest_memfd(vm: Vm, buf: Any) -> int:
     args = _copy_in(buf, kvm_create_guest_memfd, "KVM_CREATE_GUEST_MEMFD")
     return vm.create_guest_memfd(args.size, args.flags)
@@ -143,6 +151,7 @@ _STRUCT_REQUESTS_68: dict[int, _Handler] = {
     KVM_SET_USER_MEMORY_REGION2: _kvm_set_user_memory_region2,
     KVM_CREATE_GUEST_MEMFD: _kvm_create_guest_memfd,
     KVM_SET_MEMORY_ATTRIBUTES: _kvm_set_memory_attributes,
+    KVM_ENABLE_CAP: _kvm_enable_cap,
 }
 # v11 keeps the merged request numbers working too, so one VMM binary can be
 # pointed at either mode; it adds the two ioctls that were never merged.

@@ -30,6 +30,7 @@ from memattr.locks import KvmWarning
 from memattr.memslots import Memslot
 from memattr.uapi import (
     INVALID_GPA,
+    KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
@@ -129,9 +130,6 @@ class X86Mmu:
         # (Intel PML), so enabling dirty logging clears dirty bits and only
         # write-protects huge leaves; off (AMD) it write-protects everything.
         self.pml: bool = False
-        # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with KVM_DIRTY_LOG_INITIALLY_SET:
-        # every page starts dirty, so enabling dirty logging touches nothing.
-        self.dirty_log_initially_set: bool = False
         self._warned: set[str] = set()
 
     # --- helpers ---------------------------------------------------------
@@ -220,9 +218,9 @@ class X86Mmu:
         model tracks no writes) and flushes; turning it off recovers
         hugepages: each page table in the slot that could now be mapped huge
         is zapped so that it refaults huge (kvm_mmu_zap_collapsible_sptes,
-        one TLB flush per zap). ``dirty_log_initially_set`` skips everything
-        on enabling; ``pml`` adds the dirty-bit clearing pass (one more
-        mmu_lock round)."""
+        one TLB flush per zap). KVM_DIRTY_LOG_INITIALLY_SET (through
+        ``vm.enable_cap``) skips everything on enabling; ``pml`` adds the
+        dirty-bit clearing pass (one more mmu_lock round)."""
         vm = self._vm
         vm.slots_lock.assert_held("memslot flags change under slots_lock")
         if not (old_flags ^ slot.flags) & KVM_MEM_LOG_DIRTY_PAGES or slot.flags & KVM_MEM_READONLY:
@@ -230,8 +228,10 @@ class X86Mmu:
         root = self._roots.get(slot.as_id)
         start, end = slot.base_gfn, slot.base_gfn + slot.npages
         if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-            if self.dirty_log_initially_set:
-                return  # all pages are assumed dirty: nothing to protect
+            # kvm_dirty_log_manual_protect_and_init_set(): every page is
+            # assumed dirty, so there is nothing to split or protect.
+            if vm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET:
+                return
             if self.eager_page_split:
                 with self._mmu_locked():  # kvm_mmu_slot_try_split_huge_pages
                     if root is not None:

@@ -132,6 +132,17 @@ class kvm_create_guest_memfd(ctypes.Structure):
     ]
 
 
+class kvm_enable_cap(ctypes.Structure):
+    """struct kvm_enable_cap (KVM_ENABLE_CAP), 104 bytes."""
+
+    _fields_ = [
+        ("cap", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("args", ctypes.c_uint64 * 4),
+        ("pad", ctypes.c_uint8 * 64),
+    ]
+
+
 # --- ioctls -----------------------------------------------------------------
 
 KVMIO: Final = 0xAE
@@ -145,6 +156,7 @@ KVM_SET_USER_MEMORY_REGION2: Final = _IOW(
 )
 KVM_SET_MEMORY_ATTRIBUTES: Final = _IOW(KVMIO, 0xD2, ctypes.sizeof(kvm_memory_attributes))
 KVM_CREATE_GUEST_MEMFD: Final = _IOWR(KVMIO, 0xD4, ctypes.sizeof(kvm_create_guest_memfd))
+KVM_ENABLE_CAP: Final = _IOW(KVMIO, 0xA3, ctypes.sizeof(kvm_enable_cap))
 
 # RFC v11 only (the seed): never merged.
 KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES: Final = _IOR(KVMIO, 0xD2, ctypes.sizeof(ctypes.c_uint64))
@@ -156,6 +168,7 @@ KVM_CAP_USER_MEMORY: Final = 3
 KVM_CAP_NR_MEMSLOTS: Final = 10
 KVM_CAP_READONLY_MEM: Final = 81
 KVM_CAP_MULTI_ADDRESS_SPACE: Final = 118
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: Final = 168
 KVM_CAP_USER_MEMORY2: Final = 231
 KVM_CAP_MEMORY_FAULT_INFO: Final = 232
 KVM_CAP_MEMORY_ATTRIBUTES: Final = 233
@@ -169,6 +182,11 @@ KVM_MEM_READONLY: Final = 1 << 1
 KVM_MEM_GUEST_MEMFD: Final = 1 << 2
 # kvm_main.c: the flags KVM_SET_USER_MEMORY_REGION (v1) accepts at all.
 KVM_SET_USER_MEMORY_REGION_V1_FLAGS: Final = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
+
+# KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 options (KVM_ENABLE_CAP args[0]).
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: Final = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET: Final = 1 << 1
+KVM_DIRTY_LOG_MANUAL_CAPS: Final = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 
 # --- memslot limits (kvm_host.h, x86) ---------------------------------------
 
@@ -206,6 +224,7 @@ __all__ = [
     "INVALID_GPA",
     "KVMIO",
     "KVM_CAP_GUEST_MEMFD",
+    "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
     "KVM_CAP_MEMORY_ATTRIBUTES",
     "KVM_CAP_MEMORY_FAULT_INFO",
     "KVM_CAP_MULTI_ADDRESS_SPACE",
@@ -216,6 +235,10 @@ __all__ = [
     "KVM_CAP_VM_TYPES",
     "KVM_CHECK_EXTENSION",
     "KVM_CREATE_GUEST_MEMFD",
+    "KVM_DIRTY_LOG_INITIALLY_SET",
+    "KVM_DIRTY_LOG_MANUAL_CAPS",
+    "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE",
+    "KVM_ENABLE_CAP",
     "KVM_EXIT_MEMORY_FAULT",
     "KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES",
     "KVM_INTERNAL_MEM_SLOTS",
@@ -243,6 +266,7 @@ __all__ = [
     "PAGE_SIZE",
     "U64_MAX",
     "kvm_create_guest_memfd",
+    "kvm_enable_cap",
     "kvm_memory_attributes",
     "kvm_userspace_memory_region",
     "kvm_userspace_memory_region2",

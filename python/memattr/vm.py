@@ -60,6 +60,7 @@ from memattr.uapi import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     KVM_CAP_GUEST_MEMFD,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_MEMORY_ATTRIBUTES,
     KVM_CAP_MEMORY_FAULT_INFO,
     KVM_CAP_MULTI_ADDRESS_SPACE,
@@ -69,6 +70,8 @@ from memattr.uapi import (
     KVM_CAP_USER_MEMORY2,
     KVM_CAP_VM_TYPES,
     KVM_MAX_NR_ADDRESS_SPACES,
+    KVM_DIRTY_LOG_MANUAL_CAPS,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_USER_MEM_SLOTS,
     KVM_X86_DEFAULT_VM,
@@ -206,6 +209,8 @@ class Vm:
         self.semantics: Semantics = semantics
         self.attr_memory_limit = attr_memory_limit
         self.guest_memfd_max_order = order
+        # kvm->manual_dirty_log_protect (KVM_ENABLE_CAP).
+        self.manual_dirty_log_protect = 0
         self.stats = Stats()
 
         self.mmu_lock: KvmLock = MmuLock(self.stats, lockdep=lockdep)
@@ -267,7 +272,34 @@ class Vm:
             return int(self.has_readonly_mem)
         if cap == KVM_CAP_VM_TYPES:
             return _SUPPORTED_VM_TYPES
+        if cap == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            return KVM_DIRTY_LOG_MANUAL_CAPS
         return 0
+
+    def enable_cap(self, cap: int, flags: int = 0, args: Sequence[int] = (0, 0, 0, 0)) -> None:
+        """KVM_ENABLE_CAP on the VM fd (kvm_vm_ioctl_enable_cap_generic,
+        then x86's, which refuses everything the model does not know with
+        EINVAL). Modelled: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, whose args[0]
+        is KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, optionally with
+        KVM_DIRTY_LOG_INITIALLY_SET (then turning dirty logging on leaves
+        the mappings alone: every page counts as dirty); flags must be 0."""
+        cap = _uint("cap", cap, 32)
+        flags = _uint("flags", flags, 32)
+        if len(args) != 4:
+            raise ValueError(f"args must hold 4 values (struct kvm_enable_cap), got {len(args)}")
+        values = [_uint(f"args[{i}]", a, 64) for i, a in enumerate(args)]
+        if cap == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            if values[0] & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+                allowed = KVM_DIRTY_LOG_MANUAL_CAPS
+            if flags or values[0] & ~allowed:
+                raise _einval(
+                    f"KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: flags {flags:#x} must be 0 and "
+                    f"args[0] {values[0]:#x} within {allowed:#x}"
+                )
+            self.manual_dirty_log_protect = values[0]
+            return
+        raise _einval(f"capability {cap} cannot be enabled on this VM")
 
     # --- guest_memfd and memslots --------------------------------------------
 
