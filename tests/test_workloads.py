@@ -475,3 +475,39 @@ def test_make_named_workloads():
         assert tr.meta["name"] == name
     with pytest.raises(ValueError, match="unknown workload"):
         w.make("nope", "1G")
+
+
+@pytest.mark.parametrize("store", ["rangetree", "xarray"])
+def test_discard_punches_a_hole_after_every_conversion_to_shared(store):
+    from memattr import trace as t
+    from memattr.vm import Vm
+
+    plain = w.make("boot-and-churn", "6G", seed=2)
+    tr = w.make("boot-and-churn", "6G", seed=2, discard=True)
+    ops, base = tr.ops, plain.ops
+    to_shared = (base["kind"] == t.OP_SET_MEMORY_ATTRIBUTES) & (base["attributes"] == 0)
+    holes = ops[ops["kind"] == t.OP_GUEST_MEMFD_FALLOCATE]
+    assert len(tr) == len(plain) + int(to_shared.sum()) == len(plain) + len(holes)
+    # Each hole follows its conversion, at the range's guest_memfd offset.
+    after = np.flatnonzero(ops["kind"] == t.OP_GUEST_MEMFD_FALLOCATE)
+    conv = ops[after - 1]
+    assert (conv["kind"] == t.OP_SET_MEMORY_ATTRIBUTES).all() and (conv["attributes"] == 0).all()
+    assert (holes["size"] == conv["size"]).all() and (holes["arg"] == 3).all()
+    layout = w.GuestLayout.build("6G")
+    for c, h in zip(conv[:50], holes[:50]):
+        (r,) = [r for r in layout.regions if r.gpa <= int(c["gpa"]) < r.end]
+        assert int(h["gpa"]) == r.guest_memfd_offset + int(c["gpa"]) - r.gpa
+    # Phases keep their operations, holes included.
+    assert [n for n, _, _ in tr.phases] == [n for n, _, _ in plain.phases]
+    assert tr.phases[-1][2] == len(tr)
+    for (_, a, b), (_, pa, pb) in zip(tr.phases, plain.phases):
+        part = ops[a:b]
+        assert int((part["kind"] != t.OP_GUEST_MEMFD_FALLOCATE).sum()) == pb - pa
+    # Replayed: every hole punched, nothing fails, same attributes as without.
+    vm, vm0 = Vm(tr.vm_type, store, **tr.meta["vm_kwargs"]), Vm(plain.vm_type, store, **plain.meta["vm_kwargs"])
+    res = t.replay(tr, vm)
+    t.replay(plain, vm0)
+    assert not res.errors and vm.stats.gmem_holes_punched == len(holes)
+    assert list(vm.store.runs(0, 3 << 20)) == list(vm0.store.runs(0, 3 << 20))
+    with pytest.raises(TypeError, match="discard"):
+        w.make("churn", "6G", discard="yes")

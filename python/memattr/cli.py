@@ -97,6 +97,11 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accept-fraction", type=_fraction, default=None, help="fraction of RAM accepted lazily")
     g.add_argument("--turnover", type=_nonneg, default=None, help="churn turnover: buffer generations (1.0)")
     g.add_argument(
+        "--discard",
+        action="store_true",
+        help="punch the guest_memfd hole after each conversion to shared, as QEMU does",
+    )
+    g.add_argument(
         "--gmem-max-order",
         type=int,
         default=None,
@@ -124,6 +129,8 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         out["accept_fraction"] = args.accept_fraction
     if args.turnover is not None:
         out["turnover"] = args.turnover
+    if args.discard:
+        out["discard"] = True
     return out
 
 

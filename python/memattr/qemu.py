@@ -43,8 +43,7 @@ from __future__ import annotations
 
 import os
 import re
-from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -55,6 +54,7 @@ from memattr.trace import (
     OP_FAULT,
     OP_GUEST_MEMFD_FALLOCATE,
     OP_SET_MEMORY_ATTRIBUTES,
+    OP_SET_USER_MEMORY_REGION,
     Trace,
     TraceFormatError,
     concat,
@@ -62,6 +62,7 @@ from memattr.trace import (
 )
 
 from memattr import workloads
+from memattr.uapi import KVM_MEM_GUEST_MEMFD
 
 _PREFIX = (
     r"(?:\d+@\d+\.\d+:"  # pid@sec.usec:
@@ -121,33 +122,82 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
 _PUNCH_HOLE = 0x02 | 0x01
 
 
-def kvm_calls(events: Trace, layout: workloads.GuestLayout, discard: bool = True) -> Trace:
+def _ram_region_index(gpa: np.ndarray, regions: Sequence[workloads.Region]) -> np.ndarray:
+    """Per gpa, the index of the RAM region holding it, or -1."""
+    regions = list(regions)
+    starts = np.array([r.gpa for r in regions], dtype=np.uint64)
+    ends = np.array([r.end for r in regions], dtype=np.uint64)
+    i = np.searchsorted(starts, gpa, side="right").astype(np.int64) - 1
+    inside = (i >= 0) & (gpa < ends[np.maximum(i, 0)]) if regions else np.zeros(gpa.shape, bool)
+    return np.where(inside, i, -1)
+
+
+def _with_holes(ops: np.ndarray, regions: Sequence[workloads.Region]) -> tuple[np.ndarray, np.ndarray]:
+    """``ops`` with a guest_memfd hole after each conversion to shared that
+    starts in RAM, and where each old index (and the end) lands."""
+    regions = sorted(regions, key=lambda r: r.gpa)
+    idx = _ram_region_index(ops["gpa"], regions)
+    shared = (
+        (ops["kind"] == OP_SET_MEMORY_ATTRIBUTES)
+        & ((ops["attributes"] & np.uint64(KVM_MEMORY_ATTRIBUTE_PRIVATE)) == 0)
+        & (idx >= 0)
+    )
+    before = np.concatenate([[0], np.cumsum(shared)])  # holes among ops[:k]
+    new_index = np.arange(len(ops) + 1) + before
+    out = empty_ops(len(ops) + int(before[-1]))
+    out[new_index[:-1]] = ops
+    where = np.flatnonzero(shared)
+    holes = out[new_index[where] + 1]
+    region_gpa = np.array([r.gpa for r in regions], dtype=np.uint64)
+    region_off = np.array([r.guest_memfd_offset for r in regions], dtype=np.uint64)
+    src = ops[where]
+    holes["kind"] = OP_GUEST_MEMFD_FALLOCATE
+    if where.size:
+        r = idx[where]
+        # ram_block_discard_guest_memfd_range(): the range's offset in the
+        # RAM block, which is the guest_memfd offset in this layout.
+        holes["gpa"] = region_off[r] + (src["gpa"] - region_gpa[r])
+        holes["size"] = src["size"]
+    holes["attributes"] = workloads.GUEST_MEMFD_FD
+    holes["arg"] = _PUNCH_HOLE
+    out[new_index[where] + 1] = holes
+    return out, new_index
+
+
+def kvm_calls(events: Trace, regions: Sequence[workloads.Region], discard: bool = True) -> Trace:
     """What QEMU's kvm_convert_memory() asks of KVM for each logged event
     (see the module doc): conversions that start outside RAM dropped, and
     with ``discard`` a guest_memfd hole punched after each conversion to
     shared. Faults pass through."""
-    regions = sorted(layout.regions, key=lambda r: r.gpa)
-    starts = [r.gpa for r in regions]
-    out = []
-    for op in events.ops:
-        if int(op["kind"]) != OP_SET_MEMORY_ATTRIBUTES:
-            out.append(op)
-            continue
-        gpa = int(op["gpa"])
-        i = bisect_right(starts, gpa) - 1
-        if i < 0 or gpa >= regions[i].end:
-            continue  # memory_region_find(): not RAM, KVM never hears of it
-        out.append(op)
-        if discard and not int(op["attributes"]) & KVM_MEMORY_ATTRIBUTE_PRIVATE:
-            hole = empty_ops(1)[0]
-            hole["kind"] = OP_GUEST_MEMFD_FALLOCATE
-            hole["gpa"] = regions[i].guest_memfd_offset + gpa - regions[i].gpa
-            hole["size"] = op["size"]
-            hole["attributes"] = workloads.GUEST_MEMFD_FD
-            hole["arg"] = _PUNCH_HOLE
-            out.append(hole)
-    ops = np.array(out, dtype=events.ops.dtype) if out else empty_ops(0)
-    return Trace(ops, dict(events.meta))
+    ops = events.ops
+    sets = ops["kind"] == OP_SET_MEMORY_ATTRIBUTES
+    ops = ops[~sets | (_ram_region_index(ops["gpa"], sorted(regions, key=lambda r: r.gpa)) >= 0)]
+    if discard:
+        ops, _ = _with_holes(ops, regions)
+    return Trace(ops.copy(), dict(events.meta))
+
+
+def with_discards(trace: Trace) -> Trace:
+    """``trace`` as a QEMU VMM would run it: a guest_memfd hole punched
+    after every conversion to shared of guest_memfd-backed RAM (the
+    trace's own memslots and their guest_memfd offsets say where), phases
+    kept. Faults with ``FLAG_CONVERT`` are converted by the replayer, which
+    punches no holes."""
+    region_ops = trace.ops[trace.ops["kind"] == OP_SET_USER_MEMORY_REGION]
+    regions = [
+        workloads.Region(int(slot), int(gpa), int(size), int(off))
+        for slot, (gpa, size, flags, off) in enumerate(
+            zip(region_ops["gpa"], region_ops["size"], region_ops["attributes"], region_ops["arg"])
+        )
+        if size and int(flags) & KVM_MEM_GUEST_MEMFD
+    ]
+    ops, new_index = _with_holes(trace.ops, regions)
+    meta = dict(trace.meta)
+    if trace.phases:
+        meta["phases"] = [[name, int(new_index[a]), int(new_index[b])] for name, a, b in trace.phases]
+    meta.setdefault("params", {})
+    meta["params"] = {**meta["params"], "discard": True}
+    return Trace(ops, meta)
 
 
 def import_log(
@@ -175,7 +225,7 @@ def import_log(
     parts = [("setup", workloads.setup(layout))]
     if initial_private:
         parts.append(("creation", workloads.vm_creation(layout)))
-    parts.append(("qemu", kvm_calls(events, layout, discard)))
+    parts.append(("qemu", kvm_calls(events, layout.regions, discard)))
     meta = {
         "name": "qemu",
         "vm_type": workloads.KVM_X86_SW_PROTECTED_VM,

@@ -1068,11 +1068,19 @@ def make(name: str, guest: int | str | None = None, **params: Any) -> Trace:
     """Builds the named workload (see :data:`WORKLOADS`) for ``guest`` bytes.
 
     Unknown parameters for a workload are ignored, so one parameter set can
-    drive a sweep across workloads.
+    drive a sweep across workloads. ``discard=True`` runs it as a QEMU VMM
+    would: a guest_memfd hole punched after every conversion to shared
+    (:func:`memattr.qemu.with_discards`).
     """
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    discard = params.pop("discard", False)
+    if not isinstance(discard, bool):
+        raise TypeError(f"discard must be a bool, not {type(discard).__name__}")
     factory = WORKLOADS[name][0]
-    if guest is None:
-        return factory(**params)
-    return factory(parse_size(guest), **params)
+    trace = factory(**params) if guest is None else factory(parse_size(guest), **params)
+    if discard:
+        from memattr.qemu import with_discards  # qemu builds on this module
+
+        trace = with_discards(trace)
+    return trace
