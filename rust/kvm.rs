@@ -31,6 +31,19 @@ pub const EINVAL: i32 = 22;
 pub const ENOMEM: i32 = 12;
 pub const EFAULT: i32 = 14;
 pub const EIO: i32 = 5;
+pub const EBADF: i32 = 9;
+pub const EFBIG: i32 = 27;
+pub const EOPNOTSUPP: i32 = 95;
+
+/// include/uapi/linux/falloc.h
+pub const FALLOC_FL_KEEP_SIZE: u64 = 0x01;
+pub const FALLOC_FL_PUNCH_HOLE: u64 = 0x02;
+const FALLOC_FL_COLLAPSE_RANGE: u64 = 0x08;
+const FALLOC_FL_ZERO_RANGE: u64 = 0x10;
+const FALLOC_FL_INSERT_RANGE: u64 = 0x20;
+const FALLOC_FL_UNSHARE_RANGE: u64 = 0x40;
+/// FALLOC_FL_SUPPORTED_MASK: every mode vfs_fallocate knows.
+const FALLOC_FL_SUPPORTED_MASK: u64 = 0x7F;
 
 /// Why an operation failed. Each maps to the errno the kernel returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +54,8 @@ pub enum KvmError {
     NoMemory(StoreError),
     /// KVM_EXIT_MEMORY_FAULT (the ioctl returns EFAULT).
     MemoryFault { gpa: u64, size: u64, flags: u64 },
+    /// A file operation's error (fallocate on a guest_memfd), with why.
+    File { errno: i32, why: &'static str },
     /// The model found itself inconsistent (KVM_BUG_ON); never expected.
     Bug(String),
 }
@@ -51,6 +66,7 @@ impl KvmError {
             KvmError::Invalid(_) => EINVAL,
             KvmError::NoMemory(_) => ENOMEM,
             KvmError::MemoryFault { .. } => EFAULT,
+            KvmError::File { errno, .. } => *errno,
             KvmError::Bug(_) => EIO,
         }
     }
@@ -96,6 +112,16 @@ impl Memslot<'_> {
     fn end_gfn(&self) -> u64 {
         self.base_gfn + self.npages
     }
+}
+
+/// One of the VM's guest_memfd files: its fd, size, and the memslots bound
+/// to it as `[first, end)` file pages (page offsets) -> index into the
+/// slots given to [`Kvm::new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GmemFile {
+    pub fd: u64,
+    pub size: u64,
+    pub bindings: Vec<(u64, u64, usize)>,
 }
 
 /// kvm->mmu_invalidate_{seq,in_progress,range_start,range_end}.
@@ -170,6 +196,8 @@ pub struct Counters {
     pub memory_fault_exits: u64,
     /// Shared accesses outside every memslot (emulated MMIO).
     pub mmio_faults: u64,
+    /// fallocate(PUNCH_HOLE) calls on a guest_memfd that succeeded.
+    pub gmem_holes_punched: u64,
     /// By level: index 0 = 4K, 1 = 2M, 2 = 1G.
     pub zapped_pages: [u64; 3],
     pub mapped: [i64; 3],
@@ -193,6 +221,8 @@ pub struct Kvm<'a> {
     as_first: Vec<usize>,
     /// One TDP root per address space.
     roots: Vec<&'a mut Stage2Map>,
+    /// The VM's open guest_memfd files.
+    gmem: Vec<GmemFile>,
     pub inval: MmuInvalidation,
     pub counters: Counters,
     /// The MMU passes ran on a VM without private memory (the reference
@@ -203,12 +233,13 @@ pub struct Kvm<'a> {
 
 impl<'a> Kvm<'a> {
     /// Borrows a VM's state. `roots` has one root per address space; slots
-    /// must lie in one of them, be non-empty and not overlap; no
-    /// invalidation may be in progress.
+    /// come address space by address space in gfn order, lie in one of
+    /// them, are non-empty and do not overlap; no invalidation may be in
+    /// progress.
     pub fn new(
         config: KvmConfig,
         store: &'a mut (dyn AttrStore + Send),
-        mut slots: Vec<Memslot<'a>>,
+        slots: Vec<Memslot<'a>>,
         roots: Vec<&'a mut Stage2Map>,
         inval: MmuInvalidation,
     ) -> Result<Self, String> {
@@ -224,7 +255,6 @@ impl<'a> Kvm<'a> {
                 config.host_mapping_level
             ));
         }
-        slots.sort_by_key(|s| (s.as_id, s.base_gfn));
         let mut as_first = vec![0usize; roots.len() + 1];
         for (i, s) in slots.iter().enumerate() {
             if s.as_id >= roots.len() {
@@ -244,6 +274,12 @@ impl<'a> Kvm<'a> {
                     s.base_gfn, s.npages
                 ));
             }
+            if i > 0 && (slots[i - 1].as_id, slots[i - 1].base_gfn) >= (s.as_id, s.base_gfn) {
+                return Err(format!(
+                    "memslots must come in (address space, gfn) order: gfn {:#x}",
+                    s.base_gfn
+                ));
+            }
             if i > 0 && slots[i - 1].as_id == s.as_id && slots[i - 1].end_gfn() > s.base_gfn {
                 return Err(format!("memslots overlap at gfn {:#x}", s.base_gfn));
             }
@@ -258,10 +294,33 @@ impl<'a> Kvm<'a> {
             slots,
             as_first,
             roots,
+            gmem: Vec::new(),
             inval,
             counters: Counters::default(),
             warned_no_private_mem: false,
         })
+    }
+
+    /// Adds the VM's guest_memfd files, for fallocate operations.
+    pub fn with_guest_memfds(mut self, files: Vec<GmemFile>) -> Result<Self, String> {
+        for f in &files {
+            for &(first, end, slot) in &f.bindings {
+                let Some(s) = self.slots.get(slot) else {
+                    return Err(format!(
+                        "guest_memfd {}: binding to slot index {slot}, which does not exist",
+                        f.fd
+                    ));
+                };
+                if first >= end || end - first != s.npages {
+                    return Err(format!(
+                        "guest_memfd {}: binding [{first}, {end}) does not match its memslot",
+                        f.fd
+                    ));
+                }
+            }
+        }
+        self.gmem = files;
+        Ok(self)
     }
 
     fn address_space(&self, as_id: usize) -> std::ops::Range<usize> {
@@ -468,6 +527,110 @@ impl<'a> Kvm<'a> {
         removed.iter().any(|&n| n != 0)
     }
 
+    // --- guest_memfd ---------------------------------------------------------------
+
+    /// fallocate(2) on a guest_memfd of this VM: vfs_fallocate's checks,
+    /// then kvm_gmem_fallocate's, in their order (`offset` and `length` are
+    /// loff_t); a hole zaps every mapping of the bound gfns inside one
+    /// invalidation (kvm_gmem_punch_hole), an allocation only checks.
+    pub fn guest_memfd_fallocate(
+        &mut self,
+        fd: u64,
+        mode: u64,
+        offset: i64,
+        length: i64,
+    ) -> Result<(), KvmError> {
+        let err = |errno, why| Err(KvmError::File { errno, why });
+        let Some(file) = self.gmem.iter().position(|f| f.fd == fd) else {
+            return err(EBADF, "not a guest_memfd of this VM");
+        };
+        if offset < 0 || length <= 0 {
+            return err(EINVAL, "offset < 0 or length <= 0");
+        }
+        if mode & !FALLOC_FL_SUPPORTED_MASK != 0 {
+            return err(EOPNOTSUPP, "unknown mode bits");
+        }
+        if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_ZERO_RANGE != 0 {
+            return err(EOPNOTSUPP, "PUNCH_HOLE with ZERO_RANGE");
+        }
+        if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0 {
+            return err(EOPNOTSUPP, "PUNCH_HOLE without KEEP_SIZE");
+        }
+        for alone in [FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE] {
+            if mode & alone != 0 && mode & !alone != 0 {
+                return err(EINVAL, "COLLAPSE_RANGE and INSERT_RANGE must be used alone");
+            }
+        }
+        if mode & FALLOC_FL_UNSHARE_RANGE != 0
+            && mode & !(FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_KEEP_SIZE) != 0
+        {
+            return err(EINVAL, "UNSHARE_RANGE takes only KEEP_SIZE");
+        }
+        let Some(last) = offset.checked_add(length) else {
+            return err(EFBIG, "offset + length past the largest file size");
+        };
+        if mode & FALLOC_FL_KEEP_SIZE == 0 {
+            return err(EOPNOTSUPP, "guest_memfd needs KEEP_SIZE");
+        }
+        if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE) != 0 {
+            return err(EOPNOTSUPP, "mode not supported by guest_memfd");
+        }
+        if (offset | length) as u64 & (PAGE_SIZE - 1) != 0 {
+            return err(EINVAL, "offset or length not page aligned");
+        }
+        if mode & FALLOC_FL_PUNCH_HOLE == 0 {
+            if last as u64 > self.gmem[file].size {
+                return err(EINVAL, "allocation past the file's size");
+            }
+            return Ok(());
+        }
+        self.kvm_gmem_invalidate(file, offset as u64 >> PAGE_SHIFT, last as u64 >> PAGE_SHIFT)?;
+        self.counters.gmem_holes_punched += 1;
+        Ok(())
+    }
+
+    /// kvm_gmem_invalidate_begin() / _end() around a truncation of file
+    /// pages `[start, end)`.
+    fn kvm_gmem_invalidate(&mut self, file: usize, start: u64, end: u64) -> Result<(), KvmError> {
+        let ranges: Vec<(usize, u64, u64)> = self.gmem[file]
+            .bindings
+            .iter()
+            .filter(|&&(first, last, _)| first < end && last > start)
+            .map(|&(first, last, slot)| {
+                let base = self.slots[slot].base_gfn;
+                (
+                    slot,
+                    base + start.max(first) - first,
+                    base + end.min(last) - first,
+                )
+            })
+            .collect();
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        self.counters.mmu_lock_acquisitions += 1;
+        self.inval.begin();
+        let mut flush = false;
+        for &(slot, s, e) in &ranges {
+            // kvm_mmu_unmap_gfn_range(): add, then zap (private and shared
+            // mappings alike in 6.8).
+            self.inval.range_add(s, e);
+            let as_id = self.slots[slot].as_id;
+            match self.roots[as_id].zap(s, e) {
+                Ok(removed) => flush |= self.account_removed(removed),
+                Err(e) => {
+                    self.inval.end()?;
+                    return Err(e.into());
+                }
+            }
+        }
+        if flush {
+            self.counters.tlb_flushes += 1;
+        }
+        self.counters.mmu_lock_acquisitions += 1;
+        self.inval.end()
+    }
+
     // --- faults ------------------------------------------------------------------
 
     /// A TDP page fault at `gpa` in address space `as_id`: the level mapped,
@@ -559,6 +722,9 @@ pub fn max_level_for_order(order: u32) -> u8 {
 /// Operation kinds, as `memattr.trace` numbers them.
 pub const OP_SET_MEMORY_ATTRIBUTES: u8 = 0;
 pub const OP_FAULT: u8 = 1;
+/// fd in `attributes` (already the live fd), mode in `arg`, offset in
+/// `gpa`, length in `size` (loff_t, two's complement).
+pub const OP_GUEST_MEMFD_FALLOCATE: u8 = 4;
 /// Fault flags, as `memattr.trace` numbers them.
 pub const FLAG_PRIVATE: u8 = 1 << 0;
 pub const FLAG_WRITE: u8 = 1 << 1;
@@ -604,7 +770,8 @@ impl ReplayTally {
 
 /// Runs `ops` in order on `kvm`, writing each result (0 or the mapped level,
 /// or -errno) to `results`, until an operation a batch does not run (a
-/// memslot or guest_memfd change) or a model bug. Returns how many ran; the
+/// memslot change, creating or closing a guest_memfd) or a model bug.
+/// Sets, faults and guest_memfd fallocates run here. Returns how many ran; the
 /// caller runs the one that stopped it, then carries on.
 ///
 /// A fault with FLAG_CONVERT does what a VMM does on
@@ -628,6 +795,18 @@ pub fn replay(
                 }
             }
             OP_FAULT => replay_fault(kvm, op, tally)?,
+            OP_GUEST_MEMFD_FALLOCATE => {
+                match kvm.guest_memfd_fallocate(
+                    op.attributes,
+                    op.arg,
+                    op.gpa as i64,
+                    op.size as i64,
+                ) {
+                    Ok(()) => 0,
+                    Err(e @ KvmError::Bug(_)) => return Err(e),
+                    Err(e) => tally.fail(&e),
+                }
+            }
             _ => return Ok(i),
         };
         results[i] = got;

@@ -501,3 +501,89 @@ proptest! {
         prop_assert_eq!(r.counters.mapped.iter().zip(r.root.counts()).all(|(&m, c)| m == c as i64), true);
     }
 }
+
+#[test]
+fn guest_memfd_fallocate_checks_and_punches() {
+    let mut o = Owned::new(RangeTree::new(), &two_slots(), RangeTracker::new);
+    let file = GmemFile {
+        fd: 7,
+        size: gpa(4 * G1),
+        // RAM below 4G at file page 0, RAM above at file page 2G.
+        bindings: vec![(0, 2 * G1, 0), (2 * G1, 4 * G1, 1)],
+    };
+    let slots = o.slots.clone();
+    let mut kvm_slots = Vec::new();
+    for (&(base_gfn, npages, can_be_private, flags), t) in slots.iter().zip(o.trackers.iter_mut()) {
+        kvm_slots.push(Memslot {
+            as_id: 0,
+            base_gfn,
+            npages,
+            flags,
+            can_be_private,
+            tracker: t,
+        });
+    }
+    let mut kvm = Kvm::new(
+        config(),
+        &mut o.store,
+        kvm_slots,
+        vec![&mut o.root],
+        o.inval,
+    )
+    .unwrap()
+    .with_guest_memfds(vec![file])
+    .unwrap();
+    let punch = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
+    let errno = |r: Result<(), KvmError>| r.unwrap_err().errno();
+    assert_eq!(errno(kvm.guest_memfd_fallocate(8, punch, 0, 4096)), EBADF);
+    assert_eq!(
+        errno(kvm.guest_memfd_fallocate(7, punch, -4096, 4096)),
+        EINVAL
+    );
+    assert_eq!(
+        errno(kvm.guest_memfd_fallocate(7, punch | 0x80, 0, 4096)),
+        EOPNOTSUPP
+    );
+    assert_eq!(
+        errno(kvm.guest_memfd_fallocate(7, FALLOC_FL_PUNCH_HOLE, 0, 4096)),
+        EOPNOTSUPP
+    );
+    assert_eq!(
+        errno(kvm.guest_memfd_fallocate(7, 0x08 | 1, 0, 4096)),
+        EINVAL
+    );
+    assert_eq!(
+        errno(kvm.guest_memfd_fallocate(7, punch, i64::MAX - 4095, 8192)),
+        EFBIG
+    );
+    assert_eq!(errno(kvm.guest_memfd_fallocate(7, punch, 1, 4096)), EINVAL);
+    assert_eq!(
+        errno(kvm.guest_memfd_fallocate(7, 1, gpa(4 * G1) as i64, 4096)),
+        EINVAL
+    );
+    assert_eq!(kvm.guest_memfd_fallocate(7, 1, 0, 4096), Ok(()));
+    assert_eq!(kvm.counters.mmu_lock_acquisitions, 0);
+    // A hole across both bindings: one invalidation, both mappings zapped.
+    kvm.set_memory_attributes(0, gpa(2 * G1), P, 0).unwrap();
+    assert_eq!(kvm.fault(gpa(2 * G1 - 1), true, 0), Ok(PG_LEVEL_1G));
+    assert_eq!(kvm.fault(gpa(4 * G1), false, 0), Ok(PG_LEVEL_1G));
+    let before = kvm.counters;
+    let seq = kvm.inval.seq;
+    let hole = gpa(2 * G1 - M2) as i64;
+    assert_eq!(
+        kvm.guest_memfd_fallocate(7, punch, hole, 2 * gpa(M2) as i64),
+        Ok(())
+    );
+    assert_eq!(kvm.counters.zapped_pages[2] - before.zapped_pages[2], 2);
+    assert_eq!(kvm.counters.tlb_flushes - before.tlb_flushes, 1);
+    assert_eq!(
+        kvm.counters.mmu_lock_acquisitions - before.mmu_lock_acquisitions,
+        2
+    );
+    assert_eq!(kvm.counters.gmem_holes_punched, 1);
+    assert_eq!(kvm.inval.seq, seq + 1);
+    assert_eq!(
+        (kvm.inval.range_start, kvm.inval.range_end),
+        (2 * G1 - M2, 4 * G1 + M2)
+    );
+}

@@ -295,3 +295,11 @@ def test_other_threads_wait_for_a_batch_and_see_its_result():
         th.join()
     assert not seen, seen
     assert res.engine == "native" and not vm.mmu_lock.locked()
+
+
+def test_native_replay_leaves_the_trace_untouched():
+    trace = w.make("boot-and-churn", "6G", seed=5, discard=True)
+    before = trace.ops.copy()
+    for chunk in (1, 8192):
+        t.replay(trace, fresh_vm(trace, "rangetree"), engine="native", chunk=chunk)
+    assert (trace.ops == before).all()

@@ -144,6 +144,7 @@ def replay_batch(
     store: RangeTree | XArray,
     slots: list[tuple[int, int, int, int, bool, RangeHugepageTracker | LpageInfoTracker]],
     roots: list[Stage2Map],
+    gmem: list[tuple[int, int, list[tuple[int, int, int]]]],
     config: tuple[int, bool, int | None, int, int, bool],
     inval: tuple[int, int, int, int],
     kind: npt.NDArray[np.uint8],
@@ -159,11 +160,15 @@ def replay_batch(
     guest_memfd change); see memattr.batch, which is the way to call it.
     ``slots``: (as_id, base_gfn, npages, flags, private_backing, tracker),
     private_backing meaning a private fault can get a page (bound to a
-    guest_memfd whose file is open);
+    guest_memfd whose file is open); ``gmem``: the VM's open guest_memfd
+    files as (fd, size, [(first_page, end_page, slot_index)]), for
+    fallocate operations, which carry live fds;
     ``roots``: one per address space; ``config``: (supported_attributes,
     has_private_mem, attr_memory_limit, guest_memfd_max_order,
     host_mapping_level, invalidate_straddling_hugepages); ``inval``:
-    (seq, in_progress, range_start, range_end). Writes each result to
+    (seq, in_progress, range_start, range_end). Sets, faults and guest_memfd
+    fallocates run; memslot changes and creating or closing a guest_memfd
+    stop the batch. Writes each result to
     ``results``; returns done, ops, sets, faults, fault_exits,
     implicit_conversions, errors ({errno: count}), counters (Stats deltas),
     inval, warned_no_private_mem and bug (None or a message)."""

@@ -9,7 +9,9 @@ released. Afterwards the Vm's stats and mmu_invalidate_* state are exactly
 what the per-call path would have left (the test suite checks this on every
 workload, both stores, and random streams with failing calls).
 
-A batch runs only where it cannot differ from the per-call path (see
+Sets, faults and guest_memfd fallocate (hole punching) run in batches;
+memslot changes and creating or closing a guest_memfd stop a batch and go
+through the Vm. A batch runs only where it cannot differ from the per-call path (see
 :func:`batch_blocker`): a plain Vm with Linux 6.8 ordering, no hooks (they
 would have to be called per range), no invalidation in progress, and not
 from inside one of the Vm's own locks. slots_lock and mmu_lock are held for
@@ -27,6 +29,7 @@ import numpy as np
 from memattr import _native
 from memattr.errors import KvmBugError
 from memattr.locks import KvmLock
+from memattr.memslots import gmem_files
 from memattr.mmu import POST_SET_WITHOUT_PRIVATE_MEM, PRE_SET_WITHOUT_PRIVATE_MEM, X86Mmu
 from memattr.vm import Vm
 
@@ -45,6 +48,7 @@ _COUNTERS = (
     "faults",
     "memory_fault_exits",
     "mmio_faults",
+    "gmem_holes_punched",
 )
 
 
@@ -78,7 +82,8 @@ def run_batch(
 ) -> dict[str, Any]:
     """Runs operations (one contiguous array per record field: kind and
     flags uint8, the rest uint64) on ``vm`` until one a batch does not run
-    (a memslot or guest_memfd change). Writes each result (0, the mapped
+    (a memslot change, creating or closing a guest_memfd). Sets, faults and
+    guest_memfd fallocates (whose ``attributes`` must hold the live fd) run. Writes each result (0, the mapped
     level, or -errno) to the int64 ``results`` and returns the tally: ``done``
     (operations run), ``sets``, ``faults``, ``fault_exits``,
     ``implicit_conversions`` and ``errors`` ({errno: count}).
@@ -92,13 +97,21 @@ def run_batch(
         # acquisition (the batch counts the ones each operation makes).
         KvmLock.acquire(vm.mmu_lock)
         try:
-            slots = []
+            slots: list[tuple[int, int, int, int, bool, Any]] = []
+            index: dict[int, int] = {}  # id(memslot) -> position in slots
             for slot in vm.memslots:
+                index[id(slot)] = len(slots)
                 if slot.arch is None:  # never outside slots_lock
                     raise KvmBugError(f"{slot!r} has no hugepage tracking")
                 # Private faults get a pfn only from a bound, open guest_memfd.
                 private_backing = slot.has_guest_memfd() and slot.gmem is not None
                 slots.append((slot.as_id, slot.base_gfn, slot.npages, slot.flags, private_backing, slot.arch))
+            # The VM's open guest_memfd files and what is bound to them, for
+            # fallocate operations (which carry live fds).
+            files = [
+                (g.fd, g.size, [(first, end, index[id(s)]) for first, end, s in g.bindings()])
+                for g in gmem_files.owned_by(vm._gmem_owner)
+            ]
             roots = mmu._roots
             for as_id in range(vm.nr_memslot_as_ids):
                 if as_id not in roots:
@@ -108,6 +121,7 @@ def run_batch(
                 vm.store,
                 slots,
                 [roots[a] for a in range(vm.nr_memslot_as_ids)],
+                files,
                 (
                     vm.supported_memory_attributes,
                     vm.has_private_mem,

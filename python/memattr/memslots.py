@@ -179,6 +179,11 @@ class _GmemTable:
     def get(self, fd: int) -> GuestMemfd | None:
         return self._files.get(fd)
 
+    def owned_by(self, owner: object) -> list[GuestMemfd]:
+        """The open files of one VM (gmem->kvm), in fd order."""
+        with self._lock:
+            return sorted((g for g in self._files.values() if g.owner is owner), key=lambda g: g.fd)
+
     def remove(self, fd: int) -> None:
         with self._lock:
             self._files.pop(fd, None)

@@ -935,11 +935,19 @@ class _Replayer:
         n = len(part)
         got = np.empty(n, dtype=np.int64)
         kind = np.ascontiguousarray(part["kind"])
-        cols = [np.ascontiguousarray(part[f]) for f in ("gpa", "size", "attributes", "arg")]
+        # Copies (np.array copies): the fd column is rewritten below, and a
+        # one-record field view would otherwise be the trace itself.
+        cols = [np.array(part[f]) for f in ("gpa", "size", "attributes", "arg")]
         flags = np.ascontiguousarray(part["flags"])
+        fallocate = np.flatnonzero(kind == OP_GUEST_MEMFD_FALLOCATE)
+        recorded_fds = cols[2][fallocate].copy()
         res = self.res
         i = 0
         while i < n:
+            if fallocate.size:
+                # Recorded fds to live ones, with the map as it is now (a
+                # create_guest_memfd run per call may just have changed it).
+                cols[2][fallocate] = [self.fd_map.get(fd, fd) for fd in recorded_fds.tolist()]
             out = run_batch(
                 self.vm, kind[i:], cols[0][i:], cols[1][i:], cols[2][i:], cols[3][i:], flags[i:], got[i:]
             )

@@ -14,7 +14,7 @@ use super::hugepage::{lock, PyLpageInfoTracker, PyRangeHugepageTracker, PyStage2
 use super::stores::store_cell;
 use crate::hugepage::{HugepageTracker, LpageInfoTracker, RangeTracker, Stage2Map};
 use crate::kvm::{
-    replay, Counters, Kvm, KvmConfig, KvmError, Memslot, MmuInvalidation, Op, ReplayTally,
+    replay, Counters, GmemFile, Kvm, KvmConfig, KvmError, Memslot, MmuInvalidation, Op, ReplayTally,
 };
 
 enum TrackerCell<'a> {
@@ -90,6 +90,7 @@ fn counters_dict<'py>(py: Python<'py>, c: &Counters) -> PyResult<Bound<'py, PyDi
     d.set_item("faults", c.faults)?;
     d.set_item("memory_fault_exits", c.memory_fault_exits)?;
     d.set_item("mmio_faults", c.mmio_faults)?;
+    d.set_item("gmem_holes_punched", c.gmem_holes_punched)?;
     d.set_item("zapped_pages", c.zapped_pages)?;
     d.set_item("mapped", c.mapped)?;
     Ok(d)
@@ -106,19 +107,22 @@ type SlotArg<'py> = (usize, u64, u64, u32, bool, Bound<'py, PyAny>);
 type ConfigArg = (u64, bool, Option<u64>, u32, u8, bool);
 
 /// Runs trace operations (one array per record field) on the given state
-/// until one a batch does not run; see `crate::kvm::replay`. Returns a dict:
+/// until one a batch does not run; see `crate::kvm::replay`. `gmem` lists
+/// the VM's open guest_memfd files as `(fd, size, [(first_page, end_page,
+/// slot_index)])`, and fallocate operations carry live fds. Returns a dict:
 /// `done` (operations run), the replay tally, `errors` ({errno: count}),
 /// `counters` (deltas for the Vm's stats), `inval` (seq, in_progress,
 /// range_start, range_end), `warned_no_private_mem`, and `bug` (None, or the
 /// model inconsistency that stopped the batch).
 #[pyfunction]
-#[pyo3(signature = (store, slots, roots, config, inval, kind, gpa, size, attributes, arg, flags, results))]
+#[pyo3(signature = (store, slots, roots, gmem, config, inval, kind, gpa, size, attributes, arg, flags, results))]
 #[allow(clippy::too_many_arguments)]
 fn replay_batch<'py>(
     py: Python<'py>,
     store: &Bound<'py, PyAny>,
     slots: Vec<SlotArg<'py>>,
     roots: Vec<Bound<'py, PyStage2Map>>,
+    gmem: Vec<(u64, u64, Vec<(u64, u64, usize)>)>,
     config: ConfigArg,
     inval: (u64, u64, u64, u64),
     kind: PyReadonlyArray1<'py, u8>,
@@ -176,6 +180,10 @@ fn replay_batch<'py>(
     let root_cells: Vec<&Mutex<Stage2Map>> = roots.iter().map(|r| &r.get().inner).collect();
     let layout: Vec<(usize, u64, u64, u32, bool)> =
         slots.iter().map(|s| (s.0, s.1, s.2, s.3, s.4)).collect();
+    let gmem: Vec<GmemFile> = gmem
+        .into_iter()
+        .map(|(fd, size, bindings)| GmemFile { fd, size, bindings })
+        .collect();
 
     // Lock order as everywhere else: roots, trackers, then the store.
     let outcome = py.detach(|| {
@@ -198,7 +206,8 @@ fn replay_batch<'py>(
                 )
                 .collect();
             let roots = root_guards.iter_mut().map(|g| &mut **g).collect();
-            let mut kvm = Kvm::new(config, store, memslots, roots, inval)?;
+            let mut kvm =
+                Kvm::new(config, store, memslots, roots, inval)?.with_guest_memfds(gmem)?;
             let mut tally = ReplayTally::default();
             let ran = replay(&mut kvm, &ops, results, &mut tally);
             Ok::<_, String>((
