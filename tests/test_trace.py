@@ -554,3 +554,15 @@ def test_guest_memfd_ops_are_validated():
         t.Trace(ops, {}).validate()
     with pytest.raises(t.TraceFormatError, match="line 3.*len"):
         t.parse_text(["# memattr trace v1", "# meta {}", "guest_memfd_fallocate fd=3 mode=0x3 offset=0x0"])
+
+
+def test_replay_refuses_a_malformed_trace_before_running_anything():
+    from memattr.vm import Vm
+
+    ops = t.empty_ops(2)
+    ops["kind"] = [t.OP_SET_MEMORY_ATTRIBUTES, 9]
+    vm = Vm(memattr.KVM_X86_SW_PROTECTED_VM)
+    for engine in ("python", "native"):
+        with pytest.raises(t.TraceFormatError, match="record 1: unknown operation kind 9"):
+            t.replay(t.Trace(ops, {}), vm, engine=engine)
+    assert vm.stats.set_calls == 0

@@ -854,6 +854,8 @@ def replay(
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if type(chunk) is not int or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    # Both engines assume well-formed records (known kinds, fields in range).
+    trace.validate()
     blocker = batch_blocker(vm) if engine != "python" else "engine='python'"
     if engine == "native" and blocker is not None:
         raise ValueError(f"engine='native' cannot run on this Vm: {blocker}")
