@@ -256,3 +256,22 @@ def test_config_rejects():
         sweep.Config(parts="half")
     with pytest.raises(ValueError, match="store"):
         sweep.run_trace(w.vm_creation("1G"), "btree")
+
+
+def test_compare_on_a_trace_file(tmp_path, capsys):
+    path = tmp_path / "mine.trace"
+    code, _ = run(["generate", "churn", "-o", str(path), "--guest", "2G", "--seed", "4"], capsys)
+    assert code == 0
+    out_dir = tmp_path / "out"
+    code, out = run(["compare", "--trace", str(path), "--jobs", "1", "--out", str(out_dir), "--no-plot"], capsys)
+    assert code == 0 and "churn" in out
+    data = json.loads((out_dir / "compare.json").read_text())
+    (row,) = data["rows"]
+    assert row["guest"] == 2 * GiB and {"rangetree", "xarray", "throughput_ratio", "store_only_ratio"} <= set(row)
+    assert data["trace"] == str(path) and data["workload"] == "churn"
+    assert row["operations"] == len(t.read(path))
+    # A file that is not a trace fails before anything runs.
+    bad = tmp_path / "bad.trace"
+    bad.write_bytes(b"MEMATTRT" + b"\0" * 4)
+    code, out = run(["compare", "--trace", str(bad), "--out", str(tmp_path / "o2")], capsys)
+    assert code == 2 and "bad trace" in out

@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="the same workload on both stores over guest sizes (the main job)")
     c.add_argument("--workload", default="boot-and-churn", choices=list(workloads.WORKLOADS))
+    c.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="compare on a trace file (one size: the trace's guest) instead of a workload",
+    )
     c.add_argument("--sizes", type=_sizes, default=_sizes(DEFAULT_SIZES), help=f"guest sizes (default {DEFAULT_SIZES})")
     c.add_argument("--xarray-max", type=_size, default=None, help="largest guest for the per-page store (default: auto)")
     c.add_argument(
@@ -279,11 +284,20 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     os.makedirs(args.out, exist_ok=True)
     params = tuple(sorted(_params(args).items()))
     vmk = tuple(sorted(_vm_kwargs(args).items()))
+    name = args.workload
+    if args.trace:
+        # Validated here, once, so a bad file fails before any worker starts.
+        tr = trace_mod.read(args.trace)
+        name = tr.name
+        args.sizes = [sweep.trace_guest_size(tr)]
+        if args.sizes[0] <= 0:
+            raise ValueError(f"{args.trace}: the trace creates no memslot, so it has no guest size")
     sizes = args.sizes
     xa_limit, xa_why = _xarray_plan(args, console)
+    trace_path = os.path.abspath(args.trace) if args.trace else ""
 
     def cfg(size: int, store: str, parts: str = "both") -> sweep.Config:
-        return sweep.Config(args.workload, size, store, args.seed, params, vmk, args.engine, parts)
+        return sweep.Config(args.workload, size, store, args.seed, params, vmk, args.engine, parts, trace_path)
 
     def per_page(size: int) -> list[sweep.Config]:
         # The per-page store's Vm replay and store-only replay are the long
@@ -322,7 +336,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         return per_page(nxt)
 
     console.print(
-        f"[bold]memattr compare[/]: {args.workload} on guests of "
+        f"[bold]memattr compare[/]: {name} on guests of "
         f"{', '.join(workloads.format_size(s) for s in sizes)}; range store at every size, "
         f"per-page store up to {workloads.format_size(xa_limit) if xa_limit else 'none'}; "
         f"{args.jobs} parallel job(s)"
@@ -355,7 +369,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     rows = report.compare_rows(res.results)
     engines = sorted({r["engine"] for r in res.results if "engine" in r})
     title = (
-        f"{args.workload}: range store vs per-page store (seed {args.seed}, "
+        f"{name}: range store vs per-page store (seed {args.seed}, "
         f"{'/'.join(engines) or args.engine} engine, {args.jobs} jobs, {wall:.0f} s wall)"
     )
     console.print(report.compare_table(rows, title))
@@ -365,7 +379,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]failed[/]: {f}")
     payload = {
         "command": "compare",
-        "workload": args.workload,
+        "workload": name,
+        "trace": trace_path or None,
         "params": dict(params),
         "vm_kwargs": dict(vmk),
         "seed": args.seed,

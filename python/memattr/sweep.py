@@ -63,7 +63,8 @@ PARTS = ("both", "vm", "store-only")
 
 @dataclass(frozen=True)
 class Config:
-    """One run: a named workload at a guest size on one store."""
+    """One run: a named workload at a guest size on one store, or (with
+    ``trace_path``) a trace file, whose guest size ``guest`` then states."""
 
     workload: str = "boot-and-churn"
     guest: int = 64 * workloads.GiB
@@ -75,6 +76,7 @@ class Config:
     # What run_config measures: "both" (Vm replay, then store-only replay),
     # "vm" or "store-only" (so the two can run in parallel).
     parts: str = "both"
+    trace_path: str = ""  # a trace file to run instead of the workload
 
     def __post_init__(self) -> None:
         if self.parts not in PARTS:
@@ -83,7 +85,7 @@ class Config:
             raise ValueError(f"engine must be one of {trace_mod.ENGINES}, got {self.engine!r}")
         if self.store not in STORES:
             raise ValueError(f"store must be one of {STORES}, got {self.store!r}")
-        if self.workload not in workloads.WORKLOADS:
+        if not self.trace_path and self.workload not in workloads.WORKLOADS:
             raise ValueError(f"unknown workload {self.workload!r}; choose from {', '.join(workloads.WORKLOADS)}")
         if not isinstance(self.guest, int) or self.guest <= 0:
             raise ValueError(f"guest must be a positive int of bytes, got {self.guest!r}")
@@ -94,7 +96,18 @@ class Config:
 
 
 def make_trace(config: Config) -> trace_mod.Trace:
+    if config.trace_path:
+        return trace_mod.read(config.trace_path)
     return workloads.make(config.workload, config.guest, seed=config.seed, **dict(config.params))
+
+
+def trace_guest_size(trace: trace_mod.Trace) -> int:
+    """The guest RAM a trace was made for: its ``params.guest``, else the
+    bytes its memslots cover."""
+    guest = trace.meta.get("params", {}).get("guest")
+    if isinstance(guest, int) and guest > 0:
+        return guest
+    return sum(e - s for s, e in _ram_ranges(trace))
 
 
 def _ram_ranges(trace: trace_mod.Trace) -> list[tuple[int, int]]:
@@ -166,7 +179,7 @@ def run_trace(
         "workload": trace.name,
         "store": store,
         "engine": res.engine,
-        "guest": int(trace.meta.get("params", {}).get("guest", sum(e - s for s, e in ranges))),
+        "guest": trace_guest_size(trace),
         "operations": res.ops,
         "seconds": res.seconds,
         "cpu_seconds": res.cpu_seconds,
