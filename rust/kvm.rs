@@ -589,6 +589,25 @@ impl<'a> Kvm<'a> {
         Ok(())
     }
 
+    /// The open guest_memfd file and byte offset backing `gpa` in address
+    /// space 0, if a bound memslot holds it.
+    pub fn gmem_location(&self, gpa: u64) -> Option<(u64, u64)> {
+        let gfn = gpa >> PAGE_SHIFT;
+        let slot = self.find(0, gfn)?;
+        let base = self.slots[slot].base_gfn;
+        self.gmem.iter().find_map(|f| {
+            f.bindings
+                .iter()
+                .find(|b| b.2 == slot)
+                .map(|&(first, _, _)| {
+                    (
+                        f.fd,
+                        ((first + gfn - base) << PAGE_SHIFT) | (gpa & (PAGE_SIZE - 1)),
+                    )
+                })
+        })
+    }
+
     /// kvm_gmem_invalidate_begin() / _end() around a truncation of file
     /// pages `[start, end)`.
     fn kvm_gmem_invalidate(&mut self, file: usize, start: u64, end: u64) -> Result<(), KvmError> {
@@ -729,6 +748,9 @@ pub const OP_GUEST_MEMFD_FALLOCATE: u8 = 4;
 pub const FLAG_PRIVATE: u8 = 1 << 0;
 pub const FLAG_WRITE: u8 = 1 << 1;
 pub const FLAG_CONVERT: u8 = 1 << 2;
+/// With FLAG_CONVERT: after converting to shared, punch the guest_memfd
+/// hole behind the page, as QEMU does.
+pub const FLAG_DISCARD: u8 = 1 << 3;
 
 /// One operation of a trace (the fields a batch reads).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -843,6 +865,20 @@ fn replay_fault(kvm: &mut Kvm<'_>, op: &Op, tally: &mut ReplayTally) -> Result<i
     }
     tally.implicit_conversions += 1;
     tally.sets += 1;
+    if op.flags & FLAG_DISCARD != 0 && attributes == 0 {
+        if let Some((fd, offset)) = kvm.gmem_location(gpa) {
+            match kvm.guest_memfd_fallocate(
+                fd,
+                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                size as i64,
+            ) {
+                Ok(()) => {}
+                Err(e @ KvmError::Bug(_)) => return Err(e),
+                Err(e) => return Ok(tally.fail(&e)),
+            }
+        }
+    }
     match kvm.fault(op.gpa, private, 0) {
         Ok(level) => Ok(level as i64),
         Err(e @ KvmError::Bug(_)) => Err(e),

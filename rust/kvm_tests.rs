@@ -586,4 +586,23 @@ fn guest_memfd_fallocate_checks_and_punches() {
         (kvm.inval.range_start, kvm.inval.range_end),
         (2 * G1 - M2, 4 * G1 + M2)
     );
+    // A converted shared fault with FLAG_DISCARD punches the hole behind
+    // its page: slot 1's page 3 is file page 2G + 3.
+    assert_eq!(
+        kvm.gmem_location(gpa(4 * G1 + 3)),
+        Some((7, gpa(2 * G1 + 3)))
+    );
+    assert_eq!(kvm.gmem_location(gpa(3 * G1)), None);
+    kvm.set_memory_attributes(gpa(4 * G1), gpa(M2), P, 0)
+        .unwrap();
+    let op = Op {
+        kind: OP_FAULT,
+        gpa: gpa(4 * G1 + 3),
+        flags: FLAG_CONVERT | FLAG_DISCARD,
+        ..Op::default()
+    };
+    let (mut results, mut tally) = ([0i64], ReplayTally::default());
+    assert_eq!(replay(&mut kvm, &[op], &mut results, &mut tally), Ok(1));
+    assert_eq!((results[0], tally.implicit_conversions), (1, 1));
+    assert_eq!(kvm.counters.gmem_holes_punched, 2);
 }

@@ -136,7 +136,7 @@ def _random_trace(data: st.DataObject) -> t.Trace:
         elif what == "fault":
             op["kind"] = t.OP_FAULT
             op["gpa"] = (data.draw(st.integers(0, span - 1)) << 12) + data.draw(st.integers(0, 4095))
-            op["flags"] = data.draw(st.integers(0, 7))
+            op["flags"] = data.draw(st.integers(0, 15))
         elif what == "gmem":
             # Punch a hole in the guest_memfd (recorded fd 3, mapped by the
             # replayer), now and then with a bad mode, or close it.

@@ -472,7 +472,7 @@ _u64 = st.integers(0, (1 << 64) - 1)
 _res = st.one_of(st.just(t.RESULT_NONE), st.integers(-(1 << 31) + 1, (1 << 31) - 1))
 _op = st.one_of(
     st.tuples(st.just(t.OP_SET_MEMORY_ATTRIBUTES), _u64, _u64, _u64, _u64, _res, st.just(0)),
-    st.tuples(st.just(t.OP_FAULT), _u64, st.just(0), st.just(0), st.just(0), _res, st.integers(0, 7)),
+    st.tuples(st.just(t.OP_FAULT), _u64, st.just(0), st.just(0), st.just(0), _res, st.integers(0, 15)),
     st.tuples(st.just(t.OP_CREATE_GUEST_MEMFD), st.just(0), _u64, st.just(0), _u64, _res, st.just(0)),
     st.tuples(st.just(t.OP_SET_USER_MEMORY_REGION), _u64, _u64, st.integers(0, (1 << 32) - 1), _u64, _res, st.just(0)),
     st.tuples(

@@ -48,6 +48,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from memattr.trace import (
+    FLAG_CONVERT,
+    FLAG_DISCARD,
     FLAG_PRIVATE,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
@@ -181,8 +183,8 @@ def with_discards(trace: Trace) -> Trace:
     """``trace`` as a QEMU VMM would run it: a guest_memfd hole punched
     after every conversion to shared of guest_memfd-backed RAM (the
     trace's own memslots and their guest_memfd offsets say where), phases
-    kept. Faults with ``FLAG_CONVERT`` are converted by the replayer, which
-    punches no holes."""
+    kept; faults with ``FLAG_CONVERT`` get ``FLAG_DISCARD``, so the
+    replayer's own conversions to shared punch their holes too."""
     region_ops = trace.ops[trace.ops["kind"] == OP_SET_USER_MEMORY_REGION]
     regions = [
         workloads.Region(int(slot), int(gpa), int(size), int(off))
@@ -192,6 +194,9 @@ def with_discards(trace: Trace) -> Trace:
         if size and int(flags) & KVM_MEM_GUEST_MEMFD
     ]
     ops, new_index = _with_holes(trace.ops, regions)
+    # The replayer's own conversions on memory-fault exits discard too.
+    convert = (ops["kind"] == OP_FAULT) & ((ops["flags"] & np.uint8(FLAG_CONVERT)) != 0)
+    ops["flags"][convert] |= np.uint8(FLAG_DISCARD)
     meta = dict(trace.meta)
     if trace.phases:
         meta["phases"] = [[name, int(new_index[a]), int(new_index[b])] for name, a, b in trace.phases]

@@ -20,7 +20,9 @@ Operations (``kind``):
     (``-EFAULT`` for a ``KVM_EXIT_MEMORY_FAULT``). With ``FLAG_CONVERT``, the
     replayer behaves like a VMM on ``KVM_EXIT_MEMORY_FAULT``: it converts the
     reported range to the access's private-ness and runs the fault again
-    (once); the result is that of the last attempt.
+    (once); the result is that of the last attempt. With ``FLAG_DISCARD``
+    too, a conversion to shared is followed, as QEMU does, by punching the
+    guest_memfd hole behind the page (if a guest_memfd backs it).
 ``OP_CREATE_GUEST_MEMFD`` (2)
     ``vm.create_guest_memfd(size, flags=arg)``; result the fd or ``-errno``.
     Replay maps recorded fds to the ones the target Vm hands out.
@@ -110,7 +112,8 @@ OP_NAMES: dict[int, str] = {
 FLAG_PRIVATE = 1 << 0
 FLAG_WRITE = 1 << 1
 FLAG_CONVERT = 1 << 2
-FAULT_FLAGS = FLAG_PRIVATE | FLAG_WRITE | FLAG_CONVERT
+FLAG_DISCARD = 1 << 3
+FAULT_FLAGS = FLAG_PRIVATE | FLAG_WRITE | FLAG_CONVERT | FLAG_DISCARD
 
 RESULT_NONE = -(1 << 31)
 
@@ -135,6 +138,7 @@ TEXT_HEADER = "# memattr trace v1"
 
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
+_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
 def _s64(value: int) -> int:
@@ -394,6 +398,8 @@ def _access_text(flags: int) -> str:
     parts = ["private" if flags & FLAG_PRIVATE else "shared", "write" if flags & FLAG_WRITE else "read"]
     if flags & FLAG_CONVERT:
         parts.append("convert")
+    if flags & FLAG_DISCARD:
+        parts.append("discard")
     return ",".join(parts)
 
 
@@ -548,8 +554,10 @@ def _parse_op_line(line: str, regions: list[list[int]]) -> tuple[int, int, int, 
                 flags |= FLAG_WRITE
             elif word == "convert":
                 flags |= FLAG_CONVERT
+            elif word == "discard":
+                flags |= FLAG_DISCARD
             elif word not in ("shared", "read"):
-                raise ValueError(f"unknown access {word!r} (private|shared, read|write, convert)")
+                raise ValueError(f"unknown access {word!r} (private|shared, read|write, convert, discard)")
         if ("private" in access and "shared" in access) or ("read" in access and "write" in access):
             raise ValueError(f"contradictory access {args['access']!r}")
         return (OP_FAULT, u64("gpa"), 0, 0, 0, result, flags, 0)
@@ -1010,6 +1018,20 @@ class _Replayer:
         except OSError as e:
             return self.fail(e)
 
+    def discard(self, gpa: int, size: int) -> int | None:
+        """QEMU's ram_block_discard_guest_memfd_range() after a conversion
+        to shared: punch the hole behind [gpa, gpa + size) in the guest_memfd
+        backing it, if any. The error result if the fallocate fails."""
+        slot = self.vm.memslots.find(0, gpa >> PAGE_SHIFT)
+        if slot is None or slot.gmem is None:
+            return None
+        offset = slot.guest_memfd_offset + gpa - (slot.base_gfn << PAGE_SHIFT)
+        try:
+            self.vm.guest_memfd_fallocate(slot.gmem.fd, _PUNCH_HOLE, offset, size)
+        except OSError as e:
+            return self.fail(e)
+        return None
+
     def fault(self, gpa: int, flags: int) -> int:
         from memattr.errors import MemoryFault
 
@@ -1035,6 +1057,10 @@ class _Replayer:
                 return self.fail(e2)
             res.implicit_conversions += 1
             res.sets += 1
+            if flags & FLAG_DISCARD and not to_private:
+                failed = self.discard(e.gpa, e.size)
+                if failed is not None:
+                    return failed
         try:
             return int(vm.fault(gpa, private=private, write=write))
         except OSError as e:
