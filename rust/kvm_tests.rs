@@ -606,3 +606,39 @@ fn guest_memfd_fallocate_checks_and_punches() {
     assert_eq!((results[0], tally.implicit_conversions), (1, 1));
     assert_eq!(kvm.counters.gmem_holes_punched, 2);
 }
+
+#[test]
+fn guest_memfd_bindings_must_match_their_memslots() {
+    fn accepts(bindings: Vec<(u64, u64, usize)>) -> bool {
+        let mut store = RangeTree::new();
+        let mut root = Stage2Map::new();
+        let mut t = RangeTracker::new(SlotLayout::new(0, 10, 0).unwrap());
+        let slot = Memslot {
+            as_id: 0,
+            base_gfn: 0,
+            npages: 10,
+            flags: 0,
+            can_be_private: true,
+            tracker: &mut t,
+        };
+        let file = GmemFile {
+            fd: 3,
+            size: 1 << 20,
+            bindings,
+        };
+        Kvm::new(
+            config(),
+            &mut store,
+            vec![slot],
+            vec![&mut root],
+            Default::default(),
+        )
+        .unwrap()
+        .with_guest_memfds(vec![file])
+        .is_ok()
+    }
+    assert!(accepts(vec![(5, 15, 0)]));
+    assert!(!accepts(vec![(5, 15, 1)]), "no memslot 1");
+    assert!(!accepts(vec![(5, 14, 0)]), "9 pages for a 10-page slot");
+    assert!(!accepts(vec![(5, 5, 0)]), "empty binding");
+}

@@ -243,6 +243,10 @@ def test_bad_columns_are_refused_and_change_nothing():
         run_batch(vm, *cols, np.zeros(2 * len(ops), dtype=np.int64)[::2])
     with pytest.raises(TypeError):
         run_batch(vm, cols[0].astype(np.uint64), *cols[1:], results)
+    from memattr import _native
+
+    with pytest.raises(TypeError, match="store must be a RangeTree or an XArray"):
+        _native.replay_batch(object(), [], [_native.Stage2Map()], [], (8, True, None, 0, 3, True), (0, 0, 0, 0), *cols, results)  # type: ignore[arg-type]
     assert snapshot(vm) == before
     assert not vm.slots_lock.locked() and not vm.mmu_lock.locked()
 

@@ -270,6 +270,11 @@ def test_compare_on_a_trace_file(tmp_path, capsys):
     assert row["guest"] == 2 * GiB and {"rangetree", "xarray", "throughput_ratio", "store_only_ratio"} <= set(row)
     assert data["trace"] == str(path) and data["workload"] == "churn"
     assert row["operations"] == len(t.read(path))
+    # A trace without memslots has no guest size to compare at.
+    bare = tmp_path / "bare.trace"
+    t.write(t.Trace(t.set_ops(0, 4096, 8), {"vm_type": 1}), bare)
+    code, out = run(["compare", "--trace", str(bare), "--out", str(tmp_path / "o1")], capsys)
+    assert code == 2 and "creates no memslot" in out
     # A file that is not a trace fails before anything runs.
     bad = tmp_path / "bad.trace"
     bad.write_bytes(b"MEMATTRT" + b"\0" * 4)

@@ -147,6 +147,9 @@ def test_fallocate_and_close_need_a_guest_memfd_of_this_vm(store):
         vm.guest_memfd_close("3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="offset must be an s64"):
         vm.guest_memfd_fallocate(fd, PUNCH, 1 << 63, PAGE)
+    with pytest.raises(ValueError, match="mode must be a u32"):
+        vm.guest_memfd_fallocate(fd, -1, 0, PAGE)
+    assert vm.stats.gmem_holes_punched == 0
 
 
 def test_close_zaps_unbinds_and_private_faults_then_exit(store):

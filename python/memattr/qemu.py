@@ -57,6 +57,7 @@ from memattr.trace import (
     OP_GUEST_MEMFD_FALLOCATE,
     OP_SET_MEMORY_ATTRIBUTES,
     OP_SET_USER_MEMORY_REGION,
+    PUNCH_HOLE_MODE,
     Trace,
     TraceFormatError,
     concat,
@@ -120,10 +121,6 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
     return Trace(ops, {"name": "qemu", "vm_type": workloads.KVM_X86_SW_PROTECTED_VM})
 
 
-# FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-_PUNCH_HOLE = 0x02 | 0x01
-
-
 def _ram_region_index(gpa: np.ndarray, regions: Sequence[workloads.Region]) -> np.ndarray:
     """Per gpa, the index of the RAM region holding it, or -1."""
     regions = list(regions)
@@ -161,7 +158,7 @@ def _with_holes(ops: np.ndarray, regions: Sequence[workloads.Region]) -> tuple[n
         holes["gpa"] = region_off[r] + (src["gpa"] - region_gpa[r])
         holes["size"] = src["size"]
     holes["attributes"] = workloads.GUEST_MEMFD_FD
-    holes["arg"] = _PUNCH_HOLE
+    holes["arg"] = PUNCH_HOLE_MODE
     out[new_index[where] + 1] = holes
     return out, new_index
 

@@ -89,6 +89,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from memattr.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
@@ -138,7 +140,8 @@ TEXT_HEADER = "# memattr trace v1"
 
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
-_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+# What QEMU's guest_memfd discard passes to fallocate(2).
+PUNCH_HOLE_MODE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
 def _s64(value: int) -> int:
@@ -1027,7 +1030,7 @@ class _Replayer:
             return None
         offset = slot.guest_memfd_offset + gpa - (slot.base_gfn << PAGE_SHIFT)
         try:
-            self.vm.guest_memfd_fallocate(slot.gmem.fd, _PUNCH_HOLE, offset, size)
+            self.vm.guest_memfd_fallocate(slot.gmem.fd, PUNCH_HOLE_MODE, offset, size)
         except OSError as e:
             return self.fail(e)
         return None
