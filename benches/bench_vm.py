@@ -73,8 +73,8 @@ def measure_mmu_share(number: int = 2000, repeat: int = 7) -> float:
     called directly under the locks the passes hold."""
     vm = one_slot_vm(1 << 30)
     with vm.slots_lock:
-        (rng,) = clip_gfn_ranges(vm.memslots, 0x100, 0x101, P)
-        (back,) = clip_gfn_ranges(vm.memslots, 0x100, 0x101, 0)
+        (rng,) = clip_gfn_ranges(vm._kvm, vm.memslots, 0x100, 0x101, P)
+        (back,) = clip_gfn_ranges(vm._kvm, vm.memslots, 0x100, 0x101, 0)
         mmu = vm.mmu
         best = float("inf")
         with vm.mmu_lock:

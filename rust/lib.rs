@@ -6,6 +6,7 @@
 
 pub mod hugepage;
 pub mod kvm;
+pub mod locks;
 pub mod rangetree;
 pub mod store;
 pub mod xarray;

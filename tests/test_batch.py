@@ -51,7 +51,7 @@ def snapshot(vm: Vm) -> dict[str, object]:
         ),
         "attributes": [r for r in vm.store.runs(0, 1 << 24) if r[2]],
         "mappings": [vm.mmu.mappings(level) for level in (1, 2, 3)],
-        "mixed": [(s.slot, s.arch.mixed_runs(2), s.arch.mixed_runs(3)) for s in vm.memslots],
+        "mixed": [(s.slot, vm.mmu.mixed_runs(s, 2), vm.mmu.mixed_runs(s, 3)) for s in vm.memslots],
         "memslots": [(s.slot, s.base_gfn, s.npages, s.flags) for s in vm.memslots],
     }
 
@@ -246,7 +246,7 @@ def test_bad_columns_are_refused_and_change_nothing():
     from memattr import _native
 
     with pytest.raises(TypeError, match="store must be a RangeTree or an XArray"):
-        _native.replay_batch(object(), [], [_native.Stage2Map()], [], (8, True, None, 0, 3, True), (0, 0, 0, 0), *cols, results)  # type: ignore[arg-type]
+        _native.Kvm(1, object(), "6.8", None, 0)
     assert snapshot(vm) == before
     assert not vm.slots_lock.locked() and not vm.mmu_lock.locked()
 

@@ -11,7 +11,6 @@ import pytest
 
 import memattr as m
 from memattr import uapi
-from memattr.memslots import Memslots, gmem_files
 
 GPA = 0xC0000000  # set_memory_region_test's MEM_REGION_GPA
 SIZE = 0x200000  # and MEM_REGION_SIZE
@@ -30,15 +29,11 @@ def snapshot(vm: m.Vm) -> object:
             s.userspace_addr,
             s.guest_memfd,
             s.guest_memfd_offset,
-            id(s),
+            s.serial,
         )
         for s in vm.memslots
     ]
-    bindings = sorted(
-        (fd, [(a, b, id(s)) for a, b, s in g.bindings()])
-        for fd, g in gmem_files._files.items()
-        if g.owner is vm._gmem_owner
-    )
+    bindings = vm.guest_memfds()
     return slots, bindings, vm.stats.memslot_updates, vm.memslots.nr_memslot_pages
 
 
@@ -66,7 +61,7 @@ def test_create_find_delete(dvm: m.Vm) -> None:
     assert slot is not None
     assert (slot.id, slot.as_id, slot.base_gfn, slot.npages) == (0, 0, GPA >> 12, SIZE >> 12)
     assert slot.userspace_addr == 0x7F0000000000 and slot.guest_memfd is None
-    assert slot.arch is not None  # the MMU built its per-slot state
+    assert dvm.mmu.mixed_runs(slot, 2) == []  # the MMU built its per-slot state
     assert dvm.memslots.find(0, (GPA + SIZE) >> 12) is None
     assert dvm.memslots.find(0, (GPA >> 12) - 1) is None
     assert dvm.stats.memslot_updates == 1
@@ -132,11 +127,12 @@ def test_move_and_flags_only(dvm: m.Vm) -> None:
     old = dvm.memslots.get(0, 3)
     dvm.set_user_memory_region(3, GPA + 0x1000, SIZE, 0x10000)  # overlaps only itself
     new = dvm.memslots.get(0, 3)
-    assert new is not old and new.base_gfn == (GPA >> 12) + 1 and old.arch is None
+    assert new.serial != old.serial and new.base_gfn == (GPA >> 12) + 1
     assert dvm.memslots.find(0, GPA >> 12) is None
     assert dvm.stats.memslot_updates == 2
     dvm.set_user_memory_region(3, GPA + 0x1000, SIZE, 0x10000, uapi.KVM_MEM_LOG_DIRTY_PAGES)
-    assert dvm.memslots.get(0, 3) is new and new.flags == uapi.KVM_MEM_LOG_DIRTY_PAGES
+    flagged = dvm.memslots.get(0, 3)
+    assert flagged.serial == new.serial and flagged.flags == uapi.KVM_MEM_LOG_DIRTY_PAGES
     # Same again: nothing to change, not counted.
     dvm.set_user_memory_region(3, GPA + 0x1000, SIZE, 0x10000, uapi.KVM_MEM_LOG_DIRTY_PAGES)
     assert dvm.stats.memslot_updates == 3
@@ -164,11 +160,11 @@ def test_readonly_flag_per_vm_type() -> None:
 def test_guest_memfd_create_rules(dvm: m.Vm, pvm: m.Vm) -> None:
     # guest_memfd_test: creation works on any VM in 6.8 ...
     fd = dvm.create_guest_memfd(4 * 4096)
-    assert fd >= 0 and gmem_files.get(fd) is not None
+    assert fd >= 0 and [f[0] for f in dvm.guest_memfds()] == [fd]
     # ... but only VMs with private memory can bind it.
     assert dvm.check_extension(m.KVM_CAP_GUEST_MEMFD) == 0
     assert pvm.check_extension(m.KVM_CAP_GUEST_MEMFD) == 1
-    table = (gmem_files._next, dict(gmem_files._files))
+    table = pvm.guest_memfds()
     for size in (0, 1, 4095, 4097, 1 << 63, (1 << 64) - 4096):
         with pytest.raises(OSError) as info:
             pvm.create_guest_memfd(size)
@@ -177,8 +173,9 @@ def test_guest_memfd_create_rules(dvm: m.Vm, pvm: m.Vm) -> None:
         with pytest.raises(OSError) as info:
             pvm.create_guest_memfd(4096, 1 << bit)
         assert info.value.errno == errno.EINVAL
-    assert (gmem_files._next, dict(gmem_files._files)) == table  # no fd consumed
+    assert pvm.guest_memfds() == table
     fds = {pvm.create_guest_memfd(4096) for _ in range(4)}
+    assert min(fds) == fd + 1  # no fd consumed by the failures
     assert len(fds) == 4  # test_create_guest_memfd_multiple
 
 
@@ -214,11 +211,15 @@ def test_guest_memfd_binding_rules(pvm: m.Vm) -> None:
         os.close(real)
     # The free half of the file binds fine; deleting unbinds.
     pvm.set_user_memory_region(1, 0, SIZE * 2, 0, GMEM, fd, SIZE * 2)
-    assert [b[:2] for b in gmem_files.get(fd).bindings()] == [(0, 1024), (1024, 2048)]
+    assert [b[:2] for b in bound(pvm, fd)] == [(0, 1024), (1024, 2048)]
     pvm.set_user_memory_region(0, GPA, 0)
-    assert [b[:2] for b in gmem_files.get(fd).bindings()] == [(1024, 2048)]
+    assert [b[:2] for b in bound(pvm, fd)] == [(1024, 2048)]
     pvm.set_user_memory_region(0, GPA, SIZE, 0, GMEM, fd, SIZE)  # now free
-    assert [b[:2] for b in gmem_files.get(fd).bindings()] == [(512, 1024), (1024, 2048)]
+    assert [b[:2] for b in bound(pvm, fd)] == [(512, 1024), (1024, 2048)]
+
+
+def bound(vm: m.Vm, fd: int) -> list[tuple[int, int, int, int]]:
+    return next(b for f, _, _, b in vm.guest_memfds() if f == fd)
 
 
 def test_argument_types_are_named(dvm: m.Vm) -> None:
@@ -239,49 +240,28 @@ def test_argument_types_are_named(dvm: m.Vm) -> None:
 
 def test_lookup_with_thousands_of_slots_matches_brute_force() -> None:
     rnd = random.Random(7)
-    ms = Memslots(2)
+    vm = m.Vm(m.KVM_X86_DEFAULT_VM)  # two address spaces
     slots = []
     gfn = 0
     for i in range(3000):
         gfn += rnd.randrange(0, 4)  # holes of 0..3 pages
         npages = rnd.randrange(1, 6)
-        s = m.Memslot(i, i % 2, gfn, npages)
-        ms._install(s)
-        slots.append(s)
+        vm.set_user_memory_region(((i % 2) << 16) | i, gfn << 12, npages << 12)
+        slots.append((i % 2, i, gfn, npages))
         gfn += npages
+    ms = vm.memslots
     for _ in range(2000):
         as_id = rnd.randrange(2)
         g = rnd.randrange(gfn + 5)
-        want = [s for s in slots if s.as_id == as_id and s.base_gfn <= g < s.end_gfn]
-        assert ms.find(as_id, g) is (want[0] if want else None)
+        want = [s for s in slots if s[0] == as_id and s[2] <= g < s[2] + s[3]]
+        got = ms.find(as_id, g)
+        assert (None if got is None else (got.as_id, got.id, got.base_gfn, got.npages)) == (want[0] if want else None)
         a = rnd.randrange(gfn + 5)
         b = a + rnd.randrange(1, 40)
-        want_range = [s for s in slots if s.as_id == as_id and s.base_gfn < b and a < s.end_gfn]
-        assert ms.in_range(as_id, a, b) == want_range
+        want_range = [s for s in slots if s[0] == as_id and s[2] < b and a < s[2] + s[3]]
+        assert [(s.as_id, s.id, s.base_gfn, s.npages) for s in ms.in_range(as_id, a, b)] == want_range
     assert ms.in_range(0, 5, 5) == [] and ms.find(2, 0) is None and ms.in_range(7, 0, 9) == []
     for s in slots[::2]:
-        ms._remove(s)
-    assert len(ms) == 1500 and all(ms.find(s.as_id, s.base_gfn) is s for s in slots[1::2])
-
-
-def test_failed_mmu_setup_rolls_the_memslot_back(dvm: m.Vm, monkeypatch: pytest.MonkeyPatch) -> None:
-    dvm.set_user_memory_region(0, GPA, SIZE)
-    old = dvm.memslots.get(0, 0)
-    real = dvm.mmu.memslot_created
-    calls: list[object] = []
-
-    def failing(slot: m.Memslot) -> None:
-        calls.append(slot)
-        if len(calls) == 1:
-            raise MemoryError("lpage info")  # kvm_alloc_memslot_metadata -ENOMEM
-        real(slot)
-
-    monkeypatch.setattr(dvm.mmu, "memslot_created", failing)
-    with pytest.raises(MemoryError):
-        dvm.set_user_memory_region(0, GPA + SIZE, SIZE)  # a move
-    assert dvm.memslots.get(0, 0) is old and dvm.memslots.find(0, GPA >> 12) is old
-    assert old.arch is not None and dvm.stats.memslot_updates == 1
-    calls.clear()
-    with pytest.raises(MemoryError):
-        dvm.set_user_memory_region(1, 0, SIZE)  # a create
-    assert dvm.memslots.get(0, 1) is None and len(dvm.memslots) == 1
+        vm.set_user_memory_region((s[0] << 16) | s[1], s[2] << 12, 0)
+    assert len(ms) == 1500
+    assert all(ms.find(s[0], s[2]).id == s[1] for s in slots[1::2])  # type: ignore[union-attr]

@@ -21,7 +21,13 @@ from hypothesis import strategies as st
 from memattr.errors import LockdepError, MemoryFault
 from memattr.gfn_range import GfnRange
 from memattr.locks import KvmWarning
-from memattr.mmu import X86Mmu, kvm_max_level_for_order
+from memattr.gfn_range import clip_gfn_ranges
+from memattr.mmu import X86Mmu
+
+
+def kvm_max_level_for_order(order: int) -> int:
+    """Oracle: the largest level a guest_memfd folio of ``order`` backs."""
+    return 3 if order >= 18 else 2 if order >= 9 else 1
 from memattr.uapi import (
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_ENABLE_CAP,
@@ -360,25 +366,6 @@ def test_fault_under_mmu_lock_is_a_lockdep_error(store: str) -> None:
         vm.fault(0)
 
 
-def test_retry_checks_directly() -> None:
-    vm = make_vm()
-    mmu = vm.mmu
-    seq = vm.mmu_invalidate_seq
-    with vm.mmu_lock:
-        assert not mmu._retry_gfn(seq, 10)
-        vm.kvm_mmu_invalidate_begin()
-        # In progress, range not yet added: retry anything.
-        assert mmu._retry_gfn(seq, 10)
-        vm.kvm_mmu_invalidate_range_add(5, 11)
-        assert mmu._retry_gfn(seq, 10) and not mmu._retry_gfn(seq, 11)
-        vm.kvm_mmu_invalidate_end()
-        # Ended: the sequence moved on, so an old snapshot retries.
-        assert mmu._retry_gfn(seq, 11)
-        assert not mmu._retry_gfn(vm.mmu_invalidate_seq, 10)
-    with pytest.raises(LockdepError):
-        mmu._retry_gfn(seq, 10)
-
-
 # --- direct calls: lockdep and WARN semantics ----------------------------------------
 
 
@@ -386,7 +373,7 @@ def test_passes_require_locks_and_private_memory() -> None:
     vm = make_vm()
     slot = vm.memslots.get(0, 0)
     assert slot is not None
-    rng = GfnRange(slot, 0, 1, P, True)
+    (rng,) = clip_gfn_ranges(vm._kvm, vm.memslots, 0, 1, P)
     with pytest.raises(LockdepError):
         vm.mmu.pre_set_memory_attributes(rng)
     with vm.mmu_lock, pytest.raises(LockdepError, match="slots_lock"):
@@ -396,10 +383,12 @@ def test_passes_require_locks_and_private_memory() -> None:
     plain.set_user_memory_region(0, 0, G1)
     pslot = plain.memslots.get(0, 0)
     assert pslot is not None
-    prng = GfnRange(pslot, 0, 1, 0, True)
+    (prng,) = clip_gfn_ranges(plain._kvm, plain.memslots, 0, 1, 0)
     with plain.slots_lock, plain.mmu_lock:
+        plain.kvm_mmu_invalidate_begin()
         with pytest.warns(KvmWarning, match="without private memory"):
             assert plain.mmu.pre_set_memory_attributes(prng) is False
+        plain.kvm_mmu_invalidate_end()
         with pytest.warns(KvmWarning, match="without private memory"):
             assert plain.mmu.post_set_memory_attributes(prng) is False
 
@@ -553,43 +542,6 @@ def test_fault_beside_a_conversion_in_the_same_hugepage_retries(store: str) -> N
     assert vm.hugepage_mixed(0, G1 >> 12, 2)
 
 
-def test_fault_racing_a_memslot_deletion_retries_then_is_mmio(store: str) -> None:
-    vm = make_vm(store, gmem=False, size=G1)
-    result: dict[str, object] = {}
-    slot = vm.memslots.get(0, 0)
-    assert slot is not None
-    # Between memslot_deleted() (tracking dropped, like KVM_MEMSLOT_INVALID)
-    # and the slot's removal, a fault must retry, not map or crash.
-    with vm.slots_lock:
-        vm.mmu.memslot_deleted(slot)
-
-        def vcpu() -> None:
-            result["level"] = vm.fault(0x1000)
-
-        t = threading.Thread(target=vcpu, name="vcpu2")
-        t.start()
-        deadline = time.monotonic() + 10
-        while vm.stats.fault_retries == 0 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        vm.memslots._remove(slot)
-    t.join(10)
-    # The retry keeps the old slot's mappings from surviving; once the slot
-    # is gone, the gpa is MMIO (kvm_handle_noslot_fault): nothing is mapped.
-    assert result["level"] == 0 and vm.stats.mmio_faults == 1
-    assert vm.stats.fault_retries >= 1 and vm.stats.mapped == {1: 0, 2: 0, 3: 0}
-
-
-def test_tracker_kind_follows_the_store() -> None:
-    from memattr import LpageInfoTracker, RangeHugepageTracker
-
-    for kind, cls in (("rangetree", RangeHugepageTracker), ("xarray", LpageInfoTracker)):
-        vm = make_vm(kind, size=G1)
-        slot = vm.memslots.get(0, 0)
-        assert slot is not None and isinstance(slot.arch, cls)
-        vm.set_user_memory_region(0, 0, 0)
-        assert slot.arch is None
-
-
 # --- an independent oracle: the level is the largest uniform, aligned, whole hugepage --
 
 
@@ -645,40 +597,6 @@ def test_fault_level_matches_brute_force_oracle(
         assert vm.max_mapping_level(gfn) == oracle(gfn)
         assert vm.fault(gfn << 12, private=private) == oracle(gfn)
         assert vm.mmu.mapped_level(gfn << 12) == oracle(gfn)
-
-
-def test_straddling_hugepages_native_equals_reference() -> None:
-    """The native head/tail scan of the pre-set pass equals the per-level
-    Python loop, on both trackers, across random mixed states and ranges."""
-    import random
-
-    from memattr import KVM_MEM_GUEST_MEMFD, KVM_X86_SW_PROTECTED_VM, Vm
-    from memattr.mmu import X86Mmu
-
-    rnd = random.Random(4)
-    for store in ("rangetree", "xarray"):
-        vm = Vm(KVM_X86_SW_PROTECTED_VM, store)
-        size = 3 << 30
-        fd = vm.create_guest_memfd(size)
-        # A misaligned slot (head and tail hugepages partial).
-        vm.set_user_memory_region(0, 0x1FF000, size - 0x200000, flags=KVM_MEM_GUEST_MEMFD, guest_memfd=fd)
-        slot = vm.memslots.get(0, 0)
-        assert slot is not None
-        base, npages = slot.base_gfn, slot.npages
-        for _ in range(300):
-            s = rnd.randrange(base, base + npages)
-            e = rnd.randrange(s + 1, min(base + npages, s + rnd.choice((2, 600, 300000))) + 1)
-            if rnd.random() < 0.5:
-                vm.set_memory_attributes(s << 12, (e - s) << 12, rnd.choice((0, 8)))
-            qs = rnd.randrange(base, base + npages)
-            qe = rnd.randrange(qs + 1, min(base + npages, qs + rnd.choice((2, 600, 300000))) + 1)
-            got = slot.arch.straddling_hugepages(qs, qe)
-            assert got == X86Mmu._straddling_hugepages_reference(slot.arch, slot, qs, qe)
-            hull = slot.arch.straddling_hugepages_hull(qs, qe)
-            if got:
-                assert hull == (min(s for s, _ in got), max(e for _, e in got))
-            else:
-                assert hull is None
 
 
 # --- dirty logging toggled on a live slot (kvm_mmu_slot_apply_flags) ---------

@@ -447,7 +447,7 @@ def test_replay_progress_and_phases():
 def test_recorder_records_ioctl_and_passes_other_attributes():
     vm = _vm()
     rec = t.Recorder(vm)
-    assert rec.stats is vm.stats  # pass-through
+    assert rec.stats == vm.stats and rec.store is vm.store  # pass-through
     fd = rec.create_guest_memfd(1 << 21)
     rec.set_user_memory_region(0, 0, 1 << 21, w.USERSPACE_BASE, w.KVM_MEM_GUEST_MEMFD, fd, 0)
     arg = memattr.kvm_memory_attributes(0, 1 << 21, P, 0)

@@ -173,7 +173,7 @@ def test_range_outside_every_slot_is_stored_without_callbacks(store: str) -> Non
     vm.set_memory_attributes(1 << 40, 2 * MiB, P)
     assert vm.get_memory_attributes((1 << 40) >> 12) == P
     assert calls == [] and vm.mmu_invalidate_seq == 0
-    assert vm.stats.mmu_lock_acquisitions == 0 and vm.stats.zapped_ranges == 0
+    assert vm.stats.mmu_lock_acquisitions == 0 and vm.stats.pre_set_ranges == 0
     assert vm.stats.conversions == 1
 
 
@@ -229,7 +229,7 @@ def test_hooks_are_clipped_and_ordered_across_slots(store: str) -> None:
     ]
     assert vm.mmu_invalidate_range_start <= 0x100 and vm.mmu_invalidate_range_end >= 0x700
     assert vm.mmu_invalidate_seq == 1 and vm.mmu_invalidate_in_progress == 0
-    assert vm.stats.zapped_ranges == 3 and vm.stats.post_set_ranges == 3
+    assert vm.stats.pre_set_ranges == 3 and vm.stats.post_set_ranges == 3
     assert vm.stats.mmu_lock_acquisitions == 2  # once per pass, not per slot
     assert vm.stats.tlb_flushes == 0  # nothing mapped, no hook asked
     assert vm.get_memory_attributes(0x300) == P  # the hole is stored too
@@ -314,7 +314,7 @@ def test_unmap_hook_raising_aborts_the_conversion(store: str) -> None:
     assert vm.mmu_invalidate_in_progress == 0 and vm.mmu_invalidate_seq == 1
     assert not vm.mmu_lock.locked() and not vm.slots_lock.locked()
     assert vm.stats.failed_calls == 1 and vm.stats.conversions == 0
-    assert vm.stats.zapped_ranges == 2  # the MMU zapped every range
+    assert vm.stats.pre_set_ranges == 2  # the MMU zapped every range
     vm.remove_hook(first)
     vm.set_memory_attributes(0, 8 * MiB, P)  # the Vm is fully usable
     assert vm.range_has_attributes(0, 0x200, P)
@@ -479,7 +479,7 @@ def test_threads_are_serialised_and_state_stays_consistent(store: str) -> None:
     assert vm.mmu_invalidate_in_progress == 0 and not vm.slots_lock.locked()
     assert vm.stats.set_calls == 600
     assert vm.stats.conversions + vm.stats.noop_conversions == 600
-    assert vm.stats.zapped_ranges == vm.stats.post_set_ranges
+    assert vm.stats.pre_set_ranges == vm.stats.post_set_ranges
     # The serial order the post-set hook saw explains the final state, for
     # the gfns inside slots (the hook only sees slot-clipped ranges).
     replay = m.RangeTree()
@@ -495,7 +495,7 @@ def test_gfn_range_walk_covers_every_address_space() -> None:
     vm.set_user_memory_region(1, 4 * MiB, 2 * MiB)
     vm.set_user_memory_region(1 << 16, 0, 8 * MiB)
     with vm.slots_lock:
-        ranges = clip_gfn_ranges(vm.memslots, 0x100, 0x500, 7)
+        ranges = clip_gfn_ranges(vm._kvm, vm.memslots, 0x100, 0x500, 7)
         assert [(r.slot.as_id, r.slot.id, r.start, r.end) for r in ranges] == [
             (0, 0, 0x100, 0x200),
             (0, 1, 0x400, 0x500),

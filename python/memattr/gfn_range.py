@@ -11,10 +11,11 @@ flushes remote TLBs once, before the unlock.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from memattr._native import Kvm
     from memattr.locks import KvmLock
     from memattr.memslots import Memslot, Memslots
 
@@ -28,63 +29,30 @@ class GfnRange:
     end: int
     attributes: int
     may_block: bool
+    # The core's name for the range: (as_id, index, serial, start, end).
+    ref: tuple[int, int, int, int, int] = field(default=(0, 0, 0, 0, 0), compare=False, repr=False)
 
     @property
     def npages(self) -> int:
         return self.end - self.start
 
 
-# The dataclass __init__ of a frozen class goes through object.__setattr__
-# per field; the set path builds one GfnRange per memslot per call, so build
-# them through the slot descriptors directly (same object, half the cost).
-_new_object = object.__new__
-_set_slot = GfnRange.slot.__set__  # type: ignore[attr-defined,misc]
-_set_start = GfnRange.start.__set__  # type: ignore[attr-defined,misc]
-_set_end = GfnRange.end.__set__  # type: ignore[attr-defined,misc]
-_set_attributes = GfnRange.attributes.__set__  # type: ignore[attr-defined,misc]
-_set_may_block = GfnRange.may_block.__set__  # type: ignore[attr-defined,misc]
-
-
-def _make_gfn_range(
-    slot: Memslot, start: int, end: int, attributes: int, may_block: bool
-) -> GfnRange:
-    rng: GfnRange = _new_object(GfnRange)
-    _set_slot(rng, slot)
-    _set_start(rng, start)
-    _set_end(rng, end)
-    _set_attributes(rng, attributes)
-    _set_may_block(rng, may_block)
-    return rng
-
-
 class _GfnRangeVm(Protocol):
-    memslots: Memslots
     mmu_lock: KvmLock
 
     def kvm_flush_remote_tlbs(self) -> None: ...
 
 
 def clip_gfn_ranges(
-    memslots: Memslots, start: int, end: int, attributes: int = 0, may_block: bool = True
+    kvm: Kvm, memslots: Memslots, start: int, end: int, attributes: int = 0, may_block: bool = True
 ) -> list[GfnRange]:
     """Every memslot-clipped piece of [start, end), address space by address
-    space, in gfn order: the ranges kvm_handle_gfn_range() hands out."""
-    ranges: list[GfnRange] = []
-    in_range = memslots.in_range
-    for as_id in range(memslots.nr_as_ids):
-        for slot in in_range(as_id, start, end):
-            base = slot.base_gfn
-            e = base + slot.npages
-            # Clip to the slot; in_range() only returns intersecting slots.
-            # _make_gfn_range(), inlined.
-            rng: GfnRange = _new_object(GfnRange)
-            _set_slot(rng, slot)
-            _set_start(rng, start if start > base else base)
-            _set_end(rng, end if end < e else e)
-            _set_attributes(rng, attributes)
-            _set_may_block(rng, may_block)
-            ranges.append(rng)
-    return ranges
+    space, in gfn order: the ranges kvm_handle_gfn_range() hands out (the
+    core clips; this names each piece's slot for the hooks)."""
+    return [
+        GfnRange(memslots.by_serial(ref[2]), ref[3], ref[4], attributes, may_block, ref)
+        for ref in kvm.clip_gfn_ranges(start, end)
+    ]
 
 
 def kvm_handle_gfn_range(

@@ -44,7 +44,6 @@ from memattr.uapi import (
     KVM_SET_MEMORY_ATTRIBUTES_V11,
     KVM_SET_USER_MEMORY_REGION,
     KVM_SET_USER_MEMORY_REGION2,
-    KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
     kvm_create_guest_memfd,
     kvm_enable_cap,
     kvm_memory_attributes,
@@ -85,22 +84,16 @@ def _copy_in(buf: Any, struct: type[ctypes.Structure], what: str) -> Any:
 
 def _kvm_set_user_memory_region(vm: Vm, buf: Any) -> int:
     mem = _copy_in(buf, kvm_userspace_memory_region, "KVM_SET_USER_MEMORY_REGION")
-    if mem.flags & ~KVM_SET_USER_MEMORY_REGION_V1_FLAGS:
-        raise _oserror(
-            errno.EINVAL,
-            f"flags {mem.flags:#x} not valid for KVM_SET_USER_MEMORY_REGION "
-            f"(use KVM_SET_USER_MEMORY_REGION2)",
-        )
-    # Fields beyond the v1 struct read as zero.
-    vm._set_memory_region(
-        mem.slot, mem.flags, mem.guest_phys_addr, mem.memory_size, mem.userspace_addr, 0, 0
+    vm.kvm_vm_ioctl_set_memory_region(
+        mem.slot, mem.flags, mem.guest_phys_addr, mem.memory_size, mem.userspace_addr, 0, 0,
+        v1=True,
     )
     return 0
 
 
 def _kvm_set_user_memory_region2(vm: Vm, buf: Any) -> int:
     mem = _copy_in(buf, kvm_userspace_memory_region2, "KVM_SET_USER_MEMORY_REGION2")
-    vm._set_memory_region(
+    vm.kvm_vm_ioctl_set_memory_region(
         mem.slot,
         mem.flags,
         mem.guest_phys_addr,

@@ -1,6 +1,9 @@
 """The Vm's locks and the MMU invalidation state they protect.
 
-Two real locks per Vm, as in struct kvm:
+Two real locks per Vm, as in struct kvm. The lock itself is native
+(``memattr._native.ModelLock``), shared with the core's whole operations and
+native replay, which take it in Rust; this module adds what lockdep adds in
+a debug kernel:
 
 - ``slots_lock``: a mutex serialising memslot updates and attribute updates
   (KVM_SET_USER_MEMORY_REGION*, KVM_SET_MEMORY_ATTRIBUTES).
@@ -21,15 +24,13 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import warnings
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from memattr.errors import KvmBugError, LockdepError
-from memattr.uapi import INVALID_GPA
+from memattr.errors import LockdepError
 
 if TYPE_CHECKING:
-    from memattr.stats import Stats
+    from memattr._native import Kvm, ModelLock
 
 _get_ident = threading.get_ident
 _THIS_FILE = __file__
@@ -65,6 +66,8 @@ def _call_site(skip_files: tuple[str, ...] = (_THIS_FILE,)) -> str:
 def _thread_name(ident: int | None) -> str:
     if ident is None:
         return "nobody"
+    if ident == 0:
+        return "a native operation"
     for t in threading.enumerate():
         if t.ident == ident:
             return f"thread {t.name!r} ({ident})"
@@ -74,22 +77,21 @@ def _thread_name(ident: int | None) -> str:
 class KvmLock:
     """A non-recursive lock that knows which thread holds it."""
 
-    __slots__ = ("name", "_lock", "_owner", "_inner", "lockdep")
+    __slots__ = ("name", "_native", "_inner", "lockdep")
 
     def __init__(
-        self, name: str, *, inner: tuple[KvmLock, ...] = (), lockdep: bool = True
+        self, native: ModelLock, *, inner: tuple[KvmLock, ...] = (), lockdep: bool = True
     ) -> None:
-        self.name = name
-        self._lock = threading.Lock()
-        self._owner: int | None = None
+        self.name: str = native.name
+        self._native = native
         # Locks that nest inside this one: holding any of them while taking
         # this one is an order inversion (an ABBA deadlock waiting to happen).
         self._inner = inner
         self.lockdep = lockdep
 
     def acquire(self) -> None:
-        me = _get_ident()
-        if self._owner == me:
+        native = self._native
+        if native.held_by_current_thread():
             raise LockdepError(
                 self.name,
                 "possible recursive locking detected: the lock is not recursive "
@@ -97,26 +99,26 @@ class KvmLock:
                 _call_site(),
             )
         for inner in self._inner:
-            if inner._owner == me:
+            if inner._native.held_by_current_thread():
                 raise LockdepError(
                     self.name,
                     f"possible circular locking dependency: {self.name} nests "
                     f"outside {inner.name}, but this thread holds {inner.name}",
                     _call_site(),
                 )
-        self._lock.acquire()
-        self._owner = me
+        # Waits with the GIL released if another thread (or a native
+        # operation) holds it.
+        native.acquire(_get_ident())
 
     def release(self) -> None:
-        if self._owner != _get_ident():
+        if not self._native.held_by_current_thread():
             raise LockdepError(
                 self.name,
                 "bad unlock balance detected: releasing a lock this thread does not hold",
                 _call_site(),
-                f"held by: {_thread_name(self._owner)}",
+                f"held by: {_thread_name(self._native.owner)}",
             )
-        self._owner = None
-        self._lock.release()
+        self._native.release()
 
     def __enter__(self) -> KvmLock:
         self.acquire()
@@ -127,111 +129,88 @@ class KvmLock:
 
     def locked(self) -> bool:
         """True if any thread holds the lock."""
-        return self._owner is not None
+        return self._native.locked()
 
     def held_by_current_thread(self) -> bool:
-        return self._owner == _get_ident()
+        return self._native.held_by_current_thread()
 
     def assert_held(self, rule: str = "") -> None:
         """lockdep_assert_held(): raise LockdepError unless this thread holds it."""
-        if self.lockdep and self._owner != _get_ident():
+        if self.lockdep and not self._native.held_by_current_thread():
             raise LockdepError(
                 self.name,
                 rule or f"{self.name} must be held here (lockdep_assert_held)",
                 _call_site(),
-                f"held by: {_thread_name(self._owner)}",
+                f"held by: {_thread_name(self._native.owner)}",
             )
 
     def __repr__(self) -> str:
-        return f"<KvmLock {self.name} held by {_thread_name(self._owner)}>"
+        return f"<KvmLock {self.name} held by {_thread_name(self._native.owner)}>"
 
 
 class MmuLock(KvmLock):
-    """kvm->mmu_lock; counts acquisitions into the Vm's Stats."""
+    """kvm->mmu_lock; each acquisition is counted by the core."""
 
-    __slots__ = ("_stats",)
+    __slots__ = ("_kvm",)
 
-    def __init__(self, stats: Stats, *, lockdep: bool = True) -> None:
-        super().__init__("mmu_lock", lockdep=lockdep)
-        self._stats = stats
+    def __init__(self, kvm: Kvm, *, lockdep: bool = True) -> None:
+        super().__init__(kvm.mmu_lock, lockdep=lockdep)
+        self._kvm = kvm
 
     def acquire(self) -> None:
         super().acquire()
-        self._stats.mmu_lock_acquisitions += 1
+        self._kvm.note_mmu_lock()
 
 
 class MmuInvalidation:
-    """kvm->mmu_invalidate_{in_progress,seq,range_start,range_end}.
-
-    Faults read these without the lock and retry if an invalidation raced
-    with them; every change must happen with mmu_lock held so a fault that
-    re-checks under mmu_lock sees a consistent picture.
+    """kvm->mmu_invalidate_{in_progress,seq,range_start,range_end}, kept by
+    the core; this adds lockdep's rule that they only change with mmu_lock
+    held, so a fault that re-checks under mmu_lock sees a consistent picture.
     """
 
-    __slots__ = ("_mmu_lock", "seq", "in_progress", "range_start", "range_end")
+    __slots__ = ("_mmu_lock", "_kvm")
 
-    def __init__(self, mmu_lock: KvmLock) -> None:
+    def __init__(self, mmu_lock: KvmLock, kvm: Kvm) -> None:
         self._mmu_lock = mmu_lock
-        self.seq = 0
-        self.in_progress = 0
-        self.range_start = INVALID_GPA
-        self.range_end = INVALID_GPA
+        self._kvm = kvm
+
+    def _assert_locked(self, what: str) -> None:
+        lock = self._mmu_lock
+        if lock.lockdep and not lock.held_by_current_thread():
+            lock.assert_held(f"{what} may only change with mmu_lock held")
 
     def begin(self) -> None:
         """kvm_mmu_invalidate_begin()."""
-        lock = self._mmu_lock
-        if lock._owner != _get_ident() and lock.lockdep:
-            lock.assert_held(
-                "mmu_invalidate_in_progress may only change with mmu_lock held "
-                "(kvm_mmu_invalidate_begin)"
-            )
-        # Visible to faults only at unlock time; nothing can be mapped until then.
-        self.in_progress += 1
-        if self.in_progress == 1:
-            self.range_start = INVALID_GPA
-            self.range_end = INVALID_GPA
+        self._assert_locked("mmu_invalidate_in_progress (kvm_mmu_invalidate_begin)")
+        self._kvm.invalidate_begin()
 
     def range_add(self, start: int, end: int) -> None:
         """kvm_mmu_invalidate_range_add(): widen the range faults must avoid."""
-        lock = self._mmu_lock
-        if lock._owner != _get_ident() and lock.lockdep:
-            lock.assert_held(
-                "mmu_invalidate_range_start/end may only change with mmu_lock held "
-                "(kvm_mmu_invalidate_range_add)"
-            )
-        if self.in_progress == 0:
-            warnings.warn(
-                KvmWarning("kvm_mmu_invalidate_range_add() outside begin()/end()"),
-                stacklevel=2,
-            )
-        if self.range_start == INVALID_GPA:
-            self.range_start = start
-            self.range_end = end
-        else:
-            if start < self.range_start:
-                self.range_start = start
-            if end > self.range_end:
-                self.range_end = end
+        self._assert_locked("mmu_invalidate_range_start/end (kvm_mmu_invalidate_range_add)")
+        self._kvm.invalidate_range_add(start, end)
 
     def end(self) -> None:
         """kvm_mmu_invalidate_end()."""
-        lock = self._mmu_lock
-        if lock._owner != _get_ident() and lock.lockdep:
-            lock.assert_held(
-                "mmu_invalidate_seq and mmu_invalidate_in_progress may only change "
-                "with mmu_lock held (kvm_mmu_invalidate_end)"
-            )
-        if self.in_progress <= 0:
-            raise KvmBugError("KVM_BUG_ON: mmu_invalidate_end() without a matching begin()")
-        # The sequence bump must be visible before the count drops, so a fault
-        # that saw in_progress == 0 also sees the new sequence and retries.
-        self.seq += 1
-        self.in_progress -= 1
-        if self.range_start == INVALID_GPA:
-            warnings.warn(
-                KvmWarning("mmu_invalidate_end() without any range added since begin()"),
-                stacklevel=2,
-            )
+        self._assert_locked(
+            "mmu_invalidate_seq and mmu_invalidate_in_progress (kvm_mmu_invalidate_end)"
+        )
+        self._kvm.invalidate_end()
+
+    @property
+    def seq(self) -> int:
+        return self._kvm.inval[0]
+
+    @property
+    def in_progress(self) -> int:
+        return self._kvm.inval[1]
+
+    @property
+    def range_start(self) -> int:
+        return self._kvm.inval[2]
+
+    @property
+    def range_end(self) -> int:
+        return self._kvm.inval[3]
 
 
 __all__ = ["KvmLock", "KvmWarning", "MmuInvalidation", "MmuLock"]

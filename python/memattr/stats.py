@@ -1,4 +1,7 @@
-"""Counters a Vm keeps, named for what the kernel does (not what it costs us)."""
+"""Counters a Vm keeps, named for what the kernel does (not what it costs us).
+
+The core (``rust/kvm``) keeps them; ``vm.stats`` is a snapshot taken when
+read, safe to keep while the Vm goes on."""
 
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ class Stats:
     enomem: int = 0  # reservation failures
 
     # gfn-range iteration (kvm_handle_gfn_range)
-    zapped_ranges: int = 0  # memslot-clipped ranges handed to the pre-set pass
+    pre_set_ranges: int = 0  # memslot-clipped ranges handed to the pre-set pass
+    zapped_ranges: int = 0  # of those, ranges whose zap removed a mapping
     post_set_ranges: int = 0  # memslot-clipped ranges handed to the post-set pass
     tlb_flushes: int = 0  # kvm_flush_remote_tlbs calls
     mmu_lock_acquisitions: int = 0
@@ -43,5 +47,10 @@ class Stats:
     mapped: dict[int, int] = field(default_factory=_per_level)  # live mappings by level
 
     def as_dict(self) -> dict[str, object]:
-        """A deep copy, safe to keep while the Vm goes on."""
+        """A deep copy."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_counters(cls, counters: dict[str, object]) -> Stats:
+        """The snapshot of a core's counters (``_native.Kvm.counters()``)."""
+        return cls(**counters)  # type: ignore[arg-type]

@@ -1030,7 +1030,7 @@ class _Replayer:
             return None
         offset = slot.guest_memfd_offset + gpa - (slot.base_gfn << PAGE_SHIFT)
         try:
-            self.vm.guest_memfd_fallocate(slot.gmem.fd, PUNCH_HOLE_MODE, offset, size)
+            self.vm.guest_memfd_fallocate(slot.gmem, PUNCH_HOLE_MODE, offset, size)
         except OSError as e:
             return self.fail(e)
         return None

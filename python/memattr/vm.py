@@ -1,6 +1,14 @@
-"""The VM: memslots, KVM_SET_MEMORY_ATTRIBUTES and the hooks around it.
+"""The VM driver: KVM_SET_MEMORY_ATTRIBUTES and the hooks around it, over
+the core (``memattr._native.Kvm``, ``rust/kvm``), which holds the VM's state
+and every kernel rule. This module decides who runs an operation:
 
-Models struct kvm and the VM-ioctl side of virt/kvm/kvm_main.c (Linux 6.8):
+- nothing in Python needs to see the steps (no hooks, Linux 6.8 ordering,
+  a thread holding none of the VM's locks): the core runs the whole call;
+- otherwise the driver here runs the core's steps one by one under the
+  modelled locks, calling the hooks and the lock checker between them.
+
+Both run the same steps, so both give the same results and counters. What
+the steps do, as the kernel does it (virt/kvm/kvm_main.c, Linux 6.8):
 
 - ``set_memory_attributes`` validates like kvm_vm_ioctl_set_mem_attributes()
   (flags, unsupported attributes, size 0 or wrap, alignment; each EINVAL with
@@ -35,124 +43,24 @@ Either way ``stats.failed_calls`` counts the call.
 
 from __future__ import annotations
 
-import errno
-import operator
-import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
-from memattr import _native
+from memattr import _args, _native
 from memattr.gfn_range import GfnRange, clip_gfn_ranges, kvm_handle_gfn_range
 from memattr.ioctl import vm_ioctl
 from memattr.locks import KvmLock, MmuInvalidation, MmuLock
-from memattr.memslots import (
-    GuestMemfd,
-    Memslot,
-    MemslotChange,
-    Memslots,
-    gmem_files,
-    kvm_gmem_create,
-    prepare_memory_region,
-)
+from memattr.memslots import Memslot, Memslots
 from memattr.mmu import X86Mmu
 from memattr.stats import Stats
-from memattr.uapi import (
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    KVM_CAP_GUEST_MEMFD,
-    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_CAP_MEMORY_ATTRIBUTES,
-    KVM_CAP_MEMORY_FAULT_INFO,
-    KVM_CAP_MULTI_ADDRESS_SPACE,
-    KVM_CAP_NR_MEMSLOTS,
-    KVM_CAP_READONLY_MEM,
-    KVM_CAP_USER_MEMORY,
-    KVM_CAP_USER_MEMORY2,
-    KVM_CAP_VM_TYPES,
-    KVM_MAX_NR_ADDRESS_SPACES,
-    KVM_DIRTY_LOG_MANUAL_CAPS,
-    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_USER_MEM_SLOTS,
-    KVM_X86_DEFAULT_VM,
-    KVM_X86_SEV_ES_VM,
-    KVM_X86_SEV_VM,
-    KVM_X86_SNP_VM,
-    KVM_X86_SW_PROTECTED_VM,
-    KVM_X86_TDX_VM,
-    PAGE_SHIFT,
-    PAGE_SIZE,
-    INVALID_GPA,
-    U64_MAX,
-)
+from memattr.uapi import KVM_X86_DEFAULT_VM, U64_MAX
 
-# Distinct (start, end, attributes) keys whose memslot-clipped ranges a Vm
-# keeps for reuse (see Vm._gfn_ranges).
-_RANGES_CACHE_SIZE = 64
-_PAGE_MASK = PAGE_SIZE - 1
 _U32_MAX = (1 << 32) - 1
-_S64_MAX = (1 << 63) - 1  # MAX_LFS_FILESIZE
-# include/uapi/linux/falloc.h modes guest_memfd refuses, for vfs_fallocate's
-# checks (FALLOC_FL_SUPPORTED_MASK is every mode up to UNSHARE_RANGE).
-_FALLOC_FL_COLLAPSE_RANGE = 0x08
-_FALLOC_FL_ZERO_RANGE = 0x10
-_FALLOC_FL_INSERT_RANGE = 0x20
-_FALLOC_FL_UNSHARE_RANGE = 0x40
-_FALLOC_FL_SUPPORTED_MASK = 0x7F
-
-# vm_type -> (has_private_mem, has_protected_state), as x86 sets them at
-# KVM_CREATE_VM (kvm_arch_init_vm, svm_vm_init, tdx_vm_init). The SEV, SNP and
-# TDX types arrived after 6.8; the model only needs what they change here:
-# the supported attributes, guest_memfd binding, address spaces and
-# read-only memslots.
-_X86_VM_TYPES: dict[int, tuple[bool, bool]] = {
-    KVM_X86_DEFAULT_VM: (False, False),
-    KVM_X86_SW_PROTECTED_VM: (True, False),
-    KVM_X86_SEV_VM: (False, False),
-    KVM_X86_SEV_ES_VM: (False, True),
-    KVM_X86_SNP_VM: (True, True),
-    KVM_X86_TDX_VM: (True, True),
-}
-_SUPPORTED_VM_TYPES = sum(1 << t for t in _X86_VM_TYPES)
 
 StoreKind = Literal["rangetree", "xarray"]
 Semantics = Literal["6.8", "v11"]
 Hook = Callable[[GfnRange], Any]
 H = TypeVar("H", bound=Hook)
-
-
-def _uint(name: str, value: object, bits: int) -> int:
-    """``value`` as an unsigned ``bits``-bit int, or a TypeError/ValueError
-    naming the argument."""
-    if type(value) is not int:
-        try:
-            value = operator.index(value)  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
-    if value < 0 or value >> bits:  # type: ignore[operator]
-        raise ValueError(f"{name} must be a u{bits} (0 <= {name} < 2**{bits}), got {value}")
-    return value  # type: ignore[return-value]
-
-
-def _sint(name: str, value: object, bits: int) -> int:
-    """``value`` as a signed ``bits``-bit int (a loff_t), or a
-    TypeError/ValueError naming the argument."""
-    if type(value) is not int:
-        try:
-            value = operator.index(value)  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
-    if not -(1 << (bits - 1)) <= value < 1 << (bits - 1):  # type: ignore[operator]
-        raise ValueError(f"{name} must be an s{bits}, got {value}")
-    return value  # type: ignore[return-value]
-
-
-def _einval(why: str) -> OSError:
-    return OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: {why}")
-
-
-def _eopnotsupp(why: str) -> OSError:
-    return OSError(errno.EOPNOTSUPP, f"{os.strerror(errno.EOPNOTSUPP)}: {why}")
 
 
 class Vm:
@@ -179,51 +87,39 @@ class Vm:
         guest_memfd_max_order: int = 0,
         lockdep: bool = True,
     ) -> None:
-        vm_type = _uint("vm_type", vm_type, 64)
-        if vm_type not in _X86_VM_TYPES:
-            # kvm_arch_init_vm(): !kvm_is_vm_type_supported(type)
-            raise _einval(f"VM type {vm_type} is not supported")
+        vm_type = _args.uint("vm_type", vm_type)
         if store == "rangetree":
-            self.store: Any = _native.RangeTree()
+            store_obj: Any = _native.RangeTree()
         elif store == "xarray":
-            self.store = _native.XArray()
+            store_obj = _native.XArray()
         else:
             raise ValueError(f"store must be 'rangetree' or 'xarray', got {store!r}")
         if semantics not in ("6.8", "v11"):
             raise ValueError(f"semantics must be '6.8' or 'v11', got {semantics!r}")
         if attr_memory_limit is not None:
-            attr_memory_limit = _uint("attr_memory_limit", attr_memory_limit, 64)
-        order = _uint("guest_memfd_max_order", guest_memfd_max_order, 64)
-        if order > 18:
-            raise ValueError(f"guest_memfd_max_order must be <= 18 (1G), got {order}")
-
-        self.vm_type = vm_type
-        self.has_private_mem, self.has_protected_state = _X86_VM_TYPES[vm_type]
-        # kvm_supported_mem_attributes()
-        self.supported_memory_attributes = (
-            KVM_MEMORY_ATTRIBUTE_PRIVATE if self.has_private_mem else 0
-        )
-        # kvm_arch_has_readonly_mem(): no read-only slots with protected state.
-        self.has_readonly_mem = not self.has_protected_state
+            attr_memory_limit = _args.uint("attr_memory_limit", attr_memory_limit)
+        order = _args.uint("guest_memfd_max_order", guest_memfd_max_order)
+        # KVM_CREATE_VM: the core refuses unknown types with EINVAL.
+        self._kvm = _native.Kvm(vm_type, store_obj, semantics, attr_memory_limit, order)
+        (
+            self.vm_type,
+            self.has_private_mem,
+            self.has_protected_state,
+            self.supported_memory_attributes,
+            self.nr_memslot_as_ids,
+            self.has_readonly_mem,
+        ) = self._kvm.config
+        self.store: Any = store_obj
         self.store_kind: StoreKind = store
         self.semantics: Semantics = semantics
-        self.attr_memory_limit = attr_memory_limit
+        self._attr_memory_limit = attr_memory_limit
         self.guest_memfd_max_order = order
-        # kvm->manual_dirty_log_protect (KVM_ENABLE_CAP).
-        self.manual_dirty_log_protect = 0
-        self.stats = Stats()
 
-        self.mmu_lock: KvmLock = MmuLock(self.stats, lockdep=lockdep)
-        self.slots_lock = KvmLock("slots_lock", inner=(self.mmu_lock,), lockdep=lockdep)
-        self._inval = MmuInvalidation(self.mmu_lock)
+        self.mmu_lock: KvmLock = MmuLock(self._kvm, lockdep=lockdep)
+        self.slots_lock = KvmLock(self._kvm.slots_lock, inner=(self.mmu_lock,), lockdep=lockdep)
+        self._inval = MmuInvalidation(self.mmu_lock, self._kvm)
         self._inval_open = False  # this set call's invalidation is begun, not ended
-
-        # SMM is unsupported for guests with private memory: one address space.
-        self.nr_memslot_as_ids = 1 if self.has_private_mem else KVM_MAX_NR_ADDRESS_SPACES
-        self.memslots = Memslots(self.nr_memslot_as_ids)
-        # Identifies this VM's guest_memfd files (gmem->kvm) without keeping
-        # the Vm alive from the process-wide fd table.
-        self._gmem_owner = object()
+        self.memslots = Memslots(self._kvm)
 
         self._unmap_hooks: tuple[Hook, ...] = ()
         self._post_set_hooks: tuple[Hook, ...] = ()
@@ -234,9 +130,7 @@ class Vm:
         self._begin_handler = self._begin_set_invalidation
         self._end_handler = self._end_set_invalidation
         self._v11 = semantics == "v11"
-        # Never mutated once cached: the passes only iterate them.
-        self._ranges_cache: dict[tuple[int, int, int], list[GfnRange]] = {}
-        self._ranges_cache_gen = -1
+        self._native_set = not self._v11
 
         self.mmu = X86Mmu(self)
 
@@ -246,35 +140,42 @@ class Vm:
             f"memslots={len(self.memslots)}>"
         )
 
+    @property
+    def stats(self) -> Stats:
+        """Every counter, as the core keeps it (a snapshot)."""
+        return Stats.from_counters(self._kvm.counters())
+
+    @property
+    def attr_memory_limit(self) -> int | None:
+        """Bytes the attribute store may use (None: unlimited); settable."""
+        return self._attr_memory_limit
+
+    @attr_memory_limit.setter
+    def attr_memory_limit(self, limit: int | None) -> None:
+        if limit is not None:
+            limit = _args.uint("attr_memory_limit", limit)
+        self._kvm.set_attr_memory_limit(limit)
+        self._attr_memory_limit = limit
+
+    @property
+    def manual_dirty_log_protect(self) -> int:
+        """kvm->manual_dirty_log_protect (KVM_ENABLE_CAP)."""
+        return int(self._kvm.manual_dirty_log_protect)
+
+    def _lock_conflict(self) -> None:
+        """A native operation refused to run because this thread holds one
+        of the VM's locks: report it as lockdep would."""
+        with self.slots_lock:  # raises LockdepError: recursion or inversion
+            pass
+        raise RuntimeError("a native operation saw a lock this thread does not hold")
+
     # --- capabilities --------------------------------------------------------
 
     def check_extension(self, cap: int) -> int:
-        """KVM_CHECK_EXTENSION on the VM fd (x86, Linux 6.8); unknown caps 0."""
-        try:
-            cap = operator.index(cap)
-        except TypeError:
-            raise TypeError(f"cap must be an int, not {type(cap).__name__}") from None
-        if cap == KVM_CAP_MEMORY_ATTRIBUTES:
-            if self.semantics == "v11":
-                # v11 advertised the ioctls with the cap and reported the
-                # mask through KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES.
-                return 1
-            return self.supported_memory_attributes
-        if cap == KVM_CAP_GUEST_MEMFD:
-            return int(self.has_private_mem)
-        if cap in (KVM_CAP_USER_MEMORY, KVM_CAP_USER_MEMORY2, KVM_CAP_MEMORY_FAULT_INFO):
-            return 1
-        if cap == KVM_CAP_NR_MEMSLOTS:
-            return KVM_USER_MEM_SLOTS
-        if cap == KVM_CAP_MULTI_ADDRESS_SPACE:
-            return self.nr_memslot_as_ids
-        if cap == KVM_CAP_READONLY_MEM:
-            return int(self.has_readonly_mem)
-        if cap == KVM_CAP_VM_TYPES:
-            return _SUPPORTED_VM_TYPES
-        if cap == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
-            return KVM_DIRTY_LOG_MANUAL_CAPS
-        return 0
+        """KVM_CHECK_EXTENSION on the VM fd (x86, Linux 6.8); unknown caps 0
+        (the ioctl's argument is a long: negative ones are unknown too)."""
+        cap = _args.sint("cap", cap, 64)
+        return 0 if cap < 0 else int(self._kvm.check_extension(cap))
 
     def enable_cap(self, cap: int, flags: int = 0, args: Sequence[int] = (0, 0, 0, 0)) -> None:
         """KVM_ENABLE_CAP on the VM fd (kvm_vm_ioctl_enable_cap_generic,
@@ -283,23 +184,7 @@ class Vm:
         is KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, optionally with
         KVM_DIRTY_LOG_INITIALLY_SET (then turning dirty logging on leaves
         the mappings alone: every page counts as dirty); flags must be 0."""
-        cap = _uint("cap", cap, 32)
-        flags = _uint("flags", flags, 32)
-        if len(args) != 4:
-            raise ValueError(f"args must hold 4 values (struct kvm_enable_cap), got {len(args)}")
-        values = [_uint(f"args[{i}]", a, 64) for i, a in enumerate(args)]
-        if cap == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
-            allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
-            if values[0] & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
-                allowed = KVM_DIRTY_LOG_MANUAL_CAPS
-            if flags or values[0] & ~allowed:
-                raise _einval(
-                    f"KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: flags {flags:#x} must be 0 and "
-                    f"args[0] {values[0]:#x} within {allowed:#x}"
-                )
-            self.manual_dirty_log_protect = values[0]
-            return
-        raise _einval(f"capability {cap} cannot be enabled on this VM")
+        self._kvm.enable_cap(cap, flags, list(args))
 
     # --- guest_memfd and memslots --------------------------------------------
 
@@ -309,9 +194,7 @@ class Vm:
         6.8 lets any VM create one (binding it needs a VM with private
         memory); no flags are valid; size must be > 0 and page aligned.
         """
-        size = _uint("size", size, 64)
-        flags = _uint("flags", flags, 64)
-        return kvm_gmem_create(size, flags, self._gmem_owner).fd
+        return int(self._kvm.create_guest_memfd(_args.uint("size", size), _args.uint("flags", flags)))
 
     def set_user_memory_region(
         self,
@@ -325,27 +208,20 @@ class Vm:
     ) -> None:
         """KVM_SET_USER_MEMORY_REGION2: create, delete (size 0), move or
         change the flags of a memslot. ``slot`` is ``as_id << 16 | id``."""
-        slot = _uint("slot", slot, 32)
-        guest_phys_addr = _uint("guest_phys_addr", guest_phys_addr, 64)
-        memory_size = _uint("memory_size", memory_size, 64)
-        userspace_addr = _uint("userspace_addr", userspace_addr, 64)
-        flags = _uint("flags", flags, 32)
-        if type(guest_memfd) is not int:
-            guest_memfd = operator.index(guest_memfd)
+        guest_memfd = _args.sint("guest_memfd", guest_memfd, 64)
         if not -(1 << 31) <= guest_memfd <= _U32_MAX:
             raise ValueError(f"guest_memfd must be an fd (a u32 or -1), got {guest_memfd}")
-        guest_memfd_offset = _uint("guest_memfd_offset", guest_memfd_offset, 64)
-        self._set_memory_region(
-            slot,
-            flags,
-            guest_phys_addr,
-            memory_size,
-            userspace_addr,
+        self.kvm_vm_ioctl_set_memory_region(
+            _args.uint("slot", slot, 32),
+            _args.uint("flags", flags, 32),
+            _args.uint("guest_phys_addr", guest_phys_addr),
+            _args.uint("memory_size", memory_size),
+            _args.uint("userspace_addr", userspace_addr),
             guest_memfd & _U32_MAX,
-            guest_memfd_offset,
+            _args.uint("guest_memfd_offset", guest_memfd_offset),
         )
 
-    def _set_memory_region(
+    def kvm_vm_ioctl_set_memory_region(
         self,
         slot: int,
         flags: int,
@@ -354,187 +230,56 @@ class Vm:
         userspace_addr: int,
         guest_memfd: int,
         guest_memfd_offset: int,
+        *,
+        v1: bool = False,
     ) -> None:
-        """kvm_vm_ioctl_set_memory_region() with validated uapi fields."""
-        if slot & 0xFFFF >= KVM_USER_MEM_SLOTS:
-            raise _einval(f"slot id {slot & 0xFFFF} >= KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})")
-        with self.slots_lock:
-            change, old, new, gmem = prepare_memory_region(
-                self.memslots,
-                owner=self._gmem_owner,
-                has_private_mem=self.has_private_mem,
-                has_readonly_mem=self.has_readonly_mem,
-                slot=slot,
-                flags=flags,
-                guest_phys_addr=guest_phys_addr,
-                memory_size=memory_size,
-                userspace_addr=userspace_addr,
-                guest_memfd=guest_memfd,
-                guest_memfd_offset=guest_memfd_offset,
-            )
-            if change is MemslotChange.NONE:
-                return
-            self._commit_memory_region(change, old, new, gmem)
-            self.stats.memslot_updates += 1
-
-    def _commit_memory_region(
-        self, change: MemslotChange, old: Memslot | None, new: Memslot | None, gmem: Any
-    ) -> None:
-        memslots = self.memslots
-        # The cached clipped ranges name the old slots; drop them now rather
-        # than at the next set call.
-        self._ranges_cache.clear()
-        if change is MemslotChange.FLAGS_ONLY:
-            assert old is not None and new is not None
-            # The kernel copies the slot (arch state included) into a new
-            # struct; only the flags differ, so the model updates them in place.
-            old_flags = old.flags
-            old.flags = new.flags
-            memslots._changed()
-            # kvm_arch_commit_memory_region(): split or recover hugepages.
-            self.mmu.memslot_flags_changed(old, old_flags)
-            return
-        if old is not None:
-            # kvm_invalidate_memslot(): zap everything mapped through the old
-            # slot before it goes away (kvm_arch_flush_shadow_memslot).
-            self.mmu.memslot_deleted(old)
-            memslots._remove(old)
-            if old.gmem is not None:
-                old.gmem._unbind(old)
-        if new is None:
-            return
-        if gmem is not None:
-            gmem._bind(new)
-        memslots._install(new)
-        try:
-            # kvm_arch_prepare_memory_region(): lpage info and mixed flags from
-            # the attributes as they are now.
-            self.mmu.memslot_created(new)
-        except BaseException:
-            # Like kvm_set_memslot() on failure: the new slot never existed,
-            # a moved slot goes back where it was.
-            memslots._remove(new)
-            if new.gmem is not None:
-                new.gmem._unbind(new)
-            if old is not None:
-                memslots._install(old)
-                self.mmu.memslot_created(old)
-            raise
-
-    def _own_guest_memfd(self, fd: object) -> GuestMemfd:
-        """The open guest_memfd file ``fd`` of this VM, or EBADF."""
-        if type(fd) is not int:
-            try:
-                fd = operator.index(fd)  # type: ignore[arg-type]
-            except TypeError:
-                raise TypeError(f"fd must be an int, not {type(fd).__name__}") from None
-        gmem = gmem_files.get(fd) if 0 <= fd <= _U32_MAX else None  # type: ignore[operator]
-        if gmem is None or gmem.owner is not self._gmem_owner:
-            raise OSError(errno.EBADF, f"{os.strerror(errno.EBADF)}: fd {fd} is not a guest_memfd of this VM")
-        return gmem
+        """KVM_SET_USER_MEMORY_REGION (``v1``) or ..._REGION2 with the uapi
+        struct's fields: the core runs it under slots_lock."""
+        done = self._kvm.set_memory_region(
+            slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd,
+            guest_memfd_offset, v1,
+        )
+        if not done:
+            self._lock_conflict()
 
     def guest_memfd_fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) on a guest_memfd (vfs_fallocate, then
         kvm_gmem_fallocate, Linux 6.8). ``FALLOC_FL_KEEP_SIZE`` allocates
         (nothing to model beyond the checks); with ``FALLOC_FL_PUNCH_HOLE``
-        the pages go, and every mapping of them is zapped first: for each
-        memslot bound to the range, under mmu_lock, an invalidation begins,
-        the gfns are added and unmapped (private and shared mappings alike),
-        one TLB flush if anything was mapped; the invalidation ends after
-        the truncation (kvm_gmem_punch_hole). Errors: EBADF (not a
-        guest_memfd of this VM), EINVAL (offset < 0, length <= 0, not page
-        aligned, or an allocation past the file's size), EOPNOTSUPP (no
-        KEEP_SIZE, or any other mode), EFBIG (offset + length past
-        MAX_LFS_FILESIZE). slots_lock stands in for the file's invalidate
-        lock, which memslot binding also takes."""
-        gmem = self._own_guest_memfd(fd)
-        mode = _uint("mode", mode, 32)
-        offset = _sint("offset", offset, 64)
-        length = _sint("length", length, 64)
-        # vfs_fallocate(), in its order.
-        if offset < 0 or length <= 0:
-            raise _einval(f"offset {offset} must be >= 0 and length {length} > 0")
-        if mode & ~_FALLOC_FL_SUPPORTED_MASK:
-            raise _eopnotsupp(f"mode {mode:#x} has unknown bits")
-        if mode & FALLOC_FL_PUNCH_HOLE and mode & _FALLOC_FL_ZERO_RANGE:
-            raise _eopnotsupp("FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE exclude each other")
-        if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
-            raise _eopnotsupp("FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE")
-        for alone, name in ((_FALLOC_FL_COLLAPSE_RANGE, "COLLAPSE_RANGE"), (_FALLOC_FL_INSERT_RANGE, "INSERT_RANGE")):
-            if mode & alone and mode & ~alone:
-                raise _einval(f"FALLOC_FL_{name} must be used alone")
-        if mode & _FALLOC_FL_UNSHARE_RANGE and mode & ~(_FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_KEEP_SIZE):
-            raise _einval("FALLOC_FL_UNSHARE_RANGE takes only FALLOC_FL_KEEP_SIZE")
-        if offset + length > _S64_MAX:
-            raise OSError(errno.EFBIG, f"{os.strerror(errno.EFBIG)}: offset + length past the largest file size")
-        # kvm_gmem_fallocate().
-        if not mode & FALLOC_FL_KEEP_SIZE:
-            raise _eopnotsupp("guest_memfd cannot change size: FALLOC_FL_KEEP_SIZE is required")
-        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
-            raise _eopnotsupp(f"mode {mode:#x} is not supported by guest_memfd")
-        if offset & _PAGE_MASK or length & _PAGE_MASK:
-            raise _einval(f"offset {offset:#x} and length {length:#x} must be page aligned")
-        if not mode & FALLOC_FL_PUNCH_HOLE:
-            if offset + length > gmem.size:  # kvm_gmem_allocate(): immutable size
-                raise _einval(f"allocation past the file's size {gmem.size:#x}")
-            return
-        with self.slots_lock:
-            self._kvm_gmem_invalidate(gmem, offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT)
-        self.stats.gmem_holes_punched += 1
+        the pages go, and every mapping of them is zapped first, inside one
+        invalidation, one TLB flush if anything was mapped
+        (kvm_gmem_punch_hole). Errors: EBADF (not a guest_memfd of this VM),
+        EINVAL (offset < 0, length <= 0, not page aligned, or an allocation
+        past the file's size), EOPNOTSUPP (no KEEP_SIZE, or any other mode),
+        EFBIG (offset + length past MAX_LFS_FILESIZE)."""
+        fd = _args.uint("fd", fd)
+        mode = _args.uint("mode", mode, 32)
+        offset = _args.sint("offset", offset)
+        length = _args.sint("length", length)
+        if not self._kvm.guest_memfd_fallocate(fd, mode, offset, length):
+            self._lock_conflict()
 
     def guest_memfd_close(self, fd: int) -> None:
         """close(2) of the last reference to a guest_memfd
-        (kvm_gmem_release): under slots_lock, every bound memslot loses the
-        file (private faults there now exit), every mapping through it is
-        zapped as for a hole over the whole file, and the bindings go. The
-        memslots stay; the fd number is free. EBADF if ``fd`` is not an open
-        guest_memfd of this VM."""
-        gmem = self._own_guest_memfd(fd)
-        with self.slots_lock:
-            gmem_files.remove(gmem.fd)
-            for _, _, slot in gmem.bindings():
-                slot.gmem = None  # slot->gmem.file = NULL
-            self._kvm_gmem_invalidate(gmem, 0, U64_MAX)
-            gmem._bindings = []
-        self.stats.gmem_closed += 1
+        (kvm_gmem_release): every bound memslot loses the file (private
+        faults there now exit), every mapping through it is zapped as for a
+        hole over the whole file, and the bindings go. The memslots stay;
+        the fd number is free. EBADF if ``fd`` is not an open guest_memfd of
+        this VM."""
+        if not self._kvm.guest_memfd_close(_args.uint("fd", fd)):
+            self._lock_conflict()
 
-    def _kvm_gmem_invalidate(self, gmem: GuestMemfd, start: int, end: int) -> None:
-        """kvm_gmem_invalidate_begin() and _end() for file pages
-        [start, end), around a truncation that needs no modelling."""
-        self.slots_lock.assert_held("guest_memfd bindings are stable under slots_lock")
-        ranges = []
-        for first, last, slot in gmem.bindings():
-            if last <= start or first >= end:
-                continue
-            ranges.append(
-                (slot, slot.base_gfn + max(first, start) - first, slot.base_gfn + min(last, end) - first)
-            )
-        if not ranges:
-            return
-        with self.mmu_lock:
-            self._inval.begin()
-            try:
-                flush = False
-                for slot, s, e in ranges:
-                    # kvm_mmu_unmap_gfn_range(): add, then zap.
-                    self._inval.range_add(s, e)
-                    if self.mmu.unmap_gfn_range(slot, s, e):
-                        flush = True
-                if flush:
-                    self.kvm_flush_remote_tlbs()
-            except BaseException:
-                # Never leave faults blocked behind a half-done invalidation.
-                self._inval.end()
-                raise
-        with self.mmu_lock:
-            self._inval.end()
+    def guest_memfds(self) -> list[tuple[int, int, int, list[tuple[int, int, int, int]]]]:
+        """This VM's open guest_memfd files: (fd, size, flags, bindings as
+        (first_page, end_page, as_id, slot id))."""
+        return list(self._kvm.guest_memfds())
 
     # --- memory attributes ---------------------------------------------------
 
     def get_memory_attributes(self, gfn: int) -> int:
         """kvm_get_memory_attributes()."""
         if type(gfn) is not int or not 0 <= gfn <= U64_MAX:
-            gfn = _uint("gfn", gfn, 64)
+            gfn = _args.uint("gfn", gfn)
         return self.store.get(gfn)  # type: ignore[no-any-return]
 
     def range_has_attributes(
@@ -542,10 +287,10 @@ class Vm:
     ) -> bool:
         """kvm_range_has_memory_attributes(): every gfn in [start_gfn, end_gfn)
         has ``attributes`` in the bits of ``mask``. An empty range is True."""
-        start_gfn = _uint("start_gfn", start_gfn, 64)
-        end_gfn = _uint("end_gfn", end_gfn, 64)
-        attributes = _uint("attributes", attributes, 64)
-        mask = _uint("mask", mask, 64)
+        start_gfn = _args.uint("start_gfn", start_gfn)
+        end_gfn = _args.uint("end_gfn", end_gfn)
+        attributes = _args.uint("attributes", attributes)
+        mask = _args.uint("mask", mask)
         if start_gfn > end_gfn:
             raise ValueError(f"start_gfn ({start_gfn}) must be <= end_gfn ({end_gfn})")
         if start_gfn == end_gfn:
@@ -556,85 +301,43 @@ class Vm:
         self, address: int, size: int, attributes: int, flags: int = 0
     ) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES for [address, address + size)."""
-        if type(address) is not int or not 0 <= address <= U64_MAX:
-            address = _uint("address", address, 64)
-        if type(size) is not int or not 0 <= size <= U64_MAX:
-            size = _uint("size", size, 64)
-        if type(attributes) is not int or not 0 <= attributes <= U64_MAX:
-            attributes = _uint("attributes", attributes, 64)
-        if type(flags) is not int or not 0 <= flags <= U64_MAX:
-            flags = _uint("flags", flags, 64)
+        # The whole call in the core when no hook, no v11 ordering and no
+        # lock held by this thread needs the driver below (the core says).
+        if self._native_set and self._kvm.set_memory_attributes(address, size, attributes, flags):
+            return
+        address = _args.uint("address", address)
+        size = _args.uint("size", size)
+        attributes = _args.uint("attributes", attributes)
+        flags = _args.uint("flags", flags)
+        kvm = self._kvm
+        # kvm_vm_ioctl_set_mem_attributes()'s checks (counted by the core).
+        start, end = kvm.set_checks(address, size, attributes, flags)
         try:
-            # kvm_vm_ioctl_set_mem_attributes(): each check EINVAL, in this order.
-            if flags:
-                raise _einval(f"flags {flags:#x} must be 0 (reserved)")
-            if attributes & ~self.supported_memory_attributes:
-                raise _einval(
-                    f"attributes {attributes:#x} not supported by this VM "
-                    f"(supported: {self.supported_memory_attributes:#x})"
-                )
-            if size == 0 or address + size > U64_MAX:
-                raise _einval(f"size {size:#x} is 0 or address + size wraps")
-            if address & _PAGE_MASK or size & _PAGE_MASK:
-                raise _einval(f"address {address:#x} or size {size:#x} not page aligned")
-            self.stats.set_calls += 1
             with self.slots_lock:
-                self._kvm_vm_set_mem_attributes(
-                    address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT, attributes
-                )
+                self._kvm_vm_set_mem_attributes(start, end, attributes)
         except BaseException:
-            self.stats.failed_calls += 1
+            kvm.note_failed_set()
             raise
 
-    def _gfn_ranges(self, start: int, end: int, attributes: int) -> Sequence[GfnRange]:
-        """clip_gfn_ranges() for a set call. Without user hooks nothing but
-        the MMU model sees the (immutable) ranges, so they are reused across
-        calls while the memslots stay the same generation (slots_lock is
-        held, so they cannot change under the caller)."""
-        memslots = self.memslots
-        if self._unmap_hooks or self._post_set_hooks:
-            return clip_gfn_ranges(memslots, start, end, attributes, True)
-        cache = self._ranges_cache
-        if self._ranges_cache_gen != memslots._seq:
-            cache.clear()
-            self._ranges_cache_gen = memslots._seq
-        key = (start, end, attributes)
-        ranges = cache.get(key)
-        if ranges is None:
-            ranges = clip_gfn_ranges(memslots, start, end, attributes, True)
-            if len(cache) >= _RANGES_CACHE_SIZE:
-                cache.clear()
-            cache[key] = ranges
-        return ranges
-
     def _kvm_vm_set_mem_attributes(self, start: int, end: int, attributes: int) -> None:
-        """kvm_vm_set_mem_attributes(), under slots_lock."""
-        store = self.store
-        # Nothing to do if the entire range already has the desired
-        # attributes; otherwise reserve ahead of time, so a failure cannot
-        # leave the range half set (both in one store call).
-        try:
-            if store.reserve_unless_has_value(start, end, attributes, self.attr_memory_limit):
-                self.stats.noop_conversions += 1
-                return
-        except MemoryError as e:
-            self.stats.enomem += 1
-            raise OSError(errno.ENOMEM, f"{os.strerror(errno.ENOMEM)}: {e}") from None
+        """kvm_vm_set_mem_attributes(), under slots_lock, step by step."""
+        kvm = self._kvm
+        # Early exit, or reserve ahead of time so that a failure cannot
+        # leave the range half set (ENOMEM changes nothing).
+        if kvm.set_reserve(start, end, attributes):
+            return
         ok = False
         try:
-            ranges = self._gfn_ranges(start, end, attributes)
+            ranges = clip_gfn_ranges(kvm, self.memslots, start, end, attributes, True)
             kvm_handle_gfn_range(
                 self, ranges, self._pre_set_handler, on_lock=self._begin_handler, flush_on_ret=True
             )
             if self._hook_error is not None:
                 # An on_unmap hook failed: abort before anything is stored.
                 raise self._hook_error
-            store.set_range(start, end, attributes)
+            kvm.set_store(start, end, attributes)
             # Every reserved entry is now used: nothing left to release.
             ok = True
-            stats = self.stats
-            stats.conversions += 1
-            stats.pages_converted += end - start
             if self._v11:
                 # The seed's order: mmu_invalidate_end after mmu_lock is dropped.
                 kvm_handle_gfn_range(self, ranges, self._post_set_handler, on_unlock=self._end_handler)
@@ -653,7 +356,7 @@ class Vm:
                     self._inval.end()
                 self._inval_open = False
             if not ok:
-                store.release_reservations()
+                kvm.release_reservations()
 
     def _begin_set_invalidation(self) -> None:
         self._inval.begin()
@@ -665,11 +368,7 @@ class Vm:
 
     def _pre_set_memory_attributes(self, rng: GfnRange) -> bool:
         """kvm_pre_set_memory_attributes() plus the user's on_unmap hooks."""
-        # Add the range even if nothing needs zapping, so faults stay away
-        # from gfns whose attributes are in flux.
-        self._inval.range_add(rng.start, rng.end)
-        flush = bool(self.mmu.pre_set_memory_attributes(rng))
-        self.stats.zapped_ranges += 1
+        flush = self.mmu.pre_set_memory_attributes(rng)
         if self._unmap_hooks and self._hook_error is None:
             for hook in self._unmap_hooks:
                 try:
@@ -683,7 +382,6 @@ class Vm:
     def _post_set_memory_attributes(self, rng: GfnRange) -> bool:
         """kvm_arch_post_set_memory_attributes() plus the on_post_set hooks."""
         self.mmu.post_set_memory_attributes(rng)
-        self.stats.post_set_ranges += 1
         if self._post_set_hooks and self._hook_error is None:
             for hook in self._post_set_hooks:
                 try:
@@ -695,9 +393,13 @@ class Vm:
 
     def kvm_flush_remote_tlbs(self) -> None:
         """kvm_flush_remote_tlbs(): counted, since that is what it costs."""
-        self.stats.tlb_flushes += 1
+        self._kvm.flush_remote_tlbs()
 
     # --- hooks -----------------------------------------------------------------
+
+    def _hooks_changed(self) -> None:
+        # Hooks are called per range from the driver: no whole native call.
+        self._native_set = not (self._v11 or self._unmap_hooks or self._post_set_hooks)
 
     def on_unmap(self, fn: H) -> H:
         """Register ``fn(GfnRange) -> bool`` for the pre-set pass (mmu_lock
@@ -706,6 +408,7 @@ class Vm:
         if not callable(fn):
             raise TypeError(f"on_unmap hook must be callable, not {type(fn).__name__}")
         self._unmap_hooks = (*self._unmap_hooks, fn)
+        self._hooks_changed()
         return fn
 
     def on_post_set(self, fn: H) -> H:
@@ -715,6 +418,7 @@ class Vm:
         if not callable(fn):
             raise TypeError(f"on_post_set hook must be callable, not {type(fn).__name__}")
         self._post_set_hooks = (*self._post_set_hooks, fn)
+        self._hooks_changed()
         return fn
 
     def remove_hook(self, fn: Hook) -> None:
@@ -724,24 +428,29 @@ class Vm:
         if len(unmap) == len(self._unmap_hooks) and len(post) == len(self._post_set_hooks):
             raise ValueError(f"{fn!r} is not a registered hook")
         self._unmap_hooks, self._post_set_hooks = unmap, post
+        self._hooks_changed()
+
+    @property
+    def has_hooks(self) -> bool:
+        return bool(self._unmap_hooks or self._post_set_hooks)
 
     # --- MMU invalidation state ------------------------------------------------
 
     @property
     def mmu_invalidate_seq(self) -> int:
-        return self._inval.seq
+        return int(self._kvm.inval[0])
 
     @property
     def mmu_invalidate_in_progress(self) -> int:
-        return self._inval.in_progress
+        return int(self._kvm.inval[1])
 
     @property
     def mmu_invalidate_range_start(self) -> int:
-        return self._inval.range_start
+        return int(self._kvm.inval[2])
 
     @property
     def mmu_invalidate_range_end(self) -> int:
-        return self._inval.range_end
+        return int(self._kvm.inval[3])
 
     def kvm_mmu_invalidate_begin(self) -> None:
         """For other invalidation sources (mmu_lock must be held)."""
@@ -759,15 +468,15 @@ class Vm:
         """A guest access at ``gpa``: the level it is mapped at (1 = 4K,
         2 = 2M, 3 = 1G), 0 for MMIO (a shared access outside every memslot),
         or MemoryFault (KVM_EXIT_MEMORY_FAULT)."""
-        return self.mmu.fault(gpa, private=private, write=write)  # type: ignore[no-any-return]
+        return self.mmu.fault(gpa, private=private, write=write)
 
     def max_mapping_level(self, gfn: int) -> int:
-        return self.mmu.max_mapping_level(gfn)  # type: ignore[no-any-return]
+        return self.mmu.max_mapping_level(gfn)
 
     def hugepage_mixed(self, slot: int | Memslot, gfn: int, level: int) -> bool:
         """Is the ``level`` hugepage holding ``gfn`` in uapi slot ``slot``
         (as_id << 16 | id) mixed (hugepage_test_mixed)?"""
-        return self.mmu.hugepage_mixed(slot, gfn, level)  # type: ignore[no-any-return]
+        return self.mmu.hugepage_mixed(slot, gfn, level)
 
     # --- ioctl front end ---------------------------------------------------------
 

@@ -3,14 +3,15 @@
 
 use pyo3::prelude::*;
 
+mod args;
 mod hugepage;
-mod replay;
+mod kvm;
 mod stores;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     stores::register(m)?;
     hugepage::register(m)?;
-    replay::register(m)?;
+    kvm::register(m)?;
     Ok(())
 }

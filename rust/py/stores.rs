@@ -8,7 +8,7 @@
 //! GIL released; the lock is only ever taken inside such a section or while
 //! holding the GIL with no Python work under it, so the two cannot deadlock.
 
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use numpy::{PyArray1, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
@@ -131,7 +131,7 @@ macro_rules! store_class {
         #[doc = $doc]
         #[pyclass(module = "memattr._native", name = $name, frozen)]
         pub struct $class {
-            inner: RwLock<$store>,
+            pub(crate) inner: Arc<RwLock<$store>>,
         }
 
         impl $class {
@@ -157,7 +157,7 @@ macro_rules! store_class {
             #[new]
             fn new() -> Self {
                 $class {
-                    inner: RwLock::new(<$store>::new()),
+                    inner: Arc::new(RwLock::new(<$store>::new())),
                 }
             }
 
@@ -391,30 +391,14 @@ pub(crate) fn with_store<R>(
     )))
 }
 
-/// The store inside a `RangeTree` or `XArray` object, to be written from a
-/// section that runs with the GIL released (a replay batch).
-pub(crate) enum StoreCell<'a> {
-    Range(&'a RwLock<rangetree::RangeTree>),
-    PerPage(&'a RwLock<xarray::XArray>),
-}
-
-impl StoreCell<'_> {
-    /// Runs `f` with the store write-locked. Only call this with the GIL
-    /// released (see the module comment).
-    pub(crate) fn with_write<R>(&self, f: impl FnOnce(&mut (dyn AttrStore + Send)) -> R) -> R {
-        match self {
-            StoreCell::Range(l) => f(&mut *write(l)),
-            StoreCell::PerPage(l) => f(&mut *write(l)),
-        }
-    }
-}
-
-pub(crate) fn store_cell<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<StoreCell<'a>> {
+/// The store inside a `RangeTree` or `XArray` object, shared, for a VM's
+/// core to own alongside the Python object.
+pub(crate) fn shared_store(obj: &Bound<'_, PyAny>) -> PyResult<(crate::kvm::SharedStore, bool)> {
     if let Ok(t) = obj.cast::<RangeTree>() {
-        return Ok(StoreCell::Range(&t.get().inner));
+        return Ok((t.get().inner.clone(), false));
     }
     if let Ok(x) = obj.cast::<XArray>() {
-        return Ok(StoreCell::PerPage(&x.get().inner));
+        return Ok((x.get().inner.clone(), true));
     }
     Err(PyTypeError::new_err(format!(
         "store must be a RangeTree or an XArray, not {}",

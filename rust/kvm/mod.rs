@@ -1,0 +1,416 @@
+//! The KVM core: one VM's state and every kernel rule memattr models, each
+//! written once, as a function named for the kernel's.
+//!
+//! ```text
+//!   struct Kvm
+//!   ├── config          VM type: private memory, protected state, attributes
+//!   ├── store ─────────► kvm->mem_attr_array (RangeTree or XArray, shared
+//!   │                    with the Python object `vm.store`)
+//!   ├── memslots         kvm->memslots[as_id]: sorted by gfn, each with its
+//!   │                    slot->arch hugepage tracker (memslots.rs)
+//!   ├── gmem             the VM's guest_memfd files and their bindings
+//!   │                    (guest_memfd.rs)
+//!   ├── roots            one TDP root per address space (mmu.rs)
+//!   ├── inval            mmu_invalidate_{seq,in_progress,range_*} (invalidate.rs)
+//!   └── counters         what the VM did, as vm.stats reports it
+//! ```
+//!
+//! Two drivers run these rules. The Python driver (`memattr.vm`) calls the
+//! steps one at a time under the modelled locks (`crate::locks`), with the
+//! hooks, v11's ordering and the lock checker between them. The native
+//! driver runs whole operations built from the same steps
+//! ([`Kvm::set_memory_attributes`], [`Kvm::fault`], [`replay::replay`]) when
+//! nothing in Python needs to see them. Neither holds a copy of a rule.
+//!
+//! Every operation validates before it mutates: a failing call leaves the
+//! state as it was (ENOMEM included: storage is reserved first).
+
+pub mod attributes;
+pub mod caps;
+pub mod guest_memfd;
+pub mod invalidate;
+pub mod memslots;
+pub mod mmu;
+pub mod replay;
+pub mod uapi;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
+
+use crate::hugepage::{HugepageError, Stage2Map};
+use crate::store::{AttrStore, StoreError};
+
+pub use guest_memfd::GmemFile;
+pub use invalidate::MmuInvalidation;
+pub use memslots::{Memslot, MemslotInfo, Memslots};
+pub use uapi::*;
+
+/// The attribute store, shared with the Python object that exposes it
+/// (`vm.store`). The core takes the write lock for each operation, or once
+/// for a whole batch.
+pub type SharedStore = Arc<RwLock<dyn AttrStore + Send + Sync>>;
+
+/// Why an operation failed. Each maps to the errno the kernel returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmError {
+    /// The ioctl (or file operation) fails with `errno`, for `why`.
+    Errno { errno: i32, why: String },
+    /// KVM_EXIT_MEMORY_FAULT (the ioctl returns EFAULT with kvm_run filled).
+    MemoryFault { gpa: u64, size: u64, flags: u64 },
+    /// The model found itself inconsistent (KVM_BUG_ON); never expected.
+    Bug(String),
+}
+
+impl KvmError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            KvmError::Errno { errno, .. } => *errno,
+            KvmError::MemoryFault { .. } => EFAULT,
+            KvmError::Bug(_) => EIO,
+        }
+    }
+}
+
+impl fmt::Display for KvmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KvmError::Errno { why, .. } => f.write_str(why),
+            KvmError::MemoryFault { gpa, size, flags } => write!(
+                f,
+                "KVM_EXIT_MEMORY_FAULT: gpa {gpa:#x} size {size:#x} flags {flags:#x}"
+            ),
+            KvmError::Bug(why) => write!(f, "KVM_BUG_ON: {why}"),
+        }
+    }
+}
+
+/// `Err(KvmError::Errno { .. })` with a formatted reason.
+pub(crate) fn fail<T>(errno: i32, why: impl Into<String>) -> Result<T, KvmError> {
+    Err(KvmError::Errno {
+        errno,
+        why: why.into(),
+    })
+}
+
+impl From<HugepageError> for KvmError {
+    fn from(e: HugepageError) -> Self {
+        match e {
+            HugepageError::Store(StoreError::OutOfMemory { .. }) => KvmError::Errno {
+                errno: ENOMEM,
+                why: e.to_string(),
+            },
+            _ => KvmError::Bug(e.to_string()),
+        }
+    }
+}
+
+/// Which semantics the VM follows where kernels differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Semantics {
+    /// Linux 6.8, the first kernel with this API.
+    Linux68,
+    /// The seed's RFC v11: mmu_invalidate_end after mmu_lock is dropped,
+    /// KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES. Only the Python driver runs it
+    /// (the ordering lives between steps).
+    V11,
+}
+
+/// What the VM was created with (KVM_CREATE_VM and the Vm's options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvmConfig {
+    pub vm_type: u64,
+    pub semantics: Semantics,
+    /// kvm_arch_has_private_mem().
+    pub has_private_mem: bool,
+    /// kvm->arch.has_protected_state.
+    pub has_protected_state: bool,
+    /// Bytes the attribute store may use (ENOMEM beyond).
+    pub attr_memory_limit: Option<usize>,
+    /// Largest guest_memfd folio order (caps private mappings).
+    pub guest_memfd_max_order: u32,
+    /// Which hugepage tracking memslots get: the kernel's per-hugepage
+    /// lpage_info arrays (true, with the per-page store) or runs.
+    pub per_page_trackers: bool,
+}
+
+impl KvmConfig {
+    /// kvm_supported_mem_attributes().
+    pub fn supported_attributes(&self) -> u64 {
+        if self.has_private_mem {
+            KVM_MEMORY_ATTRIBUTE_PRIVATE
+        } else {
+            0
+        }
+    }
+
+    /// kvm_arch_nr_memslot_as_ids(): SMM is unsupported for guests with
+    /// private memory, so they get one address space.
+    pub fn nr_memslot_as_ids(&self) -> usize {
+        if self.has_private_mem {
+            1
+        } else {
+            KVM_MAX_NR_ADDRESS_SPACES
+        }
+    }
+
+    /// kvm_arch_has_readonly_mem(): not with protected state.
+    pub fn has_readonly_mem(&self) -> bool {
+        !self.has_protected_state
+    }
+}
+
+/// The MMU model's knobs: module parameters and quirks of the x86 MMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmuParams {
+    /// host_pfn_mapping_level() for shared memory: 3 for hugetlbfs 1G, 2 for
+    /// THP, 1 for 4K-only backing.
+    pub host_mapping_level: u8,
+    /// KVM_X86_QUIRK_SLOT_ZAP_ALL: deleting or moving a memslot zaps every
+    /// root, not only the slot's gfns.
+    pub slot_zap_all: bool,
+    /// The fix for the attributes-vs-hugepage race (2025): the pre-set pass
+    /// also invalidates the straddling head/tail hugepages. Off models the
+    /// kernels from 6.8 up to that fix.
+    pub invalidate_straddling_hugepages: bool,
+    /// The eager_page_split module parameter.
+    pub eager_page_split: bool,
+    /// kvm->arch.cpu_dirty_log_size != 0 (Intel PML).
+    pub pml: bool,
+}
+
+impl Default for MmuParams {
+    fn default() -> Self {
+        Self {
+            host_mapping_level: crate::hugepage::PG_LEVEL_1G,
+            slot_zap_all: true,
+            invalidate_straddling_hugepages: true,
+            eager_page_split: true,
+            pml: false,
+        }
+    }
+}
+
+/// What the VM did, as `vm.stats` reports it. `mapped` counts live leaves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// KVM_SET_MEMORY_ATTRIBUTES calls that passed validation.
+    pub set_calls: u64,
+    /// Calls that changed at least one page.
+    pub conversions: u64,
+    /// Early exits: the range already had the attributes.
+    pub noop_conversions: u64,
+    /// Pages in the ranges of calls that changed something.
+    pub pages_converted: u64,
+    /// Calls that failed (any errno), set calls only.
+    pub failed_calls: u64,
+    /// Reservation failures.
+    pub enomem: u64,
+    /// Memslot-clipped ranges handed to the pre-set pass.
+    pub pre_set_ranges: u64,
+    /// Of those, the ranges whose zap removed at least one mapping.
+    pub zapped_ranges: u64,
+    /// Memslot-clipped ranges handed to the post-set pass.
+    pub post_set_ranges: u64,
+    /// kvm_flush_remote_tlbs() calls.
+    pub tlb_flushes: u64,
+    pub mmu_lock_acquisitions: u64,
+    /// Memslot creations, deletions, moves and flag changes.
+    pub memslot_updates: u64,
+    /// fallocate(PUNCH_HOLE) calls on a guest_memfd that succeeded.
+    pub gmem_holes_punched: u64,
+    /// guest_memfd files released.
+    pub gmem_closed: u64,
+    pub faults: u64,
+    /// Faults told to retry (an invalidation raced with them).
+    pub fault_retries: u64,
+    /// KVM_EXIT_MEMORY_FAULT exits.
+    pub memory_fault_exits: u64,
+    /// Shared accesses outside every memslot (emulated MMIO).
+    pub mmio_faults: u64,
+    /// Leaves zapped, by level: index 0 = 4K, 1 = 2M, 2 = 1G.
+    pub zapped_pages: [u64; 3],
+    /// Live leaves, by level.
+    pub mapped: [u64; 3],
+}
+
+/// A memslot-clipped piece of a range (struct kvm_gfn_range): the slot by
+/// address space and index (valid while slots_lock is held) and its
+/// identity, so a step can tell a stale range from a live one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GfnRange {
+    pub as_id: usize,
+    pub index: usize,
+    pub serial: u64,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Warnings the kernel prints once (WARN_ON_ONCE) and survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmWarning {
+    /// kvm_arch_pre_set_memory_attributes() on a VM without private memory.
+    PreSetWithoutPrivateMem,
+    /// kvm_arch_post_set_memory_attributes() on a VM without private memory.
+    PostSetWithoutPrivateMem,
+    /// kvm_mmu_invalidate_range_add() outside begin()/end().
+    RangeAddOutsideInvalidation,
+    /// mmu_invalidate_end() with no range added since begin().
+    EndWithoutRange,
+}
+
+impl KvmWarning {
+    pub const ALL: [KvmWarning; 4] = [
+        KvmWarning::PreSetWithoutPrivateMem,
+        KvmWarning::PostSetWithoutPrivateMem,
+        KvmWarning::RangeAddOutsideInvalidation,
+        KvmWarning::EndWithoutRange,
+    ];
+
+    pub fn text(self) -> &'static str {
+        match self {
+            KvmWarning::PreSetWithoutPrivateMem => {
+                "kvm_arch_pre_set_memory_attributes() on a VM without private memory"
+            }
+            KvmWarning::PostSetWithoutPrivateMem => {
+                "kvm_arch_post_set_memory_attributes() on a VM without private memory"
+            }
+            KvmWarning::RangeAddOutsideInvalidation => {
+                "kvm_mmu_invalidate_range_add() outside begin()/end()"
+            }
+            KvmWarning::EndWithoutRange => {
+                "mmu_invalidate_end() without any range added since begin()"
+            }
+        }
+    }
+}
+
+/// One VM.
+pub struct Kvm {
+    pub config: KvmConfig,
+    pub mmu: MmuParams,
+    store: SharedStore,
+    memslots: Memslots,
+    /// One TDP root per address space.
+    roots: Vec<Stage2Map>,
+    /// This VM's open guest_memfd files, by fd.
+    gmem: BTreeMap<u64, GmemFile>,
+    pub inval: MmuInvalidation,
+    pub counters: Counters,
+    /// kvm->manual_dirty_log_protect (KVM_ENABLE_CAP).
+    pub manual_dirty_log_protect: u64,
+    /// Identifies this VM to the process's guest_memfd table (gmem->kvm).
+    id: u64,
+    /// Warnings raised and not yet taken by the driver, in order.
+    warnings: Vec<KvmWarning>,
+    /// The WARN_ON_ONCE warnings already raised.
+    warned: Vec<KvmWarning>,
+    /// Reused by whole operations for their memslot-clipped ranges.
+    scratch: Vec<GfnRange>,
+}
+
+impl fmt::Debug for Kvm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kvm")
+            .field("config", &self.config)
+            .field("memslots", &self.memslots.len())
+            .field("inval", &self.inval)
+            .finish()
+    }
+}
+
+impl Kvm {
+    /// KVM_CREATE_VM: EINVAL for a VM type x86 does not know.
+    pub fn new(
+        vm_type: u64,
+        semantics: Semantics,
+        store: SharedStore,
+        per_page_trackers: bool,
+        attr_memory_limit: Option<usize>,
+        guest_memfd_max_order: u32,
+    ) -> Result<Self, KvmError> {
+        let Some((has_private_mem, has_protected_state)) = caps::x86_vm_type(vm_type) else {
+            return fail(EINVAL, format!("VM type {vm_type} is not supported"));
+        };
+        if guest_memfd_max_order > 18 {
+            return fail(
+                EINVAL,
+                format!("guest_memfd_max_order must be <= 18 (1G), got {guest_memfd_max_order}"),
+            );
+        }
+        let config = KvmConfig {
+            vm_type,
+            semantics,
+            has_private_mem,
+            has_protected_state,
+            attr_memory_limit,
+            guest_memfd_max_order,
+            per_page_trackers,
+        };
+        let nr_as = config.nr_memslot_as_ids();
+        Ok(Self {
+            config,
+            mmu: MmuParams::default(),
+            store,
+            memslots: Memslots::new(nr_as),
+            roots: (0..nr_as).map(|_| Stage2Map::new()).collect(),
+            gmem: BTreeMap::new(),
+            inval: MmuInvalidation::default(),
+            counters: Counters::default(),
+            manual_dirty_log_protect: 0,
+            id: guest_memfd::new_vm_id(),
+            warnings: Vec::new(),
+            warned: Vec::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The store, write-locked. A poisoned lock still holds a consistent
+    /// store: every store operation validates before it mutates.
+    fn store(&self) -> RwLockWriteGuard<'_, dyn AttrStore + Send + Sync + 'static> {
+        self.store.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn shared_store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    pub fn memslots(&self) -> &Memslots {
+        &self.memslots
+    }
+
+    /// Records a WARN_ON_ONCE for the driver to report (once per VM).
+    fn warn(&mut self, w: KvmWarning) {
+        self.warnings.push(w);
+    }
+
+    /// The warnings raised since the last call.
+    pub fn take_warnings(&mut self) -> Vec<KvmWarning> {
+        std::mem::take(&mut self.warnings)
+    }
+
+    /// kvm_flush_remote_tlbs(): counted, since that is what it costs.
+    pub fn kvm_flush_remote_tlbs(&mut self) {
+        self.counters.tlb_flushes += 1;
+    }
+
+    /// One acquisition of mmu_lock, counted where the kernel would take it.
+    pub fn note_mmu_lock(&mut self) {
+        self.counters.mmu_lock_acquisitions += 1;
+    }
+
+    /// A KVM_SET_MEMORY_ATTRIBUTES call that failed after validation
+    /// (the Python driver's hooks can fail a call the core cannot see).
+    pub fn note_failed_set(&mut self) {
+        self.counters.failed_calls += 1;
+    }
+
+    /// Every memslot-clipped piece of [start, end), address space by
+    /// address space, in gfn order (kvm_for_each_memslot_in_gfn_range).
+    pub fn clip_gfn_ranges(&self, start: u64, end: u64, out: &mut Vec<GfnRange>) {
+        self.memslots.clip(start, end, out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

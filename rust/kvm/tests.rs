@@ -1,0 +1,261 @@
+//! The core against per-page oracles (no other copy of a rule).
+
+use super::memslots::UserspaceMemoryRegion;
+use super::mmu::FaultIn;
+use super::replay::*;
+use super::*;
+use crate::rangetree::RangeTree;
+use crate::xarray::XArray;
+use proptest::prelude::*;
+
+const P: u64 = KVM_MEMORY_ATTRIBUTE_PRIVATE;
+const M2: u64 = 512;
+
+fn vm(per_page: bool) -> Kvm {
+    let store: SharedStore = if per_page {
+        Arc::new(RwLock::new(XArray::new()))
+    } else {
+        Arc::new(RwLock::new(RangeTree::new()))
+    };
+    Kvm::new(KVM_X86_SW_PROTECTED_VM, Semantics::Linux68, store, per_page, None, 18).unwrap()
+}
+
+/// A guest_memfd slot `id` of `npages` at `base_gfn`, backed at an address
+/// congruent with the gpa.
+fn add_slot(k: &mut Kvm, id: u32, base_gfn: u64, npages: u64) -> u64 {
+    let fd = k.kvm_gmem_create(npages << PAGE_SHIFT, 0).unwrap();
+    k.kvm_set_memory_region(
+        &UserspaceMemoryRegion {
+            slot: id,
+            flags: KVM_MEM_GUEST_MEMFD,
+            guest_phys_addr: base_gfn << PAGE_SHIFT,
+            memory_size: npages << PAGE_SHIFT,
+            userspace_addr: base_gfn << PAGE_SHIFT,
+            guest_memfd: fd as u32,
+            guest_memfd_offset: 0,
+        },
+        false,
+    )
+    .unwrap();
+    fd
+}
+
+fn errno<T: std::fmt::Debug>(r: Result<T, KvmError>) -> i32 {
+    r.unwrap_err().errno()
+}
+
+#[test]
+fn validation_order_and_counters() {
+    let mut k = vm(false);
+    add_slot(&mut k, 0, 0, 1024);
+    // flags, then attributes, then size/wrap, then alignment: each EINVAL.
+    assert_eq!(errno(k.set_memory_attributes(1, 0, 1 << 5, 1)), EINVAL);
+    assert_eq!(errno(k.set_memory_attributes(0, 4096, 1 << 5, 0)), EINVAL);
+    assert_eq!(errno(k.set_memory_attributes(u64::MAX - 4095, 8192, P, 0)), EINVAL);
+    assert_eq!(errno(k.set_memory_attributes(1, 4096, P, 0)), EINVAL);
+    assert_eq!(k.counters.failed_calls, 4);
+    assert_eq!(k.counters.set_calls, 0);
+    assert!(k.set_memory_attributes(0, 8192, P, 0).unwrap());
+    assert!(!k.set_memory_attributes(0, 4096, P, 0).unwrap());
+    let c = k.counters;
+    assert_eq!((c.set_calls, c.conversions, c.noop_conversions, c.pages_converted), (2, 1, 1, 2));
+    // One pass each way, nothing mapped: no flush, no zapped range.
+    assert_eq!((c.mmu_lock_acquisitions, c.pre_set_ranges, c.zapped_ranges, c.tlb_flushes), (2, 1, 0, 0));
+    assert_eq!((k.inval.seq, k.inval.in_progress), (1, 0));
+}
+
+#[test]
+fn faults_map_exit_and_get_zapped() {
+    let mut k = vm(false);
+    add_slot(&mut k, 0, 0, 4 * M2);
+    assert_eq!(k.fault(0, false, 0), Ok(3 - 1)); // 2M: the slot is 8 MiB
+    assert_eq!(k.mapped(), [0, 1, 0]);
+    assert_eq!(
+        k.fault(4096, true, 0),
+        Err(KvmError::MemoryFault { gpa: 4096, size: 4096, flags: KVM_MEMORY_EXIT_FLAG_PRIVATE })
+    );
+    // Converting one page zaps the 2M leaf (one flush) and mixes the hugepage.
+    k.set_memory_attributes(4096, 4096, P, 0).unwrap();
+    assert_eq!(k.mapped(), [0, 0, 0]);
+    assert_eq!((k.counters.tlb_flushes, k.counters.zapped_ranges), (1, 1));
+    assert!(k.hugepage_mixed(0, 0, 2).unwrap());
+    assert_eq!(k.fault(0, false, 0), Ok(1));
+    assert_eq!(k.fault(4096, true, 0), Ok(1));
+    assert_eq!(k.fault(M2 << PAGE_SHIFT, false, 0), Ok(2));
+    // Outside every slot: shared is MMIO, private exits.
+    assert_eq!(k.fault(1 << 40, false, 0), Ok(0));
+    assert!(matches!(k.fault(1 << 40, true, 0), Err(KvmError::MemoryFault { .. })));
+    assert_eq!(k.counters.mmio_faults, 1);
+}
+
+#[test]
+fn a_fault_racing_an_invalidation_retries() {
+    let mut k = vm(true);
+    add_slot(&mut k, 0, 0, 1024);
+    let FaultIn::Map { mmu_seq, serial } = k.kvm_faultin_pfn(0, false, 0, true).unwrap() else {
+        panic!("expected a mappable fault")
+    };
+    k.set_memory_attributes(8 << PAGE_SHIFT, 4096, P, 0).unwrap();
+    // The sequence moved: stale.
+    assert_eq!(k.kvm_tdp_map(0, false, 0, mmu_seq, serial), Ok(None));
+    k.kvm_mmu_invalidate_begin();
+    k.kvm_mmu_invalidate_range_add(0, 1);
+    assert_eq!(k.kvm_faultin_pfn(0, false, 0, false), Ok(FaultIn::Retry));
+    k.kvm_mmu_invalidate_end().unwrap();
+    assert_eq!(k.counters.fault_retries, 2);
+    assert!(k.kvm_mmu_invalidate_end().is_err());
+}
+
+#[test]
+fn enomem_changes_nothing() {
+    let store: SharedStore = Arc::new(RwLock::new(XArray::new()));
+    let mut k =
+        Kvm::new(KVM_X86_SW_PROTECTED_VM, Semantics::Linux68, store, true, Some(2000), 0).unwrap();
+    add_slot(&mut k, 0, 0, 1 << 20);
+    assert_eq!(errno(k.set_memory_attributes(0, 1 << 32, P, 0)), ENOMEM);
+    assert_eq!((k.counters.enomem, k.counters.failed_calls, k.inval.seq), (1, 1, 0));
+    assert_eq!(k.store().count_pages(0, 1 << 20, P, P).unwrap(), 0);
+}
+
+#[test]
+fn memslot_rules_in_the_kernels_order() {
+    let mut k = vm(false);
+    let fd = add_slot(&mut k, 0, 0, 1024);
+    let region = |slot, gpa: u64, size: u64, flags| UserspaceMemoryRegion {
+        slot,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: gpa,
+        guest_memfd: fd as u32,
+        guest_memfd_offset: 0,
+    };
+    // Overlap, then a taken guest_memfd range, then an unknown fd.
+    assert_eq!(errno(k.kvm_set_memory_region(&region(1, 4096, 4096, 0), false)), EEXIST);
+    assert_eq!(
+        errno(k.kvm_set_memory_region(&region(1, 1 << 30, 4096, KVM_MEM_GUEST_MEMFD), false)),
+        EINVAL
+    );
+    let mut bad = region(1, 1 << 30, 4096, KVM_MEM_GUEST_MEMFD);
+    bad.guest_memfd = 0x7fff_fff0;
+    assert_eq!(errno(k.kvm_set_memory_region(&bad, false)), EBADF);
+    // Two address spaces only without private memory.
+    assert_eq!(errno(k.kvm_set_memory_region(&region(1 << 16, 1 << 30, 4096, 0), false)), EINVAL);
+    assert_eq!(errno(k.kvm_set_memory_region(&region(KVM_USER_MEM_SLOTS, 1 << 30, 4096, 0), false)), EINVAL);
+    // guest_memfd slots can only be deleted.
+    assert_eq!(errno(k.kvm_set_memory_region(&region(0, 8192, 1024 << 12, KVM_MEM_GUEST_MEMFD), false)), EINVAL);
+    assert_eq!(k.memslots().len(), 1);
+    k.fault(0, false, 0).unwrap();
+    k.kvm_set_memory_region(&region(0, 0, 0, 0), false).unwrap();
+    assert_eq!((k.memslots().len(), k.mapped()), (0, [0, 0, 0]));
+    // The file's range is free again.
+    add_slot(&mut k, 2, 0, 1024);
+    assert_eq!(k.counters.memslot_updates, 3);
+}
+
+#[test]
+fn guest_memfd_punch_and_close() {
+    let mut k = vm(false);
+    let fd = add_slot(&mut k, 0, 0, 1024);
+    k.set_memory_attributes(0, 1024 << 12, P, 0).unwrap();
+    assert_eq!(k.fault(0, true, 0), Ok(2)); // guest_memfd order 18, slot 4 MiB: 2M at gfn 0
+    assert_eq!(errno(k.kvm_gmem_fallocate(fd, FALLOC_FL_PUNCH_HOLE, 0, 4096)), EOPNOTSUPP);
+    assert_eq!(errno(k.kvm_gmem_fallocate(fd + 99, 3, 0, 4096)), EBADF);
+    assert_eq!(errno(k.kvm_gmem_fallocate(fd, 3, i64::MAX - 4095, 8192)), EFBIG);
+    assert_eq!(errno(k.kvm_gmem_fallocate(fd, 1, 0, 8 << 20)), EINVAL);
+    k.kvm_gmem_fallocate(fd, 3, 0, 4096).unwrap();
+    assert_eq!((k.mapped(), k.counters.gmem_holes_punched), ([0, 0, 0], 1));
+    k.kvm_gmem_release(fd).unwrap();
+    assert!(matches!(k.fault(0, true, 0), Err(KvmError::MemoryFault { .. })));
+    assert_eq!(errno(k.kvm_gmem_release(fd)), EBADF);
+}
+
+#[test]
+fn replay_converts_on_exit_and_stops_at_other_ops() {
+    let mut k = vm(false);
+    add_slot(&mut k, 0, 0, 1024);
+    let ops = [
+        Op { kind: OP_FAULT, gpa: 0, flags: FLAG_PRIVATE | FLAG_CONVERT, ..Op::default() },
+        Op { kind: OP_FAULT, gpa: 4096, flags: FLAG_PRIVATE, ..Op::default() },
+        Op { kind: 2, ..Op::default() },
+    ];
+    let mut results = [0i64; 3];
+    let mut tally = ReplayTally::default();
+    assert_eq!(replay(&mut k, &ops, &mut results, &mut tally), Ok(2));
+    assert_eq!(&results[..2], &[1, -(EFAULT as i64)]);
+    assert_eq!((tally.implicit_conversions, tally.fault_exits, tally.sets), (1, 2, 1));
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Set(u64, u64, bool),
+    Fault(u64, bool),
+}
+
+fn step_strategy(limit: u64) -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (0..limit, 1..2 * M2, any::<bool>()).prop_map(|(s, n, p)| Step::Set(s, n, p)),
+        (0..limit, any::<bool>()).prop_map(|(g, p)| Step::Fault(g, p)),
+    ]
+}
+
+/// The oracle's mixed rule: a hugepage wholly inside a slot is mixed iff
+/// its pages' attributes are not all equal.
+fn oracle_mixed(oracle: &[u64], first: u64, n: u64) -> bool {
+    let s = &oracle[first as usize..(first + n) as usize];
+    s.iter().any(|&v| v != s[0])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn both_stacks_match_a_per_page_oracle(steps in proptest::collection::vec(step_strategy(6 * M2), 1..60)) {
+        // Two slots with awkward edges: [100, 1500) and [1536, 3072).
+        let slots = [(0u32, 100u64, 1400u64), (1, 3 * M2, 3 * M2)];
+        for per_page in [false, true] {
+            let mut k = vm(per_page);
+            for &(id, base, n) in &slots {
+                add_slot(&mut k, id, base, n);
+            }
+            let mut oracle = vec![0u64; (6 * M2) as usize];
+            for step in &steps {
+                match *step {
+                    Step::Set(s, n, p) => {
+                        let e = (s + n).min(6 * M2);
+                        let v = if p { P } else { 0 };
+                        k.set_memory_attributes(s << 12, (e - s) << 12, v, 0).unwrap();
+                        oracle[s as usize..e as usize].fill(v);
+                    }
+                    Step::Fault(g, p) => {
+                        let in_slot = slots.iter().any(|&(_, b, n)| b <= g && g < b + n);
+                        let want_exit = p != (oracle[g as usize] == P) || (!in_slot && p);
+                        let got = k.fault(g << 12, p, 0);
+                        prop_assert_eq!(got.is_err(), want_exit, "fault {} private {}", g, p);
+                        if let Ok(level) = got {
+                            prop_assert_eq!(level == 0, !in_slot);
+                        }
+                    }
+                }
+                // No leaf ever covers pages with different attributes.
+                for level in 1..=3u8 {
+                    for (s, e) in k.mappings(0, level).unwrap() {
+                        let e = e.min(6 * M2);
+                        prop_assert!(!oracle_mixed(&oracle, s, e - s), "leaf [{}, {}) over mixed memory", s, e);
+                    }
+                }
+            }
+            for g in 0..6 * M2 {
+                prop_assert_eq!(k.store().get(g), oracle[g as usize]);
+            }
+            for &(id, base, n) in &slots {
+                let first = base.div_ceil(M2) * M2;
+                let mut hp = first;
+                while hp + M2 <= base + n {
+                    prop_assert_eq!(k.hugepage_mixed(id, hp, 2).unwrap(), oracle_mixed(&oracle, hp, M2), "2M at {}", hp);
+                    hp += M2;
+                }
+            }
+        }
+    }
+}

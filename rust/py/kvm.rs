@@ -1,0 +1,929 @@
+//! Bindings for `crate::kvm` and `crate::locks`: the VM core as the Python
+//! class `memattr._native.Kvm`, and its modelled locks as `ModelLock`.
+//! Arguments are converted with `args`, errors mapped to the kernel's errno
+//! (OSError), MemoryFault or KvmBugError; no rule lives here.
+//!
+//! Two kinds of methods:
+//! - steps (`set_checks`, `pre_set`, `faultin`, ...) take only the core's
+//!   data mutex, for the Python driver, which holds the modelled locks
+//!   around them and runs hooks between them;
+//! - whole operations (`set_memory_attributes`, `fault`, `set_memory_region`,
+//!   `replay`, ...) take the modelled locks themselves, in the kernel's order
+//!   (slots_lock, then mmu_lock), then the data mutex. They return "not done"
+//!   instead of waiting when the calling thread already holds a modelled
+//!   lock, so the Python driver can report it as lockdep would.
+//!
+//! Lock order, everywhere: slots_lock -> mmu_lock -> data mutex. The data
+//! mutex is never held while waiting for a modelled lock or while Python
+//! code runs, so a hook (which runs between steps) can never deadlock
+//! against it. Waiting for any of them releases the GIL (`py.detach`), since
+//! the holder may be a Python thread that needs it to finish.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use numpy::{PyReadonlyArray1, PyReadwriteArray1};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use super::args::{bool_arg, i64_arg, u32_arg, u64_arg};
+use super::stores::shared_store;
+use crate::kvm::memslots::UserspaceMemoryRegion;
+use crate::kvm::mmu::FaultIn;
+use crate::kvm::replay::{replay, Op, ReplayTally};
+use crate::kvm::{GfnRange, Kvm, KvmError, MemslotInfo, Semantics};
+use crate::locks::{LockError, ModelLock, ModelLockGuard};
+
+/// Ranges at least this long (bytes) are set with the GIL released.
+const DETACH_BYTES: u64 = 1 << 24;
+/// The ident a lock records when a native operation holds it.
+const NATIVE_IDENT: u64 = 0;
+
+fn strerror(errno: i32) -> &'static str {
+    match errno {
+        5 => "Input/output error",
+        9 => "Bad file descriptor",
+        12 => "Cannot allocate memory",
+        14 => "Bad address",
+        17 => "File exists",
+        22 => "Invalid argument",
+        27 => "File too large",
+        95 => "Operation not supported",
+        _ => "Unknown error",
+    }
+}
+
+/// A core error as the Python exception the kernel's errno stands for.
+pub(crate) fn to_pyerr(py: Python<'_>, e: KvmError) -> PyErr {
+    match e {
+        KvmError::Errno { errno, why } => {
+            if errno == crate::kvm::ENOMEM {
+                // ENOMEM keeps the store's own reason.
+                return PyOSError::new_err((errno, format!("{}: {why}", strerror(errno))));
+            }
+            PyOSError::new_err((errno, format!("{}: {why}", strerror(errno))))
+        }
+        KvmError::MemoryFault { gpa, size, flags } => {
+            match py
+                .import("memattr.errors")
+                .and_then(|m| m.getattr("MemoryFault"))
+                .and_then(|c| c.call1((gpa, size, flags)))
+            {
+                Ok(exc) => PyErr::from_value(exc),
+                Err(err) => err,
+            }
+        }
+        KvmError::Bug(why) => match py
+            .import("memattr.errors")
+            .and_then(|m| m.getattr("KvmBugError"))
+            .and_then(|c| c.call1((format!("KVM_BUG_ON: {why}"),)))
+        {
+            Ok(exc) => PyErr::from_value(exc),
+            Err(err) => err,
+        },
+    }
+}
+
+/// A modelled lock (`kvm->slots_lock`, `kvm->mmu_lock`), shared by the
+/// Python driver and the native operations. The Python side (`memattr.locks`)
+/// adds lockdep's checks and messages.
+#[pyclass(module = "memattr._native", name = "ModelLock", frozen)]
+pub struct PyModelLock {
+    inner: Arc<ModelLock>,
+}
+
+fn lock_error(e: LockError) -> PyErr {
+    match e {
+        LockError::Recursive(name) => {
+            PyRuntimeError::new_err(format!("{name}: this thread already holds it"))
+        }
+        LockError::NotOwner(name, _) => {
+            PyRuntimeError::new_err(format!("{name}: released by a thread that does not hold it"))
+        }
+    }
+}
+
+/// Takes `lock`, waiting with the GIL released if another thread holds it.
+fn acquire(py: Python<'_>, lock: &ModelLock, ident: u64) -> PyResult<()> {
+    if lock.try_acquire(ident).map_err(lock_error)? {
+        return Ok(());
+    }
+    py.detach(|| lock.acquire(ident)).map_err(lock_error)
+}
+
+#[pymethods]
+impl PyModelLock {
+    #[getter]
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    /// Takes the lock for the thread `ident` (Python's thread ident), waiting
+    /// with the GIL released. RuntimeError if this thread holds it already.
+    fn acquire(&self, py: Python<'_>, ident: u64) -> PyResult<()> {
+        acquire(py, &self.inner, ident)
+    }
+
+    /// RuntimeError if this thread does not hold it.
+    fn release(&self) -> PyResult<()> {
+        self.inner.release().map_err(lock_error)
+    }
+
+    fn held_by_current_thread(&self) -> bool {
+        self.inner.held_by_current_thread()
+    }
+
+    fn locked(&self) -> bool {
+        self.inner.locked()
+    }
+
+    /// The holder's ident (0 for a native operation), or None.
+    #[getter]
+    fn owner(&self) -> Option<u64> {
+        self.inner.owner_ident()
+    }
+}
+
+/// One VM's core (`crate::kvm::Kvm`) with its modelled locks.
+#[pyclass(module = "memattr._native", name = "Kvm", frozen)]
+pub struct PyKvm {
+    core: Mutex<Kvm>,
+    slots_lock: Arc<ModelLock>,
+    mmu_lock: Arc<ModelLock>,
+    /// The Python store object sharing the core's store.
+    store: Py<PyAny>,
+}
+
+type Memslot5 = (usize, usize, u64, u64, u64);
+
+fn memslot_tuple(m: &MemslotInfo) -> (u16, usize, u64, u64, u64, u32, Option<u64>, u64, bool, u64) {
+    (
+        m.id,
+        m.as_id,
+        m.base_gfn,
+        m.npages,
+        m.userspace_addr,
+        m.flags,
+        m.guest_memfd,
+        m.guest_memfd_offset,
+        m.gmem_open,
+        m.serial,
+    )
+}
+
+fn gfn_range(r: Memslot5) -> GfnRange {
+    GfnRange {
+        as_id: r.0,
+        index: r.1,
+        serial: r.2,
+        start: r.3,
+        end: r.4,
+    }
+}
+
+impl PyKvm {
+    /// The core's data, waiting with the GIL released if a long native
+    /// operation holds it.
+    fn core(&self, py: Python<'_>) -> MutexGuard<'_, Kvm> {
+        // Every core operation validates before it mutates, so a poisoned
+        // mutex still guards a consistent VM.
+        loop {
+            match self.core.try_lock() {
+                Ok(g) => return g,
+                Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
+                // A guard cannot leave the GIL-free section, so wait there
+                // for the holder and try again with the GIL.
+                Err(std::sync::TryLockError::WouldBlock) => py.detach(|| {
+                    drop(self.core.lock());
+                }),
+            }
+        }
+    }
+
+    /// Runs `f` on the core, then reports the WARN_ON_ONCEs it raised as
+    /// `memattr.locks.KvmWarning`s (after the data mutex is dropped: a
+    /// warning filter may run Python code).
+    fn step<R>(&self, py: Python<'_>, f: impl FnOnce(&mut Kvm) -> Result<R, KvmError>) -> PyResult<R> {
+        let (r, warnings) = {
+            let mut core = self.core(py);
+            let r = f(&mut core);
+            (r, core.take_warnings())
+        };
+        emit_warnings(py, &warnings)?;
+        r.map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Runs a whole operation under slots_lock and mmu_lock (taken in that
+    /// order, as native acquisitions); None if this thread holds either.
+    fn locked_op<R: Send>(
+        &self,
+        py: Python<'_>,
+        detach: bool,
+        f: impl FnOnce(&mut Kvm) -> R + Send,
+    ) -> PyResult<Option<(R, Vec<crate::kvm::KvmWarning>)>> {
+        if self.slots_lock.held_by_current_thread() || self.mmu_lock.held_by_current_thread() {
+            return Ok(None);
+        }
+        acquire(py, &self.slots_lock, NATIVE_IDENT)?;
+        let _slots = ModelLockGuard::adopt(&self.slots_lock);
+        acquire(py, &self.mmu_lock, NATIVE_IDENT)?;
+        let _mmu = ModelLockGuard::adopt(&self.mmu_lock);
+        let run = || {
+            let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            let r = f(&mut core);
+            (r, core.take_warnings())
+        };
+        // Long work runs with the GIL released; nothing in it touches Python.
+        Ok(Some(if detach { py.detach(run) } else { run() }))
+    }
+}
+
+fn emit_warnings(py: Python<'_>, warnings: &[crate::kvm::KvmWarning]) -> PyResult<()> {
+    if warnings.is_empty() {
+        return Ok(());
+    }
+    let category = py.import("memattr.locks")?.getattr("KvmWarning")?;
+    for w in warnings {
+        let msg = std::ffi::CString::new(w.text()).expect("no NUL in warning texts");
+        PyErr::warn(py, &category, &msg, 2)?;
+    }
+    Ok(())
+}
+
+#[pymethods]
+impl PyKvm {
+    /// KVM_CREATE_VM for `vm_type`, over `store` (a RangeTree or an XArray,
+    /// which also picks the hugepage tracking: runs, or the kernel's
+    /// per-hugepage arrays with the per-page store).
+    #[new]
+    #[pyo3(signature = (vm_type, store, semantics, attr_memory_limit, guest_memfd_max_order))]
+    fn new(
+        py: Python<'_>,
+        vm_type: &Bound<'_, PyAny>,
+        store: &Bound<'_, PyAny>,
+        semantics: &str,
+        attr_memory_limit: Option<&Bound<'_, PyAny>>,
+        guest_memfd_max_order: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        let vm_type = u64_arg(vm_type, "vm_type")?;
+        let (shared, per_page) = shared_store(store)?;
+        let semantics = match semantics {
+            "6.8" => Semantics::Linux68,
+            "v11" => Semantics::V11,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "semantics must be '6.8' or 'v11', got {other:?}"
+                )))
+            }
+        };
+        let limit = match attr_memory_limit {
+            Some(l) if !l.is_none() => {
+                Some(usize::try_from(u64_arg(l, "attr_memory_limit")?).unwrap_or(usize::MAX))
+            }
+            _ => None,
+        };
+        let order = u64_arg(guest_memfd_max_order, "guest_memfd_max_order")?;
+        if order > 18 {
+            return Err(PyValueError::new_err(format!(
+                "guest_memfd_max_order must be <= 18 (1G), got {order}"
+            )));
+        }
+        let core = Kvm::new(vm_type, semantics, shared, per_page, limit, order as u32)
+            .map_err(|e| to_pyerr(py, e))?;
+        Ok(Self {
+            core: Mutex::new(core),
+            slots_lock: Arc::new(ModelLock::new("slots_lock")),
+            mmu_lock: Arc::new(ModelLock::new("mmu_lock")),
+            store: store.clone().unbind(),
+        })
+    }
+
+    #[getter]
+    fn store(&self, py: Python<'_>) -> Py<PyAny> {
+        self.store.clone_ref(py)
+    }
+
+    #[getter]
+    fn slots_lock(&self) -> PyModelLock {
+        PyModelLock {
+            inner: Arc::clone(&self.slots_lock),
+        }
+    }
+
+    #[getter]
+    fn mmu_lock(&self) -> PyModelLock {
+        PyModelLock {
+            inner: Arc::clone(&self.mmu_lock),
+        }
+    }
+
+    /// (vm_type, has_private_mem, has_protected_state, supported attributes,
+    /// address spaces, has_readonly_mem).
+    #[getter]
+    fn config(&self, py: Python<'_>) -> (u64, bool, bool, u64, usize, bool) {
+        let c = self.core(py).config;
+        (
+            c.vm_type,
+            c.has_private_mem,
+            c.has_protected_state,
+            c.supported_attributes(),
+            c.nr_memslot_as_ids(),
+            c.has_readonly_mem(),
+        )
+    }
+
+    /// The MMU knobs: (host_mapping_level, slot_zap_all,
+    /// invalidate_straddling_hugepages, eager_page_split, pml).
+    #[getter]
+    fn mmu_params(&self, py: Python<'_>) -> (u8, bool, bool, bool, bool) {
+        let m = self.core(py).mmu;
+        (
+            m.host_mapping_level,
+            m.slot_zap_all,
+            m.invalidate_straddling_hugepages,
+            m.eager_page_split,
+            m.pml,
+        )
+    }
+
+    /// Sets one MMU knob by name.
+    fn set_mmu_param(&self, py: Python<'_>, name: &str, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut core = self.core(py);
+        let m = &mut core.mmu;
+        match name {
+            "host_mapping_level" => {
+                let v = u64_arg(value, name)?;
+                if !(1..=3).contains(&v) {
+                    return Err(PyValueError::new_err(format!(
+                        "host_mapping_level must be 1, 2 or 3, got {v}"
+                    )));
+                }
+                m.host_mapping_level = v as u8;
+            }
+            "slot_zap_all" => m.slot_zap_all = bool_arg(value, name)?,
+            "invalidate_straddling_hugepages" => {
+                m.invalidate_straddling_hugepages = bool_arg(value, name)?
+            }
+            "eager_page_split" => m.eager_page_split = bool_arg(value, name)?,
+            "pml" => m.pml = bool_arg(value, name)?,
+            _ => return Err(PyValueError::new_err(format!("no MMU parameter {name:?}"))),
+        }
+        Ok(())
+    }
+
+    /// Bytes the attribute store may use (None: unlimited).
+    fn set_attr_memory_limit(&self, py: Python<'_>, limit: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let limit = match limit {
+            Some(l) if !l.is_none() => {
+                Some(usize::try_from(u64_arg(l, "attr_memory_limit")?).unwrap_or(usize::MAX))
+            }
+            _ => None,
+        };
+        self.core(py).config.attr_memory_limit = limit;
+        Ok(())
+    }
+
+    #[getter]
+    fn manual_dirty_log_protect(&self, py: Python<'_>) -> u64 {
+        self.core(py).manual_dirty_log_protect
+    }
+
+    /// Every counter, as `memattr.stats.Stats` names them.
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (c, mapped) = {
+            let core = self.core(py);
+            (core.counters, core.mapped())
+        };
+        let d = PyDict::new(py);
+        d.set_item("set_calls", c.set_calls)?;
+        d.set_item("conversions", c.conversions)?;
+        d.set_item("noop_conversions", c.noop_conversions)?;
+        d.set_item("pages_converted", c.pages_converted)?;
+        d.set_item("failed_calls", c.failed_calls)?;
+        d.set_item("enomem", c.enomem)?;
+        d.set_item("pre_set_ranges", c.pre_set_ranges)?;
+        d.set_item("zapped_ranges", c.zapped_ranges)?;
+        d.set_item("post_set_ranges", c.post_set_ranges)?;
+        d.set_item("tlb_flushes", c.tlb_flushes)?;
+        d.set_item("mmu_lock_acquisitions", c.mmu_lock_acquisitions)?;
+        d.set_item("memslot_updates", c.memslot_updates)?;
+        d.set_item("gmem_holes_punched", c.gmem_holes_punched)?;
+        d.set_item("gmem_closed", c.gmem_closed)?;
+        d.set_item("faults", c.faults)?;
+        d.set_item("fault_retries", c.fault_retries)?;
+        d.set_item("memory_fault_exits", c.memory_fault_exits)?;
+        d.set_item("mmio_faults", c.mmio_faults)?;
+        let per_level = |v: [u64; 3]| -> PyResult<Bound<'py, PyDict>> {
+            let d = PyDict::new(py);
+            for (i, n) in v.iter().enumerate() {
+                d.set_item(i + 1, n)?;
+            }
+            Ok(d)
+        };
+        d.set_item("zapped_pages", per_level(c.zapped_pages)?)?;
+        d.set_item("mapped", per_level(mapped)?)?;
+        Ok(d)
+    }
+
+    /// (mmu_invalidate_seq, in_progress, range_start, range_end).
+    #[getter]
+    fn inval(&self, py: Python<'_>) -> (u64, u64, u64, u64) {
+        let i = self.core(py).inval;
+        (i.seq, i.in_progress, i.range_start, i.range_end)
+    }
+
+    // --- capabilities ------------------------------------------------------------
+
+    fn check_extension(&self, py: Python<'_>, cap: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let cap = u64_arg(cap, "cap")?;
+        Ok(self.core(py).check_extension(cap))
+    }
+
+    fn enable_cap(
+        &self,
+        py: Python<'_>,
+        cap: &Bound<'_, PyAny>,
+        flags: &Bound<'_, PyAny>,
+        args: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let cap = u32_arg(cap, "cap")?;
+        let flags = u32_arg(flags, "flags")?;
+        if args.len() != 4 {
+            return Err(PyValueError::new_err(format!(
+                "args must hold 4 values (struct kvm_enable_cap), got {}",
+                args.len()
+            )));
+        }
+        let mut a = [0u64; 4];
+        for (i, v) in args.iter().enumerate() {
+            a[i] = u64_arg(v, &format!("args[{i}]"))?;
+        }
+        self.step(py, |k| k.enable_cap(cap, flags, a))
+    }
+
+    // --- memslots and guest_memfd (whole operations) ---------------------------
+
+    /// KVM_SET_USER_MEMORY_REGION(2) under slots_lock and mmu_lock; False if
+    /// this thread holds one of them (the caller reports it).
+    #[pyo3(signature = (slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd, guest_memfd_offset, v1=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn set_memory_region(
+        &self,
+        py: Python<'_>,
+        slot: &Bound<'_, PyAny>,
+        flags: &Bound<'_, PyAny>,
+        guest_phys_addr: &Bound<'_, PyAny>,
+        memory_size: &Bound<'_, PyAny>,
+        userspace_addr: &Bound<'_, PyAny>,
+        guest_memfd: &Bound<'_, PyAny>,
+        guest_memfd_offset: &Bound<'_, PyAny>,
+        v1: bool,
+    ) -> PyResult<bool> {
+        let mem = UserspaceMemoryRegion {
+            slot: u32_arg(slot, "slot")?,
+            flags: u32_arg(flags, "flags")?,
+            guest_phys_addr: u64_arg(guest_phys_addr, "guest_phys_addr")?,
+            memory_size: u64_arg(memory_size, "memory_size")?,
+            userspace_addr: u64_arg(userspace_addr, "userspace_addr")?,
+            guest_memfd: u32_arg(guest_memfd, "guest_memfd")?,
+            guest_memfd_offset: u64_arg(guest_memfd_offset, "guest_memfd_offset")?,
+        };
+        self.whole(py, false, move |k| k.kvm_set_memory_region(&mem, v1))
+    }
+
+    /// KVM_CREATE_GUEST_MEMFD: the new fd.
+    fn create_guest_memfd(
+        &self,
+        py: Python<'_>,
+        size: &Bound<'_, PyAny>,
+        flags: &Bound<'_, PyAny>,
+    ) -> PyResult<u64> {
+        let size = u64_arg(size, "size")?;
+        let flags = u64_arg(flags, "flags")?;
+        self.step(py, |k| k.kvm_gmem_create(size, flags))
+    }
+
+    /// fallocate(2) on a guest_memfd; False if this thread holds a lock.
+    fn guest_memfd_fallocate(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+        mode: &Bound<'_, PyAny>,
+        offset: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let fd = u64_arg(fd, "fd")?;
+        let mode = u32_arg(mode, "mode")? as u64;
+        let offset = i64_arg(offset, "offset")?;
+        let length = i64_arg(length, "length")?;
+        self.whole(py, false, move |k| k.kvm_gmem_fallocate(fd, mode, offset, length))
+    }
+
+    /// close(2) of a guest_memfd; False if this thread holds a lock.
+    fn guest_memfd_close(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let fd = u64_arg(fd, "fd")?;
+        self.whole(py, false, move |k| k.kvm_gmem_release(fd))
+    }
+
+    /// This VM's open guest_memfd files: [(fd, size, flags, [(first_page,
+    /// end_page, as_id, slot id)])].
+    fn guest_memfds(&self, py: Python<'_>) -> Vec<(u64, u64, u64, Vec<(u64, u64, usize, u16)>)> {
+        self.core(py)
+            .guest_memfds()
+            .map(|f| {
+                (
+                    f.fd,
+                    f.size,
+                    f.flags,
+                    f.bindings.iter().map(|(&s, &(e, a, i))| (s, e, a, i)).collect(),
+                )
+            })
+            .collect()
+    }
+
+    // --- memslots (readers) --------------------------------------------------------
+
+    /// Every memslot as (id, as_id, base_gfn, npages, userspace_addr, flags,
+    /// guest_memfd, guest_memfd_offset, gmem_open, serial), address space by
+    /// address space in gfn order, and the memslot generation.
+    fn memslots<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, u64)> {
+        let (infos, gen): (Vec<MemslotInfo>, u64) = {
+            let core = self.core(py);
+            (core.memslots().iter().map(|s| s.info()).collect(), core.memslots().generation)
+        };
+        let list = PyList::empty(py);
+        for m in &infos {
+            list.append(memslot_tuple(m))?;
+        }
+        Ok((list, gen))
+    }
+
+    #[getter]
+    fn memslot_generation(&self, py: Python<'_>) -> u64 {
+        self.core(py).memslots().generation
+    }
+
+    #[getter]
+    fn nr_memslot_pages(&self, py: Python<'_>) -> u64 {
+        self.core(py).memslots().nr_memslot_pages
+    }
+
+    /// gfn_to_memslot(): the slot tuple holding `gfn` in `as_id`, or None.
+    fn find_memslot(
+        &self,
+        py: Python<'_>,
+        as_id: usize,
+        gfn: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<(u16, usize, u64, u64, u64, u32, Option<u64>, u64, bool, u64)>> {
+        let gfn = u64_arg(gfn, "gfn")?;
+        let core = self.core(py);
+        let ms = core.memslots();
+        Ok(ms.find(as_id, gfn).map(|i| memslot_tuple(&ms.address_space(as_id)[i].info())))
+    }
+
+    /// id_to_memslot(): the slot tuple, or None.
+    fn get_memslot(
+        &self,
+        py: Python<'_>,
+        as_id: usize,
+        id: u16,
+    ) -> Option<(u16, usize, u64, u64, u64, u32, Option<u64>, u64, bool, u64)> {
+        let core = self.core(py);
+        let ms = core.memslots();
+        ms.index_of_id(as_id, id).map(|i| memslot_tuple(&ms.address_space(as_id)[i].info()))
+    }
+
+    // --- KVM_SET_MEMORY_ATTRIBUTES: the whole operation ------------------------
+
+    /// The whole ioctl, natively: True when done (or raised), False if this
+    /// thread holds a modelled lock and the Python driver must run it.
+    fn set_memory_attributes(
+        &self,
+        py: Python<'_>,
+        address: &Bound<'_, PyAny>,
+        size: &Bound<'_, PyAny>,
+        attributes: &Bound<'_, PyAny>,
+        flags: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let address = u64_arg(address, "address")?;
+        let size = u64_arg(size, "size")?;
+        let attributes = u64_arg(attributes, "attributes")?;
+        let flags = u64_arg(flags, "flags")?;
+        self.whole(py, size >= DETACH_BYTES, move |k| {
+            k.set_memory_attributes(address, size, attributes, flags).map(|_| ())
+        })
+    }
+
+    // --- KVM_SET_MEMORY_ATTRIBUTES: steps for the Python driver -----------------
+
+    /// The ioctl's checks; the gfn range.
+    fn set_checks(
+        &self,
+        py: Python<'_>,
+        address: u64,
+        size: u64,
+        attributes: u64,
+        flags: u64,
+    ) -> PyResult<(u64, u64)> {
+        self.step(py, |k| {
+            k.kvm_vm_ioctl_set_mem_attributes_checks(address, size, attributes, flags)
+        })
+    }
+
+    /// Early exit (True) or reserve.
+    fn set_reserve(&self, py: Python<'_>, start: u64, end: u64, attributes: u64) -> PyResult<bool> {
+        let detach = end - start >= DETACH_BYTES >> 12;
+        let op = |k: &mut Kvm| k.kvm_vm_set_mem_attributes_reserve(start, end, attributes);
+        if detach {
+            let (r, w) = py.detach(|| {
+                let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+                (op(&mut core), core.take_warnings())
+            });
+            emit_warnings(py, &w)?;
+            return r.map_err(|e| to_pyerr(py, e));
+        }
+        self.step(py, op)
+    }
+
+    fn release_reservations(&self, py: Python<'_>) -> PyResult<()> {
+        self.step(py, |k| {
+            k.release_reservations();
+            Ok(())
+        })
+    }
+
+    /// The memslot-clipped ranges: [(as_id, index, serial, start, end)].
+    fn clip_gfn_ranges(&self, py: Python<'_>, start: u64, end: u64) -> Vec<Memslot5> {
+        let mut out = Vec::new();
+        self.core(py).clip_gfn_ranges(start, end, &mut out);
+        out.into_iter()
+            .map(|r| (r.as_id, r.index, r.serial, r.start, r.end))
+            .collect()
+    }
+
+    fn invalidate_begin(&self, py: Python<'_>) -> PyResult<()> {
+        self.step(py, |k| {
+            k.kvm_mmu_invalidate_begin();
+            Ok(())
+        })
+    }
+
+    fn invalidate_range_add(&self, py: Python<'_>, start: u64, end: u64) -> PyResult<()> {
+        self.step(py, |k| {
+            k.kvm_mmu_invalidate_range_add(start, end);
+            Ok(())
+        })
+    }
+
+    fn invalidate_end(&self, py: Python<'_>) -> PyResult<()> {
+        self.step(py, |k| k.kvm_mmu_invalidate_end())
+    }
+
+    /// kvm_pre_set_memory_attributes() for one range: True if a flush is due.
+    fn pre_set(&self, py: Python<'_>, rng: Memslot5) -> PyResult<bool> {
+        self.step(py, |k| k.kvm_pre_set_memory_attributes(&gfn_range(rng)))
+    }
+
+    fn set_store(&self, py: Python<'_>, start: u64, end: u64, attributes: u64) -> PyResult<()> {
+        let op = |k: &mut Kvm| k.kvm_set_mem_attributes_store(start, end, attributes);
+        if end - start >= DETACH_BYTES >> 12 {
+            let r = py.detach(|| op(&mut self.core.lock().unwrap_or_else(|e| e.into_inner())));
+            return r.map_err(|e| to_pyerr(py, e));
+        }
+        self.step(py, op)
+    }
+
+    fn post_set(&self, py: Python<'_>, rng: Memslot5, attributes: u64) -> PyResult<()> {
+        self.step(py, |k| k.kvm_post_set_memory_attributes(&gfn_range(rng), attributes))
+    }
+
+    fn flush_remote_tlbs(&self, py: Python<'_>) {
+        self.core(py).kvm_flush_remote_tlbs();
+    }
+
+    fn note_mmu_lock(&self, py: Python<'_>) {
+        self.core(py).note_mmu_lock();
+    }
+
+    fn note_failed_set(&self, py: Python<'_>) {
+        self.core(py).note_failed_set();
+    }
+
+    // --- faults ------------------------------------------------------------------
+
+    /// A whole fault, natively, if it can finish without waiting for an
+    /// invalidation: the level (0 for MMIO), or -1 if the Python driver's
+    /// retry loop must take over (a retry is due, or this thread holds a
+    /// modelled lock). Raises MemoryFault for an exit.
+    fn fault(&self, py: Python<'_>, gpa: u64, private: bool, as_id: usize) -> PyResult<i64> {
+        if self.slots_lock.held_by_current_thread() || self.mmu_lock.held_by_current_thread() {
+            return Ok(-1);
+        }
+        let (mmu_seq, serial) = match self.step(py, |k| k.kvm_faultin_pfn(gpa, private, as_id, true))? {
+            FaultIn::Retry => return Ok(-1),
+            FaultIn::Mmio => return Ok(0),
+            FaultIn::Map { mmu_seq, serial } => (mmu_seq, serial),
+        };
+        acquire(py, &self.mmu_lock, NATIVE_IDENT)?;
+        let _mmu = ModelLockGuard::adopt(&self.mmu_lock);
+        let level = self.step(py, |k| {
+            k.note_mmu_lock();
+            k.kvm_tdp_map(gpa, private, as_id, mmu_seq, serial)
+        })?;
+        Ok(level.map_or(-1, i64::from))
+    }
+
+    /// kvm_faultin_pfn(): (0 retry | 1 MMIO | 2 map, mmu_seq, serial).
+    fn faultin(
+        &self,
+        py: Python<'_>,
+        gpa: u64,
+        private: bool,
+        as_id: usize,
+        first: bool,
+    ) -> PyResult<(u8, u64, u64)> {
+        Ok(match self.step(py, |k| k.kvm_faultin_pfn(gpa, private, as_id, first))? {
+            FaultIn::Retry => (0, 0, 0),
+            FaultIn::Mmio => (1, 0, 0),
+            FaultIn::Map { mmu_seq, serial } => (2, mmu_seq, serial),
+        })
+    }
+
+    /// The mapping half under mmu_lock (held by the caller): the level, or
+    /// None if the fault is stale.
+    fn tdp_map(
+        &self,
+        py: Python<'_>,
+        gpa: u64,
+        private: bool,
+        as_id: usize,
+        mmu_seq: u64,
+        serial: u64,
+    ) -> PyResult<Option<u8>> {
+        self.step(py, |k| k.kvm_tdp_map(gpa, private, as_id, mmu_seq, serial))
+    }
+
+    // --- inspection ----------------------------------------------------------------
+
+    fn max_mapping_level(&self, py: Python<'_>, as_id: usize, gfn: &Bound<'_, PyAny>) -> PyResult<u8> {
+        let gfn = u64_arg(gfn, "gfn")?;
+        self.step(py, |k| k.max_mapping_level(as_id, gfn))
+            .map_err(|e| PyValueError::new_err(e.value(py).to_string()))
+    }
+
+    fn hugepage_mixed(&self, py: Python<'_>, slot: u64, gfn: u64, level: u8) -> PyResult<bool> {
+        let slot = u32::try_from(slot)
+            .map_err(|_| PyValueError::new_err(format!("slot {slot:#x} does not exist")))?;
+        self.step(py, |k| k.hugepage_mixed(slot, gfn, level))
+            .map_err(|e| PyValueError::new_err(e.value(py).to_string()))
+    }
+
+    /// The mixed hugepages of a memslot at `level`, as gfn runs.
+    fn mixed_runs(&self, py: Python<'_>, slot: u32, level: u8) -> PyResult<Vec<(u128, u128)>> {
+        let runs = self
+            .step(py, |k| k.mixed_runs(slot, level))
+            .map_err(|e| PyValueError::new_err(e.value(py).to_string()))?;
+        let shift = crate::hugepage::hpage_gfn_shift(level);
+        Ok(runs
+            .into_iter()
+            .map(|(s, e)| ((s as u128) << shift, (e as u128) << shift))
+            .collect())
+    }
+
+    fn mapped_level(&self, py: Python<'_>, as_id: usize, gfn: u64) -> u8 {
+        self.core(py).mapped_level(as_id, gfn)
+    }
+
+    fn mappings(&self, py: Python<'_>, as_id: usize, level: u8) -> PyResult<Vec<(u64, u64)>> {
+        self.step(py, |k| k.mappings(as_id, level))
+            .map_err(|e| PyValueError::new_err(e.value(py).to_string()))
+    }
+
+    // --- replay --------------------------------------------------------------------
+
+    /// Runs trace operations (one array per record field) natively under the
+    /// VM's locks until one a batch does not run (see
+    /// `crate::kvm::replay::replay`); fallocate operations carry live fds.
+    /// Returns None if this thread holds a modelled lock, else a dict: `done`
+    /// (operations run), the tally, `errors` ({errno: count}) and `bug`
+    /// (None, or the model inconsistency that stopped the batch).
+    #[allow(clippy::too_many_arguments)]
+    fn replay<'py>(
+        &self,
+        py: Python<'py>,
+        kind: PyReadonlyArray1<'py, u8>,
+        gpa: PyReadonlyArray1<'py, u64>,
+        size: PyReadonlyArray1<'py, u64>,
+        attributes: PyReadonlyArray1<'py, u64>,
+        arg: PyReadonlyArray1<'py, u64>,
+        flags: PyReadonlyArray1<'py, u8>,
+        mut results: PyReadwriteArray1<'py, i64>,
+    ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let results = results
+            .as_slice_mut()
+            .map_err(|_| PyValueError::new_err("results must be a contiguous int64 array"))?;
+        let n = results.len();
+        let col = |name: &str, len: usize| -> PyResult<()> {
+            if len != n {
+                return Err(PyValueError::new_err(format!(
+                    "{name} has {len} elements, results has {n}"
+                )));
+            }
+            Ok(())
+        };
+        let contiguous = |name: &str| PyValueError::new_err(format!("{name} must be a contiguous array"));
+        let kind = kind.as_slice().map_err(|_| contiguous("kind"))?;
+        let gpa = gpa.as_slice().map_err(|_| contiguous("gpa"))?;
+        let size = size.as_slice().map_err(|_| contiguous("size"))?;
+        let attributes = attributes.as_slice().map_err(|_| contiguous("attributes"))?;
+        let arg = arg.as_slice().map_err(|_| contiguous("arg"))?;
+        let flags = flags.as_slice().map_err(|_| contiguous("flags"))?;
+        for (name, len) in [
+            ("kind", kind.len()),
+            ("gpa", gpa.len()),
+            ("size", size.len()),
+            ("attributes", attributes.len()),
+            ("arg", arg.len()),
+            ("flags", flags.len()),
+        ] {
+            col(name, len)?;
+        }
+        let ops: Vec<Op> = (0..n)
+            .map(|i| Op {
+                kind: kind[i],
+                gpa: gpa[i],
+                size: size[i],
+                attributes: attributes[i],
+                arg: arg[i],
+                flags: flags[i],
+            })
+            .collect();
+        // The whole batch runs with the GIL released: no hook, no Python.
+        let outcome = self.locked_op(py, true, |k| {
+            let mut tally = ReplayTally::default();
+            let ran = replay(k, &ops, results, &mut tally);
+            (ran, tally)
+        })?;
+        let Some(((ran, tally), warnings)) = outcome else {
+            return Ok(None);
+        };
+        emit_warnings(py, &warnings)?;
+        let (done, bug) = match ran {
+            Ok(done) => (done, None),
+            // The operation that hit the bug did not finish: the ones before
+            // it did.
+            Err(e) => (tally.ops as usize, Some(e.to_string())),
+        };
+        let d = PyDict::new(py);
+        d.set_item("done", done)?;
+        d.set_item("ops", tally.ops)?;
+        d.set_item("sets", tally.sets)?;
+        d.set_item("faults", tally.faults)?;
+        d.set_item("fault_exits", tally.fault_exits)?;
+        d.set_item("implicit_conversions", tally.implicit_conversions)?;
+        let errors = PyDict::new(py);
+        for (errno, count) in &tally.errors {
+            errors.set_item(errno, count)?;
+        }
+        d.set_item("errors", errors)?;
+        d.set_item("bug", bug)?;
+        Ok(Some(d))
+    }
+}
+
+impl PyKvm {
+    /// A whole operation under the VM's locks: True when it ran (its error,
+    /// if any, raised), False if this thread holds a modelled lock.
+    fn whole(
+        &self,
+        py: Python<'_>,
+        detach: bool,
+        f: impl FnOnce(&mut Kvm) -> Result<(), KvmError> + Send,
+    ) -> PyResult<bool> {
+        match self.locked_op(py, detach, f)? {
+            None => Ok(false),
+            Some((r, warnings)) => {
+                emit_warnings(py, &warnings)?;
+                r.map_err(|e| to_pyerr(py, e))?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// The core's uapi constants, for `memattr.uapi`'s test of its own copy.
+fn uapi_dict(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    for &(name, value) in crate::kvm::uapi::ALL {
+        d.set_item(name, value)?;
+    }
+    Ok(d)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyKvm>()?;
+    m.add_class::<PyModelLock>()?;
+    m.add("UAPI", uapi_dict(m.py())?)?;
+    let _ = PyTuple::empty(m.py());
+    Ok(())
+}
