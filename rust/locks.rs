@@ -19,6 +19,23 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::{self, ThreadId};
 
+thread_local! {
+    // thread::current() clones an Arc each time; the id alone is enough.
+    static ME: ThreadId = thread::current().id();
+}
+
+fn me() -> ThreadId {
+    ME.with(|id| *id)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct State {
+    owner: Option<Owner>,
+    /// Threads blocked in acquire(): a release only wakes someone (a
+    /// syscall) if there is someone to wake.
+    waiters: usize,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Owner {
     thread: ThreadId,
@@ -31,7 +48,7 @@ struct Owner {
 #[derive(Debug)]
 pub struct ModelLock {
     name: &'static str,
-    owner: Mutex<Option<Owner>>,
+    state: Mutex<State>,
     released: Condvar,
 }
 
@@ -48,7 +65,10 @@ impl ModelLock {
     pub const fn new(name: &'static str) -> Self {
         Self {
             name,
-            owner: Mutex::new(None),
+            state: Mutex::new(State {
+                owner: None,
+                waiters: 0,
+            }),
             released: Condvar::new(),
         }
     }
@@ -57,21 +77,21 @@ impl ModelLock {
         self.name
     }
 
-    fn state(&self) -> MutexGuard<'_, Option<Owner>> {
+    fn state(&self) -> MutexGuard<'_, State> {
         // Only plain data lives under the mutex: a panic elsewhere cannot
         // leave it inconsistent.
-        self.owner.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Takes the lock if it is free; false if another thread holds it.
     pub fn try_acquire(&self, ident: u64) -> Result<bool, LockError> {
-        let me = thread::current().id();
-        let mut owner = self.state();
-        match *owner {
+        let me = me();
+        let mut st = self.state();
+        match st.owner {
             Some(o) if o.thread == me => Err(LockError::Recursive(self.name)),
             Some(_) => Ok(false),
             None => {
-                *owner = Some(Owner { thread: me, ident });
+                st.owner = Some(Owner { thread: me, ident });
                 Ok(true)
             }
         }
@@ -80,19 +100,18 @@ impl ModelLock {
     /// Takes the lock, waiting for its holder to release it. The caller
     /// must not hold anything the holder may need (with Python: the GIL).
     pub fn acquire(&self, ident: u64) -> Result<(), LockError> {
-        let me = thread::current().id();
-        let mut owner = self.state();
+        let me = me();
+        let mut st = self.state();
         loop {
-            match *owner {
+            match st.owner {
                 Some(o) if o.thread == me => return Err(LockError::Recursive(self.name)),
                 Some(_) => {
-                    owner = self
-                        .released
-                        .wait(owner)
-                        .unwrap_or_else(|e| e.into_inner());
+                    st.waiters += 1;
+                    st = self.released.wait(st).unwrap_or_else(|e| e.into_inner());
+                    st.waiters -= 1;
                 }
                 None => {
-                    *owner = Some(Owner { thread: me, ident });
+                    st.owner = Some(Owner { thread: me, ident });
                     return Ok(());
                 }
             }
@@ -100,13 +119,16 @@ impl ModelLock {
     }
 
     pub fn release(&self) -> Result<(), LockError> {
-        let me = thread::current().id();
-        let mut owner = self.state();
-        match *owner {
+        let me = me();
+        let mut st = self.state();
+        match st.owner {
             Some(o) if o.thread == me => {
-                *owner = None;
-                drop(owner);
-                self.released.notify_one();
+                st.owner = None;
+                let wake = st.waiters > 0;
+                drop(st);
+                if wake {
+                    self.released.notify_one();
+                }
                 Ok(())
             }
             other => Err(LockError::NotOwner(self.name, other.map(|o| o.ident))),
@@ -114,16 +136,16 @@ impl ModelLock {
     }
 
     pub fn held_by_current_thread(&self) -> bool {
-        matches!(*self.state(), Some(o) if o.thread == thread::current().id())
+        matches!(self.state().owner, Some(o) if o.thread == me())
     }
 
     pub fn locked(&self) -> bool {
-        self.state().is_some()
+        self.state().owner.is_some()
     }
 
     /// The holder's ident, if any.
     pub fn owner_ident(&self) -> Option<u64> {
-        self.state().map(|o| o.ident)
+        self.state().owner.map(|o| o.ident)
     }
 }
 
