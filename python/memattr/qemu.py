@@ -58,6 +58,7 @@ from memattr.trace import (
     OP_SET_MEMORY_ATTRIBUTES,
     OP_SET_USER_MEMORY_REGION,
     PUNCH_HOLE_MODE,
+    RESULT_NONE,
     Trace,
     TraceFormatError,
     concat,
@@ -131,10 +132,17 @@ def _ram_region_index(gpa: np.ndarray, regions: Sequence[workloads.Region]) -> n
     return np.where(inside, i, -1)
 
 
-def _with_holes(ops: np.ndarray, regions: Sequence[workloads.Region]) -> tuple[np.ndarray, np.ndarray]:
+def _with_holes(
+    ops: np.ndarray, regions: Sequence[workloads.Region], fds: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """``ops`` with a guest_memfd hole after each conversion to shared that
-    starts in RAM, and where each old index (and the end) lands."""
-    regions = sorted(regions, key=lambda r: r.gpa)
+    starts in RAM, and where each old index (and the end) lands. ``fds[i]``
+    is the guest_memfd bound to ``regions[i]`` (disjoint memslots)."""
+    if len(fds) != len(regions):
+        raise ValueError("one guest_memfd fd per region")
+    order = sorted(range(len(regions)), key=lambda i: regions[i].gpa)
+    regions = [regions[i] for i in order]
+    region_fd = np.array([fds[i] for i in order], dtype=np.uint64)
     idx = _ram_region_index(ops["gpa"], regions)
     shared = (
         (ops["kind"] == OP_SET_MEMORY_ATTRIBUTES)
@@ -157,7 +165,7 @@ def _with_holes(ops: np.ndarray, regions: Sequence[workloads.Region]) -> tuple[n
         # RAM block, which is the guest_memfd offset in this layout.
         holes["gpa"] = region_off[r] + (src["gpa"] - region_gpa[r])
         holes["size"] = src["size"]
-    holes["attributes"] = workloads.GUEST_MEMFD_FD
+        holes["attributes"] = region_fd[r]
     holes["arg"] = PUNCH_HOLE_MODE
     out[new_index[where] + 1] = holes
     return out, new_index
@@ -172,25 +180,41 @@ def kvm_calls(events: Trace, regions: Sequence[workloads.Region], discard: bool 
     sets = ops["kind"] == OP_SET_MEMORY_ATTRIBUTES
     ops = ops[~sets | (_ram_region_index(ops["gpa"], sorted(regions, key=lambda r: r.gpa)) >= 0)]
     if discard:
-        ops, _ = _with_holes(ops, regions)
+        # The importer's setup binds every region to its one guest_memfd.
+        ops, _ = _with_holes(ops, regions, [workloads.GUEST_MEMFD_FD] * len(regions))
     return Trace(ops.copy(), dict(events.meta))
+
+
+def guest_memfd_regions(trace: Trace) -> tuple[list[workloads.Region], list[int]]:
+    """The guest_memfd-backed memslots a trace creates, and the guest_memfd
+    fd bound to each as the trace has it (what its ``create_guest_memfd``
+    returned; replay maps it to the live fd), from its
+    ``set_user_memory_region`` operations and regions table. A call recorded
+    as failed changes nothing; the last definition of a slot wins; a deleted
+    slot (size 0) or one without ``KVM_MEM_GUEST_MEMFD`` has none."""
+    ops = trace.ops[trace.ops["kind"] == OP_SET_USER_MEMORY_REGION]
+    table = trace.meta["regions"]
+    slots: dict[int, tuple[workloads.Region, int] | None] = {}
+    cols = [ops[f].tolist() for f in ("gpa", "size", "attributes", "arg", "aux", "result")]
+    for gpa, size, flags, off, aux, result in zip(*cols):
+        if result < 0 and result != RESULT_NONE:
+            continue
+        slot, _uaddr, fd = table[aux]
+        backed = size and flags & KVM_MEM_GUEST_MEMFD and fd >= 0
+        slots[slot] = (workloads.Region(slot, gpa, size, off), fd) if backed else None
+    found = [v for v in slots.values() if v is not None]
+    return [r for r, _ in found], [fd for _, fd in found]
 
 
 def with_discards(trace: Trace) -> Trace:
     """``trace`` as a QEMU VMM would run it: a guest_memfd hole punched
-    after every conversion to shared of guest_memfd-backed RAM (the
-    trace's own memslots and their guest_memfd offsets say where), phases
+    after every conversion to shared of guest_memfd-backed RAM, in the
+    guest_memfd bound to that memslot at the range's offset in it (the
+    trace's own memslots and fds: :func:`guest_memfd_regions`), phases
     kept; faults with ``FLAG_CONVERT`` get ``FLAG_DISCARD``, so the
     replayer's own conversions to shared punch their holes too."""
-    region_ops = trace.ops[trace.ops["kind"] == OP_SET_USER_MEMORY_REGION]
-    regions = [
-        workloads.Region(int(slot), int(gpa), int(size), int(off))
-        for slot, (gpa, size, flags, off) in enumerate(
-            zip(region_ops["gpa"], region_ops["size"], region_ops["attributes"], region_ops["arg"])
-        )
-        if size and int(flags) & KVM_MEM_GUEST_MEMFD
-    ]
-    ops, new_index = _with_holes(trace.ops, regions)
+    regions, fds = guest_memfd_regions(trace)
+    ops, new_index = _with_holes(trace.ops, regions, fds)
     # The replayer's own conversions on memory-fault exits discard too.
     convert = (ops["kind"] == OP_FAULT) & ((ops["flags"] & np.uint8(FLAG_CONVERT)) != 0)
     ops["flags"][convert] |= np.uint8(FLAG_DISCARD)
