@@ -26,7 +26,7 @@ but does not parse is an error naming the line.
 
 QEMU makes RAM private when it registers a guest_memfd slot, which is not a
 traced conversion, so the importer prepends the guest's setup and creation
-(:mod:`memattr.workloads` layout: RAM below ``low_limit`` and from 4 GiB).
+(:mod:`memattr.guest_layout`: RAM below ``low_limit`` and from 4 GiB).
 
 :func:`import_log` then replays what QEMU's kvm_convert_memory() does with
 each logged conversion: one that does not start in RAM never reaches KVM
@@ -47,12 +47,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from memattr.trace import (
+from memattr.generators import GUEST_MEMFD_FD, setup, vm_creation
+from memattr.guest_layout import GuestLayout, Region
+from memattr.trace_format import (
     FLAG_CONVERT,
     FLAG_DISCARD,
     FLAG_PRIVATE,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_MEMORY_EXIT_FLAG_PRIVATE,
     OP_FAULT,
     OP_GUEST_MEMFD_FALLOCATE,
     OP_SET_MEMORY_ATTRIBUTES,
@@ -64,9 +64,14 @@ from memattr.trace import (
     concat,
     empty_ops,
 )
-
-from memattr import workloads
-from memattr.uapi import KVM_MEM_GUEST_MEMFD
+from memattr.uapi import (
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    KVM_X86_SW_PROTECTED_VM,
+    U64_MAX,
+)
+from memattr.units import GiB
 
 _PREFIX = (
     r"(?:\d+@\d+\.\d+:"  # pid@sec.usec:
@@ -82,7 +87,6 @@ _FAULT = re.compile(
     r"size\s+0x(?P<size>[0-9a-fA-F]+)\s+flags\s+0x(?P<flags>[0-9a-fA-F]+)\s*$"
 )
 _EVENT = re.compile(r"(?:^|[\s:])(kvm_convert_memory|kvm_memory_fault)\s")
-_U64 = (1 << 64) - 1
 
 
 def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
@@ -96,7 +100,7 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
         m = _CONVERT.match(line)
         if m:
             start, size = int(m["start"], 16), int(m["size"], 16)
-            if start > _U64 or size > _U64:
+            if start > U64_MAX or size > U64_MAX:
                 raise TraceFormatError(f"{name} line {lineno}: value does not fit in 64 bits")
             attrs = KVM_MEMORY_ATTRIBUTE_PRIVATE if m["msg"] == "shared_to_private" else 0
             rows.append((OP_SET_MEMORY_ATTRIBUTES, start, size, attrs, 0))
@@ -104,7 +108,7 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
         m = _FAULT.match(line)
         if m:
             start, flags = int(m["start"], 16), int(m["flags"], 16)
-            if start > _U64 or int(m["size"], 16) > _U64 or flags > _U64:
+            if start > U64_MAX or int(m["size"], 16) > U64_MAX or flags > U64_MAX:
                 raise TraceFormatError(f"{name} line {lineno}: value does not fit in 64 bits")
             # The exit does not say whether the access was a write; reads
             # fault the same way for the attribute model.
@@ -119,10 +123,10 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
             ("kind", "gpa", "size", "attributes", "flags"), cols, (np.uint8, np.uint64, np.uint64, np.uint64, np.uint8)
         ):
             ops[name] = np.array(col, dtype)
-    return Trace(ops, {"name": "qemu", "vm_type": workloads.KVM_X86_SW_PROTECTED_VM})
+    return Trace(ops, {"name": "qemu", "vm_type": KVM_X86_SW_PROTECTED_VM})
 
 
-def _ram_region_index(gpa: np.ndarray, regions: Sequence[workloads.Region]) -> np.ndarray:
+def _ram_region_index(gpa: np.ndarray, regions: Sequence[Region]) -> np.ndarray:
     """Per gpa, the index of the RAM region holding it, or -1."""
     regions = list(regions)
     starts = np.array([r.gpa for r in regions], dtype=np.uint64)
@@ -133,7 +137,7 @@ def _ram_region_index(gpa: np.ndarray, regions: Sequence[workloads.Region]) -> n
 
 
 def _with_holes(
-    ops: np.ndarray, regions: Sequence[workloads.Region], fds: Sequence[int]
+    ops: np.ndarray, regions: Sequence[Region], fds: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """``ops`` with a guest_memfd hole after each conversion to shared that
     starts in RAM, and where each old index (and the end) lands. ``fds[i]``
@@ -171,7 +175,7 @@ def _with_holes(
     return out, new_index
 
 
-def kvm_calls(events: Trace, regions: Sequence[workloads.Region], discard: bool = True) -> Trace:
+def kvm_calls(events: Trace, regions: Sequence[Region], discard: bool = True) -> Trace:
     """What QEMU's kvm_convert_memory() asks of KVM for each logged event
     (see the module doc): conversions that start outside RAM dropped, and
     with ``discard`` a guest_memfd hole punched after each conversion to
@@ -181,11 +185,11 @@ def kvm_calls(events: Trace, regions: Sequence[workloads.Region], discard: bool 
     ops = ops[~sets | (_ram_region_index(ops["gpa"], sorted(regions, key=lambda r: r.gpa)) >= 0)]
     if discard:
         # The importer's setup binds every region to its one guest_memfd.
-        ops, _ = _with_holes(ops, regions, [workloads.GUEST_MEMFD_FD] * len(regions))
+        ops, _ = _with_holes(ops, regions, [GUEST_MEMFD_FD] * len(regions))
     return Trace(ops.copy(), dict(events.meta))
 
 
-def guest_memfd_regions(trace: Trace) -> tuple[list[workloads.Region], list[int]]:
+def guest_memfd_regions(trace: Trace) -> tuple[list[Region], list[int]]:
     """The guest_memfd-backed memslots a trace creates, and the guest_memfd
     fd bound to each as the trace has it (what its ``create_guest_memfd``
     returned; replay maps it to the live fd), from its
@@ -194,14 +198,14 @@ def guest_memfd_regions(trace: Trace) -> tuple[list[workloads.Region], list[int]
     slot (size 0) or one without ``KVM_MEM_GUEST_MEMFD`` has none."""
     ops = trace.ops[trace.ops["kind"] == OP_SET_USER_MEMORY_REGION]
     table = trace.meta["regions"]
-    slots: dict[int, tuple[workloads.Region, int] | None] = {}
+    slots: dict[int, tuple[Region, int] | None] = {}
     cols = [ops[f].tolist() for f in ("gpa", "size", "attributes", "arg", "aux", "result")]
     for gpa, size, flags, off, aux, result in zip(*cols):
         if result < 0 and result != RESULT_NONE:
             continue
         slot, _uaddr, fd = table[aux]
         backed = size and flags & KVM_MEM_GUEST_MEMFD and fd >= 0
-        slots[slot] = (workloads.Region(slot, gpa, size, off), fd) if backed else None
+        slots[slot] = (Region(slot, gpa, size, off), fd) if backed else None
     found = [v for v in slots.values() if v is not None]
     return [r for r, _ in found], [fd for _, fd in found]
 
@@ -229,7 +233,7 @@ def with_discards(trace: Trace) -> Trace:
 def import_log(
     source: str | os.PathLike[str] | Iterable[str],
     guest: int | str,
-    low_limit: int | str = 2 * workloads.GiB,
+    low_limit: int | str = 2 * GiB,
     initial_private: bool = True,
     discard: bool = True,
 ) -> Trace:
@@ -247,14 +251,14 @@ def import_log(
             events = parse_log(f, os.fspath(source))
     else:
         events = parse_log(source)
-    layout = workloads.GuestLayout.build(guest, low_limit)
-    parts = [("setup", workloads.setup(layout))]
+    layout = GuestLayout.build(guest, low_limit)
+    parts = [("setup", setup(layout))]
     if initial_private:
-        parts.append(("creation", workloads.vm_creation(layout)))
+        parts.append(("creation", vm_creation(layout)))
     parts.append(("qemu", kvm_calls(events, layout.regions, discard)))
     meta = {
         "name": "qemu",
-        "vm_type": workloads.KVM_X86_SW_PROTECTED_VM,
+        "vm_type": KVM_X86_SW_PROTECTED_VM,
         "vm_kwargs": {},
         "params": {
             "guest": layout.ram_size,

@@ -209,9 +209,9 @@ def run_store_only(trace: trace_mod.Trace, store: str) -> dict[str, Any]:
     """The data structure alone: the trace's attribute changes applied to a
     fresh bare store through its batch entry point (no Vm, no MMU, no
     per-operation Python), timed."""
-    import memattr
+    from memattr._native import RangeTree, XArray
 
-    obj = memattr.RangeTree() if store == "rangetree" else memattr.XArray()
+    obj = RangeTree() if store == "rangetree" else XArray()
     t0, c0 = time.perf_counter(), time.process_time()
     n = trace_mod.apply_to_store(trace, obj)
     secs = time.perf_counter() - t0
