@@ -36,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memattr import qemu, report, sweep, workloads
 from memattr import trace as trace_mod
+from memattr.units import format_size, parse_size
 
 DEFAULT_SIZES = "1G,4G,16G,64G,256G,1T"
 # A run of the per-page store is skipped when predicted to take longer than
@@ -46,7 +47,7 @@ MEMORY_SHARE = 0.5
 
 def _size(text: str) -> int:
     try:
-        return workloads.parse_size(text)
+        return parse_size(text)
     except (ValueError, TypeError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -270,7 +271,7 @@ def _xarray_plan(args: argparse.Namespace, console: Console) -> tuple[int, str]:
     jobs = max(1, args.jobs)
     mem_cap = int(avail * MEMORY_SHARE / jobs) if avail else 0
     if args.xarray_max is not None:
-        return args.xarray_max, f"--xarray-max {workloads.format_size(args.xarray_max)}"
+        return args.xarray_max, f"--xarray-max {format_size(args.xarray_max)}"
     fits = [s for s in args.sizes if not mem_cap or sweep.xarray_memory_estimate(s) * 2 <= mem_cap]
     limit = max(fits) if fits else 0
     why = (
@@ -325,7 +326,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         if args.time_budget and predicted > args.time_budget:
             for s in later:
                 skipped[s] = (
-                    f"time: predicted {predicted:.0f} s at {workloads.format_size(nxt)} "
+                    f"time: predicted {predicted:.0f} s at {format_size(nxt)} "
                     f"> --time-budget {args.time_budget:g} s"
                 )
             state["total"] -= 2 * len(later)
@@ -337,8 +338,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
 
     console.print(
         f"[bold]memattr compare[/]: {name} on guests of "
-        f"{', '.join(workloads.format_size(s) for s in sizes)}; range store at every size, "
-        f"per-page store up to {workloads.format_size(xa_limit) if xa_limit else 'none'}; "
+        f"{', '.join(format_size(s) for s in sizes)}; range store at every size, "
+        f"per-page store up to {format_size(xa_limit) if xa_limit else 'none'}; "
         f"{args.jobs} parallel job(s)"
     )
     t0 = time.perf_counter()
@@ -374,7 +375,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     )
     console.print(report.compare_table(rows, title))
     for s in sorted(skipped):
-        console.print(f"per-page store skipped at {workloads.format_size(s)}: {skipped[s]}")
+        console.print(f"per-page store skipped at {format_size(s)}: {skipped[s]}")
     for f in failures:
         console.print(f"[red]failed[/]: {f}")
     payload = {
@@ -389,7 +390,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         "wall_seconds": wall,
         "machine": sweep.machine(),
         "rows": rows,
-        "skipped": {workloads.format_size(s): why for s, why in sorted(skipped.items())},
+        "skipped": {format_size(s): why for s, why in sorted(skipped.items())},
         "failures": failures,
         "runs": res.results,
     }

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from memattr.workloads import format_size
+from memattr.units import GiB, format_size
 
 STORE_LABEL = {"rangetree": "range store (RangeTree)", "xarray": "per-page store (XArray, kernel model)"}
 STORE_COLOR = {"rangetree": "#1f77b4", "xarray": "#d62728"}
@@ -125,7 +125,7 @@ def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "ops_per_second": r["ops_per_second"],
                     "memory_bytes": r["memory_bytes"],
                     "peak_memory_bytes": r["peak_memory_bytes"],
-                    "memory_per_gib": r["memory_bytes"] / (guest / (1 << 30)),
+                    "memory_per_gib": r["memory_bytes"] / (guest / GiB),
                 }
         if rt and xa and rt["seconds"] > 0:
             row["throughput_ratio"] = xa["seconds"] / rt["seconds"]
