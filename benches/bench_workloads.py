@@ -58,7 +58,7 @@ def _sizes_for(store: str) -> list[str]:
 @pytest.mark.parametrize("store", ["rangetree", "xarray"])
 def bench_replay_on_vm(benchmark, store, size):
     if size not in _sizes_for(store):
-        pytest.skip(f"the per-page store is limited to {workloads.format_size(XARRAY_MAX)} here")
+        pytest.skip(f"xarray is limited to {workloads.format_size(XARRAY_MAX)} here")
     tr = _trace(size)
     result = benchmark.pedantic(sweep.run_trace, args=(tr, store), rounds=1, iterations=1)
     benchmark.extra_info.update(
@@ -117,7 +117,7 @@ def bench_engines(capsys):
         assert py[key] == nat[key], key
     with capsys.disabled():
         print(
-            f"\n[bench_workloads] boot-and-churn {ENGINES_SIZE}, {len(tr):,} ops on the range store: "
+            f"\n[bench_workloads] boot-and-churn {ENGINES_SIZE}, {len(tr):,} ops on rangetree: "
             f"python engine {py['seconds']:.2f} s ({py['ops_per_second']:,.0f} ops/s), "
             f"native engine {nat['seconds']:.3f} s ({nat['ops_per_second']:,.0f} ops/s), "
             f"ratio {py['seconds'] / nat['seconds']:.1f}x (CPU {py['cpu_seconds'] / nat['cpu_seconds']:.1f}x)"
@@ -141,4 +141,4 @@ def bench_range_store_memory_flat_in_guest_size(capsys):
     trace_mod.apply_to_store(workloads.boot_and_churn("4G"), xa)
     assert xa.memory_bytes() > 1000 * max(big)
     with capsys.disabled():
-        print(f"\n[bench_workloads] range store memory after boot-and-churn: {mem}")
+        print(f"\n[bench_workloads] rangetree memory after boot-and-churn: {mem}")

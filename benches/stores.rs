@@ -1,5 +1,5 @@
-//! RangeTree, SimpleRangeTree (BTreeMap), XArray and `rangemap::RangeMap`
-//! side by side on the same operations.
+//! RangeTree, SimpleRangeTree (BTreeMap; dev-only, rust/simple_rangetree.rs),
+//! XArray and `rangemap::RangeMap` side by side on the same operations.
 //!
 //!   cargo bench --bench stores              criterion, every benchmark
 //!   cargo bench --bench stores -- ratios    one side-by-side run, ratios only
@@ -12,10 +12,20 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion};
-use memattr::rangetree::{RangeTree, SimpleRangeTree};
+use memattr::rangetree::RangeTree;
 use memattr::store::AttrStore;
 use memattr::xarray::XArray;
 use rangemap::RangeMap;
+
+// The BTreeMap reference store is dev-only (not in the library): the file
+// the library's tests use, included here. It names `crate::store`.
+mod store {
+    pub use memattr::store::*;
+}
+#[path = "../rust/simple_rangetree.rs"]
+#[allow(dead_code)] // check_invariants is for the tests
+mod simple_rangetree;
+use simple_rangetree::SimpleRangeTree;
 
 const PRIVATE: u64 = 1 << 3;
 

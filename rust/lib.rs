@@ -11,5 +11,10 @@ pub mod rangetree;
 pub mod store;
 pub mod xarray;
 
+// The BTreeMap reference store: tests only (benches/stores.rs includes the
+// same file by #[path]); not part of the shipped library.
+#[cfg(test)]
+mod simple_rangetree;
+
 #[cfg(feature = "python")]
 mod py;

@@ -2,7 +2,8 @@
 
 use proptest::prelude::*;
 
-use crate::rangetree::{RangeTree, SimpleRangeTree};
+use crate::rangetree::RangeTree;
+use crate::simple_rangetree::SimpleRangeTree;
 use crate::store::{AttrStore, StoreError};
 use crate::xarray::XArray;
 
@@ -160,6 +161,7 @@ proptest! {
     fn simple_rangetree_matches_oracle(b in 0usize..3, ops in prop::collection::vec(op(), 1..40), probes in prop::collection::vec(probe(), 1..20)) {
         let mut t = SimpleRangeTree::new();
         check_against_oracle(&mut t, BASES[b], &ops, &probes);
+        t.check_invariants().unwrap();
     }
 
     #[test]

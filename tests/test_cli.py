@@ -123,15 +123,15 @@ def test_compare_writes_json_and_png(tmp_path, capsys):
         ["compare", "--sizes", "1G,2G,4G", "--xarray-max", "2G", "--jobs", "1", "--out", str(out_dir)], capsys
     )
     assert code == 0
-    assert "per-page store skipped at 4G" in out
+    assert "xarray skipped at 4G: --xarray-max 2G" in out
     data = json.loads((out_dir / "compare.json").read_text())
     rows = {r["guest"]: r for r in data["rows"]}
     assert sorted(rows) == [GiB, 2 * GiB, 4 * GiB]
     for g in (GiB, 2 * GiB):
         assert {"rangetree", "xarray", "throughput_ratio", "cpu_ratio", "memory_ratio", "store_only_ratio"} <= set(rows[g])
         assert rows[g]["xarray"]["memory_bytes"] > rows[g]["rangetree"]["memory_bytes"]
-    assert "xarray" not in rows[4 * GiB] and "4G" in data["skipped"]
-    # Three range-store runs, and the per-page store's Vm and store-only
+    assert "xarray" not in rows[4 * GiB] and data["skipped"] == {"xarray": {"4G": "--xarray-max 2G"}}
+    # Three rangetree runs, and xarray's Vm and store-only
     # replays as separate parts at 1G and 2G, joined per row.
     assert len(data["runs"]) == 7 and data["machine"]["cpus"] >= 1
     parts = sorted((r["guest"], r["part"]) for r in data["runs"] if r["store"] == "xarray")
@@ -140,13 +140,13 @@ def test_compare_writes_json_and_png(tmp_path, capsys):
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_compare_time_budget_stops_per_page_store(tmp_path, capsys):
+def test_compare_time_budget_stops_xarray(tmp_path, capsys):
     code, out = run(
         ["compare", "--sizes", "1G,2G", "--time-budget", "0.000001", "--jobs", "1", "--out", str(tmp_path), "--no-plot"],
         capsys,
     )
     assert code == 0
-    assert "per-page store skipped at 2G: time: predicted" in out
+    assert "xarray skipped at 2G: time: predicted" in out
     data = json.loads((tmp_path / "compare.json").read_text())
     # Only the smallest size's two parts ran.
     assert sorted(r["part"] for r in data["runs"] if r["store"] == "xarray") == ["store-only", "vm"]
@@ -280,3 +280,57 @@ def test_compare_on_a_trace_file(tmp_path, capsys):
     bad.write_bytes(b"MEMATTRT" + b"\0" * 4)
     code, out = run(["compare", "--trace", str(bad), "--out", str(tmp_path / "o2")], capsys)
     assert code == 2 and "bad trace" in out
+
+
+def _store_words(text: str) -> list[str]:
+    """Other names for the two stores than their API names."""
+    low = text.lower()
+    return [w for w in ("range store", "per-page store", "range tree", "per page store") if w in low]
+
+
+def test_one_vocabulary_for_the_stores_in_tables_json_and_plots(tmp_path, capsys, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    code, out = run(
+        ["compare", "--sizes", "1G,2G", "--xarray-max", "1G", "--jobs", "1", "--out", str(tmp_path), "--no-plot"],
+        capsys,
+    )
+    assert code == 0
+    # The stores are named as the API names them; the caption says once
+    # what xarray is.
+    assert "rangetree vs xarray" in out and "rangetree at every size, xarray up to 1G" in out
+    assert out.count(report.STORES_CAPTION) == 1
+    assert _store_words(out.replace(report.STORES_CAPTION, "")) == []
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert _store_words(json.dumps(data)) == []
+    assert {r["store"] for r in data["runs"]} == {"rangetree", "xarray"}
+    assert set(data["skipped"]) == {"xarray"}
+    assert {k for row in data["rows"] for k in row if k in ("rangetree", "xarray")} == {"rangetree", "xarray"}
+    # The compare table's store columns.
+    table = report.compare_table(data["rows"], "t")
+    headers = [str(c.header) for c in table.columns]
+    assert [h for h in headers if h.startswith(("rangetree", "xarray"))] == [
+        f"{s} {what}" for s in ("rangetree", "xarray") for what in ("time", "ops/s", "memory")
+    ]
+    assert table.caption == report.STORES_CAPTION
+    # run: the table's title and the JSON.
+    js = tmp_path / "run.json"
+    code, out = run(["run", "churn", "--guest", "1G", "--store", "xarray", "--json", str(js), "--no-progress"], capsys)
+    assert code == 0 and "store xarray" in out and _store_words(out) == []
+    assert json.loads(js.read_text())["result"]["store"] == "xarray"
+    # The plot: legends, titles and notes (the figure is caught on close).
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    report.plot(data["rows"], tmp_path / "p.png", "rangetree vs xarray")
+    (fig,) = figs
+    legend = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+    assert legend and all(t.split(",")[0] in ("rangetree", "xarray") for t in legend)
+    assert {t.split(",")[0] for t in legend} == {"rangetree", "xarray"}
+    texts = legend + [ax.get_title() for ax in fig.axes] + [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert "shaded: xarray skipped" in texts
+    assert _store_words(" | ".join(texts)) == []
+    monkeypatch.undo()
+    plt.close(fig)

@@ -329,6 +329,43 @@ def test_qemu_value_too_big():
         qemu.parse_log(["kvm_convert_memory start 0x1" + "0" * 16 + " size 0x1000 shared_to_private"])
 
 
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_with_discards_uses_the_traces_own_guest_memfds(engine):
+    """A recorded session's guest_memfd fds are the Vm's (>= 1 << 20, one per
+    slot here), not fd 3: each hole goes to the fd bound to its memslot, at
+    the range's offset in that file."""
+    rec = t.Recorder(_vm())
+    fd_lo = rec.create_guest_memfd(GiB)
+    fd_hi = rec.create_guest_memfd(2 * GiB)
+    assert fd_lo >= 1 << 20 and fd_hi >= 1 << 20 and fd_lo != fd_hi
+    rec.set_user_memory_region(0, 0, GiB, w.USERSPACE_BASE, w.KVM_MEM_GUEST_MEMFD, fd_lo, 0)
+    # The high slot binds the second file from 1 GiB in.
+    rec.set_user_memory_region(1, 4 * GiB, GiB, w.USERSPACE_BASE + GiB, w.KVM_MEM_GUEST_MEMFD, fd_hi, GiB)
+    with pytest.raises(OSError) as e:  # overlaps slot 0: recorded as failed, binds nothing
+        rec.set_user_memory_region(2, 0, GiB, w.USERSPACE_BASE, w.KVM_MEM_GUEST_MEMFD, fd_hi, 0)
+    assert e.value.errno == errno.EEXIST
+    rec.set_memory_attributes(0, GiB, P)
+    rec.set_memory_attributes(4 * GiB, GiB, P)
+    rec.set_memory_attributes(2 * MiB, 2 * MiB, 0)  # in the low slot
+    rec.set_memory_attributes(4 * GiB + 6 * MiB, 0x3000, 0)  # in the high slot
+    rec.set_memory_attributes(2 * GiB, 0x1000, 0)  # no memslot: no hole
+    rec.set_memory_attributes(4 * GiB + 6 * MiB, 0x1000, P)  # to private: no hole
+    recorded = rec.trace()
+
+    tr = qemu.with_discards(recorded)
+    tr.validate()
+    holes = tr.ops[tr.ops["kind"] == t.OP_GUEST_MEMFD_FALLOCATE]
+    assert holes["attributes"].tolist() == [fd_lo, fd_hi]
+    assert holes["gpa"].tolist() == [2 * MiB, GiB + 6 * MiB]
+    assert holes["size"].tolist() == [2 * MiB, 0x3000]
+    assert (holes["arg"] == t.PUNCH_HOLE_MODE).all()
+
+    vm = _vm()
+    res = t.replay(tr, vm, engine=engine, check=True)
+    assert res.errors == {"EEXIST": 1} and res.mismatches == 0, (res.errors, res.first_mismatch)
+    assert vm.stats.gmem_holes_punched == 2
+
+
 # --------------------------------------------------------------------------
 # bare stores
 

@@ -136,3 +136,53 @@ def test_memory_fault_is_an_efault_oserror() -> None:
     lk = memattr.LockdepError("mmu_lock", "rule", "here")
     lk2 = pickle.loads(pickle.dumps(lk))
     assert (lk2.lock, lk2.rule, lk2.call_site) == ("mmu_lock", "rule", "here")
+
+
+# The KVM core modules (vm, mmu, memslots, ...) keep a few private copies for
+# now (e.g. _U32_MAX, _S64_MAX); every other module takes kernel constants
+# from memattr.uapi.
+_KVM_CORE = {"vm", "mmu", "memslots", "gfn_range", "locks", "stats", "batch", "ioctl", "errors"}
+_KERNEL_PREFIXES = ("KVM_", "FALLOC_FL_", "PAGE_", "SZ_", "U64_", "U32_", "S64_", "S32_", "INVALID_GPA")
+
+
+def _kernel_constant_definitions(source: str) -> list[str]:
+    """Module-level names a source assigns that are uapi's (or look like a
+    kernel constant), and int literals equal to PAGE_SIZE in its code."""
+    import ast
+
+    tree = ast.parse(source)
+    found = []
+    for node in tree.body:
+        targets = []
+        if isinstance(node, ast.Assign):
+            targets = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            targets = [node.target.id]
+        for name in targets:
+            bare = name.lstrip("_")
+            if bare in uapi.__all__ or bare.startswith(_KERNEL_PREFIXES):
+                found.append(f"{name} = ... (line {node.lineno})")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and type(node.value) is int and node.value == uapi.PAGE_SIZE:
+            found.append(f"{node.value} (line {node.lineno})")
+    return found
+
+
+def test_kernel_constant_finder() -> None:
+    src = "PAGE_SHIFT = 12\n_U64 = 1\n_U64_MAX = 2\nKVM_FOO: int = 3\nX = 4096\nY = 'the 4096 in a string'\n"
+    assert _kernel_constant_definitions(src) == [
+        "PAGE_SHIFT = ... (line 1)",
+        "_U64_MAX = ... (line 3)",
+        "KVM_FOO = ... (line 4)",
+        "4096 (line 5)",
+    ]
+
+
+def test_kernel_constants_are_defined_once_in_uapi() -> None:
+    from pathlib import Path
+
+    pkg = Path(uapi.__file__).parent
+    checked = [p for p in sorted(pkg.glob("*.py")) if p.stem not in _KVM_CORE | {"uapi"}]
+    assert {"trace_format", "workloads", "generators", "qemu", "sweep", "cli", "report"} <= {p.stem for p in checked}
+    found = {p.stem: _kernel_constant_definitions(p.read_text(encoding="utf-8")) for p in checked}
+    assert {k: v for k, v in found.items() if v} == {}

@@ -1,13 +1,13 @@
 """The ``memattr`` command.
 
 ``memattr compare``
-    The main job: the same workload on the range store and on the per-page
-    store (the kernel's xarray model) over guest sizes from 1 GiB up, in
-    parallel across cores; prints a table (time, operations per second,
-    store memory, speedups), writes ``compare.json`` and ``compare.png`` to
-    ``--out`` (default ./results). The per-page store stops at the first
-    size whose predicted memory or time does not fit this machine, and says
-    why. With no arguments it is a one-minute demonstration.
+    The main job: the same workload on the ``rangetree`` store and on the
+    ``xarray`` store (the kernel's per-page model) over guest sizes from
+    1 GiB up, in parallel across cores; prints a table (time, operations per
+    second, store memory, speedups), writes ``compare.json`` and
+    ``compare.png`` to ``--out`` (default ./results). ``xarray`` stops at the
+    first size whose predicted memory or time does not fit this machine, and
+    says why. With no arguments it is a one-minute demonstration.
 ``memattr run WORKLOAD|TRACE``
     One workload (or a trace file, or a QEMU log with ``--qemu-log``) on one
     store: what happened, as the kernel counts it.
@@ -36,9 +36,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memattr import qemu, report, sweep, workloads
 from memattr import trace as trace_mod
+from memattr.units import format_size, parse_size
 
 DEFAULT_SIZES = "1G,4G,16G,64G,256G,1T"
-# A run of the per-page store is skipped when predicted to take longer than
+# An xarray run is skipped when predicted to take longer than
 # this (seconds) or to need more than MEMORY_SHARE of available memory.
 DEFAULT_TIME_BUDGET = 40.0
 MEMORY_SHARE = 0.5
@@ -46,7 +47,7 @@ MEMORY_SHARE = 0.5
 
 def _size(text: str) -> int:
     try:
-        return workloads.parse_size(text)
+        return parse_size(text)
     except (ValueError, TypeError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -143,7 +144,7 @@ def _vm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="memattr",
-        description="Model KVM memory attributes: run conversion workloads, compare the range and per-page stores.",
+        description="Model KVM memory attributes: run conversion workloads, compare the rangetree and xarray stores.",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -155,12 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare on a trace file (one size: the trace's guest) instead of a workload",
     )
     c.add_argument("--sizes", type=_sizes, default=_sizes(DEFAULT_SIZES), help=f"guest sizes (default {DEFAULT_SIZES})")
-    c.add_argument("--xarray-max", type=_size, default=None, help="largest guest for the per-page store (default: auto)")
+    c.add_argument("--xarray-max", type=_size, default=None, help="largest guest for xarray (default: auto)")
     c.add_argument(
         "--time-budget",
         type=_nonneg,
         default=DEFAULT_TIME_BUDGET,
-        help=f"skip per-page runs predicted to take longer, seconds (default {DEFAULT_TIME_BUDGET:g})",
+        help=f"skip xarray runs predicted to take longer, seconds (default {DEFAULT_TIME_BUDGET:g})",
     )
     c.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel runs (default: cores)")
     c.add_argument("--out", default="results", help="output directory (default ./results)")
@@ -265,12 +266,12 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _xarray_plan(args: argparse.Namespace, console: Console) -> tuple[int, str]:
-    """Largest size the per-page store may run at, and why it stops there."""
+    """Largest size xarray may run at, and why it stops there."""
     avail = sweep.available_memory()
     jobs = max(1, args.jobs)
     mem_cap = int(avail * MEMORY_SHARE / jobs) if avail else 0
     if args.xarray_max is not None:
-        return args.xarray_max, f"--xarray-max {workloads.format_size(args.xarray_max)}"
+        return args.xarray_max, f"--xarray-max {format_size(args.xarray_max)}"
     fits = [s for s in args.sizes if not mem_cap or sweep.xarray_memory_estimate(s) * 2 <= mem_cap]
     limit = max(fits) if fits else 0
     why = (
@@ -300,7 +301,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         return sweep.Config(args.workload, size, store, args.seed, params, vmk, args.engine, parts, trace_path)
 
     def per_page(size: int) -> list[sweep.Config]:
-        # The per-page store's Vm replay and store-only replay are the long
+        # xarray's Vm replay and store-only replay are the long
         # runs: as two tasks they use two cores instead of one.
         return [cfg(size, "xarray", "vm"), cfg(size, "xarray", "store-only")]
 
@@ -312,7 +313,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     state: dict[str, Any] = {"total": len(rt_configs) + 2 * len(xa_sizes), "progress": None}
 
     def follow_up(c: sweep.Config, result: dict[str, Any]) -> list[sweep.Config]:
-        # The per-page store runs one size at a time, smallest first; the
+        # xarray runs one size at a time, smallest first; the
         # next size goes only if its predicted time (this run's time scaled
         # by size, the store's cost being per page) fits the budget.
         if c.store != "xarray" or c.parts == "store-only":
@@ -325,7 +326,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         if args.time_budget and predicted > args.time_budget:
             for s in later:
                 skipped[s] = (
-                    f"time: predicted {predicted:.0f} s at {workloads.format_size(nxt)} "
+                    f"time: predicted {predicted:.0f} s at {format_size(nxt)} "
                     f"> --time-budget {args.time_budget:g} s"
                 )
             state["total"] -= 2 * len(later)
@@ -337,8 +338,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
 
     console.print(
         f"[bold]memattr compare[/]: {name} on guests of "
-        f"{', '.join(workloads.format_size(s) for s in sizes)}; range store at every size, "
-        f"per-page store up to {workloads.format_size(xa_limit) if xa_limit else 'none'}; "
+        f"{', '.join(format_size(s) for s in sizes)}; rangetree at every size, "
+        f"xarray up to {format_size(xa_limit) if xa_limit else 'none'}; "
         f"{args.jobs} parallel job(s)"
     )
     t0 = time.perf_counter()
@@ -369,12 +370,12 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     rows = report.compare_rows(res.results)
     engines = sorted({r["engine"] for r in res.results if "engine" in r})
     title = (
-        f"{name}: range store vs per-page store (seed {args.seed}, "
+        f"{name}: rangetree vs xarray (seed {args.seed}, "
         f"{'/'.join(engines) or args.engine} engine, {args.jobs} jobs, {wall:.0f} s wall)"
     )
     console.print(report.compare_table(rows, title))
     for s in sorted(skipped):
-        console.print(f"per-page store skipped at {workloads.format_size(s)}: {skipped[s]}")
+        console.print(f"xarray skipped at {format_size(s)}: {skipped[s]}")
     for f in failures:
         console.print(f"[red]failed[/]: {f}")
     payload = {
@@ -389,7 +390,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         "wall_seconds": wall,
         "machine": sweep.machine(),
         "rows": rows,
-        "skipped": {workloads.format_size(s): why for s, why in sorted(skipped.items())},
+        "skipped": {"xarray": {format_size(s): why for s, why in sorted(skipped.items())}},
         "failures": failures,
         "runs": res.results,
     }

@@ -26,7 +26,7 @@ but does not parse is an error naming the line.
 
 QEMU makes RAM private when it registers a guest_memfd slot, which is not a
 traced conversion, so the importer prepends the guest's setup and creation
-(:mod:`memattr.workloads` layout: RAM below ``low_limit`` and from 4 GiB).
+(:mod:`memattr.guest_layout`: RAM below ``low_limit`` and from 4 GiB).
 
 :func:`import_log` then replays what QEMU's kvm_convert_memory() does with
 each logged conversion: one that does not start in RAM never reaches KVM
@@ -47,25 +47,31 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from memattr.trace import (
+from memattr.generators import GUEST_MEMFD_FD, setup, vm_creation
+from memattr.guest_layout import GuestLayout, Region
+from memattr.trace_format import (
     FLAG_CONVERT,
     FLAG_DISCARD,
     FLAG_PRIVATE,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_MEMORY_EXIT_FLAG_PRIVATE,
     OP_FAULT,
     OP_GUEST_MEMFD_FALLOCATE,
     OP_SET_MEMORY_ATTRIBUTES,
     OP_SET_USER_MEMORY_REGION,
     PUNCH_HOLE_MODE,
+    RESULT_NONE,
     Trace,
     TraceFormatError,
     concat,
     empty_ops,
 )
-
-from memattr import workloads
-from memattr.uapi import KVM_MEM_GUEST_MEMFD
+from memattr.uapi import (
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    KVM_X86_SW_PROTECTED_VM,
+    U64_MAX,
+)
+from memattr.units import GiB
 
 _PREFIX = (
     r"(?:\d+@\d+\.\d+:"  # pid@sec.usec:
@@ -81,7 +87,6 @@ _FAULT = re.compile(
     r"size\s+0x(?P<size>[0-9a-fA-F]+)\s+flags\s+0x(?P<flags>[0-9a-fA-F]+)\s*$"
 )
 _EVENT = re.compile(r"(?:^|[\s:])(kvm_convert_memory|kvm_memory_fault)\s")
-_U64 = (1 << 64) - 1
 
 
 def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
@@ -95,7 +100,7 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
         m = _CONVERT.match(line)
         if m:
             start, size = int(m["start"], 16), int(m["size"], 16)
-            if start > _U64 or size > _U64:
+            if start > U64_MAX or size > U64_MAX:
                 raise TraceFormatError(f"{name} line {lineno}: value does not fit in 64 bits")
             attrs = KVM_MEMORY_ATTRIBUTE_PRIVATE if m["msg"] == "shared_to_private" else 0
             rows.append((OP_SET_MEMORY_ATTRIBUTES, start, size, attrs, 0))
@@ -103,7 +108,7 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
         m = _FAULT.match(line)
         if m:
             start, flags = int(m["start"], 16), int(m["flags"], 16)
-            if start > _U64 or int(m["size"], 16) > _U64 or flags > _U64:
+            if start > U64_MAX or int(m["size"], 16) > U64_MAX or flags > U64_MAX:
                 raise TraceFormatError(f"{name} line {lineno}: value does not fit in 64 bits")
             # The exit does not say whether the access was a write; reads
             # fault the same way for the attribute model.
@@ -118,10 +123,10 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
             ("kind", "gpa", "size", "attributes", "flags"), cols, (np.uint8, np.uint64, np.uint64, np.uint64, np.uint8)
         ):
             ops[name] = np.array(col, dtype)
-    return Trace(ops, {"name": "qemu", "vm_type": workloads.KVM_X86_SW_PROTECTED_VM})
+    return Trace(ops, {"name": "qemu", "vm_type": KVM_X86_SW_PROTECTED_VM})
 
 
-def _ram_region_index(gpa: np.ndarray, regions: Sequence[workloads.Region]) -> np.ndarray:
+def _ram_region_index(gpa: np.ndarray, regions: Sequence[Region]) -> np.ndarray:
     """Per gpa, the index of the RAM region holding it, or -1."""
     regions = list(regions)
     starts = np.array([r.gpa for r in regions], dtype=np.uint64)
@@ -131,10 +136,17 @@ def _ram_region_index(gpa: np.ndarray, regions: Sequence[workloads.Region]) -> n
     return np.where(inside, i, -1)
 
 
-def _with_holes(ops: np.ndarray, regions: Sequence[workloads.Region]) -> tuple[np.ndarray, np.ndarray]:
+def _with_holes(
+    ops: np.ndarray, regions: Sequence[Region], fds: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """``ops`` with a guest_memfd hole after each conversion to shared that
-    starts in RAM, and where each old index (and the end) lands."""
-    regions = sorted(regions, key=lambda r: r.gpa)
+    starts in RAM, and where each old index (and the end) lands. ``fds[i]``
+    is the guest_memfd bound to ``regions[i]`` (disjoint memslots)."""
+    if len(fds) != len(regions):
+        raise ValueError("one guest_memfd fd per region")
+    order = sorted(range(len(regions)), key=lambda i: regions[i].gpa)
+    regions = [regions[i] for i in order]
+    region_fd = np.array([fds[i] for i in order], dtype=np.uint64)
     idx = _ram_region_index(ops["gpa"], regions)
     shared = (
         (ops["kind"] == OP_SET_MEMORY_ATTRIBUTES)
@@ -157,13 +169,13 @@ def _with_holes(ops: np.ndarray, regions: Sequence[workloads.Region]) -> tuple[n
         # RAM block, which is the guest_memfd offset in this layout.
         holes["gpa"] = region_off[r] + (src["gpa"] - region_gpa[r])
         holes["size"] = src["size"]
-    holes["attributes"] = workloads.GUEST_MEMFD_FD
+        holes["attributes"] = region_fd[r]
     holes["arg"] = PUNCH_HOLE_MODE
     out[new_index[where] + 1] = holes
     return out, new_index
 
 
-def kvm_calls(events: Trace, regions: Sequence[workloads.Region], discard: bool = True) -> Trace:
+def kvm_calls(events: Trace, regions: Sequence[Region], discard: bool = True) -> Trace:
     """What QEMU's kvm_convert_memory() asks of KVM for each logged event
     (see the module doc): conversions that start outside RAM dropped, and
     with ``discard`` a guest_memfd hole punched after each conversion to
@@ -172,25 +184,41 @@ def kvm_calls(events: Trace, regions: Sequence[workloads.Region], discard: bool 
     sets = ops["kind"] == OP_SET_MEMORY_ATTRIBUTES
     ops = ops[~sets | (_ram_region_index(ops["gpa"], sorted(regions, key=lambda r: r.gpa)) >= 0)]
     if discard:
-        ops, _ = _with_holes(ops, regions)
+        # The importer's setup binds every region to its one guest_memfd.
+        ops, _ = _with_holes(ops, regions, [GUEST_MEMFD_FD] * len(regions))
     return Trace(ops.copy(), dict(events.meta))
+
+
+def guest_memfd_regions(trace: Trace) -> tuple[list[Region], list[int]]:
+    """The guest_memfd-backed memslots a trace creates, and the guest_memfd
+    fd bound to each as the trace has it (what its ``create_guest_memfd``
+    returned; replay maps it to the live fd), from its
+    ``set_user_memory_region`` operations and regions table. A call recorded
+    as failed changes nothing; the last definition of a slot wins; a deleted
+    slot (size 0) or one without ``KVM_MEM_GUEST_MEMFD`` has none."""
+    ops = trace.ops[trace.ops["kind"] == OP_SET_USER_MEMORY_REGION]
+    table = trace.meta["regions"]
+    slots: dict[int, tuple[Region, int] | None] = {}
+    cols = [ops[f].tolist() for f in ("gpa", "size", "attributes", "arg", "aux", "result")]
+    for gpa, size, flags, off, aux, result in zip(*cols):
+        if result < 0 and result != RESULT_NONE:
+            continue
+        slot, _uaddr, fd = table[aux]
+        backed = size and flags & KVM_MEM_GUEST_MEMFD and fd >= 0
+        slots[slot] = (Region(slot, gpa, size, off), fd) if backed else None
+    found = [v for v in slots.values() if v is not None]
+    return [r for r, _ in found], [fd for _, fd in found]
 
 
 def with_discards(trace: Trace) -> Trace:
     """``trace`` as a QEMU VMM would run it: a guest_memfd hole punched
-    after every conversion to shared of guest_memfd-backed RAM (the
-    trace's own memslots and their guest_memfd offsets say where), phases
+    after every conversion to shared of guest_memfd-backed RAM, in the
+    guest_memfd bound to that memslot at the range's offset in it (the
+    trace's own memslots and fds: :func:`guest_memfd_regions`), phases
     kept; faults with ``FLAG_CONVERT`` get ``FLAG_DISCARD``, so the
     replayer's own conversions to shared punch their holes too."""
-    region_ops = trace.ops[trace.ops["kind"] == OP_SET_USER_MEMORY_REGION]
-    regions = [
-        workloads.Region(int(slot), int(gpa), int(size), int(off))
-        for slot, (gpa, size, flags, off) in enumerate(
-            zip(region_ops["gpa"], region_ops["size"], region_ops["attributes"], region_ops["arg"])
-        )
-        if size and int(flags) & KVM_MEM_GUEST_MEMFD
-    ]
-    ops, new_index = _with_holes(trace.ops, regions)
+    regions, fds = guest_memfd_regions(trace)
+    ops, new_index = _with_holes(trace.ops, regions, fds)
     # The replayer's own conversions on memory-fault exits discard too.
     convert = (ops["kind"] == OP_FAULT) & ((ops["flags"] & np.uint8(FLAG_CONVERT)) != 0)
     ops["flags"][convert] |= np.uint8(FLAG_DISCARD)
@@ -205,7 +233,7 @@ def with_discards(trace: Trace) -> Trace:
 def import_log(
     source: str | os.PathLike[str] | Iterable[str],
     guest: int | str,
-    low_limit: int | str = 2 * workloads.GiB,
+    low_limit: int | str = 2 * GiB,
     initial_private: bool = True,
     discard: bool = True,
 ) -> Trace:
@@ -223,14 +251,14 @@ def import_log(
             events = parse_log(f, os.fspath(source))
     else:
         events = parse_log(source)
-    layout = workloads.GuestLayout.build(guest, low_limit)
-    parts = [("setup", workloads.setup(layout))]
+    layout = GuestLayout.build(guest, low_limit)
+    parts = [("setup", setup(layout))]
     if initial_private:
-        parts.append(("creation", workloads.vm_creation(layout)))
+        parts.append(("creation", vm_creation(layout)))
     parts.append(("qemu", kvm_calls(events, layout.regions, discard)))
     meta = {
         "name": "qemu",
-        "vm_type": workloads.KVM_X86_SW_PROTECTED_VM,
+        "vm_type": KVM_X86_SW_PROTECTED_VM,
         "vm_kwargs": {},
         "params": {
             "guest": layout.ram_size,

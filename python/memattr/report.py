@@ -9,9 +9,12 @@ from typing import Any
 
 from rich.table import Table
 
-from memattr.workloads import format_size
+from memattr.units import GiB, format_size
 
-STORE_LABEL = {"rangetree": "range store (RangeTree)", "xarray": "per-page store (XArray, kernel model)"}
+# The two stores go by their API names (Vm(store=...), --store) everywhere
+# they are shown; this caption says once what they are.
+STORES = ("rangetree", "xarray")
+STORES_CAPTION = "rangetree = runs of equal attributes in a B+ tree; xarray = the kernel's per-page store (its model)"
 STORE_COLOR = {"rangetree": "#1f77b4", "xarray": "#d62728"}
 
 
@@ -40,7 +43,7 @@ def run_table(result: dict[str, Any]) -> Table:
     rp = result["replay"]
     hp = result["hugepages"]
     t = Table(
-        title=f"{result['workload']} on a {format_size(result['guest'])} guest, {STORE_LABEL[result['store']]}",
+        title=f"{result['workload']} on a {format_size(result['guest'])} guest, store {result['store']}",
         show_header=False,
         title_justify="left",
     )
@@ -125,7 +128,7 @@ def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "ops_per_second": r["ops_per_second"],
                     "memory_bytes": r["memory_bytes"],
                     "peak_memory_bytes": r["peak_memory_bytes"],
-                    "memory_per_gib": r["memory_bytes"] / (guest / (1 << 30)),
+                    "memory_per_gib": r["memory_bytes"] / (guest / GiB),
                 }
         if rt and xa and rt["seconds"] > 0:
             row["throughput_ratio"] = xa["seconds"] / rt["seconds"]
@@ -142,21 +145,20 @@ def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def compare_table(rows: list[dict[str, Any]], title: str) -> Table:
-    t = Table(title=title, title_justify="left")
+    t = Table(title=title, title_justify="left", caption=STORES_CAPTION, caption_justify="left")
     t.add_column("guest", justify="right", style="bold")
     t.add_column("ops", justify="right")
-    for store in ("rangetree", "xarray"):
-        short = "range" if store == "rangetree" else "per-page"
-        t.add_column(f"{short} time", justify="right")
-        t.add_column(f"{short} ops/s", justify="right")
-        t.add_column(f"{short} memory", justify="right")
+    for store in STORES:
+        t.add_column(f"{store} time", justify="right")
+        t.add_column(f"{store} ops/s", justify="right")
+        t.add_column(f"{store} memory", justify="right")
     t.add_column("speedup (Vm)", justify="right", style="green")
     t.add_column("speedup (Vm, CPU time)", justify="right", style="green")
     t.add_column("speedup (store only)", justify="right", style="green")
     t.add_column("memory ratio", justify="right", style="green")
     for row in rows:
         cells = [format_size(row["guest"]), f"{row['operations']:,}"]
-        for store in ("rangetree", "xarray"):
+        for store in STORES:
             r = row.get(store)
             if r:
                 cells += [f"{r['seconds']:.2f} s", human_rate(r["ops_per_second"]), human_bytes(r["memory_bytes"])]
@@ -203,9 +205,9 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], title: str) -
 
     fig, (ax_t, ax_s, ax_m) = plt.subplots(1, 3, figsize=(16, 5.2), constrained_layout=True)
     sizes = [r["guest"] for r in rows]
-    for store in ("rangetree", "xarray"):
+    for store in STORES:
         color = STORE_COLOR[store]
-        label = STORE_LABEL[store]
+        label = store
         pts = [(r["guest"], r[store]) for r in rows if store in r]
         if not pts:
             continue
@@ -245,7 +247,7 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], title: str) -
         ax.grid(True, which="major", alpha=0.3)
         if skipped:
             ax.axvspan(min(skipped) / 1.3, max(skipped) * 1.3, color="0.92", zorder=0)
-            ax.text(0.98, 0.02, "shaded: per-page store skipped", transform=ax.transAxes, ha="right",
+            ax.text(0.98, 0.02, "shaded: xarray skipped", transform=ax.transAxes, ha="right",
                     va="bottom", fontsize=8, color="0.4")
     rate_fmt = FuncFormatter(lambda x, _: human_rate(x).replace(" /s", "/s"))
     for ax in (ax_t, ax_s):
@@ -259,8 +261,8 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], title: str) -
     ax_s.set_ylabel("ranges per second (higher is better)")
     ax_s.set_title("the data structure alone (batch replay, no Vm)")
     ax_m.set_ylabel("store memory (lower is better)")
-    lo = min([1.0] + [max(1, r[s]["memory_bytes"]) for r in rows for s in ("rangetree", "xarray") if s in r])
-    hi = max([1024.0] + [r[s]["peak_memory_bytes"] for r in rows for s in ("rangetree", "xarray") if s in r])
+    lo = min([1.0] + [max(1, r[s]["memory_bytes"]) for r in rows for s in STORES if s in r])
+    hi = max([1024.0] + [r[s]["peak_memory_bytes"] for r in rows for s in STORES if s in r])
     ticks = [32.0**k for k in range(0, 9) if lo / 32 <= 32.0**k <= hi * 32]
     ax_m.yaxis.set_major_locator(FixedLocator(ticks))
     ax_m.yaxis.set_major_formatter(FuncFormatter(_bytes_tick))

@@ -54,6 +54,9 @@ import numpy as np
 
 from memattr import trace as trace_mod
 from memattr import workloads
+from memattr.mmu import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
+from memattr.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE, SZ_1G, SZ_2M
+from memattr.units import GiB, format_size
 
 STORES = ("rangetree", "xarray")
 
@@ -67,7 +70,7 @@ class Config:
     ``trace_path``) a trace file, whose guest size ``guest`` then states."""
 
     workload: str = "boot-and-churn"
-    guest: int = 64 * workloads.GiB
+    guest: int = 64 * GiB
     store: str = "rangetree"
     seed: int = 0
     params: tuple[tuple[str, Any], ...] = ()  # extra workload parameters
@@ -92,7 +95,7 @@ class Config:
 
     def label(self) -> str:
         part = "" if self.parts == "both" else f" ({self.parts})"
-        return f"{self.workload} {workloads.format_size(self.guest)} {self.store}{part}"
+        return f"{self.workload} {format_size(self.guest)} {self.store}{part}"
 
 
 def make_trace(config: Config) -> trace_mod.Trace:
@@ -120,24 +123,27 @@ def _ram_ranges(trace: trace_mod.Trace) -> list[tuple[int, int]]:
 
 def attribute_bytes(store: Any, ranges: list[tuple[int, int]]) -> dict[str, int]:
     """Private and shared bytes of RAM (the given gpa ranges) in ``store``."""
-    PAGE = trace_mod.PAGE_SIZE
     priv = 0
     total = 0
     for start, end in ranges:
-        s, e = start // PAGE, end // PAGE
+        s, e = start // PAGE_SIZE, end // PAGE_SIZE
         total += e - s
-        priv += int(store.count_pages(s, e, trace_mod.KVM_MEMORY_ATTRIBUTE_PRIVATE, trace_mod.KVM_MEMORY_ATTRIBUTE_PRIVATE))
-    return {"private_bytes": priv * PAGE, "shared_bytes": (total - priv) * PAGE}
+        priv += int(store.count_pages(s, e, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_ATTRIBUTE_PRIVATE))
+    return {"private_bytes": priv * PAGE_SIZE, "shared_bytes": (total - priv) * PAGE_SIZE}
 
 
 def hugepage_coverage(mapped: dict[Any, int]) -> dict[str, Any]:
     """Bytes mapped at each level from ``stats.mapped`` (live mappings)."""
-    sizes = {1: 4096, 2: 2 << 20, 3: 1 << 30}
+    sizes = {PG_LEVEL_4K: PAGE_SIZE, PG_LEVEL_2M: SZ_2M, PG_LEVEL_1G: SZ_1G}
     by_level = {int(k): int(v) * sizes[int(k)] for k, v in mapped.items() if int(k) in sizes}
     total = sum(by_level.values())
-    huge = by_level.get(2, 0) + by_level.get(3, 0)
+    huge = by_level.get(PG_LEVEL_2M, 0) + by_level.get(PG_LEVEL_1G, 0)
     return {
-        "mapped_bytes": {"4K": by_level.get(1, 0), "2M": by_level.get(2, 0), "1G": by_level.get(3, 0)},
+        "mapped_bytes": {
+            "4K": by_level.get(PG_LEVEL_4K, 0),
+            "2M": by_level.get(PG_LEVEL_2M, 0),
+            "1G": by_level.get(PG_LEVEL_1G, 0),
+        },
         "huge_fraction": (huge / total) if total else 0.0,
     }
 
@@ -209,9 +215,9 @@ def run_store_only(trace: trace_mod.Trace, store: str) -> dict[str, Any]:
     """The data structure alone: the trace's attribute changes applied to a
     fresh bare store through its batch entry point (no Vm, no MMU, no
     per-operation Python), timed."""
-    import memattr
+    from memattr._native import RangeTree, XArray
 
-    obj = memattr.RangeTree() if store == "rangetree" else memattr.XArray()
+    obj = RangeTree() if store == "rangetree" else XArray()
     t0, c0 = time.perf_counter(), time.process_time()
     n = trace_mod.apply_to_store(trace, obj)
     secs = time.perf_counter() - t0
@@ -354,4 +360,4 @@ XARRAY_BYTES_PER_PAGE = 9.2
 
 
 def xarray_memory_estimate(guest: int) -> int:
-    return int(guest // trace_mod.PAGE_SIZE * XARRAY_BYTES_PER_PAGE)
+    return int(guest // PAGE_SIZE * XARRAY_BYTES_PER_PAGE)

@@ -76,7 +76,17 @@ def _IOC_SIZE(request: int) -> int:
 
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
+# include/linux/limits.h
 U64_MAX: Final = (1 << 64) - 1
+U32_MAX: Final = (1 << 32) - 1
+S64_MAX: Final = (1 << 63) - 1  # loff_t's range (MAX_LFS_FILESIZE on 64-bit)
+S64_MIN: Final = -(1 << 63)
+S32_MAX: Final = (1 << 31) - 1
+S32_MIN: Final = -(1 << 31)
+# include/linux/sizes.h
+SZ_2M: Final = 0x00200000
+SZ_1G: Final = 0x40000000
+SZ_4G: Final = 0x100000000
 # kvm_host.h: a gpa nobody can map, used to mark an empty invalidation range.
 INVALID_GPA: Final = U64_MAX
 
@@ -264,6 +274,14 @@ __all__ = [
     "KVM_X86_TDX_VM",
     "PAGE_SHIFT",
     "PAGE_SIZE",
+    "S32_MAX",
+    "S32_MIN",
+    "S64_MAX",
+    "S64_MIN",
+    "SZ_1G",
+    "SZ_2M",
+    "SZ_4G",
+    "U32_MAX",
     "U64_MAX",
     "kvm_create_guest_memfd",
     "kvm_enable_cap",

@@ -1,0 +1,121 @@
+"""Sets of guest-physical ranges, vectorised: union, intersection tests,
+aligned blocks of RAM, random free blocks, and :class:`SharedSet`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from memattr.guest_layout import GuestLayout
+from memattr.uapi import SZ_2M
+
+def coalesce(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted union of [start, end) ranges, adjacent ones merged."""
+    if starts.size == 0:
+        return starts.astype(np.uint64), ends.astype(np.uint64)
+    order = np.argsort(starts, kind="stable")
+    s = starts[order].astype(np.uint64)
+    e = ends[order].astype(np.uint64)
+    run_end = np.maximum.accumulate(e)
+    new = np.ones(s.size, dtype=bool)
+    new[1:] = s[1:] > run_end[:-1]
+    idx = np.flatnonzero(new)
+    last = np.append(idx[1:], s.size) - 1
+    return s[idx], run_end[last]
+
+
+def overlaps(a_start: np.ndarray, a_end: np.ndarray, holes: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """For each [a_start, a_end): does it intersect any (sorted, disjoint) hole?"""
+    h_start, h_end = holes
+    if h_start.size == 0:
+        return np.zeros(a_start.size, dtype=bool)
+    i = np.searchsorted(h_end, a_start, side="right")
+    hit = i < h_start.size
+    ii = np.minimum(i, h_start.size - 1)
+    return hit & (h_start[ii] < a_end)
+
+
+def aligned_blocks(layout: GuestLayout, size: int) -> np.ndarray:
+    """Start gpas of every ``size``-aligned block lying wholly in RAM."""
+    parts = []
+    for r in layout.regions:
+        first = -(-r.gpa // size) * size
+        last = (r.end // size) * size
+        if last > first:
+            parts.append(np.arange(first, last, size, dtype=np.uint64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+
+
+def sample_blocks(
+    layout: GuestLayout,
+    size: int,
+    n: int,
+    holes: tuple[np.ndarray, np.ndarray],
+    rng: np.random.Generator,
+    what: str,
+    floor: int = SZ_2M,
+) -> np.ndarray:
+    """``n`` distinct random ``size``-aligned blocks wholly in RAM, at or
+    above ``floor``, not intersecting ``holes``; in the order drawn.
+
+    Samples block numbers instead of listing every block, so picking a few
+    thousand blocks of a multi-TiB guest stays cheap.
+    """
+    firsts, counts = [], []
+    for r in layout.regions:
+        first = max(-(-r.gpa // size) * size, -(-floor // size) * size)
+        last = (r.end // size) * size
+        if last > first:
+            firsts.append(first)
+            counts.append((last - first) // size)
+    total = sum(counts)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    if total == 0:
+        raise ValueError(f"{what}={n}: no {size}-byte blocks of RAM available")
+    first_a = np.array(firsts, dtype=np.uint64)
+    cum = np.cumsum(np.array(counts, dtype=np.int64))
+    picked = np.zeros(0, dtype=np.uint64)
+    for _ in range(64):
+        want = n - picked.size
+        k = min(total, 2 * want + 64)
+        idx = rng.integers(0, total, size=k)
+        region = np.searchsorted(cum, idx, side="right")
+        local = idx - np.concatenate([[0], cum[:-1]])[region]
+        cand = first_a[region] + local.astype(np.uint64) * np.uint64(size)
+        cand = cand[~overlaps(cand, cand + np.uint64(size), holes)]
+        merged = np.concatenate([picked, cand])
+        _, first_seen = np.unique(merged, return_index=True)
+        picked = merged[np.sort(first_seen)][:n]
+        if picked.size == n:
+            return picked
+    raise ValueError(f"{what}={n}: cannot find that many free {size}-byte blocks (RAM too small or too full)")
+
+
+@dataclass(frozen=True)
+class SharedSet:
+    """Sorted, disjoint [start, end) gpa ranges currently shared."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+
+    @classmethod
+    def empty(cls) -> SharedSet:
+        z = np.zeros(0, dtype=np.uint64)
+        return cls(z, z)
+
+    @classmethod
+    def of(cls, starts: np.ndarray, ends: np.ndarray) -> SharedSet:
+        s, e = coalesce(np.asarray(starts, dtype=np.uint64), np.asarray(ends, dtype=np.uint64))
+        return cls(s, e)
+
+    def union(self, other: SharedSet) -> SharedSet:
+        return SharedSet.of(np.concatenate([self.starts, other.starts]), np.concatenate([self.ends, other.ends]))
+
+    @property
+    def bytes(self) -> int:
+        return int((self.ends - self.starts).sum(dtype=np.uint64))
+
+    def holes(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.starts, self.ends
