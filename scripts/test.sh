@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the project into ./.venv (from nothing) and runs every test:
-# the pure-Rust core with cargo, the package's type hints with mypy, then
+# rustfmt's check, the pure-Rust core with cargo, the package's type hints with mypy, then
 # the Python package with pytest (benchmarks included, run once each
 # without timing).
 set -euo pipefail
@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
+cargo fmt --check
 cargo test --release
 .venv/bin/python -m mypy
 .venv/bin/python -m pytest

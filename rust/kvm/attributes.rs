@@ -39,7 +39,10 @@ impl Kvm {
                 ),
             )
         } else if size == 0 || address.checked_add(size).is_none() {
-            fail(EINVAL, format!("size {size:#x} is 0 or address + size wraps"))
+            fail(
+                EINVAL,
+                format!("size {size:#x} is 0 or address + size wraps"),
+            )
         } else if (address | size) & (PAGE_SIZE - 1) != 0 {
             fail(
                 EINVAL,

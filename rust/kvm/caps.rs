@@ -21,7 +21,10 @@ pub fn x86_vm_type(vm_type: u64) -> Option<(bool, bool)> {
 
 /// KVM_CAP_VM_TYPES: a bit per type x86_vm_type() knows.
 fn supported_vm_types() -> u64 {
-    (0..64).filter(|&t| x86_vm_type(t).is_some()).map(|t| 1 << t).sum()
+    (0..64)
+        .filter(|&t| x86_vm_type(t).is_some())
+        .map(|t| 1 << t)
+        .sum()
 }
 
 impl Kvm {
@@ -72,6 +75,9 @@ impl Kvm {
             self.manual_dirty_log_protect = args[0];
             return Ok(());
         }
-        fail(EINVAL, format!("capability {cap} cannot be enabled on this VM"))
+        fail(
+            EINVAL,
+            format!("capability {cap} cannot be enabled on this VM"),
+        )
     }
 }

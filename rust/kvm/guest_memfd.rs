@@ -101,7 +101,10 @@ impl Kvm {
     pub fn kvm_gmem_create(&mut self, size: u64, flags: u64) -> Result<u64, KvmError> {
         let valid_flags = 0;
         if flags & !valid_flags != 0 {
-            return fail(EINVAL, format!("guest_memfd flags {flags:#x} are not supported"));
+            return fail(
+                EINVAL,
+                format!("guest_memfd flags {flags:#x} are not supported"),
+            );
         }
         if size == 0 || size > MAX_LFS_FILESIZE || size & (PAGE_SIZE - 1) != 0 {
             return fail(
@@ -145,10 +148,7 @@ impl Kvm {
         }
         let file = self.own_gmem(fd)?;
         let size = npages << PAGE_SHIFT;
-        if offset > MAX_LFS_FILESIZE
-            || offset & (PAGE_SIZE - 1) != 0
-            || offset + size > file.size
-        {
+        if offset > MAX_LFS_FILESIZE || offset & (PAGE_SIZE - 1) != 0 || offset + size > file.size {
             return fail(
                 EINVAL,
                 format!(
@@ -172,7 +172,14 @@ impl Kvm {
     }
 
     /// kvm_gmem_bind() after its checks passed.
-    pub(super) fn kvm_gmem_bind(&mut self, fd: u64, pgoff: u64, npages: u64, as_id: usize, id: u16) {
+    pub(super) fn kvm_gmem_bind(
+        &mut self,
+        fd: u64,
+        pgoff: u64,
+        npages: u64,
+        as_id: usize,
+        id: u16,
+    ) {
         if let Some(f) = self.gmem.get_mut(&fd) {
             f.bindings.insert(pgoff, (pgoff + npages, as_id, id));
         }
@@ -228,7 +235,10 @@ impl Kvm {
         if mode & FALLOC_FL_UNSHARE_RANGE != 0
             && mode & !(FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_KEEP_SIZE) != 0
         {
-            return fail(EINVAL, "FALLOC_FL_UNSHARE_RANGE takes only FALLOC_FL_KEEP_SIZE");
+            return fail(
+                EINVAL,
+                "FALLOC_FL_UNSHARE_RANGE takes only FALLOC_FL_KEEP_SIZE",
+            );
         }
         let Some(last) = offset.checked_add(length) else {
             return fail(EFBIG, "offset + length past the largest file size");

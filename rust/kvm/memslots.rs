@@ -331,7 +331,10 @@ impl Kvm {
         if mem.guest_phys_addr & page_mask != 0 {
             return fail(
                 EINVAL,
-                format!("guest_phys_addr {:#x} is not page aligned", mem.guest_phys_addr),
+                format!(
+                    "guest_phys_addr {:#x} is not page aligned",
+                    mem.guest_phys_addr
+                ),
             );
         }
         if mem.userspace_addr & page_mask != 0 || !access_ok(mem.userspace_addr, size) {
@@ -425,7 +428,9 @@ impl Kvm {
             }
         };
         if matches!(change, MemslotChange::Create | MemslotChange::Move)
-            && self.memslots.overlaps(as_id, id, base_gfn, base_gfn + npages)
+            && self
+                .memslots
+                .overlaps(as_id, id, base_gfn, base_gfn + npages)
         {
             return fail(
                 EEXIST,
@@ -486,9 +491,9 @@ impl Kvm {
             return Ok(());
         }
         let tracker = match change {
-            MemslotChange::Create | MemslotChange::Move => Some(
-                self.kvm_alloc_memslot_metadata(base_gfn, npages, mem.userspace_addr)?,
-            ),
+            MemslotChange::Create | MemslotChange::Move => {
+                Some(self.kvm_alloc_memslot_metadata(base_gfn, npages, mem.userspace_addr)?)
+            }
             _ => None,
         };
         if let Some(i) = old {

@@ -71,7 +71,12 @@ impl Kvm {
     /// kvm_unmap_gfn_range(): zap the leaves of `as_id`'s root that
     /// intersect [start, end) (huge leaves straddling it go whole). True if
     /// anything was mapped, i.e. a TLB flush is needed.
-    pub fn kvm_unmap_gfn_range(&mut self, as_id: usize, start: u64, end: u64) -> Result<bool, KvmError> {
+    pub fn kvm_unmap_gfn_range(
+        &mut self,
+        as_id: usize,
+        start: u64,
+        end: u64,
+    ) -> Result<bool, KvmError> {
         let removed = self.roots[as_id].zap(start, end)?;
         Ok(self.account_removed(removed))
     }
@@ -88,7 +93,11 @@ impl Kvm {
     /// ranges are only valid while slots_lock is held.
     fn range_slot(&self, rng: &GfnRange) -> Result<&Memslot, KvmError> {
         match self.memslots.at(rng.as_id, rng.index) {
-            Some(s) if s.serial == rng.serial && s.base_gfn <= rng.start && rng.end <= s.end_gfn() => Ok(s),
+            Some(s)
+                if s.serial == rng.serial && s.base_gfn <= rng.start && rng.end <= s.end_gfn() =>
+            {
+                Ok(s)
+            }
             _ => Err(KvmError::Bug(format!(
                 "gfn range [{:#x}, {:#x}) names a memslot that changed (slots_lock not held?)",
                 rng.start, rng.end
@@ -190,7 +199,7 @@ impl Kvm {
                 self.note_mmu_lock(); // kvm_mmu_slot_leaf_clear_dirty
             }
             self.note_mmu_lock(); // kvm_mmu_slot_remove_write_access
-            // Unconditional, once the slot is write-protected.
+                                  // Unconditional, once the slot is write-protected.
             self.kvm_flush_remote_tlbs();
             return;
         }
@@ -247,7 +256,11 @@ impl Kvm {
         KvmError::MemoryFault {
             gpa: gfn << PAGE_SHIFT,
             size: PAGE_SIZE,
-            flags: if private { KVM_MEMORY_EXIT_FLAG_PRIVATE } else { 0 },
+            flags: if private {
+                KVM_MEMORY_EXIT_FLAG_PRIVATE
+            } else {
+                0
+            },
         }
     }
 
@@ -355,7 +368,13 @@ impl Kvm {
     /// kvm_faultin_pfn_private()'s cap from the guest_memfd folio order,
     /// then kvm_mmu_hugepage_adjust() / __kvm_mmu_max_mapping_level():
     /// dirty logging, lpage_info, and for shared memory the host's level.
-    fn max_level(&self, as_id: usize, index: usize, gfn: u64, private: bool) -> Result<u8, KvmError> {
+    fn max_level(
+        &self,
+        as_id: usize,
+        index: usize,
+        gfn: u64,
+        private: bool,
+    ) -> Result<u8, KvmError> {
         let mut max_level = KVM_MAX_HUGEPAGE_LEVEL;
         if private {
             max_level = max_level.min(max_level_for_order(self.config.guest_memfd_max_order));
@@ -419,7 +438,9 @@ impl Kvm {
         let Some(i) = self.memslots.index_of_id(as_id, (slot & 0xFFFF) as u16) else {
             return fail(EINVAL, format!("slot {slot:#x} does not exist"));
         };
-        Ok(self.memslots.address_space(as_id)[i].tracker.mixed_runs(level)?)
+        Ok(self.memslots.address_space(as_id)[i]
+            .tracker
+            .mixed_runs(level)?)
     }
 
     /// Level of the leaf mapping `gfn` in `as_id` (0 if unmapped).

@@ -88,12 +88,7 @@ pub fn replay(
             }
             OP_FAULT => replay_fault(kvm, op, tally)?,
             OP_GUEST_MEMFD_FALLOCATE => {
-                match kvm.kvm_gmem_fallocate(
-                    op.attributes,
-                    op.arg,
-                    op.gpa as i64,
-                    op.size as i64,
-                ) {
+                match kvm.kvm_gmem_fallocate(op.attributes, op.arg, op.gpa as i64, op.size as i64) {
                     Ok(()) => 0,
                     Err(e @ KvmError::Bug(_)) => return Err(e),
                     Err(e) => tally.fail(&e),
@@ -160,4 +155,3 @@ fn replay_fault(kvm: &mut Kvm, op: &Op, tally: &mut ReplayTally) -> Result<i64, 
         }
     }
 }
-

@@ -17,7 +17,15 @@ fn vm(per_page: bool) -> Kvm {
     } else {
         Arc::new(RwLock::new(RangeTree::new()))
     };
-    Kvm::new(KVM_X86_SW_PROTECTED_VM, Semantics::Linux68, store, per_page, None, 18).unwrap()
+    Kvm::new(
+        KVM_X86_SW_PROTECTED_VM,
+        Semantics::Linux68,
+        store,
+        per_page,
+        None,
+        18,
+    )
+    .unwrap()
 }
 
 /// A guest_memfd slot `id` of `npages` at `base_gfn`, backed at an address
@@ -51,16 +59,35 @@ fn validation_order_and_counters() {
     // flags, then attributes, then size/wrap, then alignment: each EINVAL.
     assert_eq!(errno(k.set_memory_attributes(1, 0, 1 << 5, 1)), EINVAL);
     assert_eq!(errno(k.set_memory_attributes(0, 4096, 1 << 5, 0)), EINVAL);
-    assert_eq!(errno(k.set_memory_attributes(u64::MAX - 4095, 8192, P, 0)), EINVAL);
+    assert_eq!(
+        errno(k.set_memory_attributes(u64::MAX - 4095, 8192, P, 0)),
+        EINVAL
+    );
     assert_eq!(errno(k.set_memory_attributes(1, 4096, P, 0)), EINVAL);
     assert_eq!(k.counters.failed_calls, 4);
     assert_eq!(k.counters.set_calls, 0);
     assert!(k.set_memory_attributes(0, 8192, P, 0).unwrap());
     assert!(!k.set_memory_attributes(0, 4096, P, 0).unwrap());
     let c = k.counters;
-    assert_eq!((c.set_calls, c.conversions, c.noop_conversions, c.pages_converted), (2, 1, 1, 2));
+    assert_eq!(
+        (
+            c.set_calls,
+            c.conversions,
+            c.noop_conversions,
+            c.pages_converted
+        ),
+        (2, 1, 1, 2)
+    );
     // One pass each way, nothing mapped: no flush, no zapped range.
-    assert_eq!((c.mmu_lock_acquisitions, c.pre_set_ranges, c.zapped_ranges, c.tlb_flushes), (2, 1, 0, 0));
+    assert_eq!(
+        (
+            c.mmu_lock_acquisitions,
+            c.pre_set_ranges,
+            c.zapped_ranges,
+            c.tlb_flushes
+        ),
+        (2, 1, 0, 0)
+    );
     assert_eq!((k.inval.seq, k.inval.in_progress), (1, 0));
 }
 
@@ -72,7 +99,11 @@ fn faults_map_exit_and_get_zapped() {
     assert_eq!(k.mapped(), [0, 1, 0]);
     assert_eq!(
         k.fault(4096, true, 0),
-        Err(KvmError::MemoryFault { gpa: 4096, size: 4096, flags: KVM_MEMORY_EXIT_FLAG_PRIVATE })
+        Err(KvmError::MemoryFault {
+            gpa: 4096,
+            size: 4096,
+            flags: KVM_MEMORY_EXIT_FLAG_PRIVATE
+        })
     );
     // Converting one page zaps the 2M leaf (one flush) and mixes the hugepage.
     k.set_memory_attributes(4096, 4096, P, 0).unwrap();
@@ -84,7 +115,10 @@ fn faults_map_exit_and_get_zapped() {
     assert_eq!(k.fault(M2 << PAGE_SHIFT, false, 0), Ok(2));
     // Outside every slot: shared is MMIO, private exits.
     assert_eq!(k.fault(1 << 40, false, 0), Ok(0));
-    assert!(matches!(k.fault(1 << 40, true, 0), Err(KvmError::MemoryFault { .. })));
+    assert!(matches!(
+        k.fault(1 << 40, true, 0),
+        Err(KvmError::MemoryFault { .. })
+    ));
     assert_eq!(k.counters.mmio_faults, 1);
 }
 
@@ -95,7 +129,8 @@ fn a_fault_racing_an_invalidation_retries() {
     let FaultIn::Map { mmu_seq, serial } = k.kvm_faultin_pfn(0, false, 0, true).unwrap() else {
         panic!("expected a mappable fault")
     };
-    k.set_memory_attributes(8 << PAGE_SHIFT, 4096, P, 0).unwrap();
+    k.set_memory_attributes(8 << PAGE_SHIFT, 4096, P, 0)
+        .unwrap();
     // The sequence moved: stale.
     assert_eq!(k.kvm_tdp_map(0, false, 0, mmu_seq, serial), Ok(None));
     k.kvm_mmu_invalidate_begin();
@@ -109,11 +144,21 @@ fn a_fault_racing_an_invalidation_retries() {
 #[test]
 fn enomem_changes_nothing() {
     let store: SharedStore = Arc::new(RwLock::new(XArray::new()));
-    let mut k =
-        Kvm::new(KVM_X86_SW_PROTECTED_VM, Semantics::Linux68, store, true, Some(2000), 0).unwrap();
+    let mut k = Kvm::new(
+        KVM_X86_SW_PROTECTED_VM,
+        Semantics::Linux68,
+        store,
+        true,
+        Some(2000),
+        0,
+    )
+    .unwrap();
     add_slot(&mut k, 0, 0, 1 << 20);
     assert_eq!(errno(k.set_memory_attributes(0, 1 << 32, P, 0)), ENOMEM);
-    assert_eq!((k.counters.enomem, k.counters.failed_calls, k.inval.seq), (1, 1, 0));
+    assert_eq!(
+        (k.counters.enomem, k.counters.failed_calls, k.inval.seq),
+        (1, 1, 0)
+    );
     assert_eq!(k.store().count_pages(0, 1 << 20, P, P).unwrap(), 0);
 }
 
@@ -131,7 +176,10 @@ fn memslot_rules_in_the_kernels_order() {
         guest_memfd_offset: 0,
     };
     // Overlap, then a taken guest_memfd range, then an unknown fd.
-    assert_eq!(errno(k.kvm_set_memory_region(&region(1, 4096, 4096, 0), false)), EEXIST);
+    assert_eq!(
+        errno(k.kvm_set_memory_region(&region(1, 4096, 4096, 0), false)),
+        EEXIST
+    );
     assert_eq!(
         errno(k.kvm_set_memory_region(&region(1, 1 << 30, 4096, KVM_MEM_GUEST_MEMFD), false)),
         EINVAL
@@ -140,10 +188,19 @@ fn memslot_rules_in_the_kernels_order() {
     bad.guest_memfd = 0x7fff_fff0;
     assert_eq!(errno(k.kvm_set_memory_region(&bad, false)), EBADF);
     // Two address spaces only without private memory.
-    assert_eq!(errno(k.kvm_set_memory_region(&region(1 << 16, 1 << 30, 4096, 0), false)), EINVAL);
-    assert_eq!(errno(k.kvm_set_memory_region(&region(KVM_USER_MEM_SLOTS, 1 << 30, 4096, 0), false)), EINVAL);
+    assert_eq!(
+        errno(k.kvm_set_memory_region(&region(1 << 16, 1 << 30, 4096, 0), false)),
+        EINVAL
+    );
+    assert_eq!(
+        errno(k.kvm_set_memory_region(&region(KVM_USER_MEM_SLOTS, 1 << 30, 4096, 0), false)),
+        EINVAL
+    );
     // guest_memfd slots can only be deleted.
-    assert_eq!(errno(k.kvm_set_memory_region(&region(0, 8192, 1024 << 12, KVM_MEM_GUEST_MEMFD), false)), EINVAL);
+    assert_eq!(
+        errno(k.kvm_set_memory_region(&region(0, 8192, 1024 << 12, KVM_MEM_GUEST_MEMFD), false)),
+        EINVAL
+    );
     assert_eq!(k.memslots().len(), 1);
     k.fault(0, false, 0).unwrap();
     k.kvm_set_memory_region(&region(0, 0, 0, 0), false).unwrap();
@@ -159,14 +216,23 @@ fn guest_memfd_punch_and_close() {
     let fd = add_slot(&mut k, 0, 0, 1024);
     k.set_memory_attributes(0, 1024 << 12, P, 0).unwrap();
     assert_eq!(k.fault(0, true, 0), Ok(2)); // guest_memfd order 18, slot 4 MiB: 2M at gfn 0
-    assert_eq!(errno(k.kvm_gmem_fallocate(fd, FALLOC_FL_PUNCH_HOLE, 0, 4096)), EOPNOTSUPP);
+    assert_eq!(
+        errno(k.kvm_gmem_fallocate(fd, FALLOC_FL_PUNCH_HOLE, 0, 4096)),
+        EOPNOTSUPP
+    );
     assert_eq!(errno(k.kvm_gmem_fallocate(fd + 99, 3, 0, 4096)), EBADF);
-    assert_eq!(errno(k.kvm_gmem_fallocate(fd, 3, i64::MAX - 4095, 8192)), EFBIG);
+    assert_eq!(
+        errno(k.kvm_gmem_fallocate(fd, 3, i64::MAX - 4095, 8192)),
+        EFBIG
+    );
     assert_eq!(errno(k.kvm_gmem_fallocate(fd, 1, 0, 8 << 20)), EINVAL);
     k.kvm_gmem_fallocate(fd, 3, 0, 4096).unwrap();
     assert_eq!((k.mapped(), k.counters.gmem_holes_punched), ([0, 0, 0], 1));
     k.kvm_gmem_release(fd).unwrap();
-    assert!(matches!(k.fault(0, true, 0), Err(KvmError::MemoryFault { .. })));
+    assert!(matches!(
+        k.fault(0, true, 0),
+        Err(KvmError::MemoryFault { .. })
+    ));
     assert_eq!(errno(k.kvm_gmem_release(fd)), EBADF);
 }
 
@@ -175,15 +241,31 @@ fn replay_converts_on_exit_and_stops_at_other_ops() {
     let mut k = vm(false);
     add_slot(&mut k, 0, 0, 1024);
     let ops = [
-        Op { kind: OP_FAULT, gpa: 0, flags: FLAG_PRIVATE | FLAG_CONVERT, ..Op::default() },
-        Op { kind: OP_FAULT, gpa: 4096, flags: FLAG_PRIVATE, ..Op::default() },
-        Op { kind: 2, ..Op::default() },
+        Op {
+            kind: OP_FAULT,
+            gpa: 0,
+            flags: FLAG_PRIVATE | FLAG_CONVERT,
+            ..Op::default()
+        },
+        Op {
+            kind: OP_FAULT,
+            gpa: 4096,
+            flags: FLAG_PRIVATE,
+            ..Op::default()
+        },
+        Op {
+            kind: 2,
+            ..Op::default()
+        },
     ];
     let mut results = [0i64; 3];
     let mut tally = ReplayTally::default();
     assert_eq!(replay(&mut k, &ops, &mut results, &mut tally), Ok(2));
     assert_eq!(&results[..2], &[1, -(EFAULT as i64)]);
-    assert_eq!((tally.implicit_conversions, tally.fault_exits, tally.sets), (1, 2, 1));
+    assert_eq!(
+        (tally.implicit_conversions, tally.fault_exits, tally.sets),
+        (1, 2, 1)
+    );
 }
 
 #[derive(Debug, Clone)]

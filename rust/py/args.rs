@@ -19,7 +19,9 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 /// The argument as a Python int, or TypeError naming it.
 fn as_index<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyAny>> {
     if obj.is_instance_of::<PyBool>() || matches!(type_name(obj).as_str(), "bool" | "bool_") {
-        return Err(PyTypeError::new_err(format!("{name} must be an int, not bool")));
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be an int, not bool"
+        )));
     }
     obj.call_method0("__index__")
         .map_err(|_| PyTypeError::new_err(format!("{name} must be an int, not {}", type_name(obj))))

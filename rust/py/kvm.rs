@@ -97,9 +97,9 @@ fn lock_error(e: LockError) -> PyErr {
         LockError::Recursive(name) => {
             PyRuntimeError::new_err(format!("{name}: this thread already holds it"))
         }
-        LockError::NotOwner(name, _) => {
-            PyRuntimeError::new_err(format!("{name}: released by a thread that does not hold it"))
-        }
+        LockError::NotOwner(name, _) => PyRuntimeError::new_err(format!(
+            "{name}: released by a thread that does not hold it"
+        )),
     }
 }
 
@@ -203,7 +203,11 @@ impl PyKvm {
     /// Runs `f` on the core, then reports the WARN_ON_ONCEs it raised as
     /// `memattr.locks.KvmWarning`s (after the data mutex is dropped: a
     /// warning filter may run Python code).
-    fn step<R>(&self, py: Python<'_>, f: impl FnOnce(&mut Kvm) -> Result<R, KvmError>) -> PyResult<R> {
+    fn step<R>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Kvm) -> Result<R, KvmError>,
+    ) -> PyResult<R> {
         let (r, warnings) = {
             let mut core = self.core(py);
             let r = f(&mut core);
@@ -372,7 +376,11 @@ impl PyKvm {
     }
 
     /// Bytes the attribute store may use (None: unlimited).
-    fn set_attr_memory_limit(&self, py: Python<'_>, limit: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn set_attr_memory_limit(
+        &self,
+        py: Python<'_>,
+        limit: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
         let limit = match limit {
             Some(l) if !l.is_none() => {
                 Some(usize::try_from(u64_arg(l, "attr_memory_limit")?).unwrap_or(usize::MAX))
@@ -516,7 +524,9 @@ impl PyKvm {
         let mode = u32_arg(mode, "mode")? as u64;
         let offset = i64_arg(offset, "offset")?;
         let length = i64_arg(length, "length")?;
-        self.whole(py, false, move |k| k.kvm_gmem_fallocate(fd, mode, offset, length))
+        self.whole(py, false, move |k| {
+            k.kvm_gmem_fallocate(fd, mode, offset, length)
+        })
     }
 
     /// close(2) of a guest_memfd; False if this thread holds a lock.
@@ -535,7 +545,10 @@ impl PyKvm {
                     f.fd,
                     f.size,
                     f.flags,
-                    f.bindings.iter().map(|(&s, &(e, a, i))| (s, e, a, i)).collect(),
+                    f.bindings
+                        .iter()
+                        .map(|(&s, &(e, a, i))| (s, e, a, i))
+                        .collect(),
                 )
             })
             .collect()
@@ -549,7 +562,10 @@ impl PyKvm {
     fn memslots<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, u64)> {
         let (infos, gen): (Vec<MemslotInfo>, u64) = {
             let core = self.core(py);
-            (core.memslots().iter().map(|s| s.info()).collect(), core.memslots().generation)
+            (
+                core.memslots().iter().map(|s| s.info()).collect(),
+                core.memslots().generation,
+            )
         };
         let list = PyList::empty(py);
         for m in &infos {
@@ -578,7 +594,9 @@ impl PyKvm {
         let gfn = u64_arg(gfn, "gfn")?;
         let core = self.core(py);
         let ms = core.memslots();
-        Ok(ms.find(as_id, gfn).map(|i| memslot_tuple(&ms.address_space(as_id)[i].info())))
+        Ok(ms
+            .find(as_id, gfn)
+            .map(|i| memslot_tuple(&ms.address_space(as_id)[i].info())))
     }
 
     /// id_to_memslot(): the slot tuple, or None.
@@ -590,7 +608,8 @@ impl PyKvm {
     ) -> Option<(u16, usize, u64, u64, u64, u32, Option<u64>, u64, bool, u64)> {
         let core = self.core(py);
         let ms = core.memslots();
-        ms.index_of_id(as_id, id).map(|i| memslot_tuple(&ms.address_space(as_id)[i].info()))
+        ms.index_of_id(as_id, id)
+            .map(|i| memslot_tuple(&ms.address_space(as_id)[i].info()))
     }
 
     // --- KVM_SET_MEMORY_ATTRIBUTES: the whole operation ------------------------
@@ -610,7 +629,8 @@ impl PyKvm {
         let attributes = u64_arg(attributes, "attributes")?;
         let flags = u64_arg(flags, "flags")?;
         self.whole(py, size >= DETACH_BYTES, move |k| {
-            k.set_memory_attributes(address, size, attributes, flags).map(|_| ())
+            k.set_memory_attributes(address, size, attributes, flags)
+                .map(|_| ())
         })
     }
 
@@ -694,7 +714,9 @@ impl PyKvm {
     }
 
     fn post_set(&self, py: Python<'_>, rng: Memslot5, attributes: u64) -> PyResult<()> {
-        self.step(py, |k| k.kvm_post_set_memory_attributes(&gfn_range(rng), attributes))
+        self.step(py, |k| {
+            k.kvm_post_set_memory_attributes(&gfn_range(rng), attributes)
+        })
     }
 
     fn flush_remote_tlbs(&self, py: Python<'_>) {
@@ -719,11 +741,12 @@ impl PyKvm {
         if self.slots_lock.held_by_current_thread() || self.mmu_lock.held_by_current_thread() {
             return Ok(-1);
         }
-        let (mmu_seq, serial) = match self.step(py, |k| k.kvm_faultin_pfn(gpa, private, as_id, true))? {
-            FaultIn::Retry => return Ok(-1),
-            FaultIn::Mmio => return Ok(0),
-            FaultIn::Map { mmu_seq, serial } => (mmu_seq, serial),
-        };
+        let (mmu_seq, serial) =
+            match self.step(py, |k| k.kvm_faultin_pfn(gpa, private, as_id, true))? {
+                FaultIn::Retry => return Ok(-1),
+                FaultIn::Mmio => return Ok(0),
+                FaultIn::Map { mmu_seq, serial } => (mmu_seq, serial),
+            };
         acquire(py, &self.mmu_lock, NATIVE_IDENT)?;
         let _mmu = ModelLockGuard::adopt(&self.mmu_lock);
         let level = self.step(py, |k| {
@@ -742,11 +765,13 @@ impl PyKvm {
         as_id: usize,
         first: bool,
     ) -> PyResult<(u8, u64, u64)> {
-        Ok(match self.step(py, |k| k.kvm_faultin_pfn(gpa, private, as_id, first))? {
-            FaultIn::Retry => (0, 0, 0),
-            FaultIn::Mmio => (1, 0, 0),
-            FaultIn::Map { mmu_seq, serial } => (2, mmu_seq, serial),
-        })
+        Ok(
+            match self.step(py, |k| k.kvm_faultin_pfn(gpa, private, as_id, first))? {
+                FaultIn::Retry => (0, 0, 0),
+                FaultIn::Mmio => (1, 0, 0),
+                FaultIn::Map { mmu_seq, serial } => (2, mmu_seq, serial),
+            },
+        )
     }
 
     /// The mapping half under mmu_lock (held by the caller): the level, or
@@ -765,7 +790,12 @@ impl PyKvm {
 
     // --- inspection ----------------------------------------------------------------
 
-    fn max_mapping_level(&self, py: Python<'_>, as_id: usize, gfn: &Bound<'_, PyAny>) -> PyResult<u8> {
+    fn max_mapping_level(
+        &self,
+        py: Python<'_>,
+        as_id: usize,
+        gfn: &Bound<'_, PyAny>,
+    ) -> PyResult<u8> {
         let gfn = u64_arg(gfn, "gfn")?;
         self.step(py, |k| k.max_mapping_level(as_id, gfn))
             .map_err(|e| PyValueError::new_err(e.value(py).to_string()))
@@ -831,11 +861,14 @@ impl PyKvm {
             }
             Ok(())
         };
-        let contiguous = |name: &str| PyValueError::new_err(format!("{name} must be a contiguous array"));
+        let contiguous =
+            |name: &str| PyValueError::new_err(format!("{name} must be a contiguous array"));
         let kind = kind.as_slice().map_err(|_| contiguous("kind"))?;
         let gpa = gpa.as_slice().map_err(|_| contiguous("gpa"))?;
         let size = size.as_slice().map_err(|_| contiguous("size"))?;
-        let attributes = attributes.as_slice().map_err(|_| contiguous("attributes"))?;
+        let attributes = attributes
+            .as_slice()
+            .map_err(|_| contiguous("attributes"))?;
         let arg = arg.as_slice().map_err(|_| contiguous("arg"))?;
         let flags = flags.as_slice().map_err(|_| contiguous("flags"))?;
         for (name, len) in [
