@@ -65,7 +65,6 @@ def run_batch(
     out = vm._kvm.replay(kind, gpa, size, attributes, arg, flags, results)
     if out is None:
         vm._lock_conflict()
-        raise AssertionError("unreachable")
     if out["bug"] is not None:
         raise KvmBugError(f"native batch stopped after {out['done']} operations: {out['bug']}")
     return out

@@ -196,21 +196,5 @@ class MmuInvalidation:
         )
         self._kvm.invalidate_end()
 
-    @property
-    def seq(self) -> int:
-        return self._kvm.inval[0]
-
-    @property
-    def in_progress(self) -> int:
-        return self._kvm.inval[1]
-
-    @property
-    def range_start(self) -> int:
-        return self._kvm.inval[2]
-
-    @property
-    def range_end(self) -> int:
-        return self._kvm.inval[3]
-
 
 __all__ = ["KvmLock", "KvmWarning", "MmuInvalidation", "MmuLock"]

@@ -100,12 +100,14 @@ class Memslots:
         self.nr_as_ids: int = kvm.config[4]
         self._gen = -1
         self._all: list[Memslot] = []
+        self._by_serial: dict[int, Memslot] = {}
 
     def _slots(self) -> list[Memslot]:
         gen = self._kvm.memslot_generation
         if gen != self._gen:
             infos, gen = self._kvm.memslots()
             self._all = [Memslot(t) for t in infos]
+            self._by_serial = {s.serial: s for s in self._all}
             self._gen = gen
         return self._all
 
@@ -132,9 +134,11 @@ class Memslots:
         return None if info is None else self._view(info)
 
     def _view(self, info: tuple[Any, ...]) -> Memslot:
-        for s in self._slots():
-            if s.serial == info[-1] and s.flags == info[5] and (s.gmem is not None) == info[8]:
-                return s
+        # The cached view, unless the slot changed since it was cached.
+        self._slots()
+        s = self._by_serial.get(info[-1])
+        if s is not None and s.flags == info[5] and (s.gmem is not None) == info[8]:
+            return s
         return Memslot(info)
 
     def address_space(self, as_id: int) -> list[Memslot]:
@@ -146,10 +150,11 @@ class Memslots:
         return [s for s in self.address_space(as_id) if s.base_gfn < end and start < s.end_gfn]
 
     def by_serial(self, serial: int) -> Memslot:
-        for s in self._slots():
-            if s.serial == serial:
-                return s
-        raise LookupError(f"no memslot with serial {serial}")
+        self._slots()
+        try:
+            return self._by_serial[serial]
+        except KeyError:
+            raise LookupError(f"no memslot with serial {serial}") from None
 
     def __iter__(self) -> Iterator[Memslot]:
         return iter(list(self._slots()))

@@ -44,7 +44,7 @@ Either way ``stats.failed_calls`` counts the call.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 from memattr import _args, _native
 from memattr.gfn_range import GfnRange, clip_gfn_ranges, kvm_handle_gfn_range
@@ -87,20 +87,15 @@ class Vm:
         guest_memfd_max_order: int = 0,
         lockdep: bool = True,
     ) -> None:
-        vm_type = _args.uint("vm_type", vm_type)
         if store == "rangetree":
             store_obj: Any = _native.RangeTree()
         elif store == "xarray":
             store_obj = _native.XArray()
         else:
             raise ValueError(f"store must be 'rangetree' or 'xarray', got {store!r}")
-        if semantics not in ("6.8", "v11"):
-            raise ValueError(f"semantics must be '6.8' or 'v11', got {semantics!r}")
-        if attr_memory_limit is not None:
-            attr_memory_limit = _args.uint("attr_memory_limit", attr_memory_limit)
-        order = _args.uint("guest_memfd_max_order", guest_memfd_max_order)
-        # KVM_CREATE_VM: the core refuses unknown types with EINVAL.
-        self._kvm = _native.Kvm(vm_type, store_obj, semantics, attr_memory_limit, order)
+        # KVM_CREATE_VM: the core checks every argument (an unknown type is
+        # EINVAL, as the kernel's).
+        self._kvm = _native.Kvm(vm_type, store_obj, semantics, attr_memory_limit, guest_memfd_max_order)
         (
             self.vm_type,
             self.has_private_mem,
@@ -112,8 +107,8 @@ class Vm:
         self.store: Any = store_obj
         self.store_kind: StoreKind = store
         self.semantics: Semantics = semantics
-        self._attr_memory_limit = attr_memory_limit
-        self.guest_memfd_max_order = order
+        self._attr_memory_limit = None if attr_memory_limit is None else int(attr_memory_limit)
+        self.guest_memfd_max_order = int(guest_memfd_max_order)
 
         self.mmu_lock: KvmLock = MmuLock(self._kvm, lockdep=lockdep)
         self.slots_lock = KvmLock(self._kvm.slots_lock, inner=(self.mmu_lock,), lockdep=lockdep)
@@ -162,7 +157,7 @@ class Vm:
         """kvm->manual_dirty_log_protect (KVM_ENABLE_CAP)."""
         return int(self._kvm.manual_dirty_log_protect)
 
-    def _lock_conflict(self) -> None:
+    def _lock_conflict(self) -> NoReturn:
         """A native operation refused to run because this thread holds one
         of the VM's locks: report it as lockdep would."""
         with self.slots_lock:  # raises LockdepError: recursion or inversion
@@ -174,8 +169,7 @@ class Vm:
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (x86, Linux 6.8); unknown caps 0
         (the ioctl's argument is a long: negative ones are unknown too)."""
-        cap = _args.sint("cap", cap, 64)
-        return 0 if cap < 0 else int(self._kvm.check_extension(cap))
+        return int(self._kvm.check_extension(cap))
 
     def enable_cap(self, cap: int, flags: int = 0, args: Sequence[int] = (0, 0, 0, 0)) -> None:
         """KVM_ENABLE_CAP on the VM fd (kvm_vm_ioctl_enable_cap_generic,

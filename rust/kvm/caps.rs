@@ -28,8 +28,9 @@ fn supported_vm_types() -> u64 {
 }
 
 impl Kvm {
-    /// KVM_CHECK_EXTENSION on the VM fd; unknown capabilities answer 0.
-    pub fn check_extension(&self, cap: u64) -> u64 {
+    /// KVM_CHECK_EXTENSION on the VM fd; its argument is a long, and
+    /// unknown capabilities (negative ones too) answer 0.
+    pub fn check_extension(&self, cap: i64) -> u64 {
         let Ok(cap) = u32::try_from(cap) else {
             return 0;
         };

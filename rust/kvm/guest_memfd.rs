@@ -272,12 +272,12 @@ impl Kvm {
             }
             return Ok(());
         }
-        let bindings = self.gmem[&fd].bindings.clone();
-        self.kvm_gmem_invalidate(
-            &bindings,
+        let ranges = self.gmem_gfn_ranges(
+            &self.gmem[&fd].bindings,
             offset as u64 >> PAGE_SHIFT,
             last as u64 >> PAGE_SHIFT,
-        )?;
+        );
+        self.kvm_gmem_invalidate(&ranges)?;
         self.counters.gmem_holes_punched += 1;
         Ok(())
     }
@@ -296,21 +296,21 @@ impl Kvm {
                 self.memslots.at_mut(as_id, i).expect("found").gmem_open = false;
             }
         }
-        self.kvm_gmem_invalidate(&file.bindings, 0, u64::MAX)?;
+        let ranges = self.gmem_gfn_ranges(&file.bindings, 0, u64::MAX);
+        self.kvm_gmem_invalidate(&ranges)?;
         self.counters.gmem_closed += 1;
         Ok(())
     }
 
-    /// kvm_gmem_invalidate_begin() and _end() around a truncation of file
-    /// pages [start, end): for each bound slot, kvm_mmu_unmap_gfn_range()
-    /// (add, then zap; private and shared mappings alike in 6.8).
-    fn kvm_gmem_invalidate(
-        &mut self,
+    /// The gfns of file pages [start, end) in each bound slot, as
+    /// (as_id, start, end).
+    fn gmem_gfn_ranges(
+        &self,
         bindings: &BTreeMap<u64, (u64, usize, u16)>,
         start: u64,
         end: u64,
-    ) -> Result<(), KvmError> {
-        let ranges: Vec<(usize, u64, u64)> = bindings
+    ) -> Vec<(usize, u64, u64)> {
+        bindings
             .iter()
             .filter(|(&first, &(last, _, _))| first < end && last > start)
             .filter_map(|(&first, &(last, as_id, id))| {
@@ -322,14 +322,20 @@ impl Kvm {
                     base + end.min(last) - first,
                 ))
             })
-            .collect();
+            .collect()
+    }
+
+    /// kvm_gmem_invalidate_begin() and _end() around a truncation, over the
+    /// bound gfn ranges: for each, kvm_mmu_unmap_gfn_range() (add, then zap;
+    /// private and shared mappings alike in 6.8).
+    fn kvm_gmem_invalidate(&mut self, ranges: &[(usize, u64, u64)]) -> Result<(), KvmError> {
         if ranges.is_empty() {
             return Ok(());
         }
         self.note_mmu_lock();
         self.kvm_mmu_invalidate_begin();
         let mut flush = false;
-        for &(as_id, s, e) in &ranges {
+        for &(as_id, s, e) in ranges {
             self.kvm_mmu_invalidate_range_add(s, e);
             match self.kvm_unmap_gfn_range(as_id, s, e) {
                 Ok(f) => flush |= f,

@@ -19,9 +19,10 @@ use std::collections::HashMap;
 use super::*;
 use crate::hugepage::{HugepageTracker, LpageInfoTracker, RangeTracker, SlotLayout};
 
-/// struct kvm_memory_slot, the fields the model needs, with `arch`'s
-/// hugepage tracking.
-pub struct Memslot {
+/// struct kvm_memory_slot's fields the model keeps, without its tracking:
+/// what readers get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemslotInfo {
     /// The low 16 bits of the uapi slot number.
     pub id: u16,
     /// The high 16 bits.
@@ -38,11 +39,9 @@ pub struct Memslot {
     /// Identity: new for every created or moved slot, as a new struct
     /// kvm_memory_slot is in the kernel.
     pub serial: u64,
-    /// slot->arch: lpage_info (disallow counts and mixed flags).
-    pub tracker: Box<dyn HugepageTracker + Send>,
 }
 
-impl Memslot {
+impl MemslotInfo {
     #[inline]
     pub fn end_gfn(&self) -> u64 {
         self.base_gfn + self.npages
@@ -62,36 +61,27 @@ impl Memslot {
     pub fn gmem_pgoff(&self) -> u64 {
         self.guest_memfd_offset >> PAGE_SHIFT
     }
+}
 
-    pub fn info(&self) -> MemslotInfo {
-        MemslotInfo {
-            id: self.id,
-            as_id: self.as_id,
-            base_gfn: self.base_gfn,
-            npages: self.npages,
-            userspace_addr: self.userspace_addr,
-            flags: self.flags,
-            guest_memfd: self.guest_memfd,
-            guest_memfd_offset: self.guest_memfd_offset,
-            gmem_open: self.gmem_open,
-            serial: self.serial,
-        }
+/// struct kvm_memory_slot: its fields, and `arch`'s hugepage tracking
+/// (lpage_info: disallow counts and mixed flags).
+pub struct Memslot {
+    pub info: MemslotInfo,
+    pub tracker: Box<dyn HugepageTracker + Send>,
+}
+
+impl std::ops::Deref for Memslot {
+    type Target = MemslotInfo;
+
+    fn deref(&self) -> &MemslotInfo {
+        &self.info
     }
 }
 
-/// A memslot's fields without its tracking, for readers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemslotInfo {
-    pub id: u16,
-    pub as_id: usize,
-    pub base_gfn: u64,
-    pub npages: u64,
-    pub userspace_addr: u64,
-    pub flags: u32,
-    pub guest_memfd: Option<u64>,
-    pub guest_memfd_offset: u64,
-    pub gmem_open: bool,
-    pub serial: u64,
+impl std::ops::DerefMut for Memslot {
+    fn deref_mut(&mut self) -> &mut MemslotInfo {
+        &mut self.info
+    }
 }
 
 /// Every address space's memslots (kvm->memslots[as_id]).
@@ -463,7 +453,7 @@ impl Kvm {
             Box::new(RangeTracker::new(layout))
         };
         if self.config.has_private_mem {
-            tracker.init_memory_attributes(&*self.store())?;
+            tracker.init_memory_attributes(&*self.store_read())?;
         }
         Ok(tracker)
     }
@@ -511,20 +501,22 @@ impl Kvm {
         let gmem = (mem.flags & KVM_MEM_GUEST_MEMFD != 0).then_some(mem.guest_memfd as u64);
         let serial = self.memslots.serial();
         let slot = Memslot {
-            id: (mem.slot & 0xFFFF) as u16,
-            as_id,
-            base_gfn,
-            npages,
-            userspace_addr: mem.userspace_addr,
-            flags: mem.flags,
-            guest_memfd: gmem,
-            guest_memfd_offset: if gmem.is_some() {
-                mem.guest_memfd_offset
-            } else {
-                0
+            info: MemslotInfo {
+                id: (mem.slot & 0xFFFF) as u16,
+                as_id,
+                base_gfn,
+                npages,
+                userspace_addr: mem.userspace_addr,
+                flags: mem.flags,
+                guest_memfd: gmem,
+                guest_memfd_offset: if gmem.is_some() {
+                    mem.guest_memfd_offset
+                } else {
+                    0
+                },
+                gmem_open: gmem.is_some(),
+                serial,
             },
-            gmem_open: gmem.is_some(),
-            serial,
             tracker,
         };
         if let Some(fd) = gmem {

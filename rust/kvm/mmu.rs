@@ -46,7 +46,7 @@ impl Kvm {
     /// kvm_mem_is_private().
     #[inline]
     fn mem_is_private(&self, gfn: u64) -> bool {
-        self.store().get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0
+        self.store_read().get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0
     }
 
     /// Counts leaves removed from a root; true if there were any.
@@ -143,8 +143,9 @@ impl Kvm {
             self.warn_once(KvmWarning::PostSetWithoutPrivateMem);
             return Ok(());
         }
-        let store = std::sync::Arc::clone(&self.store);
-        let store = store.read().unwrap_or_else(|e| e.into_inner());
+        // Disjoint fields: the store is read while the slot's tracker is
+        // written.
+        let store = self.store.read().unwrap_or_else(|e| e.into_inner());
         let slot = self.memslots.at_mut(rng.as_id, rng.index).expect("checked");
         slot.tracker
             .post_set_memory_attributes(&*store, rng.start, rng.end, attributes)?;
@@ -276,12 +277,7 @@ impl Kvm {
         as_id: usize,
         first: bool,
     ) -> Result<FaultIn, KvmError> {
-        if as_id >= self.roots.len() {
-            return fail(
-                EINVAL,
-                format!("as_id must be in 0..{}, got {as_id}", self.roots.len() - 1),
-            );
-        }
+        self.check_as_id(as_id)?;
         if first {
             self.counters.faults += 1;
         }
@@ -396,14 +392,47 @@ impl Kvm {
 
     // --- inspection --------------------------------------------------------------
 
+    /// An address space this VM has, or an Argument error.
+    fn check_as_id(&self, as_id: usize) -> Result<(), KvmError> {
+        if as_id >= self.roots.len() {
+            return Err(KvmError::Argument(format!(
+                "as_id must be in 0..{}, got {as_id}",
+                self.roots.len() - 1
+            )));
+        }
+        Ok(())
+    }
+
+    /// A memslot by uapi number (as_id << 16 | id) whose hugepages of
+    /// `level` (2 or 3) are to be inspected.
+    fn inspected_slot(&self, slot: u64, level: u64) -> Result<(&Memslot, u8), KvmError> {
+        let level = match level {
+            2 => PG_LEVEL_2M,
+            3 => PG_LEVEL_1G,
+            _ => {
+                return Err(KvmError::Argument(format!(
+                    "level must be 2 (2M) or 3 (1G), got {level}"
+                )))
+            }
+        };
+        let found = u32::try_from(slot).ok().and_then(|s| {
+            let as_id = (s >> 16) as usize;
+            let i = self.memslots.index_of_id(as_id, (s & 0xFFFF) as u16)?;
+            Some(&self.memslots.address_space(as_id)[i])
+        });
+        let s =
+            found.ok_or_else(|| KvmError::Argument(format!("slot {slot:#x} does not exist")))?;
+        Ok((s, level))
+    }
+
     /// The level a fault at `gfn` whose private-ness matches the gfn's
-    /// attribute would map now; EINVAL outside every memslot.
+    /// attribute would map now; an Argument error outside every memslot.
     pub fn max_mapping_level(&self, as_id: usize, gfn: u64) -> Result<u8, KvmError> {
+        self.check_as_id(as_id)?;
         let Some(i) = self.memslots.find(as_id, gfn) else {
-            return fail(
-                EINVAL,
-                format!("gfn {gfn:#x} is not in any memslot of address space {as_id}"),
-            );
+            return Err(KvmError::Argument(format!(
+                "gfn {gfn:#x} is not in any memslot of address space {as_id}"
+            )));
         };
         let private =
             self.memslots.address_space(as_id)[i].can_be_private() && self.mem_is_private(gfn);
@@ -411,36 +440,25 @@ impl Kvm {
     }
 
     /// hugepage_test_mixed() of the `level` hugepage holding `gfn` in uapi
-    /// slot `slot`; EINVAL if the slot does not exist or `gfn` is outside.
-    pub fn hugepage_mixed(&self, slot: u32, gfn: u64, level: u8) -> Result<bool, KvmError> {
-        let as_id = (slot >> 16) as usize;
-        let Some(i) = self.memslots.index_of_id(as_id, (slot & 0xFFFF) as u16) else {
-            return fail(EINVAL, format!("slot {slot:#x} does not exist"));
-        };
-        let s = &self.memslots.address_space(as_id)[i];
+    /// slot `slot`; an Argument error if the slot does not exist or `gfn` is
+    /// outside it.
+    pub fn hugepage_mixed(&self, slot: u64, gfn: u64, level: u64) -> Result<bool, KvmError> {
+        let (s, level) = self.inspected_slot(slot, level)?;
         if !(s.base_gfn..s.end_gfn()).contains(&gfn) {
-            return fail(
-                EINVAL,
-                format!(
-                    "gfn {gfn:#x} is outside slot {slot:#x} [{:#x}, {:#x})",
-                    s.base_gfn,
-                    s.end_gfn()
-                ),
-            );
+            return Err(KvmError::Argument(format!(
+                "gfn {gfn:#x} is outside slot {slot:#x} [{:#x}, {:#x})",
+                s.base_gfn,
+                s.end_gfn()
+            )));
         }
         Ok(s.tracker.test_mixed(gfn, level)?)
     }
 
     /// The runs of hugepage numbers (`gfn >> shift`) whose mixed flag is
     /// set in a memslot, for `level` 2 or 3.
-    pub fn mixed_runs(&self, slot: u32, level: u8) -> Result<Vec<(u64, u64)>, KvmError> {
-        let as_id = (slot >> 16) as usize;
-        let Some(i) = self.memslots.index_of_id(as_id, (slot & 0xFFFF) as u16) else {
-            return fail(EINVAL, format!("slot {slot:#x} does not exist"));
-        };
-        Ok(self.memslots.address_space(as_id)[i]
-            .tracker
-            .mixed_runs(level)?)
+    pub fn mixed_runs(&self, slot: u64, level: u64) -> Result<Vec<(u64, u64)>, KvmError> {
+        let (s, level) = self.inspected_slot(slot, level)?;
+        Ok(s.tracker.mixed_runs(level)?)
     }
 
     /// Level of the leaf mapping `gfn` in `as_id` (0 if unmapped).
@@ -451,11 +469,14 @@ impl Kvm {
             .unwrap_or(0)
     }
 
-    /// The leaves of `level` in `as_id` as gfn runs.
-    pub fn mappings(&self, as_id: usize, level: u8) -> Result<Vec<(u64, u64)>, KvmError> {
-        match self.roots.get(as_id) {
-            Some(r) => Ok(r.runs(level)?),
-            None => Ok(Vec::new()),
+    /// The leaves of `level` (1, 2 or 3) in `as_id` as gfn runs.
+    pub fn mappings(&self, as_id: usize, level: u64) -> Result<Vec<(u64, u64)>, KvmError> {
+        self.check_as_id(as_id)?;
+        if !(1..=3).contains(&level) {
+            return Err(KvmError::Argument(format!(
+                "level must be 1, 2 or 3, got {level}"
+            )));
         }
+        Ok(self.roots[as_id].runs(level as u8)?)
     }
 }

@@ -36,7 +36,7 @@ pub mod uapi;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::hugepage::{HugepageError, Stage2Map};
 use crate::store::{AttrStore, StoreError};
@@ -58,6 +58,9 @@ pub enum KvmError {
     Errno { errno: i32, why: String },
     /// KVM_EXIT_MEMORY_FAULT (the ioctl returns EFAULT with kvm_run filled).
     MemoryFault { gpa: u64, size: u64, flags: u64 },
+    /// An argument of the model's own API (not a uapi field) is out of
+    /// range: an address space, a level, a slot to inspect.
+    Argument(String),
     /// The model found itself inconsistent (KVM_BUG_ON); never expected.
     Bug(String),
 }
@@ -67,6 +70,7 @@ impl KvmError {
         match self {
             KvmError::Errno { errno, .. } => *errno,
             KvmError::MemoryFault { .. } => EFAULT,
+            KvmError::Argument(_) => EINVAL,
             KvmError::Bug(_) => EIO,
         }
     }
@@ -75,7 +79,7 @@ impl KvmError {
 impl fmt::Display for KvmError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            KvmError::Errno { why, .. } => f.write_str(why),
+            KvmError::Errno { why, .. } | KvmError::Argument(why) => f.write_str(why),
             KvmError::MemoryFault { gpa, size, flags } => write!(
                 f,
                 "KVM_EXIT_MEMORY_FAULT: gpa {gpa:#x} size {size:#x} flags {flags:#x}"
@@ -333,10 +337,9 @@ impl Kvm {
             return fail(EINVAL, format!("VM type {vm_type} is not supported"));
         };
         if guest_memfd_max_order > 18 {
-            return fail(
-                EINVAL,
-                format!("guest_memfd_max_order must be <= 18 (1G), got {guest_memfd_max_order}"),
-            );
+            return Err(KvmError::Argument(format!(
+                "guest_memfd_max_order must be <= 18 (1G), got {guest_memfd_max_order}"
+            )));
         }
         let config = KvmConfig {
             vm_type,
@@ -369,6 +372,11 @@ impl Kvm {
     /// store: every store operation validates before it mutates.
     fn store(&self) -> RwLockWriteGuard<'_, dyn AttrStore + Send + Sync + 'static> {
         self.store.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The store, read-locked (see [`Kvm::store`]).
+    fn store_read(&self) -> RwLockReadGuard<'_, dyn AttrStore + Send + Sync + 'static> {
+        self.store.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn shared_store(&self) -> &SharedStore {

@@ -33,6 +33,87 @@ pub struct Op {
     pub flags: u8,
 }
 
+/// Where a replay reads its operations from: a slice of [`Op`]s, or a
+/// trace's columns as they are (no copy of the arrays).
+pub trait Ops {
+    fn len(&self) -> usize;
+    fn op(&self, i: usize) -> Op;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Ops for [Op] {
+    fn len(&self) -> usize {
+        <[Op]>::len(self)
+    }
+    fn op(&self, i: usize) -> Op {
+        self[i]
+    }
+}
+
+/// A trace's record fields, one slice per column, all of one length.
+#[derive(Debug, Clone, Copy)]
+pub struct OpColumns<'a> {
+    pub kind: &'a [u8],
+    pub gpa: &'a [u64],
+    pub size: &'a [u64],
+    pub attributes: &'a [u64],
+    pub arg: &'a [u64],
+    pub flags: &'a [u8],
+}
+
+impl<'a> OpColumns<'a> {
+    /// The columns, or the name and length of the first one whose length
+    /// differs from `kind`'s.
+    pub fn new(
+        kind: &'a [u8],
+        gpa: &'a [u64],
+        size: &'a [u64],
+        attributes: &'a [u64],
+        arg: &'a [u64],
+        flags: &'a [u8],
+    ) -> Result<Self, (&'static str, usize)> {
+        let n = kind.len();
+        for (name, len) in [
+            ("gpa", gpa.len()),
+            ("size", size.len()),
+            ("attributes", attributes.len()),
+            ("arg", arg.len()),
+            ("flags", flags.len()),
+        ] {
+            if len != n {
+                return Err((name, len));
+            }
+        }
+        Ok(Self {
+            kind,
+            gpa,
+            size,
+            attributes,
+            arg,
+            flags,
+        })
+    }
+}
+
+impl Ops for OpColumns<'_> {
+    fn len(&self) -> usize {
+        self.kind.len()
+    }
+    #[inline]
+    fn op(&self, i: usize) -> Op {
+        Op {
+            kind: self.kind[i],
+            gpa: self.gpa[i],
+            size: self.size[i],
+            attributes: self.attributes[i],
+            arg: self.arg[i],
+            flags: self.flags[i],
+        }
+    }
+}
+
 /// What a replay counts, beyond the VM's own counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplayTally {
@@ -71,12 +152,13 @@ impl ReplayTally {
 /// private-ness and runs the fault again, once.
 pub fn replay(
     kvm: &mut Kvm,
-    ops: &[Op],
+    ops: &(impl Ops + ?Sized),
     results: &mut [i64],
     tally: &mut ReplayTally,
 ) -> Result<usize, KvmError> {
     assert_eq!(ops.len(), results.len(), "one result per operation");
-    for (i, op) in ops.iter().enumerate() {
+    for i in 0..ops.len() {
+        let op = &ops.op(i);
         let got = match op.kind {
             OP_SET_MEMORY_ATTRIBUTES => {
                 tally.sets += 1;

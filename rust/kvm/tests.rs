@@ -260,7 +260,7 @@ fn replay_converts_on_exit_and_stops_at_other_ops() {
     ];
     let mut results = [0i64; 3];
     let mut tally = ReplayTally::default();
-    assert_eq!(replay(&mut k, &ops, &mut results, &mut tally), Ok(2));
+    assert_eq!(replay(&mut k, &ops[..], &mut results, &mut tally), Ok(2));
     assert_eq!(&results[..2], &[1, -(EFAULT as i64)]);
     assert_eq!(
         (tally.implicit_conversions, tally.fault_exits, tally.sets),
@@ -320,7 +320,7 @@ proptest! {
                     }
                 }
                 // No leaf ever covers pages with different attributes.
-                for level in 1..=3u8 {
+                for level in 1..=3u64 {
                     for (s, e) in k.mappings(0, level).unwrap() {
                         let e = e.min(6 * M2);
                         prop_assert!(!oracle_mixed(&oracle, s, e - s), "leaf [{}, {}) over mixed memory", s, e);
@@ -334,7 +334,7 @@ proptest! {
                 let first = base.div_ceil(M2) * M2;
                 let mut hp = first;
                 while hp + M2 <= base + n {
-                    prop_assert_eq!(k.hugepage_mixed(id, hp, 2).unwrap(), oracle_mixed(&oracle, hp, M2), "2M at {}", hp);
+                    prop_assert_eq!(k.hugepage_mixed(u64::from(id), hp, 2).unwrap(), oracle_mixed(&oracle, hp, M2), "2M at {}", hp);
                     hp += M2;
                 }
             }

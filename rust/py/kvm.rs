@@ -24,13 +24,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyDict, PyList};
 
 use super::args::{bool_arg, i64_arg, u32_arg, u64_arg};
 use super::stores::shared_store;
 use crate::kvm::memslots::UserspaceMemoryRegion;
 use crate::kvm::mmu::FaultIn;
-use crate::kvm::replay::{replay, Op, ReplayTally};
+use crate::kvm::replay::{replay, OpColumns, Ops, ReplayTally};
 use crate::kvm::{GfnRange, Kvm, KvmError, MemslotInfo, Semantics};
 use crate::locks::{LockError, ModelLock, ModelLockGuard};
 
@@ -57,12 +57,9 @@ fn strerror(errno: i32) -> &'static str {
 pub(crate) fn to_pyerr(py: Python<'_>, e: KvmError) -> PyErr {
     match e {
         KvmError::Errno { errno, why } => {
-            if errno == crate::kvm::ENOMEM {
-                // ENOMEM keeps the store's own reason.
-                return PyOSError::new_err((errno, format!("{}: {why}", strerror(errno))));
-            }
             PyOSError::new_err((errno, format!("{}: {why}", strerror(errno))))
         }
+        KvmError::Argument(why) => PyValueError::new_err(why),
         KvmError::MemoryFault { gpa, size, flags } => {
             match py
                 .import("memattr.errors")
@@ -203,15 +200,30 @@ impl PyKvm {
     /// Runs `f` on the core, then reports the WARN_ON_ONCEs it raised as
     /// `memattr.locks.KvmWarning`s (after the data mutex is dropped: a
     /// warning filter may run Python code).
-    fn step<R>(
+    fn step<R: Send>(
         &self,
         py: Python<'_>,
-        f: impl FnOnce(&mut Kvm) -> Result<R, KvmError>,
+        f: impl FnOnce(&mut Kvm) -> Result<R, KvmError> + Send,
     ) -> PyResult<R> {
-        let (r, warnings) = {
-            let mut core = self.core(py);
-            let r = f(&mut core);
+        self.step_detached(py, false, f)
+    }
+
+    /// [`PyKvm::step`], with the GIL released if `detach` (work that grows
+    /// with the range, on the per-page store).
+    fn step_detached<R: Send>(
+        &self,
+        py: Python<'_>,
+        detach: bool,
+        f: impl FnOnce(&mut Kvm) -> Result<R, KvmError> + Send,
+    ) -> PyResult<R> {
+        let run = |core: &mut Kvm| {
+            let r = f(core);
             (r, core.take_warnings())
+        };
+        let (r, warnings) = if detach {
+            py.detach(|| run(&mut self.core.lock().unwrap_or_else(|e| e.into_inner())))
+        } else {
+            run(&mut self.core(py))
         };
         emit_warnings(py, &warnings)?;
         r.map_err(|e| to_pyerr(py, e))
@@ -287,12 +299,8 @@ impl PyKvm {
             _ => None,
         };
         let order = u64_arg(guest_memfd_max_order, "guest_memfd_max_order")?;
-        if order > 18 {
-            return Err(PyValueError::new_err(format!(
-                "guest_memfd_max_order must be <= 18 (1G), got {order}"
-            )));
-        }
-        let core = Kvm::new(vm_type, semantics, shared, per_page, limit, order as u32)
+        let order = u32::try_from(order).unwrap_or(u32::MAX);
+        let core = Kvm::new(vm_type, semantics, shared, per_page, limit, order)
             .map_err(|e| to_pyerr(py, e))?;
         Ok(Self {
             core: Mutex::new(core),
@@ -443,7 +451,7 @@ impl PyKvm {
     // --- capabilities ------------------------------------------------------------
 
     fn check_extension(&self, py: Python<'_>, cap: &Bound<'_, PyAny>) -> PyResult<u64> {
-        let cap = u64_arg(cap, "cap")?;
+        let cap = i64_arg(cap, "cap")?;
         Ok(self.core(py).check_extension(cap))
     }
 
@@ -563,7 +571,7 @@ impl PyKvm {
         let (infos, gen): (Vec<MemslotInfo>, u64) = {
             let core = self.core(py);
             (
-                core.memslots().iter().map(|s| s.info()).collect(),
+                core.memslots().iter().map(|s| s.info).collect(),
                 core.memslots().generation,
             )
         };
@@ -596,7 +604,7 @@ impl PyKvm {
         let ms = core.memslots();
         Ok(ms
             .find(as_id, gfn)
-            .map(|i| memslot_tuple(&ms.address_space(as_id)[i].info())))
+            .map(|i| memslot_tuple(&ms.address_space(as_id)[i].info)))
     }
 
     /// id_to_memslot(): the slot tuple, or None.
@@ -609,7 +617,7 @@ impl PyKvm {
         let core = self.core(py);
         let ms = core.memslots();
         ms.index_of_id(as_id, id)
-            .map(|i| memslot_tuple(&ms.address_space(as_id)[i].info()))
+            .map(|i| memslot_tuple(&ms.address_space(as_id)[i].info))
     }
 
     // --- KVM_SET_MEMORY_ATTRIBUTES: the whole operation ------------------------
@@ -653,16 +661,9 @@ impl PyKvm {
     /// Early exit (True) or reserve.
     fn set_reserve(&self, py: Python<'_>, start: u64, end: u64, attributes: u64) -> PyResult<bool> {
         let detach = end - start >= DETACH_BYTES >> 12;
-        let op = |k: &mut Kvm| k.kvm_vm_set_mem_attributes_reserve(start, end, attributes);
-        if detach {
-            let (r, w) = py.detach(|| {
-                let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
-                (op(&mut core), core.take_warnings())
-            });
-            emit_warnings(py, &w)?;
-            return r.map_err(|e| to_pyerr(py, e));
-        }
-        self.step(py, op)
+        self.step_detached(py, detach, |k| {
+            k.kvm_vm_set_mem_attributes_reserve(start, end, attributes)
+        })
     }
 
     fn release_reservations(&self, py: Python<'_>) -> PyResult<()> {
@@ -705,12 +706,10 @@ impl PyKvm {
     }
 
     fn set_store(&self, py: Python<'_>, start: u64, end: u64, attributes: u64) -> PyResult<()> {
-        let op = |k: &mut Kvm| k.kvm_set_mem_attributes_store(start, end, attributes);
-        if end - start >= DETACH_BYTES >> 12 {
-            let r = py.detach(|| op(&mut self.core.lock().unwrap_or_else(|e| e.into_inner())));
-            return r.map_err(|e| to_pyerr(py, e));
-        }
-        self.step(py, op)
+        let detach = end - start >= DETACH_BYTES >> 12;
+        self.step_detached(py, detach, |k| {
+            k.kvm_set_mem_attributes_store(start, end, attributes)
+        })
     }
 
     fn post_set(&self, py: Python<'_>, rng: Memslot5, attributes: u64) -> PyResult<()> {
@@ -798,22 +797,31 @@ impl PyKvm {
     ) -> PyResult<u8> {
         let gfn = u64_arg(gfn, "gfn")?;
         self.step(py, |k| k.max_mapping_level(as_id, gfn))
-            .map_err(|e| PyValueError::new_err(e.value(py).to_string()))
     }
 
-    fn hugepage_mixed(&self, py: Python<'_>, slot: u64, gfn: u64, level: u8) -> PyResult<bool> {
-        let slot = u32::try_from(slot)
-            .map_err(|_| PyValueError::new_err(format!("slot {slot:#x} does not exist")))?;
+    fn hugepage_mixed(
+        &self,
+        py: Python<'_>,
+        slot: &Bound<'_, PyAny>,
+        gfn: &Bound<'_, PyAny>,
+        level: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let (slot, gfn) = (u64_arg(slot, "slot")?, u64_arg(gfn, "gfn")?);
+        let level = u64_arg(level, "level")?;
         self.step(py, |k| k.hugepage_mixed(slot, gfn, level))
-            .map_err(|e| PyValueError::new_err(e.value(py).to_string()))
     }
 
     /// The mixed hugepages of a memslot at `level`, as gfn runs.
-    fn mixed_runs(&self, py: Python<'_>, slot: u32, level: u8) -> PyResult<Vec<(u128, u128)>> {
-        let runs = self
-            .step(py, |k| k.mixed_runs(slot, level))
-            .map_err(|e| PyValueError::new_err(e.value(py).to_string()))?;
-        let shift = crate::hugepage::hpage_gfn_shift(level);
+    fn mixed_runs(
+        &self,
+        py: Python<'_>,
+        slot: &Bound<'_, PyAny>,
+        level: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<(u128, u128)>> {
+        let (slot, level) = (u64_arg(slot, "slot")?, u64_arg(level, "level")?);
+        let runs = self.step(py, |k| k.mixed_runs(slot, level))?;
+        // Valid here: the core accepted the level.
+        let shift = crate::hugepage::hpage_gfn_shift(level as u8);
         Ok(runs
             .into_iter()
             .map(|(s, e)| ((s as u128) << shift, (e as u128) << shift))
@@ -824,9 +832,14 @@ impl PyKvm {
         self.core(py).mapped_level(as_id, gfn)
     }
 
-    fn mappings(&self, py: Python<'_>, as_id: usize, level: u8) -> PyResult<Vec<(u64, u64)>> {
+    fn mappings(
+        &self,
+        py: Python<'_>,
+        as_id: usize,
+        level: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<(u64, u64)>> {
+        let level = u64_arg(level, "level")?;
         self.step(py, |k| k.mappings(as_id, level))
-            .map_err(|e| PyValueError::new_err(e.value(py).to_string()))
     }
 
     // --- replay --------------------------------------------------------------------
@@ -853,44 +866,25 @@ impl PyKvm {
             .as_slice_mut()
             .map_err(|_| PyValueError::new_err("results must be a contiguous int64 array"))?;
         let n = results.len();
-        let col = |name: &str, len: usize| -> PyResult<()> {
-            if len != n {
-                return Err(PyValueError::new_err(format!(
-                    "{name} has {len} elements, results has {n}"
-                )));
-            }
-            Ok(())
-        };
         let contiguous =
             |name: &str| PyValueError::new_err(format!("{name} must be a contiguous array"));
-        let kind = kind.as_slice().map_err(|_| contiguous("kind"))?;
-        let gpa = gpa.as_slice().map_err(|_| contiguous("gpa"))?;
-        let size = size.as_slice().map_err(|_| contiguous("size"))?;
-        let attributes = attributes
-            .as_slice()
-            .map_err(|_| contiguous("attributes"))?;
-        let arg = arg.as_slice().map_err(|_| contiguous("arg"))?;
-        let flags = flags.as_slice().map_err(|_| contiguous("flags"))?;
-        for (name, len) in [
-            ("kind", kind.len()),
-            ("gpa", gpa.len()),
-            ("size", size.len()),
-            ("attributes", attributes.len()),
-            ("arg", arg.len()),
-            ("flags", flags.len()),
-        ] {
-            col(name, len)?;
-        }
-        let ops: Vec<Op> = (0..n)
-            .map(|i| Op {
-                kind: kind[i],
-                gpa: gpa[i],
-                size: size[i],
-                attributes: attributes[i],
-                arg: arg[i],
-                flags: flags[i],
-            })
-            .collect();
+        let ops = OpColumns::new(
+            kind.as_slice().map_err(|_| contiguous("kind"))?,
+            gpa.as_slice().map_err(|_| contiguous("gpa"))?,
+            size.as_slice().map_err(|_| contiguous("size"))?,
+            attributes
+                .as_slice()
+                .map_err(|_| contiguous("attributes"))?,
+            arg.as_slice().map_err(|_| contiguous("arg"))?,
+            flags.as_slice().map_err(|_| contiguous("flags"))?,
+        )
+        .and_then(|ops| match ops.len() {
+            len if len == n => Ok(ops),
+            len => Err(("kind", len)),
+        })
+        .map_err(|(name, len)| {
+            PyValueError::new_err(format!("{name} has {len} elements, results has {n}"))
+        })?;
         // The whole batch runs with the GIL released: no hook, no Python.
         let outcome = self.locked_op(py, true, |k| {
             let mut tally = ReplayTally::default();
@@ -957,6 +951,5 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKvm>()?;
     m.add_class::<PyModelLock>()?;
     m.add("UAPI", uapi_dict(m.py())?)?;
-    let _ = PyTuple::empty(m.py());
     Ok(())
 }
