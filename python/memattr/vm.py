@@ -147,10 +147,8 @@ class Vm:
 
     @attr_memory_limit.setter
     def attr_memory_limit(self, limit: int | None) -> None:
-        if limit is not None:
-            limit = _args.uint("attr_memory_limit", limit)
         self._kvm.set_attr_memory_limit(limit)
-        self._attr_memory_limit = limit
+        self._attr_memory_limit = None if limit is None else int(limit)
 
     @property
     def manual_dirty_log_protect(self) -> int:
@@ -188,7 +186,7 @@ class Vm:
         6.8 lets any VM create one (binding it needs a VM with private
         memory); no flags are valid; size must be > 0 and page aligned.
         """
-        return int(self._kvm.create_guest_memfd(_args.uint("size", size), _args.uint("flags", flags)))
+        return int(self._kvm.create_guest_memfd(size, flags))
 
     def set_user_memory_region(
         self,
@@ -205,14 +203,15 @@ class Vm:
         guest_memfd = _args.sint("guest_memfd", guest_memfd, 64)
         if not -(1 << 31) <= guest_memfd <= _U32_MAX:
             raise ValueError(f"guest_memfd must be an fd (a u32 or -1), got {guest_memfd}")
+        # The uapi field is a __u32: -1 (no file) is 0xffffffff.
         self.kvm_vm_ioctl_set_memory_region(
-            _args.uint("slot", slot, 32),
-            _args.uint("flags", flags, 32),
-            _args.uint("guest_phys_addr", guest_phys_addr),
-            _args.uint("memory_size", memory_size),
-            _args.uint("userspace_addr", userspace_addr),
+            slot,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
             guest_memfd & _U32_MAX,
-            _args.uint("guest_memfd_offset", guest_memfd_offset),
+            guest_memfd_offset,
         )
 
     def kvm_vm_ioctl_set_memory_region(
@@ -246,10 +245,6 @@ class Vm:
         EINVAL (offset < 0, length <= 0, not page aligned, or an allocation
         past the file's size), EOPNOTSUPP (no KEEP_SIZE, or any other mode),
         EFBIG (offset + length past MAX_LFS_FILESIZE)."""
-        fd = _args.uint("fd", fd)
-        mode = _args.uint("mode", mode, 32)
-        offset = _args.sint("offset", offset)
-        length = _args.sint("length", length)
         if not self._kvm.guest_memfd_fallocate(fd, mode, offset, length):
             self._lock_conflict()
 
@@ -260,7 +255,7 @@ class Vm:
         hole over the whole file, and the bindings go. The memslots stay;
         the fd number is free. EBADF if ``fd`` is not an open guest_memfd of
         this VM."""
-        if not self._kvm.guest_memfd_close(_args.uint("fd", fd)):
+        if not self._kvm.guest_memfd_close(fd):
             self._lock_conflict()
 
     def guest_memfds(self) -> list[tuple[int, int, int, list[tuple[int, int, int, int]]]]:
@@ -299,10 +294,6 @@ class Vm:
         # lock held by this thread needs the driver below (the core says).
         if self._native_set and self._kvm.set_memory_attributes(address, size, attributes, flags):
             return
-        address = _args.uint("address", address)
-        size = _args.uint("size", size)
-        attributes = _args.uint("attributes", attributes)
-        flags = _args.uint("flags", flags)
         kvm = self._kvm
         # kvm_vm_ioctl_set_mem_attributes()'s checks (counted by the core).
         start, end = kvm.set_checks(address, size, attributes, flags)

@@ -347,7 +347,8 @@ fn a_set_adds_every_slots_range_to_the_invalidation() {
     let mut k = vm(false);
     add_slot(&mut k, 0, 0, M2);
     add_slot(&mut k, 1, 4 * M2, M2);
-    k.set_memory_attributes(0, 8 * M2 << PAGE_SHIFT, P, 0).unwrap();
+    k.set_memory_attributes(0, 8 * M2 << PAGE_SHIFT, P, 0)
+        .unwrap();
     // The hull of both slots' clipped ranges, though nothing was mapped.
     assert_eq!((k.inval.range_start, k.inval.range_end), (0, 5 * M2));
     assert_eq!(k.counters.pre_set_ranges, 2);

@@ -38,14 +38,17 @@ macro_rules! int_arg {
             }
             let i = as_index(obj, name)?;
             i.extract::<$t>().map_err(|_| {
-                PyValueError::new_err(format!(concat!("{} must be ", $what, ", got {}"), name, i))
+                PyValueError::new_err(format!(
+                    concat!("{0} must be ", $what, ", got {1}"),
+                    name, i
+                ))
             })
         }
     };
 }
 
-int_arg!(u64_arg, u64, "a u64 (0 <= it < 2**64)");
-int_arg!(u32_arg, u32, "a u32 (0 <= it < 2**32)");
+int_arg!(u64_arg, u64, "a u64 (0 <= {0} < 2**64)");
+int_arg!(u32_arg, u32, "a u32 (0 <= {0} < 2**32)");
 int_arg!(i64_arg, i64, "an s64");
 
 /// A bool argument: exactly True or False.

@@ -648,11 +648,15 @@ impl PyKvm {
     fn set_checks(
         &self,
         py: Python<'_>,
-        address: u64,
-        size: u64,
-        attributes: u64,
-        flags: u64,
+        address: &Bound<'_, PyAny>,
+        size: &Bound<'_, PyAny>,
+        attributes: &Bound<'_, PyAny>,
+        flags: &Bound<'_, PyAny>,
     ) -> PyResult<(u64, u64)> {
+        let address = u64_arg(address, "address")?;
+        let size = u64_arg(size, "size")?;
+        let attributes = u64_arg(attributes, "attributes")?;
+        let flags = u64_arg(flags, "flags")?;
         self.step(py, |k| {
             k.kvm_vm_ioctl_set_mem_attributes_checks(address, size, attributes, flags)
         })
