@@ -16,39 +16,41 @@
 //! deadlocking, when the calling thread already holds it (the Python side
 //! then reports the lockdep splat).
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::thread::{self, ThreadId};
 
 thread_local! {
-    // thread::current() clones an Arc each time; the id alone is enough.
-    static ME: ThreadId = thread::current().id();
+    // A nonzero token per thread (0 means "free"), cheaper to compare than
+    // thread::current(), which clones an Arc each time.
+    static ME: u64 = {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        NEXT.fetch_add(1, SeqCst)
+    };
 }
 
-fn me() -> ThreadId {
+fn me() -> u64 {
     ME.with(|id| *id)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct State {
-    owner: Option<Owner>,
-    /// Threads blocked in acquire(): a release only wakes someone (a
-    /// syscall) if there is someone to wake.
-    waiters: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Owner {
-    thread: ThreadId,
-    /// The caller's own name for the thread (Python's `threading.get_ident()`),
-    /// for messages.
-    ident: u64,
-}
-
 /// A non-recursive lock that knows which thread holds it.
+///
+/// The uncontended path is one compare-and-swap to take it and one store to
+/// drop it (a whole native ioctl takes two of these locks per call, so they
+/// are on the hot path); the mutex and condition variable are only for
+/// threads that must wait.
 #[derive(Debug)]
 pub struct ModelLock {
     name: &'static str,
-    state: Mutex<State>,
+    /// The holder's thread token, 0 when free.
+    owner: AtomicU64,
+    /// The caller's own name for the holder (Python's
+    /// `threading.get_ident()`), for messages; written just after `owner`,
+    /// so a racing reader may see the previous holder's.
+    ident: AtomicU64,
+    /// Threads blocked in acquire(): a release only wakes someone (a
+    /// syscall) if there is someone to wake.
+    waiters: AtomicUsize,
+    sleep: Mutex<()>,
     released: Condvar,
 }
 
@@ -65,10 +67,10 @@ impl ModelLock {
     pub const fn new(name: &'static str) -> Self {
         Self {
             name,
-            state: Mutex::new(State {
-                owner: None,
-                waiters: 0,
-            }),
+            owner: AtomicU64::new(0),
+            ident: AtomicU64::new(0),
+            waiters: AtomicUsize::new(0),
+            sleep: Mutex::new(()),
             released: Condvar::new(),
         }
     }
@@ -77,75 +79,68 @@ impl ModelLock {
         self.name
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        // Only plain data lives under the mutex: a panic elsewhere cannot
-        // leave it inconsistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn sleep_lock(&self) -> MutexGuard<'_, ()> {
+        // Guards no data: a panic elsewhere cannot leave it inconsistent.
+        self.sleep.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Takes the lock if it is free; false if another thread holds it.
     pub fn try_acquire(&self, ident: u64) -> Result<bool, LockError> {
         let me = me();
-        let mut st = self.state();
-        match st.owner {
-            Some(o) if o.thread == me => Err(LockError::Recursive(self.name)),
-            Some(_) => Ok(false),
-            None => {
-                st.owner = Some(Owner { thread: me, ident });
+        match self.owner.compare_exchange(0, me, SeqCst, SeqCst) {
+            Ok(_) => {
+                self.ident.store(ident, SeqCst);
                 Ok(true)
             }
+            Err(o) if o == me => Err(LockError::Recursive(self.name)),
+            Err(_) => Ok(false),
         }
     }
 
     /// Takes the lock, waiting for its holder to release it. The caller
     /// must not hold anything the holder may need (with Python: the GIL).
     pub fn acquire(&self, ident: u64) -> Result<(), LockError> {
-        let me = me();
-        let mut st = self.state();
         loop {
-            match st.owner {
-                Some(o) if o.thread == me => return Err(LockError::Recursive(self.name)),
-                Some(_) => {
-                    st.waiters += 1;
-                    st = self.released.wait(st).unwrap_or_else(|e| e.into_inner());
-                    st.waiters -= 1;
-                }
-                None => {
-                    st.owner = Some(Owner { thread: me, ident });
-                    return Ok(());
-                }
+            if self.try_acquire(ident)? {
+                return Ok(());
             }
+            // Announce the wait before looking at the owner again, both
+            // under the sleep mutex: a release that stores 0 after our look
+            // then sees the waiter and notifies, and its notify cannot come
+            // before our wait (it needs the mutex we hold until wait()).
+            let mut g = self.sleep_lock();
+            self.waiters.fetch_add(1, SeqCst);
+            while self.owner.load(SeqCst) != 0 {
+                g = self.released.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            self.waiters.fetch_sub(1, SeqCst);
         }
     }
 
     pub fn release(&self) -> Result<(), LockError> {
         let me = me();
-        let mut st = self.state();
-        match st.owner {
-            Some(o) if o.thread == me => {
-                st.owner = None;
-                let wake = st.waiters > 0;
-                drop(st);
-                if wake {
-                    self.released.notify_one();
-                }
-                Ok(())
-            }
-            other => Err(LockError::NotOwner(self.name, other.map(|o| o.ident))),
+        if self.owner.load(SeqCst) != me {
+            return Err(LockError::NotOwner(self.name, self.owner_ident()));
         }
+        self.owner.store(0, SeqCst);
+        if self.waiters.load(SeqCst) > 0 {
+            drop(self.sleep_lock());
+            self.released.notify_all();
+        }
+        Ok(())
     }
 
     pub fn held_by_current_thread(&self) -> bool {
-        matches!(self.state().owner, Some(o) if o.thread == me())
+        self.owner.load(SeqCst) == me()
     }
 
     pub fn locked(&self) -> bool {
-        self.state().owner.is_some()
+        self.owner.load(SeqCst) != 0
     }
 
     /// The holder's ident, if any.
     pub fn owner_ident(&self) -> Option<u64> {
-        self.state().owner.map(|o| o.ident)
+        (self.owner.load(SeqCst) != 0).then(|| self.ident.load(SeqCst))
     }
 }
 
@@ -170,6 +165,34 @@ impl Drop for ModelLockGuard<'_> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use std::thread;
+
+    /// Mutual exclusion under contention, with waiters sleeping and being
+    /// woken: a read-modify-write split by a yield loses no update.
+    #[test]
+    fn contended_lock_excludes_and_wakes() {
+        let l = Arc::new(ModelLock::new("slots_lock"));
+        let count = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (l, count) = (Arc::clone(&l), Arc::clone(&count));
+                thread::spawn(move || {
+                    for _ in 0..2000 {
+                        l.acquire(t).unwrap();
+                        let v = count.load(SeqCst);
+                        thread::yield_now();
+                        count.store(v + 1, SeqCst);
+                        l.release().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(count.load(SeqCst), 8000);
+        assert!(!l.locked());
+    }
 
     #[test]
     fn recursion_is_refused_and_others_wait() {

@@ -1,0 +1,104 @@
+//! Native replay of a dumped trace, with no Python: the loop `memattr`'s
+//! native engine runs, timed alone, for profiling the core (`perf record`
+//! on this binary sees Rust frames only).
+//!
+//!   python benches/dump_trace.py TRACE.mtr /tmp/bac      # writes .setup and .ops
+//!   cargo bench --bench replay -- /tmp/bac [rounds]
+//!
+//! Prints operations per second per round and the replay's tally, so two
+//! builds can be compared side by side on the same dump.
+
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use memattr::kvm::memslots::UserspaceMemoryRegion;
+use memattr::kvm::replay::{replay, Op, ReplayTally};
+use memattr::kvm::{Kvm, Semantics, SharedStore};
+use memattr::rangetree::RangeTree;
+
+/// One record of memattr.trace's OP_DTYPE (40 bytes, little endian).
+fn parse_ops(bytes: &[u8]) -> Vec<Op> {
+    assert_eq!(bytes.len() % 40, 0, "not a whole number of 40-byte records");
+    let u64_at = |r: &[u8], o: usize| u64::from_le_bytes(r[o..o + 8].try_into().unwrap());
+    bytes
+        .chunks_exact(40)
+        .map(|r| Op {
+            gpa: u64_at(r, 0),
+            size: u64_at(r, 8),
+            attributes: u64_at(r, 16),
+            arg: u64_at(r, 24),
+            kind: r[36],
+            flags: r[37],
+        })
+        .collect()
+}
+
+fn setup(path: &str) -> (Kvm, Vec<(u64, u64)>) {
+    let text = std::fs::read_to_string(format!("{path}.setup")).expect("read .setup");
+    let mut kvm = None;
+    let mut fds = Vec::new();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let n = |i: usize| w[i].parse::<u64>().expect("a number");
+        match w[0] {
+            "vm" => {
+                let store: SharedStore = Arc::new(RwLock::new(RangeTree::new()));
+                kvm = Some(
+                    Kvm::new(n(1), Semantics::Linux68, store, false, None, n(2) as u32)
+                        .expect("create the VM"),
+                );
+            }
+            "gmem" => {
+                let k = kvm.as_mut().expect("vm line first");
+                fds.push(k.kvm_gmem_create(n(1), n(2)).expect("create guest_memfd"));
+            }
+            "slot" => {
+                let k = kvm.as_mut().expect("vm line first");
+                let mem = UserspaceMemoryRegion {
+                    slot: n(1) as u32,
+                    flags: n(2) as u32,
+                    guest_phys_addr: n(3),
+                    memory_size: n(4),
+                    userspace_addr: n(5),
+                    guest_memfd_offset: n(6),
+                    guest_memfd: fds[0] as u32,
+                };
+                k.kvm_set_memory_region(&mem, false).expect("memslot");
+            }
+            other => panic!("unknown setup line {other:?}"),
+        }
+    }
+    (kvm.expect("a vm line"), Vec::new())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let Some(path) = args.first() else {
+        eprintln!("usage: cargo bench --bench replay -- DUMP [ROUNDS] (see the file's header)");
+        return;
+    };
+    let rounds: usize = args.get(1).map_or(3, |r| r.parse().expect("rounds"));
+    let ops = parse_ops(&std::fs::read(format!("{path}.ops")).expect("read .ops"));
+    for round in 0..rounds {
+        let (mut kvm, _) = setup(path);
+        let mut results = vec![0i64; ops.len()];
+        let mut tally = ReplayTally::default();
+        let t = Instant::now();
+        let ran = replay(&mut kvm, &ops[..], &mut results, &mut tally).expect("no model bug");
+        let secs = t.elapsed().as_secs_f64();
+        assert_eq!(ran, ops.len(), "the dump holds only batch operations");
+        println!(
+            "round {round}: {} ops in {secs:.3} s = {:.0} ops/s ({:.0} ns/op); sets {} faults {} exits {} errors {:?}",
+            ops.len(),
+            ops.len() as f64 / secs,
+            secs * 1e9 / ops.len() as f64,
+            tally.sets,
+            tally.faults,
+            tally.fault_exits,
+            tally.errors
+        );
+    }
+}
