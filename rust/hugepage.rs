@@ -171,6 +171,10 @@ impl IntervalSet {
 
     /// Keys of `[start, end)` in the set (`start < end`).
     fn count(&self, start: u64, end: u64) -> u64 {
+        if end - start == 1 {
+            // One key (a 4K leaf, one hugepage's flag): a point lookup.
+            return self.tree.get(start);
+        }
         self.tree.count_pages(start, end, 1, u64::MAX).unwrap_or(0)
     }
 
@@ -358,13 +362,26 @@ pub trait HugepageTracker {
     /// inside the slot and are not mixed: the pre-set pass adds them to the
     /// ongoing invalidation. Returned as (first gfn, level).
     fn straddling_hugepages(&self, start: u64, end: u64) -> Result<Vec<(u64, u8)>, HugepageError> {
+        let mut out = Vec::new();
+        self.for_each_straddling_hugepage(start, end, &mut |gfn, level| out.push((gfn, level)))?;
+        Ok(out)
+    }
+
+    /// Calls `f(first gfn, level)` for each hugepage `straddling_hugepages`
+    /// returns, in its order, without collecting them (the pre-set pass
+    /// runs this on every conversion).
+    fn for_each_straddling_hugepage(
+        &self,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, u8),
+    ) -> Result<(), HugepageError> {
         if start >= end {
             return Err(HugepageError::RangeOutsideSlot { start, end });
         }
         let base = self.slot().base_gfn as u128;
         let slot_end = self.slot().end_gfn() as u128;
         let (s, e) = (start as u128, end as u128);
-        let mut out = Vec::new();
         for level in [PG_LEVEL_2M, PG_LEVEL_1G] {
             let n = pages_per_hpage(level) as u128;
             let head = s & !(n - 1);
@@ -374,16 +391,16 @@ pub trait HugepageTracker {
                 && head + n <= slot_end
                 && !self.test_mixed(head as u64, level)?
             {
-                out.push((head as u64, level));
+                f(head as u64, level);
             }
             if tail == head {
                 continue;
             }
             if tail + n > e && tail + n <= slot_end && !self.test_mixed(tail as u64, level)? {
-                out.push((tail as u64, level));
+                f(tail as u64, level);
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The smallest `(start_gfn, end_gfn)` covering every hugepage
@@ -395,14 +412,15 @@ pub trait HugepageTracker {
         start: u64,
         end: u64,
     ) -> Result<Option<(u64, u64)>, HugepageError> {
-        let pages = self.straddling_hugepages(start, end)?;
-        Ok(pages.into_iter().fold(None, |hull, (gfn, level)| {
+        let mut hull: Option<(u64, u64)> = None;
+        self.for_each_straddling_hugepage(start, end, &mut |gfn, level| {
             let e = gfn + pages_per_hpage(level);
-            Some(match hull {
+            hull = Some(match hull {
                 None => (gfn, e),
                 Some((hs, he)) => (hs.min(gfn), he.max(e)),
-            })
-        }))
+            });
+        })?;
+        Ok(hull)
     }
 
     /// The lpage_info walk of __kvm_mmu_max_mapping_level(): the highest

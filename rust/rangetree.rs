@@ -882,6 +882,14 @@ impl RangeTree {
     /// Calls `f` on the runs covering `[start, end)` (zero gaps included)
     /// until it returns false; returns whether it went to the end.
     fn walk_runs(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64, u64) -> bool) -> bool {
+        self.walk(start, end, f)
+    }
+
+    /// `walk_runs` for a closure known at compile time: the range queries
+    /// of the set and fault paths (has_value, count_pages) run it inlined,
+    /// with no indirect call per run.
+    #[inline(always)]
+    fn walk(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64, u64) -> bool) -> bool {
         let (mut id, mut i) = match self.locate(start) {
             Some(p) => p,
             None => (self.leftmost_leaf(), 0),
@@ -1045,7 +1053,20 @@ impl AttrStore for RangeTree {
     fn has_value(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<bool, StoreError> {
         check_range(start, end)?;
         let want = value & mask;
-        Ok(self.walk_runs(start, end, &mut |_, _, v| v & mask == want))
+        Ok(self.walk(start, end, |_, _, v| v & mask == want))
+    }
+
+    fn count_pages(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<u64, StoreError> {
+        check_range(start, end)?;
+        let want = value & mask;
+        let mut n = 0u64;
+        self.walk(start, end, |s, e, v| {
+            if v & mask == want {
+                n += e - s;
+            }
+            true
+        });
+        Ok(n)
     }
 
     fn for_each_run(
