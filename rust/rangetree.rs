@@ -677,12 +677,19 @@ impl RangeTree {
             }
         }
         let l = &mut self.leaves[id as usize];
-        l.shift(b, a + m);
+        // Extending or trimming a run in place (the common conversion next
+        // to a run of the same value) moves nothing and frees no slot.
+        if b != a + m {
+            l.shift(b, a + m);
+        }
         for (i, r) in out[..m].iter().enumerate() {
             l.put(a + i, *r);
         }
+        let shrunk = new_len < len;
         l.len = new_len as u32;
-        l.seal();
+        if shrunk {
+            l.seal();
+        }
         self.runs = self.runs + m - (b - a);
         true
     }
