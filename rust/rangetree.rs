@@ -11,6 +11,8 @@
 //! are not stored, so the stored runs are exactly the non-zero runs that
 //! `for_each_run` reports, and memory grows with runs, never with pages.
 
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+
 use crate::store::{check_range, AttrStore, StoreError};
 
 /// Runs per leaf, and children per interior node.
@@ -138,6 +140,35 @@ struct Path {
     depth: usize,
 }
 
+/// The leaf the last lookup ended in: the set and fault paths ask about the
+/// same few gfns several times per operation (the early-exit check, the
+/// store, the hugepage re-checks, the fault's attribute), so a lookup first
+/// tries that leaf and descends only when it does not hold the key.
+///
+/// Only a hint: a lookup trusts it after checking the leaf's own runs
+/// against the key, so readers sharing the tree (behind a read lock) may
+/// race on it harmlessly (Relaxed: a plain load or store on x86). A leaf
+/// that is freed clears it, since a dead leaf's runs are stale.
+struct Finger(AtomicU32);
+
+impl Finger {
+    fn none() -> Self {
+        Finger(AtomicU32::new(NONE))
+    }
+    fn get(&self) -> u32 {
+        self.0.load(Relaxed)
+    }
+    fn set(&self, id: u32) {
+        self.0.store(id, Relaxed)
+    }
+}
+
+impl Clone for Finger {
+    fn clone(&self) -> Self {
+        Finger(AtomicU32::new(self.get()))
+    }
+}
+
 /// The range store: see the module documentation. Every node other than
 /// the root is at least a quarter full, all leaves are at the same depth,
 /// and the separators bound their subtrees exactly as documented on `Inner`.
@@ -156,6 +187,7 @@ pub struct RangeTree {
     /// Nodes set aside by `reserve` for the next `set_range`.
     spare_leaves: usize,
     spare_inners: usize,
+    finger: Finger,
 }
 
 impl Default for RangeTree {
@@ -178,6 +210,7 @@ impl RangeTree {
             live_inners: 0,
             spare_leaves: 0,
             spare_inners: 0,
+            finger: Finger::none(),
         }
     }
 
@@ -217,6 +250,7 @@ impl RangeTree {
     }
 
     fn free_leaf(&mut self, id: u32) {
+        self.finger.set(NONE);
         self.live_leaves -= 1;
         self.free_leaves.push(id);
     }
@@ -250,6 +284,18 @@ impl RangeTree {
     /// The leaf and index of the last run starting `<= k`, if any.
     #[inline]
     fn locate(&self, k: u64) -> Option<(u32, usize)> {
+        let f = self.finger.get();
+        if let Some(l) = self.leaves.get(f as usize) {
+            // The answer is in this leaf iff its first run starts at or
+            // before k and the next leaf's first run after it (the leaves
+            // partition the runs in order, whatever the separators say).
+            if l.len > 0
+                && l.starts[0] <= k
+                && (l.next == NONE || k < self.leaves[l.next as usize].starts[0])
+            {
+                return Some((f, count_le(&l.starts, k).min(l.len as usize) - 1));
+            }
+        }
         let mut id = self.root;
         for _ in 0..self.height {
             let n = &self.inners[id as usize];
@@ -259,6 +305,7 @@ impl RangeTree {
         let l = &self.leaves[id as usize];
         let pos = count_le(&l.starts, k).min(l.len as usize);
         if pos > 0 {
+            self.finger.set(id);
             return Some((id, pos - 1));
         }
         // Everything here starts after k; the previous leaf ends before.
