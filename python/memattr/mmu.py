@@ -158,7 +158,11 @@ class X86Mmu:
             if kind == 1:
                 return 0
             with vm.mmu_lock:
+                if sched.hook is not None:
+                    sched.hook(sched.STEP, "kvm_tdp_map")
                 level = kvm.tdp_map(gpa, private, as_id, mmu_seq, serial)
+                if level is not None and sched.hook is not None:
+                    sched.hook(sched.MAPPED, (as_id, gpa, private, int(level)))
             if level is not None:
                 return int(level)
 

@@ -16,7 +16,9 @@ scheduler picks it; threads that are not actors return at once.
 Kinds: ``ACQUIRE`` / ``RELEASE`` (``what`` is the lock object, which has a
 ``name``), ``STEP`` (``what`` is the step's label: the kernel function, with
 ``:read`` / ``:write`` for a split read-modify-write), ``RETRY`` (a vCPU
-goes back to the guest after RET_PF_RETRY and will fault again).
+goes back to the guest after RET_PF_RETRY and will fault again). ``MAPPED``
+is a notice, not a switch: a fault installed ``what`` = (as_id, gpa,
+private, level), for the explorer's invariants.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ ACQUIRE = "acquire"
 RELEASE = "release"
 STEP = "step"
 RETRY = "retry"
+MAPPED = "mapped"
 
 hook: Callable[[str, object], None] | None = None
 
-__all__ = ["ACQUIRE", "RELEASE", "RETRY", "STEP", "hook"]
+__all__ = ["ACQUIRE", "MAPPED", "RELEASE", "RETRY", "STEP", "hook"]
