@@ -70,7 +70,11 @@ def filemap_invalidate_lock(vm: Vm, fd: int) -> InvalidateLock:
     locks = _invalidate_locks.setdefault(vm, {})
     lock = locks.get(fd)
     if lock is None:
-        lock = locks[fd] = InvalidateLock(f"gmem{fd}->invalidate_lock")
+        # Named by the file's rank among the VM's (fd numbers differ from
+        # one VM to the next; a schedule's report should not).
+        fds = [f[0] for f in vm.guest_memfds()]
+        rank = fds.index(fd) if fd in fds else fd
+        lock = locks[fd] = InvalidateLock(f"guest_memfd#{rank}->invalidate_lock")
     return lock
 
 

@@ -34,7 +34,14 @@ from typing import Any
 
 from memattr import sched
 from memattr.errors import KvmBugError, LockdepError
-from memattr.explore_steps import Footprint, footprint, kernel_stack, point_frame, step_text
+from memattr.explore_steps import (
+    Footprint,
+    footprint,
+    kernel_stack,
+    merge_frames,
+    point_frame,
+    step_text,
+)
 from memattr.locks import KvmWarning
 from memattr.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT
 from memattr.vm import Vm
@@ -275,7 +282,8 @@ class Execution:
         if self._bug is None:
             self._bug = Bug("WARNING", text, st.actor.name if st else None, _rip_of_warning(text))
             if self.trace:
-                self._bug_stack = kernel_stack(sys._getframe(1))
+                frames = kernel_stack(sys._getframe(1))
+                self._bug_stack = merge_frames(point_frame(*st.pending), frames) if st else frames
 
     # --- the scheduler -------------------------------------------------------------------
 
@@ -320,6 +328,7 @@ class Execution:
         choices: list[str] = []
         fps: list[int] = []
         timeline: list[TimelineEntry] = []
+        stacks: dict[str, list[str]] = {}
         pruned = False
         total = 0
         sched.hook = self._point
@@ -335,6 +344,8 @@ class Execution:
                     threads.append(t)
                     self._parked.acquire()
                 last: str | None = None
+                last_step_fn = ""
+                last_frames: list[str] = []
                 while self._bug is None:
                     live = [st for st in states if not st.done]
                     if not live:
@@ -345,7 +356,9 @@ class Execution:
                         break
                     problem = check_invariants(vm, self._mapped)
                     if problem is not None:
-                        self._bug = Bug("invariant", problem)
+                        # Checked at every decision: the last step broke it.
+                        self._bug = Bug("invariant", problem, last, last_step_fn)
+                        self._bug_stack = last_frames
                         break
                     if self.fingerprints:
                         fps.append(self._fingerprint(vm, states))
@@ -368,6 +381,9 @@ class Execution:
                     if st.pending[0] == sched.RETRY:
                         st.retry_mark = total - st.own_steps
                     step = step_text(*st.pending)
+                    last_step_fn = point_frame(*st.pending).split(" ")[0]
+                    if self.trace:
+                        last_frames = merge_frames(point_frame(*st.pending), st.stack)
                     st.own_steps += 1
                     total += 1
                     self._running = st
@@ -383,6 +399,7 @@ class Execution:
                         self._bug = Bug("livelock", f"no end after {total} steps")
                 if self._bug is None and not pruned:
                     self._bug = self._at_end(vm)
+                stacks = self._stacks(states) if self.trace else {}
         finally:
             self._aborting = True
             for st in states:
@@ -391,11 +408,6 @@ class Execution:
             for t in threads:
                 t.join(timeout=10)
             sched.hook = None
-        stacks = {}
-        if self.trace:
-            for st in states:
-                frames = [point_frame(*st.pending), *st.stack] if st.stack or st.own_steps else []
-                stacks[st.actor.name] = frames
         return RunResult(
             choices=choices,
             bug=self._bug,
@@ -407,6 +419,19 @@ class Execution:
             stacks=stacks,
             bug_stack=self._bug_stack,
         )
+
+    @staticmethod
+    def _stacks(states: list[_ActorState]) -> dict[str, list[str]]:
+        """Each live actor's kernel frames where it is parked."""
+        stacks: dict[str, list[str]] = {}
+        for st in states:
+            if st.done:
+                stacks[st.actor.name] = []
+            elif st.own_steps == 0:
+                stacks[st.actor.name] = ["(not started)"]
+            else:
+                stacks[st.actor.name] = merge_frames(point_frame(*st.pending), st.stack)
+        return stacks
 
     def _stuck(self, vm: Vm, live: list[_ActorState]) -> Bug:
         names = ", ".join(st.actor.name for st in live)

@@ -51,6 +51,7 @@ STEP_FOOTPRINTS: dict[str, Footprint] = {
     "kvm_mmu_unmap_gfn_range": _fp({IN_PROGRESS, RANGE}, {RANGE, MMU}),
     "_pre_set_memory_attributes": _fp({IN_PROGRESS, RANGE, SLOTS, MIXED, STORE}, {RANGE, MMU}),
     "_post_set_memory_attributes": _fp({STORE, SLOTS, MIXED}, {MIXED}),
+    "kvm_vm_set_mem_attributes:store": _fp({RESERVED}, {STORE, RESERVED}),
     "kvm_gmem_fallocate": _fp({GMEM, SLOTS}, NOTHING),
     "kvm_gmem_release": _fp({GMEM, SLOTS}, {GMEM, SLOTS, MMU}),
     "__kvm_set_memory_region": _fp({STORE, GMEM, SLOTS, MMU, MIXED}, {SLOTS, MMU, MIXED, GMEM}),
@@ -61,8 +62,7 @@ STEP_FOOTPRINTS: dict[str, Footprint] = {
 # What follows taking slots_lock in the set path: the early-exit check and
 # the reservation, then clipping the range to the memslots.
 _AFTER_SLOTS_LOCK = _fp({STORE, RESERVED, SLOTS}, {RESERVED})
-# What follows dropping a lock: in the set path, the store (after the
-# pre-set pass's mmu_lock); after an operation's last lock, whatever the
+# What follows dropping a lock: after an operation's last lock, whatever the
 # actor does next, unknown.
 _AFTER_RELEASE = ALL
 
@@ -99,7 +99,6 @@ KERNEL_FRAMES: dict[str, list[str]] = {
     "_kvm_vm_set_mem_attributes": ["kvm_vm_set_mem_attributes"],
     "kvm_handle_gfn_range": ["kvm_handle_gfn_range"],
     "_pre_set_memory_attributes": ["kvm_pre_set_memory_attributes"],
-    "pre_set_memory_attributes": ["kvm_arch_pre_set_memory_attributes"],
     "_post_set_memory_attributes": ["kvm_arch_post_set_memory_attributes"],
     "begin": ["kvm_mmu_invalidate_begin"],
     "end": ["kvm_mmu_invalidate_end"],
@@ -111,6 +110,7 @@ KERNEL_FRAMES: dict[str, list[str]] = {
     "kvm_gmem_release": ["kvm_gmem_release", "__fput", "task_work_run", "syscall_exit_to_user_mode",
                          "do_syscall_64", "entry_SYSCALL_64_after_hwframe"],
     "_fault_retry_loop": ["kvm_tdp_mmu_page_fault"],
+    "kvm_tdp_map": ["kvm_tdp_mmu_map"],
     "fault": ["kvm_tdp_page_fault", "kvm_mmu_do_page_fault", "kvm_mmu_page_fault",
               "vcpu_enter_guest", "vcpu_run", "kvm_arch_vcpu_ioctl_run", "kvm_vcpu_ioctl", *_IOCTL],
 }
@@ -151,6 +151,14 @@ def point_frame(kind: str, what: object) -> str:
     return f"{_LOCK_FRAMES.get(lock, 'up_write').replace('_lock', '_unlock').replace('down', 'up')}({lock})"
 
 
+def merge_frames(top: str, frames: list[str]) -> list[str]:
+    """A parked actor's trace: what it is about to do, over the frames it
+    is in (the step's own function is not listed twice)."""
+    if frames and top.split(" ")[0].split("(")[0] == frames[0]:
+        return [top, *frames[1:]]
+    return [top, *frames]
+
+
 def step_text(kind: str, what: object) -> str:
     """A timeline line's description of a step."""
     if kind == sched.STEP:
@@ -168,6 +176,7 @@ __all__ = [
     "footprint",
     "independent",
     "kernel_stack",
+    "merge_frames",
     "point_frame",
     "step_text",
 ]

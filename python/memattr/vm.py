@@ -333,6 +333,8 @@ class Vm:
             if self._hook_error is not None:
                 # An on_unmap hook failed: abort before anything is stored.
                 raise self._hook_error
+            if sched.hook is not None:
+                sched.hook(sched.STEP, "kvm_vm_set_mem_attributes:store")
             kvm.set_store(start, end, attributes)
             # Every reserved entry is now used: nothing left to release.
             ok = True
