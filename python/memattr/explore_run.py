@@ -49,6 +49,7 @@ from memattr.vm import Vm
 _P = KVM_MEMORY_ATTRIBUTE_PRIVATE
 _LEVEL_PAGES = {1: 1, 2: 512, 3: 512 * 512}
 _LEVEL_NAMES = {1: "4K", 2: "2M", 3: "1G"}
+PARK_TIMEOUT = 30.0
 
 
 class _Abort(BaseException):
@@ -342,7 +343,7 @@ class Execution:
                     )
                     t.start()
                     threads.append(t)
-                    self._parked.acquire()
+                    self._wait_parked(st)
                 last: str | None = None
                 last_step_fn = ""
                 last_frames: list[str] = []
@@ -388,7 +389,7 @@ class Execution:
                     total += 1
                     self._running = st
                     st.go.release()
-                    self._parked.acquire()
+                    self._wait_parked(st)
                     self._running = None
                     last = name
                     if self.trace:
@@ -419,6 +420,17 @@ class Execution:
             stacks=stacks,
             bug_stack=self._bug_stack,
         )
+
+    def _wait_parked(self, st: _ActorState) -> None:
+        # An actor that never reaches its next point is blocked somewhere
+        # the scheduler cannot see (a path without scheduling points that
+        # waits for a lock another actor holds): say so instead of hanging.
+        if not self._parked.acquire(timeout=PARK_TIMEOUT):
+            raise RuntimeError(
+                f"actor {st.actor.name!r} did not reach a scheduling point within "
+                f"{PARK_TIMEOUT:g} s after {step_text(*st.pending)!r}: it is blocked outside "
+                f"the explorer's control"
+            )
 
     @staticmethod
     def _stacks(states: list[_ActorState]) -> dict[str, list[str]]:

@@ -20,9 +20,10 @@ hugepages), all memory shared at the start.
 - ``fault-conversion``: a shared fault racing a conversion of its page to
   private: mmu_invalidate_seq and the invalidated range must keep the fault
   from installing a stale mapping.
-- ``memslots``: a shared fault racing a memslot move and a dirty-logging
-  toggle on another slot, and a guest_memfd close (slots_lock, the
-  invalidation lock and mmu_lock all in play).
+- ``memslots``: a shared fault racing a move of its (ordinary) memslot and
+  a dirty-logging toggle on another slot.
+- ``gmem-close``: a private fault and a conversion racing the close of the
+  guest_memfd (slots_lock, the file's invalidation lock and mmu_lock).
 """
 
 from __future__ import annotations
@@ -166,9 +167,28 @@ def memslots(semantics: str = "6.8", lockdep: bool = True, store: str = "rangetr
             Actor("fault", fault(0x400 + 8), comm="qemu-vcpu0"),
             Actor("move_slot", move_slot(1, 0xC00, 512), comm="qemu-main"),
             Actor("dirty_log", toggle_dirty_logging(2, 0x800, 512), comm="qemu-migrate"),
-            Actor("close_gmem", close_gmem, comm="qemu-exit"),
         ],
-        "a fault racing a memslot move, a dirty-logging toggle and a guest_memfd close",
+        "a fault racing a memslot move and a dirty-logging toggle",
+        {"semantics": semantics, "lockdep": lockdep, "store": store},
+    )
+
+
+def _private_vm(semantics: str, lockdep: bool, store: str) -> tuple[Vm, dict[str, Any]]:
+    vm, env = gmem_vm(semantics, lockdep, store)
+    vm.set_memory_attributes(0, 16 << PAGE_SHIFT, P)
+    return vm, env
+
+
+def gmem_close(semantics: str = "6.8", lockdep: bool = True, store: str = "rangetree") -> Scenario:
+    return Scenario(
+        "gmem-close",
+        lambda: _private_vm(semantics, lockdep, store),
+        [
+            Actor("fault", fault(0x8, private=True), comm="qemu-vcpu0"),
+            Actor("close_gmem", close_gmem, comm="qemu-exit"),
+            Actor("set_attributes", set_attributes(0x100, 16, P), comm="qemu-vcpu1"),
+        ],
+        "a private fault and a conversion racing the close of the guest_memfd",
         {"semantics": semantics, "lockdep": lockdep, "store": store},
     )
 
@@ -178,6 +198,7 @@ SCENARIOS: dict[str, Callable[..., Scenario]] = {
     "straddle": straddle,
     "fault-conversion": fault_conversion,
     "memslots": memslots,
+    "gmem-close": gmem_close,
 }
 
 
@@ -197,6 +218,7 @@ __all__ = [
     "delete_slot",
     "fault",
     "fault_conversion",
+    "gmem_close",
     "gmem_vm",
     "memslots",
     "move_slot",
