@@ -139,14 +139,27 @@ def kvm_gmem_release(vm: Vm, fd: int) -> None:
     vm._kvm.note_gmem_closed()
 
 
-def kvm_set_memory_region(vm: Vm, *fields: int, v1: bool = False) -> None:
-    """KVM_SET_USER_MEMORY_REGION(2) with the uapi struct's fields (slot,
-    flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd,
-    guest_memfd_offset), under slots_lock."""
+def kvm_set_memory_region(
+    vm: Vm,
+    slot: int,
+    flags: int,
+    guest_phys_addr: int,
+    memory_size: int,
+    userspace_addr: int,
+    guest_memfd: int,
+    guest_memfd_offset: int,
+    *,
+    v1: bool = False,
+) -> None:
+    """KVM_SET_USER_MEMORY_REGION(2) with the uapi struct's fields, under
+    slots_lock."""
     with vm.slots_lock:
         if sched.hook is not None:
             sched.hook(sched.STEP, "__kvm_set_memory_region")
-        vm._kvm.set_memory_region_step(*fields, v1=v1)
+        vm._kvm.set_memory_region_step(
+            slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd,
+            guest_memfd_offset, v1,
+        )
 
 
 __all__ = [

@@ -235,7 +235,12 @@ class Execution:
         if st is None:
             return
         if kind == sched.MAPPED:
-            as_id, gpa, private, level = what  # type: ignore[misc]
+            assert isinstance(what, tuple)
+            as_id: int
+            gpa: int
+            private: bool
+            level: int
+            as_id, gpa, private, level = what
             leaf = (gpa >> PAGE_SHIFT) & ~(_LEVEL_PAGES[level] - 1)
             self._mapped[(as_id, leaf, level)] = bool(private)
             return

@@ -386,7 +386,10 @@ fn split_invalidation_halves_lose_an_update_when_interleaved() {
     );
     // The punch's end then finds nothing to end: KVM_BUG_ON, nothing written.
     let r = k.inval.in_progress;
-    assert!(matches!(k.kvm_mmu_invalidate_end_write(r), Err(KvmError::Bug(_))));
+    assert!(matches!(
+        k.kvm_mmu_invalidate_end_write(r),
+        Err(KvmError::Bug(_))
+    ));
     assert_eq!(k.inval.in_progress, 0);
 }
 
@@ -408,4 +411,16 @@ fn whole_invalidation_equals_its_halves_in_order() {
     // A whole end() without begin() changes nothing.
     assert!(a.kvm_mmu_invalidate_end().is_err());
     assert_eq!(a.inval, b.inval);
+    // The first begin() of a new invalidation forgets the old range (a
+    // range not yet added covers every gfn); a nested one keeps it.
+    let r = b.inval.in_progress;
+    b.kvm_mmu_invalidate_begin_write(r);
+    assert_eq!(
+        (b.inval.range_start, b.inval.range_end),
+        (INVALID_GPA, INVALID_GPA)
+    );
+    b.kvm_mmu_invalidate_range_add(7, 9);
+    b.kvm_mmu_invalidate_begin();
+    assert_eq!((b.inval.range_start, b.inval.range_end), (7, 9));
+    assert!(b.inval.covers(8) && !b.inval.covers(3));
 }
