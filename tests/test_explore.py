@@ -72,7 +72,7 @@ def test_the_lock_checker_catches_v11_in_one_thread() -> None:
     res = explore(seed(lockdep=True), bound=0)
     assert "lockdep" in kinds(res)
     (f,) = [f for f in res.findings if f.bug.kind == "lockdep"]
-    assert f.preemptions == 0 or f.bug.actor == "set_attributes"
+    assert f.switches == 0 or f.bug.actor == "set_attributes"
 
 
 @pytest.mark.parametrize("semantics", correct_semantics())

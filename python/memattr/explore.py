@@ -94,7 +94,8 @@ class Finding:
 
     bug: Bug
     schedule: list[str]
-    preemptions: int
+    # context switches (one after an actor blocked or ended is not a preemption)
+    switches: int
     found_after: int  # schedules run when it was first found
 
 
@@ -128,13 +129,13 @@ class ExploreResult:
         for f in self.findings:
             lines.append(
                 f"FOUND {f.bug.kind}: {f.bug.message} (task {f.bug.actor or '-'}; after "
-                f"{f.found_after} schedules; {f.preemptions} preemptions, "
+                f"{f.found_after} schedules; {f.switches} context switches, "
                 f"{len(f.schedule)} steps)"
             )
         return "\n".join(lines)
 
 
-def preemptions(choices: Sequence[str], result: RunResult | None = None) -> int:
+def context_switches(choices: Sequence[str]) -> int:
     """Context switches in a schedule (an upper bound on its preemptions:
     a switch after an actor finished or blocked is free)."""
     return sum(1 for a, b in zip(choices, choices[1:]) if a != b)
@@ -244,8 +245,8 @@ def explore(
         if run.bug is None:
             return False
         sig = run.bug.signature
-        p = preemptions(run.choices)
-        if sig not in found or p < found[sig].preemptions:
+        p = context_switches(run.choices)
+        if sig not in found or p < found[sig].switches:
             found[sig] = Finding(run.bug, run.choices, p, found[sig].found_after if sig in found else n)
         return True
 
@@ -278,7 +279,7 @@ def explore(
     for f in found.values():
         if minimise:
             f.schedule = minimise_schedule(scenario, f.schedule, f.bug)
-            f.preemptions = preemptions(f.schedule)
+            f.switches = context_switches(f.schedule)
         res.findings.append(f)
     res.findings.sort(key=lambda f: f.found_after)
     res.seconds = time.perf_counter() - t0
@@ -315,7 +316,7 @@ def minimise_schedule(scenario: Scenario, choices: Sequence[str], bug: Bug) -> l
                 if (
                     run.bug is not None
                     and run.bug.signature == bug.signature
-                    and (preemptions(run.choices), len(run.choices)) < (preemptions(best), len(best))
+                    and (context_switches(run.choices), len(run.choices)) < (context_switches(best), len(best))
                 ):
                     best = run.choices
                     improved = True
@@ -384,7 +385,7 @@ __all__ = [
     "explore",
     "load_schedule",
     "minimise_schedule",
-    "preemptions",
+    "context_switches",
     "replay",
     "save_schedule",
 ]
