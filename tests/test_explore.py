@@ -241,3 +241,27 @@ def test_cli_explore_and_replay(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["explore", "nosuch"]) == 2
     assert main(["explore", "seed", "--fix"]) == 2
     assert main(["explore", "--list"]) == 0
+
+
+def test_an_abba_lock_order_is_a_deadlock() -> None:
+    """Locks lockdep's nesting rule does not cover (a guest_memfd's
+    invalidation lock against slots_lock) taken in opposite orders."""
+    from memattr.driven import filemap_invalidate_lock
+
+    def punch_under_invalidate_lock(vm: Vm, env: dict[str, int]) -> None:
+        with filemap_invalidate_lock(vm, env["fd"]):
+            vm.set_memory_attributes(0, 16 << 12, P)  # takes slots_lock
+
+    def close(vm: Vm, env: dict[str, int]) -> None:
+        vm.guest_memfd_close(env["fd"])  # slots_lock, then the invalidation lock
+
+    sc = Scenario(
+        "abba",
+        lambda: gmem_vm("6.8", lockdep=True),
+        [Actor("a", punch_under_invalidate_lock), Actor("b", close)],
+    )
+    res = explore(sc, bound=1)
+    assert kinds(res) == {"deadlock"}
+    (f,) = res.findings
+    assert "a waits for slots_lock" in f.bug.message
+    assert "b waits for guest_memfd#0->invalidate_lock" in f.bug.message
