@@ -65,6 +65,8 @@ from memattr.explore_run import (
 from memattr.explore_steps import independent
 
 SCHEDULE_FORMAT = "memattr-schedule/1"
+_KIND_ORDER = {"WARNING": 0, "KVM_BUG_ON": 1, "lockdep": 2, "invariant": 3, "in_progress": 4,
+               "deadlock": 5, "livelock": 6, "exception": 7}
 
 
 @dataclass
@@ -281,7 +283,8 @@ def explore(
             f.schedule = minimise_schedule(scenario, f.schedule, f.bug)
             f.switches = context_switches(f.schedule)
         res.findings.append(f)
-    res.findings.sort(key=lambda f: f.found_after)
+    # The kernel's own checks first, then what the model adds.
+    res.findings.sort(key=lambda f: (_KIND_ORDER.get(f.bug.kind, 9), f.found_after))
     res.seconds = time.perf_counter() - t0
     return res
 

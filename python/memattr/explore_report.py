@@ -65,8 +65,8 @@ def splat(scenario: Scenario, run: RunResult) -> str:
             frames.insert(0, rip)
         what = {
             "WARNING": "",
-            "KVM_BUG_ON": "KVM_BUG_ON: ",
-            "lockdep": "lockdep_assert_held: ",
+            "KVM_BUG_ON": "" if bug.message.startswith("KVM_BUG_ON") else "KVM_BUG_ON: ",
+            "lockdep": "lockdep_assert_held() failed: ",
             "exception": "unexpected exception: ",
         }[bug.kind]
         out += [
@@ -93,6 +93,8 @@ def splat(scenario: Scenario, run: RunResult) -> str:
         i = names.index(n)
         frames = run.stacks.get(n) or []
         state = run.outcomes.get(n, "")
+        if frames == ["(not started)"]:
+            frames, state = [], "not started"
         out.append(f"CPU: {i} PID: {1001 + i} Comm: {comm[n]}" + ("" if frames else f" ({state})"))
         if frames:
             out += _trace(frames)
