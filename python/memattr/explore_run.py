@@ -121,7 +121,7 @@ class Actor:
 class _ActorState:
     __slots__ = (
         "actor", "index", "go", "pending", "done", "own_steps", "retry_mark",
-        "outcome", "error", "stack", "nargs",
+        "outcome", "error", "stack", "nargs", "held",
     )
 
     def __init__(self, actor: Actor, index: int, nargs: int) -> None:
@@ -136,6 +136,8 @@ class _ActorState:
         self.error: BaseException | None = None
         self.stack: list[str] = []
         self.nargs = nargs
+        # The locks this actor holds, as the scheduler saw it take them.
+        self.held: list[object] = []
 
 
 class ScheduleMismatch(RuntimeError):
@@ -373,7 +375,7 @@ class Execution:
                         len(choices),
                         enabled,
                         last if last is not None and not by_name[last].done else None,
-                        {st.actor.name: footprint(*st.pending) for st in live},
+                        {st.actor.name: self._footprint(st) for st in live},
                     )
                     name = self.choose(decision)
                     if name is None:
@@ -394,9 +396,14 @@ class Execution:
                     st.own_steps += 1
                     total += 1
                     self._running = st
+                    kind, what = st.pending
                     st.go.release()
                     self._wait_parked(st)
                     self._running = None
+                    if kind == sched.ACQUIRE:
+                        st.held.append(what)
+                    elif kind == sched.RELEASE and what in st.held:
+                        st.held.remove(what)
                     last = name
                     if self.trace:
                         timeline.append(TimelineEntry(len(choices), name, step, vm._kvm.inval))
@@ -426,6 +433,12 @@ class Execution:
             stacks=stacks,
             bug_stack=self._bug_stack,
         )
+
+    @staticmethod
+    def _footprint(st: _ActorState) -> Footprint:
+        kind, what = st.pending
+        others = kind == sched.RELEASE and any(lock is not what for lock in st.held)
+        return footprint(kind, what, others)
 
     def _wait_parked(self, st: _ActorState) -> None:
         # An actor that never reaches its next point is blocked somewhere

@@ -67,8 +67,11 @@ _AFTER_SLOTS_LOCK = _fp({STORE, RESERVED, SLOTS}, {RESERVED})
 _AFTER_RELEASE = ALL
 
 
-def footprint(kind: str, what: object) -> tuple[frozenset[str], frozenset[str]]:
-    """(reads, writes) of the step after a scheduling point."""
+def footprint(kind: str, what: object, holds_other_locks: bool = False) -> Footprint:
+    """(reads, writes) of the step after a scheduling point.
+    ``holds_other_locks``: the actor keeps another lock after this one is
+    released, so the operation goes on to its next point (whose footprint
+    is its own) rather than back to the actor's unknown code."""
     if kind == sched.STEP:
         return STEP_FOOTPRINTS.get(str(what), ALL)
     if kind == sched.RETRY:
@@ -77,7 +80,7 @@ def footprint(kind: str, what: object) -> tuple[frozenset[str], frozenset[str]]:
     if kind == sched.ACQUIRE:
         reads, writes = _AFTER_SLOTS_LOCK if lock == "lock:slots_lock" else (NOTHING, NOTHING)
         return reads | {lock}, writes | {lock}
-    reads, writes = _AFTER_RELEASE
+    reads, writes = (NOTHING, NOTHING) if holds_other_locks else _AFTER_RELEASE
     return reads | {lock}, writes | {lock}
 
 
