@@ -265,3 +265,12 @@ def test_an_abba_lock_order_is_a_deadlock() -> None:
     (f,) = res.findings
     assert "a waits for slots_lock" in f.bug.message
     assert "b waits for guest_memfd#0->invalidate_lock" in f.bug.message
+
+
+def test_both_stores_explore_alike() -> None:
+    """The per-page store and the range tree give the same runs, so the
+    same schedules, states and findings."""
+    a = explore(straddle(store="rangetree"), bound=2, minimise=False)
+    b = explore(straddle(store="xarray"), bound=2, minimise=False)
+    assert (a.schedules, a.pruned, a.states) == (b.schedules, b.pruned, b.states)
+    assert [(f.bug, f.schedule) for f in a.findings] == [(f.bug, f.schedule) for f in b.findings]
