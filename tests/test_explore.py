@@ -274,3 +274,44 @@ def test_both_stores_explore_alike() -> None:
     b = explore(straddle(store="xarray"), bound=2, minimise=False)
     assert (a.schedules, a.pruned, a.states) == (b.schedules, b.pruned, b.states)
     assert [(f.bug, f.schedule) for f in a.findings] == [(f.bug, f.schedule) for f in b.findings]
+
+
+def test_driven_operations_match_the_native_ones() -> None:
+    """Under the explorer the guest_memfd, memslot, fault and set operations
+    run step by step (memattr.driven, the fault's retry loop); alone, they
+    must end in the same state with the same counters as the whole native
+    operations."""
+    from memattr.explore_scenarios import PUNCH
+
+    def ops(vm: Vm, env: dict[str, int]) -> None:
+        vm.set_user_memory_region(1, 0x400000, 0x200000)
+        assert vm.fault(0x100 << 12) == 2 and vm.fault(0x401 << 12) == 2
+        vm.set_memory_attributes(0x10 << 12, 16 << 12, P)
+        assert vm.fault(0x10 << 12, private=True) == 1
+        vm.guest_memfd_fallocate(env["fd"], PUNCH, 0, 32 << 12)
+        vm.set_user_memory_region(1, 0x400000, 0x200000, flags=1)  # dirty logging on
+        vm.set_user_memory_region(1, 0x600000, 0x200000, flags=1)  # move
+        vm.set_user_memory_region(1, 0, 0)  # delete
+        vm.guest_memfd_close(env["fd"])
+        with pytest.raises(OSError):
+            vm.guest_memfd_close(env["fd"])
+
+    def state(vm: Vm) -> tuple[object, ...]:
+        return (
+            vm.stats, [vm.mmu.mappings(level) for level in (1, 2, 3)],
+            list(vm.store.runs(0, 1 << 30)), vm.mmu.mixed_runs(0, 2),
+            (vm.mmu_invalidate_seq, vm.mmu_invalidate_in_progress),
+        )
+
+    native_vm, env = gmem_vm("6.8", lockdep=True)
+    ops(native_vm, env)
+    captured: list[Vm] = []
+
+    def setup() -> tuple[Vm, dict[str, int]]:
+        vm, env = gmem_vm("6.8", lockdep=True)
+        captured.append(vm)
+        return vm, env
+
+    res = explore(Scenario("alone", setup, [Actor("ops", ops)]), bound=0)
+    assert res.schedules == 1 and res.findings == []
+    assert state(captured[0]) == state(native_vm)
