@@ -19,6 +19,9 @@
     Validates a trace and summarises it.
 ``memattr list``
     The named workloads.
+``memattr explore SCENARIO`` / ``memattr explore --replay FILE``
+    Explores the interleavings of concurrent KVM operations on one VM and
+    reports races as kernel splats (see memattr.explore_cli).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from memattr import qemu, report, sweep, workloads
+from memattr import explore_cli, qemu, report, sweep, workloads
 from memattr import trace as trace_mod
 from memattr.units import format_size, parse_size
 
@@ -206,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("trace")
 
     sub.add_parser("list", help="list the named workloads")
+
+    explore_cli.add_parser(sub)
     return p
 
 
@@ -445,6 +450,7 @@ COMMANDS = {
     "import-qemu": cmd_import_qemu,
     "show": cmd_show,
     "list": cmd_list,
+    "explore": explore_cli.cmd_explore,
 }
 
 

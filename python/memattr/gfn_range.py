@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from memattr import sched
+
 if TYPE_CHECKING:
     from memattr._native import Kvm
     from memattr.locks import KvmLock
@@ -83,6 +85,8 @@ def kvm_handle_gfn_range(
         if on_lock is not None:
             on_lock()
         for rng in ranges:
+            if sched.hook is not None:
+                sched.hook(sched.STEP, handler.__name__)
             if handler(rng):
                 ret = True
     finally:

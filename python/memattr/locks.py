@@ -27,6 +27,7 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from memattr import sched
 from memattr.errors import LockdepError
 
 if TYPE_CHECKING:
@@ -106,6 +107,8 @@ class KvmLock:
                     f"outside {inner.name}, but this thread holds {inner.name}",
                     _call_site(),
                 )
+        if sched.hook is not None:
+            sched.hook(sched.ACQUIRE, self)
         # Waits with the GIL released if another thread (or a native
         # operation) holds it.
         native.acquire(_get_ident())
@@ -118,6 +121,8 @@ class KvmLock:
                 _call_site(),
                 f"held by: {_thread_name(self._native.owner)}",
             )
+        if sched.hook is not None:
+            sched.hook(sched.RELEASE, self)
         self._native.release()
 
     def __enter__(self) -> KvmLock:
@@ -182,11 +187,21 @@ class MmuInvalidation:
     def begin(self) -> None:
         """kvm_mmu_invalidate_begin()."""
         self._assert_locked("mmu_invalidate_in_progress (kvm_mmu_invalidate_begin)")
-        self._kvm.invalidate_begin()
+        if sched.hook is None:
+            self._kvm.invalidate_begin()
+            return
+        # in_progress++ is a plain read-modify-write, atomic only under
+        # mmu_lock: under the explorer its halves are separate steps.
+        sched.hook(sched.STEP, "kvm_mmu_invalidate_begin:read")
+        in_progress = self._kvm.inval[1]
+        sched.hook(sched.STEP, "kvm_mmu_invalidate_begin:write")
+        self._kvm.invalidate_begin_write(in_progress)
 
     def range_add(self, start: int, end: int) -> None:
         """kvm_mmu_invalidate_range_add(): widen the range faults must avoid."""
         self._assert_locked("mmu_invalidate_range_start/end (kvm_mmu_invalidate_range_add)")
+        if sched.hook is not None:
+            sched.hook(sched.STEP, "kvm_mmu_invalidate_range_add")
         self._kvm.invalidate_range_add(start, end)
 
     def end(self) -> None:
@@ -194,7 +209,19 @@ class MmuInvalidation:
         self._assert_locked(
             "mmu_invalidate_seq and mmu_invalidate_in_progress (kvm_mmu_invalidate_end)"
         )
-        self._kvm.invalidate_end()
+        if sched.hook is None:
+            self._kvm.invalidate_end()
+            return
+        # seq++ then in_progress--, each a read and a write (see begin()).
+        kvm = self._kvm
+        sched.hook(sched.STEP, "kvm_mmu_invalidate_end:seq_read")
+        seq = kvm.inval[0]
+        sched.hook(sched.STEP, "kvm_mmu_invalidate_end:seq_write")
+        kvm.invalidate_end_seq_write(seq)
+        sched.hook(sched.STEP, "kvm_mmu_invalidate_end:read")
+        in_progress = kvm.inval[1]
+        sched.hook(sched.STEP, "kvm_mmu_invalidate_end:write")
+        kvm.invalidate_end_write(in_progress)
 
 
 __all__ = ["KvmLock", "KvmWarning", "MmuInvalidation", "MmuLock"]

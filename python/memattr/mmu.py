@@ -18,7 +18,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from memattr import _args
+from memattr import _args, sched
 from memattr.errors import LockdepError
 from memattr.uapi import PAGE_SHIFT
 
@@ -122,13 +122,16 @@ class X86Mmu:
             _args.boolean("write", write)
         if type(as_id) is not int or as_id < 0:
             as_id = _args.uint("as_id", as_id)
+        if sched.hook is not None:
+            # The explorer interleaves the fault's steps: no whole native fault.
+            return self._fault_retry_loop(gpa, private, as_id, first=True)
         # The whole fault natively (the core checks the address space) when nothing races with it.
         level = self._kvm.fault(gpa, private, as_id)
         if level >= 0:
             return int(level)
         return self._fault_retry_loop(gpa, private, as_id)
 
-    def _fault_retry_loop(self, gpa: int, private: bool, as_id: int) -> int:
+    def _fault_retry_loop(self, gpa: int, private: bool, as_id: int, first: bool = False) -> int:
         """The vCPU's loop: fault, and on RET_PF_RETRY go back to the guest
         and fault again, until the invalidation in the way has ended."""
         vm = self._vm
@@ -144,14 +147,22 @@ class X86Mmu:
                     f"X86Mmu.fault(gpa={gpa:#x})",
                 )
         while True:
-            self._retry_later(gpa)
-            kind, mmu_seq, serial = kvm.faultin(gpa, private, as_id, False)
+            if not first:
+                self._retry_later(gpa)
+            if sched.hook is not None:
+                sched.hook(sched.STEP, "kvm_faultin_pfn")
+            kind, mmu_seq, serial = kvm.faultin(gpa, private, as_id, first)
+            first = False
             if kind == 0:
                 continue
             if kind == 1:
                 return 0
             with vm.mmu_lock:
+                if sched.hook is not None:
+                    sched.hook(sched.STEP, "kvm_tdp_map")
                 level = kvm.tdp_map(gpa, private, as_id, mmu_seq, serial)
+                if level is not None and sched.hook is not None:
+                    sched.hook(sched.MAPPED, (as_id, gpa, private, int(level)))
             if level is not None:
                 return int(level)
 
@@ -159,6 +170,10 @@ class X86Mmu:
         # The kernel's vCPU retries until whoever began the invalidation
         # ends it. With no other thread alive nobody ever will: report the
         # livelock instead of spinning forever.
+        if sched.hook is not None:
+            # The explorer decides when the vCPU re-enters the guest.
+            sched.hook(sched.RETRY, gpa)
+            return
         if threading.active_count() == 1:
             if self._vm.mmu_invalidate_in_progress:
                 raise LockdepError(

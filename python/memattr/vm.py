@@ -46,7 +46,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NoReturn, TypeVar
 
-from memattr import _args, _native
+from memattr import _args, _native, driven, sched
 from memattr.gfn_range import GfnRange, clip_gfn_ranges, kvm_handle_gfn_range
 from memattr.ioctl import vm_ioctl
 from memattr.locks import KvmLock, MmuInvalidation, MmuLock
@@ -228,6 +228,11 @@ class Vm:
     ) -> None:
         """KVM_SET_USER_MEMORY_REGION (``v1``) or ..._REGION2 with the uapi
         struct's fields: the core runs it under slots_lock."""
+        if sched.hook is not None:  # the explorer runs it step by step
+            return driven.kvm_set_memory_region(
+                self, slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd,
+                guest_memfd_offset, v1=v1,
+            )
         done = self._kvm.set_memory_region(
             slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd,
             guest_memfd_offset, v1,
@@ -245,6 +250,8 @@ class Vm:
         EINVAL (offset < 0, length <= 0, not page aligned, or an allocation
         past the file's size), EOPNOTSUPP (no KEEP_SIZE, or any other mode),
         EFBIG (offset + length past MAX_LFS_FILESIZE)."""
+        if sched.hook is not None:  # the explorer runs it step by step
+            return driven.kvm_gmem_fallocate(self, fd, mode, offset, length)
         if not self._kvm.guest_memfd_fallocate(fd, mode, offset, length):
             self._lock_conflict()
 
@@ -255,6 +262,8 @@ class Vm:
         hole over the whole file, and the bindings go. The memslots stay;
         the fd number is free. EBADF if ``fd`` is not an open guest_memfd of
         this VM."""
+        if sched.hook is not None:  # the explorer runs it step by step
+            return driven.kvm_gmem_release(self, fd)
         if not self._kvm.guest_memfd_close(fd):
             self._lock_conflict()
 
@@ -292,7 +301,11 @@ class Vm:
         """KVM_SET_MEMORY_ATTRIBUTES for [address, address + size)."""
         # The whole call in the core when no hook, no v11 ordering and no
         # lock held by this thread needs the driver below (the core says).
-        if self._native_set and self._kvm.set_memory_attributes(address, size, attributes, flags):
+        if (
+            self._native_set
+            and sched.hook is None
+            and self._kvm.set_memory_attributes(address, size, attributes, flags)
+        ):
             return
         kvm = self._kvm
         # kvm_vm_ioctl_set_mem_attributes()'s checks (counted by the core).
@@ -320,6 +333,8 @@ class Vm:
             if self._hook_error is not None:
                 # An on_unmap hook failed: abort before anything is stored.
                 raise self._hook_error
+            if sched.hook is not None:
+                sched.hook(sched.STEP, "kvm_vm_set_mem_attributes:store")
             kvm.set_store(start, end, attributes)
             # Every reserved entry is now used: nothing left to release.
             ok = True

@@ -204,6 +204,26 @@ impl Kvm {
         offset: i64,
         length: i64,
     ) -> Result<(), KvmError> {
+        let Some(ranges) = self.kvm_gmem_fallocate_checks(fd, mode, offset, length)? else {
+            return Ok(());
+        };
+        self.kvm_gmem_invalidate(&ranges)?;
+        self.note_gmem_hole_punched();
+        Ok(())
+    }
+
+    /// kvm_gmem_fallocate() up to kvm_gmem_punch_hole()'s invalidation:
+    /// every check, in order; None for an allocation (done: nothing to
+    /// model beyond the checks), else the bound gfn ranges of the hole as
+    /// (as_id, start, end), which the caller invalidates (the whole
+    /// operation here, or the Python driver step by step).
+    pub fn kvm_gmem_fallocate_checks(
+        &self,
+        fd: u64,
+        mode: u64,
+        offset: i64,
+        length: i64,
+    ) -> Result<Option<Vec<(usize, u64, u64)>>, KvmError> {
         let file_size = self.own_gmem(fd)?.size;
         // vfs_fallocate().
         if offset < 0 || length <= 0 {
@@ -270,16 +290,18 @@ impl Kvm {
                     format!("allocation past the file's size {file_size:#x}"),
                 );
             }
-            return Ok(());
+            return Ok(None);
         }
-        let ranges = self.gmem_gfn_ranges(
+        Ok(Some(self.gmem_gfn_ranges(
             &self.gmem[&fd].bindings,
             offset as u64 >> PAGE_SHIFT,
             last as u64 >> PAGE_SHIFT,
-        );
-        self.kvm_gmem_invalidate(&ranges)?;
+        )))
+    }
+
+    /// A hole punched (counted once its invalidation is over).
+    pub fn note_gmem_hole_punched(&mut self) {
         self.counters.gmem_holes_punched += 1;
-        Ok(())
     }
 
     /// close(2) of the last reference to a guest_memfd (kvm_gmem_release):
@@ -287,6 +309,17 @@ impl Kvm {
     /// every mapping through it is zapped as for a hole over the whole
     /// file, and the bindings go. The memslots stay; the fd is free.
     pub fn kvm_gmem_release(&mut self, fd: u64) -> Result<(), KvmError> {
+        let ranges = self.kvm_gmem_release_detach(fd)?;
+        self.kvm_gmem_invalidate(&ranges)?;
+        self.note_gmem_closed();
+        Ok(())
+    }
+
+    /// kvm_gmem_release() up to its invalidation (slots_lock and the
+    /// file's invalidation lock held): the file leaves the fd table, every
+    /// bound slot loses it; returns the gfn ranges of the whole file, to
+    /// invalidate as for a hole.
+    pub fn kvm_gmem_release_detach(&mut self, fd: u64) -> Result<Vec<(usize, u64, u64)>, KvmError> {
         self.own_gmem(fd)?;
         let file = self.gmem.remove(&fd).expect("checked above");
         registry().owners.remove(&fd);
@@ -296,10 +329,12 @@ impl Kvm {
                 self.memslots.at_mut(as_id, i).expect("found").gmem_open = false;
             }
         }
-        let ranges = self.gmem_gfn_ranges(&file.bindings, 0, u64::MAX);
-        self.kvm_gmem_invalidate(&ranges)?;
+        Ok(self.gmem_gfn_ranges(&file.bindings, 0, u64::MAX))
+    }
+
+    /// A guest_memfd file released (counted once its invalidation is over).
+    pub fn note_gmem_closed(&mut self) {
         self.counters.gmem_closed += 1;
-        Ok(())
     }
 
     /// The gfns of file pages [start, end) in each bound slot, as
@@ -336,8 +371,7 @@ impl Kvm {
         self.kvm_mmu_invalidate_begin();
         let mut flush = false;
         for &(as_id, s, e) in ranges {
-            self.kvm_mmu_invalidate_range_add(s, e);
-            match self.kvm_unmap_gfn_range(as_id, s, e) {
+            match self.kvm_mmu_unmap_gfn_range(as_id, s, e) {
                 Ok(f) => flush |= f,
                 Err(err) => {
                     // Never leave faults blocked behind a half-done

@@ -56,10 +56,21 @@ impl MmuInvalidation {
 }
 
 impl Kvm {
-    /// kvm_mmu_invalidate_begin() (mmu_lock held).
+    /// kvm_mmu_invalidate_begin() (mmu_lock held): `in_progress++`, as its
+    /// read and its write (see [`Kvm::kvm_mmu_invalidate_begin_write`]).
     pub fn kvm_mmu_invalidate_begin(&mut self) {
+        let in_progress = self.inval.in_progress;
+        self.kvm_mmu_invalidate_begin_write(in_progress);
+    }
+
+    /// The write half of kvm_mmu_invalidate_begin()'s `in_progress++`,
+    /// given the value its read half saw. The kernel's increment is a plain
+    /// read-modify-write, atomic only because mmu_lock is held; the
+    /// interleaving explorer runs the two halves as separate steps to show
+    /// what happens when a caller does not hold it (the seed's v11).
+    pub fn kvm_mmu_invalidate_begin_write(&mut self, in_progress_read: u64) {
         let inv = &mut self.inval;
-        inv.in_progress += 1;
+        inv.in_progress = in_progress_read.wrapping_add(1);
         if inv.in_progress == 1 {
             inv.range_start = INVALID_GPA;
             inv.range_end = INVALID_GPA;
@@ -82,16 +93,41 @@ impl Kvm {
         }
     }
 
-    /// kvm_mmu_invalidate_end() (mmu_lock held): KVM_BUG_ON without a
-    /// matching begin().
+    /// kvm_mmu_invalidate_end() (mmu_lock held): `seq++`, then
+    /// `in_progress--`, each a read and a write (the explorer splits them,
+    /// see [`Kvm::kvm_mmu_invalidate_begin_write`]). KVM_BUG_ON without a
+    /// matching begin(); checked before anything moves, so the whole call
+    /// changes nothing then.
     pub fn kvm_mmu_invalidate_end(&mut self) -> Result<(), KvmError> {
-        if self.inval.in_progress == 0 {
+        let in_progress = self.inval.in_progress;
+        Self::check_invalidate_end(in_progress)?;
+        let seq = self.inval.seq;
+        self.kvm_mmu_invalidate_end_seq_write(seq);
+        self.kvm_mmu_invalidate_end_write(in_progress)
+    }
+
+    /// KVM_BUG_ON(mmu_invalidate_in_progress < 0): the decrement of a count
+    /// read as `in_progress_read` would go negative.
+    fn check_invalidate_end(in_progress_read: u64) -> Result<(), KvmError> {
+        if in_progress_read == 0 {
             return Err(KvmError::Bug(
                 "mmu_invalidate_end() without a matching begin()".into(),
             ));
         }
-        self.inval.seq += 1;
-        self.inval.in_progress -= 1;
+        Ok(())
+    }
+
+    /// The write half of kvm_mmu_invalidate_end()'s `seq++`.
+    pub fn kvm_mmu_invalidate_end_seq_write(&mut self, seq_read: u64) {
+        self.inval.seq = seq_read.wrapping_add(1);
+    }
+
+    /// The write half of kvm_mmu_invalidate_end()'s `in_progress--`, then
+    /// its checks: KVM_BUG_ON if the count would go negative (nothing
+    /// written), WARN_ON_ONCE if no range was added since begin().
+    pub fn kvm_mmu_invalidate_end_write(&mut self, in_progress_read: u64) -> Result<(), KvmError> {
+        Self::check_invalidate_end(in_progress_read)?;
+        self.inval.in_progress = in_progress_read - 1;
         if self.inval.range_start == INVALID_GPA {
             self.warn(KvmWarning::EndWithoutRange);
         }

@@ -81,6 +81,19 @@ impl Kvm {
         Ok(self.account_removed(removed))
     }
 
+    /// kvm_mmu_unmap_gfn_range(), an invalidation's handler (mmu_lock held,
+    /// inside begin()/end()): add the range to the invalidation, then zap
+    /// it. True if a TLB flush is needed.
+    pub fn kvm_mmu_unmap_gfn_range(
+        &mut self,
+        as_id: usize,
+        start: u64,
+        end: u64,
+    ) -> Result<bool, KvmError> {
+        self.kvm_mmu_invalidate_range_add(start, end);
+        self.kvm_unmap_gfn_range(as_id, start, end)
+    }
+
     fn warn_once(&mut self, w: KvmWarning) {
         // WARN_ON_ONCE: report the caller's bug once per VM, survive it.
         if !self.warned.contains(&w) {

@@ -354,3 +354,73 @@ fn a_set_adds_every_slots_range_to_the_invalidation() {
     assert_eq!(k.counters.pre_set_ranges, 2);
     assert!(k.take_warnings().is_empty());
 }
+
+/// The split halves of the invalidation counters' read-modify-writes: two
+/// callers that read before either writes lose an update, which is what an
+/// invalidate_end() outside mmu_lock (the seed's v11) can do to a
+/// concurrent begin(); the following range_add() then WARNs.
+#[test]
+fn split_invalidation_halves_lose_an_update_when_interleaved() {
+    let mut k = vm(false);
+    add_slot(&mut k, 0, 0, 1024);
+    // The set's begin, whole.
+    k.kvm_mmu_invalidate_begin();
+    k.kvm_mmu_invalidate_range_add(0, 8);
+    assert_eq!(k.inval.in_progress, 1);
+    // The set's end reads in_progress (1) ...
+    let set_read = k.inval.in_progress;
+    let seq = k.inval.seq;
+    k.kvm_mmu_invalidate_end_seq_write(seq);
+    // ... a hole punch's begin reads 1 and writes 2 ...
+    let punch_read = k.inval.in_progress;
+    k.kvm_mmu_invalidate_begin_write(punch_read);
+    assert_eq!(k.inval.in_progress, 2);
+    // ... the set's write lands: 1 - 1, the punch's increment is lost.
+    k.kvm_mmu_invalidate_end_write(set_read).unwrap();
+    assert_eq!((k.inval.in_progress, k.inval.seq), (0, 1));
+    assert!(k.take_warnings().is_empty());
+    k.kvm_mmu_unmap_gfn_range(0, 0, 8).unwrap();
+    assert_eq!(
+        k.take_warnings(),
+        vec![KvmWarning::RangeAddOutsideInvalidation]
+    );
+    // The punch's end then finds nothing to end: KVM_BUG_ON, nothing written.
+    let r = k.inval.in_progress;
+    assert!(matches!(
+        k.kvm_mmu_invalidate_end_write(r),
+        Err(KvmError::Bug(_))
+    ));
+    assert_eq!(k.inval.in_progress, 0);
+}
+
+/// The whole operations are their halves back to back: begin() then end()
+/// leave the same state as the split steps run in order.
+#[test]
+fn whole_invalidation_equals_its_halves_in_order() {
+    let (mut a, mut b) = (vm(false), vm(false));
+    a.kvm_mmu_invalidate_begin();
+    a.kvm_mmu_invalidate_range_add(3, 4);
+    a.kvm_mmu_invalidate_end().unwrap();
+    let r = b.inval.in_progress;
+    b.kvm_mmu_invalidate_begin_write(r);
+    b.kvm_mmu_invalidate_range_add(3, 4);
+    let (s, r) = (b.inval.seq, b.inval.in_progress);
+    b.kvm_mmu_invalidate_end_seq_write(s);
+    b.kvm_mmu_invalidate_end_write(r).unwrap();
+    assert_eq!(a.inval, b.inval);
+    // A whole end() without begin() changes nothing.
+    assert!(a.kvm_mmu_invalidate_end().is_err());
+    assert_eq!(a.inval, b.inval);
+    // The first begin() of a new invalidation forgets the old range (a
+    // range not yet added covers every gfn); a nested one keeps it.
+    let r = b.inval.in_progress;
+    b.kvm_mmu_invalidate_begin_write(r);
+    assert_eq!(
+        (b.inval.range_start, b.inval.range_end),
+        (INVALID_GPA, INVALID_GPA)
+    );
+    b.kvm_mmu_invalidate_range_add(7, 9);
+    b.kvm_mmu_invalidate_begin();
+    assert_eq!((b.inval.range_start, b.inval.range_end), (7, 9));
+    assert!(b.inval.covers(8) && !b.inval.covers(3));
+}

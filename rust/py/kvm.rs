@@ -537,6 +537,74 @@ impl PyKvm {
         })
     }
 
+    /// fallocate(2)'s checks, for the Python driver: None when there is
+    /// nothing to invalidate (an allocation), else the hole's bound gfn
+    /// ranges as [(as_id, start, end)].
+    fn gmem_fallocate_checks(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+        mode: &Bound<'_, PyAny>,
+        offset: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Vec<(usize, u64, u64)>>> {
+        let fd = u64_arg(fd, "fd")?;
+        let mode = u32_arg(mode, "mode")? as u64;
+        let offset = i64_arg(offset, "offset")?;
+        let length = i64_arg(length, "length")?;
+        self.step(py, |k| {
+            k.kvm_gmem_fallocate_checks(fd, mode, offset, length)
+        })
+    }
+
+    fn note_gmem_hole_punched(&self, py: Python<'_>) {
+        self.core(py).note_gmem_hole_punched();
+    }
+
+    /// kvm_gmem_release() up to its invalidation, for the Python driver
+    /// (slots_lock held): the whole file's gfn ranges.
+    fn gmem_release_detach(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<(usize, u64, u64)>> {
+        let fd = u64_arg(fd, "fd")?;
+        self.step(py, |k| k.kvm_gmem_release_detach(fd))
+    }
+
+    fn note_gmem_closed(&self, py: Python<'_>) {
+        self.core(py).note_gmem_closed();
+    }
+
+    /// __kvm_set_memory_region() as one step, for the Python driver, which
+    /// holds slots_lock (the model's commit is atomic: it stands for the
+    /// kernel's zap under mmu_lock and the memslot swap).
+    #[pyo3(signature = (slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd, guest_memfd_offset, v1=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn set_memory_region_step(
+        &self,
+        py: Python<'_>,
+        slot: &Bound<'_, PyAny>,
+        flags: &Bound<'_, PyAny>,
+        guest_phys_addr: &Bound<'_, PyAny>,
+        memory_size: &Bound<'_, PyAny>,
+        userspace_addr: &Bound<'_, PyAny>,
+        guest_memfd: &Bound<'_, PyAny>,
+        guest_memfd_offset: &Bound<'_, PyAny>,
+        v1: bool,
+    ) -> PyResult<()> {
+        let mem = UserspaceMemoryRegion {
+            slot: u32_arg(slot, "slot")?,
+            flags: u32_arg(flags, "flags")?,
+            guest_phys_addr: u64_arg(guest_phys_addr, "guest_phys_addr")?,
+            memory_size: u64_arg(memory_size, "memory_size")?,
+            userspace_addr: u64_arg(userspace_addr, "userspace_addr")?,
+            guest_memfd: u32_arg(guest_memfd, "guest_memfd")?,
+            guest_memfd_offset: u64_arg(guest_memfd_offset, "guest_memfd_offset")?,
+        };
+        self.step(py, move |k| k.kvm_set_memory_region(&mem, v1))
+    }
+
     /// close(2) of a guest_memfd; False if this thread holds a lock.
     fn guest_memfd_close(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
         let fd = u64_arg(fd, "fd")?;
@@ -702,6 +770,42 @@ impl PyKvm {
 
     fn invalidate_end(&self, py: Python<'_>) -> PyResult<()> {
         self.step(py, |k| k.kvm_mmu_invalidate_end())
+    }
+
+    /// The write half of kvm_mmu_invalidate_begin()'s `in_progress++`, given
+    /// what the read half saw (the read is `inval[1]`): the explorer's split
+    /// read-modify-write.
+    fn invalidate_begin_write(&self, py: Python<'_>, in_progress_read: u64) -> PyResult<()> {
+        self.step(py, |k| {
+            k.kvm_mmu_invalidate_begin_write(in_progress_read);
+            Ok(())
+        })
+    }
+
+    /// The write half of kvm_mmu_invalidate_end()'s `seq++` (read: `inval[0]`).
+    fn invalidate_end_seq_write(&self, py: Python<'_>, seq_read: u64) -> PyResult<()> {
+        self.step(py, |k| {
+            k.kvm_mmu_invalidate_end_seq_write(seq_read);
+            Ok(())
+        })
+    }
+
+    /// The write half of kvm_mmu_invalidate_end()'s `in_progress--` and its
+    /// checks (read: `inval[1]`).
+    fn invalidate_end_write(&self, py: Python<'_>, in_progress_read: u64) -> PyResult<()> {
+        self.step(py, |k| k.kvm_mmu_invalidate_end_write(in_progress_read))
+    }
+
+    /// kvm_mmu_unmap_gfn_range() (mmu_lock held by the caller): True if a
+    /// flush is due.
+    fn mmu_unmap_gfn_range(
+        &self,
+        py: Python<'_>,
+        as_id: usize,
+        start: u64,
+        end: u64,
+    ) -> PyResult<bool> {
+        self.step(py, |k| k.kvm_mmu_unmap_gfn_range(as_id, start, end))
     }
 
     /// kvm_pre_set_memory_attributes() for one range: True if a flush is due.
