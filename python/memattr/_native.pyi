@@ -143,6 +143,20 @@ class Stage2Map:
 UAPI: dict[str, int]
 """The core's uapi constants by name (memattr.uapi holds them equal)."""
 
+_HostTuple = tuple[str, int, bool, bool, bool, bool, bool, int, int]
+"""A host profile as plain data: (vendor, vm_types, sw_protected_vm, smm,
+generic_memory_attributes, guest_memfd, tdp, max_page_level,
+user_address_bits); memattr.HostProfile is its typed face."""
+
+def host_profile_default() -> _HostTuple:
+    """The default host profile (rust/kvm/host.rs)."""
+
+def host_profile_check(host: _HostTuple) -> None:
+    """ValueError unless the profile could be a real host's."""
+
+def check_extension_system(host: _HostTuple, semantics: str, cap: int) -> int:
+    """KVM_CHECK_EXTENSION on the system fd (/dev/kvm) of ``host``."""
+
 _Ref = tuple[int, int, int, int, int]
 _SlotInfo = tuple[int, int, int, int, int, int, int | None, int, bool, int]
 
@@ -171,7 +185,10 @@ class Kvm:
         semantics: str,
         attr_memory_limit: int | None,
         guest_memfd_max_order: int,
+        host: _HostTuple | None = None,
     ) -> None: ...
+    @property
+    def host(self) -> _HostTuple: ...
     @property
     def store(self) -> RangeTree | XArray: ...
     @property

@@ -1,6 +1,6 @@
 //! guest_memfd files: virt/kvm/guest_memfd.c's kvm_gmem_create(),
 //! kvm_gmem_bind(), kvm_gmem_fallocate() / kvm_gmem_punch_hole() and
-//! kvm_gmem_release(), Linux 6.8.
+//! kvm_gmem_release(), Linux 6.8 and 6.18.
 //!
 //! ```text
 //!   process fd table (REGISTRY)        Kvm::gmem (this VM's files)
@@ -81,6 +81,65 @@ impl GmemFile {
     }
 }
 
+/// vfs_fallocate()'s mode checks, Linux 6.8: unknown bits EOPNOTSUPP,
+/// PUNCH_HOLE with ZERO_RANGE or without KEEP_SIZE EOPNOTSUPP, COLLAPSE and
+/// INSERT only alone, UNSHARE only with KEEP_SIZE (those three EINVAL).
+fn vfs_fallocate_mode_68(mode: u64) -> Result<(), KvmError> {
+    if mode & !FALLOC_FL_SUPPORTED_MASK != 0 {
+        return fail(EOPNOTSUPP, format!("mode {mode:#x} has unknown bits"));
+    }
+    if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_ZERO_RANGE != 0 {
+        return fail(
+            EOPNOTSUPP,
+            "FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE exclude each other",
+        );
+    }
+    if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0 {
+        return fail(EOPNOTSUPP, "FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE");
+    }
+    for (alone, name) in [
+        (FALLOC_FL_COLLAPSE_RANGE, "COLLAPSE_RANGE"),
+        (FALLOC_FL_INSERT_RANGE, "INSERT_RANGE"),
+    ] {
+        if mode & alone != 0 && mode & !alone != 0 {
+            return fail(EINVAL, format!("FALLOC_FL_{name} must be used alone"));
+        }
+    }
+    if mode & FALLOC_FL_UNSHARE_RANGE != 0
+        && mode & !(FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_KEEP_SIZE) != 0
+    {
+        return fail(
+            EINVAL,
+            "FALLOC_FL_UNSHARE_RANGE takes only FALLOC_FL_KEEP_SIZE",
+        );
+    }
+    Ok(())
+}
+
+/// vfs_fallocate()'s mode checks, Linux 6.18: the modes are exclusive
+/// (allocate is no bit; any two together are EOPNOTSUPP), KEEP_SIZE is the
+/// only flag; PUNCH_HOLE needs it, COLLAPSE, INSERT and WRITE_ZEROES refuse
+/// it. Every refusal is EOPNOTSUPP.
+fn vfs_fallocate_mode_618(mode: u64) -> Result<(), KvmError> {
+    if mode & !(FALLOC_FL_MODE_MASK | FALLOC_FL_KEEP_SIZE) != 0 {
+        return fail(EOPNOTSUPP, format!("mode {mode:#x} has unknown bits"));
+    }
+    let keep_size = mode & FALLOC_FL_KEEP_SIZE != 0;
+    let ok = match mode & FALLOC_FL_MODE_MASK {
+        0 | FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_ZERO_RANGE => true,
+        FALLOC_FL_PUNCH_HOLE => keep_size,
+        FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE | FALLOC_FL_WRITE_ZEROES => !keep_size,
+        _ => false,
+    };
+    if !ok {
+        return fail(
+            EOPNOTSUPP,
+            format!("mode {mode:#x}: not one fallocate mode with the flags it takes"),
+        );
+    }
+    Ok(())
+}
+
 impl Kvm {
     /// This VM's open guest_memfd `fd`, or EBADF.
     fn own_gmem(&self, fd: u64) -> Result<&GmemFile, KvmError> {
@@ -95,11 +154,20 @@ impl Kvm {
         self.gmem.values()
     }
 
-    /// KVM_CREATE_GUEST_MEMFD (kvm_gmem_create): 6.8 lets any VM create one
-    /// (binding it needs private memory); no flags are valid; the size is a
-    /// loff_t that must be > 0 and page aligned. Returns the new fd.
+    /// KVM_CREATE_GUEST_MEMFD (kvm_gmem_create): any VM can create one (in
+    /// 6.8 binding it needs private memory); 6.8 takes no flags, 6.18 those
+    /// of kvm_gmem_get_supported_flags(); the size is a loff_t that must be
+    /// > 0 and page aligned. ENOTTY on a host built without guest_memfd.
+    /// Returns the new fd.
     pub fn kvm_gmem_create(&mut self, size: u64, flags: u64) -> Result<u64, KvmError> {
-        let valid_flags = 0;
+        if !self.config.host.guest_memfd {
+            return fail(ENOTTY, "KVM_CREATE_GUEST_MEMFD: this host's KVM has no guest_memfd");
+        }
+        let valid_flags = if self.config.is_618() {
+            caps::kvm_gmem_get_supported_flags(Some(&self.config))
+        } else {
+            0
+        };
         if flags & !valid_flags != 0 {
             return fail(
                 EINVAL,
@@ -171,7 +239,8 @@ impl Kvm {
         Ok(())
     }
 
-    /// kvm_gmem_bind() after its checks passed.
+    /// kvm_gmem_bind() after its checks passed. True if the slot becomes
+    /// guest_memfd-only (KVM_MEMSLOT_GMEM_ONLY: the file is mmap-able).
     pub(super) fn kvm_gmem_bind(
         &mut self,
         fd: u64,
@@ -179,9 +248,13 @@ impl Kvm {
         npages: u64,
         as_id: usize,
         id: u16,
-    ) {
-        if let Some(f) = self.gmem.get_mut(&fd) {
-            f.bindings.insert(pgoff, (pgoff + npages, as_id, id));
+    ) -> bool {
+        match self.gmem.get_mut(&fd) {
+            Some(f) => {
+                f.bindings.insert(pgoff, (pgoff + npages, as_id, id));
+                f.flags & GUEST_MEMFD_FLAG_MMAP != 0
+            }
+            None => false,
         }
     }
 
@@ -212,33 +285,10 @@ impl Kvm {
                 format!("offset {offset} must be >= 0 and length {length} > 0"),
             );
         }
-        if mode & !FALLOC_FL_SUPPORTED_MASK != 0 {
-            return fail(EOPNOTSUPP, format!("mode {mode:#x} has unknown bits"));
-        }
-        if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_ZERO_RANGE != 0 {
-            return fail(
-                EOPNOTSUPP,
-                "FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE exclude each other",
-            );
-        }
-        if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0 {
-            return fail(EOPNOTSUPP, "FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE");
-        }
-        for (alone, name) in [
-            (FALLOC_FL_COLLAPSE_RANGE, "COLLAPSE_RANGE"),
-            (FALLOC_FL_INSERT_RANGE, "INSERT_RANGE"),
-        ] {
-            if mode & alone != 0 && mode & !alone != 0 {
-                return fail(EINVAL, format!("FALLOC_FL_{name} must be used alone"));
-            }
-        }
-        if mode & FALLOC_FL_UNSHARE_RANGE != 0
-            && mode & !(FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_KEEP_SIZE) != 0
-        {
-            return fail(
-                EINVAL,
-                "FALLOC_FL_UNSHARE_RANGE takes only FALLOC_FL_KEEP_SIZE",
-            );
+        if self.config.is_618() {
+            vfs_fallocate_mode_618(mode)?;
+        } else {
+            vfs_fallocate_mode_68(mode)?;
         }
         let Some(last) = offset.checked_add(length) else {
             return fail(EFBIG, "offset + length past the largest file size");
