@@ -38,6 +38,9 @@ SIGBUS = "SIGBUS"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 def _kvm_unusable() -> str | None:
@@ -88,6 +91,9 @@ class LiveVm:
     def close_gmem(self, gfd: int) -> None:
         os.close(gfd)
 
+    def file_op(self, gfd: int, op: str) -> Any:
+        return _live_file_op(gfd, op)
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -95,19 +101,24 @@ class LiveVm:
         """mmap the guest_memfd and access each offset of ``touch`` in a
         forked child: per access "ok" or SIGBUS (after the first SIGBUS the
         rest are not tried). OSError if mmap itself fails."""
+        # libc's mmap, not Python's: mmap.mmap refuses a mapping longer
+        # than the file, which is one of the cases to run.
         flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
-        mem = mmap.mmap(gfd, length, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, gfd, 0)
+        if addr == ctypes.c_void_p(-1).value:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
         results: list[str] = []
         try:
             for off in touch:
                 r, w = os.pipe()
                 pid = os.fork()
                 if pid == 0:  # the child: one access, then exit
-                    os.close(r)
                     try:
+                        os.close(r)
                         if write:
-                            mem[off] = 0x5A
-                        os.write(w, bytes([mem[off]]))
+                            ctypes.memset(addr + off, 0x5A, 1)
+                        os.write(w, ctypes.string_at(addr + off, 1))
                     finally:
                         os._exit(0)
                 os.close(w)
@@ -119,8 +130,39 @@ class LiveVm:
                     break
                 results.append(f"ok:{data[0] if data else '-'}")
         finally:
-            mem.close()
+            _libc.munmap(addr, length)
         return results
+
+
+def _live_file_op(gfd: int, op: str) -> Any:
+    ops: dict[str, Callable[[], Any]] = {
+        "read": lambda: os.read(gfd, 8),
+        "write": lambda: os.write(gfd, b"x"),
+        "pread": lambda: os.pread(gfd, 8, 0),
+        "pwrite": lambda: os.pwrite(gfd, b"x", 0),
+        "lseek": lambda: os.lseek(gfd, 0, os.SEEK_SET),
+        "ftruncate": lambda: os.ftruncate(gfd, 0),
+        "fsync": lambda: os.fsync(gfd),
+        "ioctl": lambda: fcntl.ioctl(gfd, uapi.KVM_CHECK_EXTENSION, 0),
+        "fstat": lambda: (lambda st: (st.st_mode, st.st_size, st.st_blksize, st.st_blocks, st.st_nlink))(os.fstat(gfd)),
+    }
+    return ops[op]()
+
+
+def _model_file_op(vm: m.Vm, gfd: int, op: str) -> Any:
+    f = vm.guest_memfd_file(gfd)
+    ops: dict[str, Callable[[], Any]] = {
+        "read": lambda: f.read(8),
+        "write": lambda: f.write(b"x"),
+        "pread": lambda: f.pread(8, 0),
+        "pwrite": lambda: f.pwrite(b"x", 0),
+        "lseek": lambda: f.lseek(0, os.SEEK_SET),
+        "ftruncate": lambda: f.ftruncate(0),
+        "fsync": lambda: f.fsync(),
+        "ioctl": lambda: f.ioctl(uapi.KVM_CHECK_EXTENSION, 0),
+        "fstat": lambda: tuple(f.fstat()),
+    }
+    return ops[op]()
 
 
 class LiveKvm:
@@ -160,6 +202,9 @@ class ModelVm:
 
     def close_gmem(self, gfd: int) -> None:
         self.vm.guest_memfd_close(gfd)
+
+    def file_op(self, gfd: int, op: str) -> Any:
+        return _model_file_op(self.vm, gfd, op)
 
     def close(self) -> None:
         # The model's VM lives on through its guest_memfd files (each holds
@@ -408,6 +453,19 @@ def guest_memfd_mmap(kvm: Any, step: Steps) -> None:
         step(f"flags {flags:#x} read back", lambda gfd=gfd: vm.mmap_gmem(gfd, 4 * PAGE, True, [PAGE], False))
         step(f"flags {flags:#x} punch", lambda gfd=gfd: vm.fallocate(gfd, KEEP_SIZE | PUNCH_HOLE, PAGE, PAGE))
         step(f"flags {flags:#x} read punched", lambda gfd=gfd: vm.mmap_gmem(gfd, 4 * PAGE, True, [PAGE, 2 * PAGE], False))
+        vm.close_gmem(gfd)
+    vm.close()
+
+
+@scenario
+def guest_memfd_file_ops(kvm: Any, step: Steps) -> None:
+    vm = kvm.create_vm(0)
+    for flags, size in ((0, PAGE), (MMAP | INIT_SHARED, 8 * PAGE), (MMAP, SZ_2M)):
+        gfd = vm.create_guest_memfd(size, flags)
+        for op in ("read", "write", "pread", "pwrite", "lseek", "ftruncate", "fsync", "ioctl", "fstat"):
+            step(f"flags {flags:#x} {op}", lambda gfd=gfd, op=op: vm.file_op(gfd, op))
+        step(f"flags {flags:#x} allocate", lambda gfd=gfd, size=size: vm.fallocate(gfd, KEEP_SIZE, 0, size))
+        step(f"flags {flags:#x} fstat after allocate", lambda gfd=gfd: vm.file_op(gfd, "fstat"))
         vm.close_gmem(gfd)
     vm.close()
 

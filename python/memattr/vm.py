@@ -48,6 +48,7 @@ from typing import Any, Literal, NoReturn, TypeVar
 
 from memattr import _args, _native
 from memattr.gfn_range import GfnRange, clip_gfn_ranges, kvm_handle_gfn_range
+from memattr.gmem_file import GuestMemfdFile, GuestMemfdMapping
 from memattr.host import HostProfile, _host_tuple
 from memattr.ioctl import vm_ioctl
 from memattr.locks import KvmLock, MmuInvalidation, MmuLock
@@ -274,6 +275,19 @@ class Vm:
         this VM."""
         if not self._kvm.guest_memfd_close(fd):
             self._lock_conflict()
+
+    def guest_memfd_file(self, fd: int) -> GuestMemfdFile:
+        """guest_memfd ``fd`` as a file: its file operations' errnos,
+        fstat, mmap (see memattr.gmem_file)."""
+        self._kvm.guest_memfd_fstat(fd)  # EBADF unless a guest_memfd of this VM
+        return GuestMemfdFile(self._kvm, fd)
+
+    def guest_memfd_mmap(self, fd: int, length: int, shared: bool = True) -> GuestMemfdMapping:
+        """mmap(2) of the first ``length`` bytes of guest_memfd ``fd``
+        (ENODEV without GUEST_MEMFD_FLAG_MMAP, EINVAL unless shared); host
+        accesses through it raise GuestMemfdSigbus where the kernel sends
+        SIGBUS."""
+        return self.guest_memfd_file(fd).mmap(length, shared)
 
     def guest_memfds(self) -> list[tuple[int, int, int, list[tuple[int, int, int, int]]]]:
         """This VM's open guest_memfd files: (fd, size, flags, bindings as

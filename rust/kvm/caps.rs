@@ -38,9 +38,9 @@ pub fn check_extension(
         KVM_CAP_USER_MEMORY | KVM_CAP_USER_MEMORY2 | KVM_CAP_MEMORY_FAULT_INFO => 1,
         KVM_CAP_NR_MEMSLOTS => KVM_USER_MEM_SLOTS as u64,
         // Only built when KVM_MAX_NR_ADDRESS_SPACES > 1 (SMM).
-        KVM_CAP_MULTI_ADDRESS_SPACE if host.smm => vm
-            .map_or(host.max_nr_address_spaces(), KvmConfig::nr_memslot_as_ids)
-            as u64,
+        KVM_CAP_MULTI_ADDRESS_SPACE if host.smm => {
+            vm.map_or(host.max_nr_address_spaces(), KvmConfig::nr_memslot_as_ids) as u64
+        }
         KVM_CAP_READONLY_MEM => vm.is_none_or(KvmConfig::has_readonly_mem) as u64,
         KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 => KVM_DIRTY_LOG_MANUAL_CAPS,
         // v11 advertised the ioctls with the cap and reported the mask
@@ -58,9 +58,7 @@ pub fn check_extension(
         // 6.8 only let VMs with private memory use guest_memfd; 6.18 lets
         // every VM (mmap-able guest_memfd as the VM's memory).
         KVM_CAP_GUEST_MEMFD if host.guest_memfd => (is_618 || private_mem) as u64,
-        KVM_CAP_GUEST_MEMFD_FLAGS if host.guest_memfd && is_618 => {
-            kvm_gmem_get_supported_flags(vm)
-        }
+        KVM_CAP_GUEST_MEMFD_FLAGS if host.guest_memfd && is_618 => kvm_gmem_get_supported_flags(vm),
         KVM_CAP_VM_TYPES => host.supported_vm_types(semantics),
         KVM_CAP_PRE_FAULT_MEMORY if is_618 => host.tdp as u64,
         // APIC_BUS_CYCLE_NS_DEFAULT.

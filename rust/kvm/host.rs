@@ -103,7 +103,8 @@ impl HostProfile {
         if t & (1 << KVM_X86_DEFAULT_VM) == 0 {
             return bad("vm_types must include KVM_X86_DEFAULT_VM (every x86 host has it)".into());
         }
-        if let Some(unknown) = (0..64).find(|&b| t & (1 << b) != 0 && caps::x86_vm_type(b).is_none())
+        if let Some(unknown) =
+            (0..64).find(|&b| t & (1 << b) != 0 && caps::x86_vm_type(b).is_none())
         {
             return bad(format!("vm_types has bit {unknown}, no x86 VM type"));
         }

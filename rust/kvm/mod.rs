@@ -60,6 +60,10 @@ pub enum KvmError {
     Errno { errno: i32, why: String },
     /// KVM_EXIT_MEMORY_FAULT (the ioctl returns EFAULT with kvm_run filled).
     MemoryFault { gpa: u64, size: u64, flags: u64 },
+    /// A host access through a guest_memfd mapping that the kernel answers
+    /// with SIGBUS (kvm_gmem_fault_user_mapping: past the file's end, or a
+    /// page that is not shared): byte `offset` of guest_memfd `fd`.
+    Sigbus { fd: u64, offset: u64 },
     /// An argument of the model's own API (not a uapi field) is out of
     /// range: an address space, a level, a slot to inspect.
     Argument(String),
@@ -71,7 +75,7 @@ impl KvmError {
     pub fn errno(&self) -> i32 {
         match self {
             KvmError::Errno { errno, .. } => *errno,
-            KvmError::MemoryFault { .. } => EFAULT,
+            KvmError::MemoryFault { .. } | KvmError::Sigbus { .. } => EFAULT,
             KvmError::Argument(_) => EINVAL,
             KvmError::Bug(_) => EIO,
         }
@@ -85,6 +89,10 @@ impl fmt::Display for KvmError {
             KvmError::MemoryFault { gpa, size, flags } => write!(
                 f,
                 "KVM_EXIT_MEMORY_FAULT: gpa {gpa:#x} size {size:#x} flags {flags:#x}"
+            ),
+            KvmError::Sigbus { fd, offset } => write!(
+                f,
+                "SIGBUS: guest_memfd {fd} offset {offset:#x} cannot be faulted in by the host"
             ),
             KvmError::Bug(why) => write!(f, "KVM_BUG_ON: {why}"),
         }

@@ -87,6 +87,7 @@ pub const ENODEV: i32 = 19;
 pub const EINVAL: i32 = 22;
 pub const ENOTTY: i32 = 25;
 pub const EFBIG: i32 = 27;
+pub const ESPIPE: i32 = 29;
 pub const EOPNOTSUPP: i32 = 95;
 
 /// Every public constant above by name, for the binding layer.
@@ -139,7 +140,10 @@ pub const ALL: &[(&str, u64)] = &[
         KVM_CAP_X86_APIC_BUS_CYCLES_NS as u64,
     ),
     ("KVM_CAP_X86_GUEST_MODE", KVM_CAP_X86_GUEST_MODE as u64),
-    ("KVM_CAP_GUEST_MEMFD_FLAGS", KVM_CAP_GUEST_MEMFD_FLAGS as u64),
+    (
+        "KVM_CAP_GUEST_MEMFD_FLAGS",
+        KVM_CAP_GUEST_MEMFD_FLAGS as u64,
+    ),
     ("GUEST_MEMFD_FLAG_MMAP", GUEST_MEMFD_FLAG_MMAP),
     ("GUEST_MEMFD_FLAG_INIT_SHARED", GUEST_MEMFD_FLAG_INIT_SHARED),
     (

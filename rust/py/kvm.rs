@@ -28,6 +28,7 @@ use pyo3::types::{PyDict, PyList};
 
 use super::args::{bool_arg, i64_arg, u32_arg, u64_arg};
 use super::stores::shared_store;
+use crate::kvm::guest_memfd::GmemFileOp;
 use crate::kvm::memslots::UserspaceMemoryRegion;
 use crate::kvm::mmu::FaultIn;
 use crate::kvm::replay::{replay, OpColumns, Ops, ReplayTally};
@@ -104,10 +105,19 @@ fn host_profile_check(host: HostTuple) -> PyResult<()> {
 
 /// KVM_CHECK_EXTENSION on the system fd (/dev/kvm) of `host`.
 #[pyfunction]
-fn check_extension_system(host: HostTuple, semantics: &str, cap: &Bound<'_, PyAny>) -> PyResult<u64> {
+fn check_extension_system(
+    host: HostTuple,
+    semantics: &str,
+    cap: &Bound<'_, PyAny>,
+) -> PyResult<u64> {
     let host = host_from_tuple(host)?;
     let cap = i64_arg(cap, "cap")?;
-    Ok(crate::kvm::caps::check_extension(&host, semantics_arg(semantics)?, None, cap))
+    Ok(crate::kvm::caps::check_extension(
+        &host,
+        semantics_arg(semantics)?,
+        None,
+        cap,
+    ))
 }
 
 /// Ranges at least this long (bytes) are set with the GIL released.
@@ -146,6 +156,14 @@ pub(crate) fn to_pyerr(py: Python<'_>, e: KvmError) -> PyErr {
                 Err(err) => err,
             }
         }
+        KvmError::Sigbus { fd, offset } => match py
+            .import("memattr.errors")
+            .and_then(|m| m.getattr("GuestMemfdSigbus"))
+            .and_then(|c| c.call1((fd, offset)))
+        {
+            Ok(exc) => PyErr::from_value(exc),
+            Err(err) => err,
+        },
         KvmError::Bug(why) => match py
             .import("memattr.errors")
             .and_then(|m| m.getattr("KvmBugError"))
@@ -614,6 +632,69 @@ impl PyKvm {
         self.whole(py, false, move |k| {
             k.kvm_gmem_fallocate(fd, mode, offset, length)
         })
+    }
+
+    /// A file operation on a guest_memfd that always fails (its errno).
+    fn guest_memfd_file_op(&self, py: Python<'_>, fd: &Bound<'_, PyAny>, op: &str) -> PyResult<()> {
+        let fd = u64_arg(fd, "fd")?;
+        let op = GmemFileOp::from_name(op).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "op must be read, write, pread, pwrite, lseek, ftruncate, fsync or ioctl, got {op:?}"
+            ))
+        })?;
+        self.step(py, |k| k.kvm_gmem_file_op(fd, op))
+    }
+
+    /// fstat(2) of a guest_memfd: (mode, size, blksize, blocks, nlink).
+    fn guest_memfd_fstat(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+    ) -> PyResult<(u32, u64, u64, u64, u64)> {
+        let fd = u64_arg(fd, "fd")?;
+        let st = self.step(py, |k| k.kvm_gmem_fstat(fd))?;
+        Ok((st.mode, st.size, st.blksize, st.blocks, st.nlink))
+    }
+
+    /// mmap(2) of a guest_memfd (the checks of kvm_gmem_mmap).
+    fn guest_memfd_mmap(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+        shared: bool,
+    ) -> PyResult<()> {
+        let fd = u64_arg(fd, "fd")?;
+        self.step(py, |k| k.kvm_gmem_mmap(fd, shared))
+    }
+
+    /// A host read through a guest_memfd mapping (GuestMemfdSigbus where
+    /// the kernel sends SIGBUS).
+    fn guest_memfd_user_read<'py>(
+        &self,
+        py: Python<'py>,
+        fd: &Bound<'_, PyAny>,
+        offset: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+    ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let fd = u64_arg(fd, "fd")?;
+        let offset = u64_arg(offset, "offset")?;
+        let length = u64_arg(length, "length")?;
+        let data = self.step(py, |k| k.kvm_gmem_user_read(fd, offset, length))?;
+        Ok(pyo3::types::PyBytes::new(py, &data))
+    }
+
+    /// A host write through a guest_memfd mapping.
+    fn guest_memfd_user_write(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+        offset: &Bound<'_, PyAny>,
+        data: &[u8],
+    ) -> PyResult<()> {
+        let fd = u64_arg(fd, "fd")?;
+        let offset = u64_arg(offset, "offset")?;
+        let data = data.to_vec();
+        self.step(py, move |k| k.kvm_gmem_user_write(fd, offset, &data))
     }
 
     /// close(2) of a guest_memfd; False if this thread holds a lock.
