@@ -413,7 +413,10 @@ fn vm_types_and_caps_follow_the_host() {
     let k68 = vm_on(amd, 0, Semantics::Linux68).unwrap();
     assert_eq!(k68.check_extension(KVM_CAP_VM_TYPES as i64), 0b11);
     assert_eq!(k68.check_extension(KVM_CAP_GUEST_MEMFD as i64), 0);
-    assert_eq!(errno(vm_on(amd, KVM_X86_SNP_VM, Semantics::Linux68)), EINVAL);
+    assert_eq!(
+        errno(vm_on(amd, KVM_X86_SNP_VM, Semantics::Linux68)),
+        EINVAL
+    );
     // The PVM host: one type, one address space, ENOTTY for attributes.
     let mut k = vm_on(pvm_host(), 0, l).unwrap();
     assert_eq!(errno(vm_on(pvm_host(), 1, l)), EINVAL);
@@ -442,7 +445,14 @@ fn vm_types_and_caps_follow_the_host() {
     }
 }
 
-fn region(slot: u32, flags: u32, gpa: u64, size: u64, uaddr: u64, gfd: u64) -> UserspaceMemoryRegion {
+fn region(
+    slot: u32,
+    flags: u32,
+    gpa: u64,
+    size: u64,
+    uaddr: u64,
+    gfd: u64,
+) -> UserspaceMemoryRegion {
     UserspaceMemoryRegion {
         slot,
         flags,
@@ -468,7 +478,10 @@ fn memslot_rules_6_18() {
     // Every VM binds guest_memfd in 6.18; an mmap-able one makes the slot
     // guest_memfd-only.
     let fd = k
-        .kvm_gmem_create(1 << 21, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+        .kvm_gmem_create(
+            1 << 21,
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        )
         .unwrap();
     k.kvm_set_memory_region(&region(0, KVM_MEM_GUEST_MEMFD, 0, 1 << 21, 0, fd), false)
         .unwrap();
@@ -477,7 +490,14 @@ fn memslot_rules_6_18() {
     let task_size_max = (1u64 << 47) - PAGE_SIZE;
     let last_ok = region(1, 0, 1 << 30, 1 << 21, task_size_max - (1 << 21), 0);
     k.kvm_set_memory_region(&last_ok, false).unwrap();
-    let past = region(2, 0, 2 << 30, 1 << 21, task_size_max - (1 << 21) + PAGE_SIZE, 0);
+    let past = region(
+        2,
+        0,
+        2 << 30,
+        1 << 21,
+        task_size_max - (1 << 21) + PAGE_SIZE,
+        0,
+    );
     assert_eq!(errno(k.kvm_set_memory_region(&past, false)), EINVAL);
     let mut k68 = vm_on(HostProfile::default(), 0, Semantics::Linux68).unwrap();
     k68.kvm_set_memory_region(&past, false).unwrap();
@@ -493,8 +513,16 @@ fn fallocate_modes_6_18() {
     for (mode, e618, e68) in [
         (FALLOC_FL_KEEP_SIZE, 0, 0),
         (FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, 0),
-        (FALLOC_FL_KEEP_SIZE | FALLOC_FL_COLLAPSE_RANGE, EOPNOTSUPP, EINVAL),
-        (FALLOC_FL_KEEP_SIZE | FALLOC_FL_INSERT_RANGE, EOPNOTSUPP, EINVAL),
+        (
+            FALLOC_FL_KEEP_SIZE | FALLOC_FL_COLLAPSE_RANGE,
+            EOPNOTSUPP,
+            EINVAL,
+        ),
+        (
+            FALLOC_FL_KEEP_SIZE | FALLOC_FL_INSERT_RANGE,
+            EOPNOTSUPP,
+            EINVAL,
+        ),
         (
             FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_UNSHARE_RANGE,
             EOPNOTSUPP,
@@ -504,8 +532,16 @@ fn fallocate_modes_6_18() {
         (FALLOC_FL_PUNCH_HOLE, EOPNOTSUPP, EOPNOTSUPP),
     ] {
         let got = |r: Result<(), KvmError>| r.map_or_else(|e| e.errno(), |_| 0);
-        assert_eq!(got(k.kvm_gmem_fallocate(fd, mode, 0, 4096)), e618, "{mode:#x}");
-        assert_eq!(got(k68.kvm_gmem_fallocate(fd68, mode, 0, 4096)), e68, "{mode:#x}");
+        assert_eq!(
+            got(k.kvm_gmem_fallocate(fd, mode, 0, 4096)),
+            e618,
+            "{mode:#x}"
+        );
+        assert_eq!(
+            got(k68.kvm_gmem_fallocate(fd68, mode, 0, 4096)),
+            e68,
+            "{mode:#x}"
+        );
     }
 }
 
@@ -513,9 +549,14 @@ fn fallocate_modes_6_18() {
 fn guest_memfd_as_a_file() {
     let mut k = vm_on(HostProfile::default(), 0, Semantics::Linux618).unwrap();
     let plain = k.kvm_gmem_create(4 * PAGE_SIZE, 0).unwrap();
-    let private = k.kvm_gmem_create(4 * PAGE_SIZE, GUEST_MEMFD_FLAG_MMAP).unwrap();
+    let private = k
+        .kvm_gmem_create(4 * PAGE_SIZE, GUEST_MEMFD_FLAG_MMAP)
+        .unwrap();
     let shared = k
-        .kvm_gmem_create(4 * PAGE_SIZE, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+        .kvm_gmem_create(
+            4 * PAGE_SIZE,
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        )
         .unwrap();
     assert_eq!(errno(k.kvm_gmem_mmap(plain, true)), ENODEV);
     assert_eq!(errno(k.kvm_gmem_mmap(shared, false)), EINVAL);
@@ -526,7 +567,8 @@ fn guest_memfd_as_a_file() {
     ));
     // Written pages keep their data; past the end is SIGBUS; a punched
     // page reads zero.
-    k.kvm_gmem_user_write(shared, PAGE_SIZE - 1, &[7, 8]).unwrap();
+    k.kvm_gmem_user_write(shared, PAGE_SIZE - 1, &[7, 8])
+        .unwrap();
     assert_eq!(
         k.kvm_gmem_user_read(shared, PAGE_SIZE - 2, 4).unwrap(),
         [0, 7, 8, 0]
