@@ -32,9 +32,9 @@ def store(request: pytest.FixtureRequest) -> str:
     return request.param  # type: ignore[no-any-return]
 
 
-def two_slot_vm(store: str) -> tuple[Vm, int]:
+def two_slot_vm(store: str, semantics: str = "6.18") -> tuple[Vm, int]:
     """One 4G guest_memfd backing RAM below 4G (2G) and above (2G), all private."""
-    vm = Vm(KVM_X86_SW_PROTECTED_VM, store, guest_memfd_max_order=9)
+    vm = Vm(KVM_X86_SW_PROTECTED_VM, store, guest_memfd_max_order=9, semantics=semantics)  # type: ignore[arg-type]
     fd = vm.create_guest_memfd(4 * G1)
     vm.set_user_memory_region(0, 0, 2 * G1, 0x7F0000000000, KVM_MEM_GUEST_MEMFD, fd, 0)
     vm.set_user_memory_region(1, 4 * G1, 2 * G1, 0x7F0080000000, KVM_MEM_GUEST_MEMFD, fd, 2 * G1)
@@ -124,12 +124,38 @@ def test_hole_outside_every_binding_touches_nothing(store):
     ],
 )
 def test_fallocate_errors_change_nothing(store, mode, offset, length, err):
-    vm, fd = two_slot_vm(store)
+    """Linux 6.8's vfs_fallocate() and kvm_gmem_fallocate()."""
+    vm, fd = two_slot_vm(store, semantics="6.8")
     vm.fault(0, private=True)
     before = state(vm)
     with pytest.raises(OSError) as e:
         vm.guest_memfd_fallocate(fd, mode, offset, length)
     assert e.value.errno == err
+    assert state(vm) == before
+
+
+# Where 6.18's vfs_fallocate() differs from 6.8's: the modes are exclusive
+# and every refusal of a mode is EOPNOTSUPP (checked against the live 6.18
+# kernel by tests/test_live_kvm.py, every mode byte).
+_FALLOC_618 = {
+    (FALLOC_FL_KEEP_SIZE | 0x08, 0, PAGE): errno.EOPNOTSUPP,  # COLLAPSE_RANGE refuses KEEP_SIZE
+    (FALLOC_FL_KEEP_SIZE | 0x20, 0, PAGE): errno.EOPNOTSUPP,  # INSERT_RANGE refuses KEEP_SIZE
+    (PUNCH | 0x40, 0, PAGE): errno.EOPNOTSUPP,  # two modes
+    (0x80, (1 << 63) - PAGE, 2 * PAGE): errno.EFBIG,  # WRITE_ZEROES (6.17) is a mode: size first
+    (0x80, 0, PAGE): errno.EOPNOTSUPP,  # then guest_memfd refuses it
+    (0x80 | FALLOC_FL_KEEP_SIZE, 0, PAGE): errno.EOPNOTSUPP,  # WRITE_ZEROES refuses KEEP_SIZE
+    (0x100 | PUNCH, 0, PAGE): errno.EOPNOTSUPP,  # unknown bit
+}
+
+
+@pytest.mark.parametrize(("mode", "offset", "length"), list(_FALLOC_618))
+def test_fallocate_errors_618(store, mode, offset, length):
+    vm, fd = two_slot_vm(store)
+    vm.fault(0, private=True)
+    before = state(vm)
+    with pytest.raises(OSError) as e:
+        vm.guest_memfd_fallocate(fd, mode, offset, length)
+    assert e.value.errno == _FALLOC_618[mode, offset, length]
     assert state(vm) == before
 
 

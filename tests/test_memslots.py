@@ -82,11 +82,23 @@ def test_address_spaces(dvm: m.Vm, pvm: m.Vm) -> None:
     expect_errno(pvm, errno.EINVAL, lambda: pvm.set_user_memory_region(1 << 16, GPA, SIZE))
 
 
-def test_invalid_arguments_change_nothing(dvm: m.Vm) -> None:
+@pytest.mark.parametrize("semantics", ["6.8", "6.18"])
+def test_invalid_arguments_change_nothing(semantics: str) -> None:
+    dvm = m.Vm(m.KVM_X86_DEFAULT_VM, semantics=semantics)  # type: ignore[arg-type]
     dvm.set_user_memory_region(0, GPA, SIZE)
+    # access_ok(): 6.8 takes the whole user half, 6.18 stops at TASK_SIZE_MAX
+    # ((1 << 47) - 4096 with 4-level paging).
+    past_task_size = (1 << 47) - SIZE  # ends one page past TASK_SIZE_MAX
+    if semantics == "6.8":
+        dvm.set_user_memory_region(2, 1 << 30, SIZE, past_task_size)
+        dvm.set_user_memory_region(2, 1 << 30, 0)
+    else:
+        dvm.set_user_memory_region(2, 1 << 30, SIZE, past_task_size - 0x1000)
+        dvm.set_user_memory_region(2, 1 << 30, 0)
+        # 6.18 lets every VM bind a guest_memfd: the fd is what is wrong.
+        expect_errno(dvm, errno.EBADF, lambda: dvm.set_user_memory_region(1, 0, SIZE, flags=GMEM))
     bad: list[tuple[str, Callable[[], object]]] = [
         ("unknown flag", lambda: dvm.set_user_memory_region(1, 0, SIZE, flags=1 << 3)),
-        ("guest_memfd flag, no private mem", lambda: dvm.set_user_memory_region(1, 0, SIZE, flags=GMEM)),
         ("size unaligned", lambda: dvm.set_user_memory_region(1, 0, SIZE - 1)),
         ("gpa unaligned", lambda: dvm.set_user_memory_region(1, 0x800, SIZE)),
         ("uaddr unaligned", lambda: dvm.set_user_memory_region(1, 0, SIZE, 0x123)),
@@ -103,6 +115,10 @@ def test_invalid_arguments_change_nothing(dvm: m.Vm) -> None:
         ("new uaddr", lambda: dvm.set_user_memory_region(0, GPA, SIZE, 0x1000)),
         ("toggle readonly", lambda: dvm.set_user_memory_region(0, GPA, SIZE, flags=uapi.KVM_MEM_READONLY)),
     ]
+    if semantics == "6.8":
+        bad.append(("guest_memfd flag, no private mem", lambda: dvm.set_user_memory_region(1, 0, SIZE, flags=GMEM)))
+    else:
+        bad.append(("uaddr past TASK_SIZE_MAX", lambda: dvm.set_user_memory_region(1, 0, SIZE, past_task_size)))
     for why, fn in bad:
         try:
             expect_errno(dvm, errno.EINVAL, fn)
@@ -139,6 +155,7 @@ def test_move_and_flags_only(dvm: m.Vm) -> None:
 
 
 def test_readonly_flag_per_vm_type() -> None:
+    tdx_host = m.HostProfile.named("intel-tdx")
     for vm_type, ok in [
         (m.KVM_X86_DEFAULT_VM, True),
         (m.KVM_X86_SW_PROTECTED_VM, True),
@@ -147,7 +164,8 @@ def test_readonly_flag_per_vm_type() -> None:
         (uapi.KVM_X86_SNP_VM, False),
         (uapi.KVM_X86_TDX_VM, False),
     ]:
-        vm = m.Vm(vm_type)
+        # No one host has both SEV and TDX types.
+        vm = m.Vm(vm_type, host=tdx_host if vm_type == uapi.KVM_X86_TDX_VM else None)
         assert vm.check_extension(uapi.KVM_CAP_READONLY_MEM) == int(ok)
         if ok:
             vm.set_user_memory_region(0, 0, SIZE, flags=uapi.KVM_MEM_READONLY)
@@ -157,7 +175,9 @@ def test_readonly_flag_per_vm_type() -> None:
             )
 
 
-def test_guest_memfd_create_rules(dvm: m.Vm, pvm: m.Vm) -> None:
+def test_guest_memfd_create_rules() -> None:
+    dvm = m.Vm(m.KVM_X86_DEFAULT_VM, semantics="6.8")
+    pvm = m.Vm(m.KVM_X86_SW_PROTECTED_VM, semantics="6.8")
     # guest_memfd_test: creation works on any VM in 6.8 ...
     fd = dvm.create_guest_memfd(4 * 4096)
     assert fd >= 0 and [f[0] for f in dvm.guest_memfds()] == [fd]

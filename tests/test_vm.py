@@ -121,14 +121,26 @@ def test_constructor_errors() -> None:
 
 
 def test_check_extension_answers() -> None:
-    for vm_type, private in [(0, False), (1, True), (2, False), (3, False), (4, True), (5, True)]:
-        vm = m.Vm(vm_type)
+    # Linux 6.8: the default and SW_PROTECTED types; guest_memfd only with
+    # private memory; KVM_CAP_VM_TYPES at most 0b11.
+    for vm_type, private in [(0, False), (1, True)]:
+        vm = m.Vm(vm_type, semantics="6.8")
         assert vm.check_extension(m.KVM_CAP_MEMORY_ATTRIBUTES) == (P if private else 0)
         assert vm.check_extension(m.KVM_CAP_GUEST_MEMFD) == int(private)
         assert vm.check_extension(m.KVM_CAP_USER_MEMORY2) == 1
         assert vm.check_extension(m.KVM_CAP_MEMORY_FAULT_INFO) == 1
         assert vm.check_extension(uapi.KVM_CAP_NR_MEMSLOTS) == 32764
-        assert vm.check_extension(uapi.KVM_CAP_VM_TYPES) == 0b111111
+        assert vm.check_extension(uapi.KVM_CAP_VM_TYPES) == 0b11
+        assert vm.check_extension(9999) == 0 and vm.check_extension(-1) == 0
+    # Linux 6.18 on the default (AMD) host and on an Intel TDX host: the
+    # host's types only; guest_memfd on every type.
+    tdx = m.HostProfile.named("intel-tdx")
+    for vm_type, private, host in [(0, False, None), (1, True, None), (2, False, None), (3, False, None),
+                                   (4, True, None), (5, True, tdx)]:
+        vm = m.Vm(vm_type, host=host)
+        assert vm.check_extension(m.KVM_CAP_MEMORY_ATTRIBUTES) == (P if private else 0)
+        assert vm.check_extension(m.KVM_CAP_GUEST_MEMFD) == 1
+        assert vm.check_extension(uapi.KVM_CAP_VM_TYPES) == (0b100011 if host else 0b11111)
         assert vm.check_extension(9999) == 0 and vm.check_extension(-1) == 0
     assert m.Vm(1, semantics="v11").check_extension(m.KVM_CAP_MEMORY_ATTRIBUTES) == 1
 

@@ -8,15 +8,16 @@ __all__ += ["RangeTree", "XArray"]
 
 # The KVM model (VM workstream): uapi constants and structures, the Vm.
 from memattr import uapi as _uapi  # noqa: E402
-from memattr.errors import KvmBugError, LockdepError, MemoryFault  # noqa: E402
+from memattr.errors import GuestMemfdSigbus, KvmBugError, LockdepError, MemoryFault  # noqa: E402
 from memattr.gfn_range import GfnRange  # noqa: E402
+from memattr.host import HostProfile  # noqa: E402
 from memattr.memslots import Memslot  # noqa: E402
 from memattr.stats import Stats  # noqa: E402
 from memattr.uapi import *  # noqa: E402,F401,F403
 from memattr.vm import Vm  # noqa: E402
 
 __all__ += list(_uapi.__all__)
-__all__ += ["GfnRange", "KvmBugError", "LockdepError", "Memslot", "MemoryFault", "Stats", "Vm"]
+__all__ += ["GfnRange", "GuestMemfdSigbus", "HostProfile", "KvmBugError", "LockdepError", "Memslot", "MemoryFault", "Stats", "Vm"]
 
 # The x86 MMU model (MMU workstream): hugepage tracking, stage-2 map, faults.
 from memattr._native import LpageInfoTracker, RangeHugepageTracker, Stage2Map  # noqa: E402

@@ -110,10 +110,10 @@ def kvm_gmem_invalidate_end(vm: Vm, ranges: GfnRanges) -> None:
         vm._inval.end()
 
 
-def kvm_gmem_punch_hole(vm: Vm, fd: int, ranges: GfnRanges) -> None:
+def kvm_gmem_punch_hole(vm: Vm, fd: int, offset: int, length: int, ranges: GfnRanges) -> None:
     with filemap_invalidate_lock(vm, fd):
         kvm_gmem_invalidate_begin(vm, ranges)
-        # truncate_inode_pages_range(): the model keeps no pages.
+        vm._kvm.truncate_inode_pages_range(fd, offset, length)
         kvm_gmem_invalidate_end(vm, ranges)
     vm._kvm.note_gmem_hole_punched()
 
@@ -125,7 +125,7 @@ def kvm_gmem_fallocate(vm: Vm, fd: int, mode: int, offset: int, length: int) -> 
     ranges = vm._kvm.gmem_fallocate_checks(fd, mode, offset, length)
     if ranges is None:
         return
-    kvm_gmem_punch_hole(vm, fd, ranges)
+    kvm_gmem_punch_hole(vm, fd, offset, length, ranges)
 
 
 def kvm_gmem_release(vm: Vm, fd: int) -> None:

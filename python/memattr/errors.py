@@ -60,4 +60,20 @@ class MemoryFault(OSError):
         return (type(self), (self.gpa, self.size, self.flags))
 
 
-__all__ = ["KvmBugError", "LockdepError", "MemoryFault"]
+class GuestMemfdSigbus(Exception):
+    """What the kernel delivers as SIGBUS: a host access through a
+    guest_memfd mapping to a page the host may not fault in (past the end
+    of the file, or not shared: a guest_memfd created without
+    GUEST_MEMFD_FLAG_INIT_SHARED). ``fd`` and ``offset`` (bytes into the
+    file) say where. Catchable, unlike the signal."""
+
+    def __init__(self, fd: int, offset: int) -> None:
+        super().__init__(f"SIGBUS: guest_memfd {fd} offset {offset:#x} cannot be faulted in by the host")
+        self.fd = fd
+        self.offset = offset
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.fd, self.offset))
+
+
+__all__ = ["GuestMemfdSigbus", "KvmBugError", "LockdepError", "MemoryFault"]

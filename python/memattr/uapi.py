@@ -157,6 +157,8 @@ class kvm_enable_cap(ctypes.Structure):
 
 KVMIO: Final = 0xAE
 
+# /dev/kvm
+KVM_CREATE_VM: Final = _IO(KVMIO, 0x01)
 # /dev/kvm and VM fds
 KVM_CHECK_EXTENSION: Final = _IO(KVMIO, 0x03)
 # VM fds
@@ -184,6 +186,14 @@ KVM_CAP_MEMORY_FAULT_INFO: Final = 232
 KVM_CAP_MEMORY_ATTRIBUTES: Final = 233
 KVM_CAP_GUEST_MEMFD: Final = 234
 KVM_CAP_VM_TYPES: Final = 235
+KVM_CAP_PRE_FAULT_MEMORY: Final = 236
+KVM_CAP_X86_APIC_BUS_CYCLES_NS: Final = 237
+KVM_CAP_X86_GUEST_MODE: Final = 238
+KVM_CAP_GUEST_MEMFD_FLAGS: Final = 244
+
+# KVM_CREATE_GUEST_MEMFD flags (6.18).
+GUEST_MEMFD_FLAG_MMAP: Final = 1 << 0
+GUEST_MEMFD_FLAG_INIT_SHARED: Final = 1 << 1
 
 # --- memslot flags (kvm_userspace_memory_region*.flags) ---------------------
 
@@ -229,6 +239,13 @@ KVM_X86_SNP_VM: Final = 4
 KVM_X86_TDX_VM: Final = 5
 
 __all__ = [
+    "GUEST_MEMFD_FLAG_INIT_SHARED",
+    "GUEST_MEMFD_FLAG_MMAP",
+    "KVM_CAP_GUEST_MEMFD_FLAGS",
+    "KVM_CAP_PRE_FAULT_MEMORY",
+    "KVM_CAP_X86_APIC_BUS_CYCLES_NS",
+    "KVM_CAP_X86_GUEST_MODE",
+    "KVM_CREATE_VM",
     "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE",
     "INVALID_GPA",

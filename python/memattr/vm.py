@@ -48,6 +48,8 @@ from typing import Any, Literal, NoReturn, TypeVar
 
 from memattr import _args, _native, driven, sched
 from memattr.gfn_range import GfnRange, clip_gfn_ranges, kvm_handle_gfn_range
+from memattr.gmem_file import GuestMemfdFile, GuestMemfdMapping
+from memattr.host import HostProfile, _host_tuple
 from memattr.ioctl import vm_ioctl
 from memattr.locks import KvmLock, MmuInvalidation, MmuLock
 from memattr.memslots import Memslot, Memslots
@@ -58,7 +60,7 @@ from memattr.uapi import KVM_X86_DEFAULT_VM, U64_MAX
 _U32_MAX = (1 << 32) - 1
 
 StoreKind = Literal["rangetree", "xarray"]
-Semantics = Literal["6.8", "v11"]
+Semantics = Literal["6.18", "6.8", "v11"]
 Hook = Callable[[GfnRange], Any]
 H = TypeVar("H", bound=Hook)
 
@@ -69,7 +71,14 @@ class Vm:
     ``vm_type``: one of the KVM_X86_*_VM types (an unknown one fails like
     KVM_CREATE_VM, with EINVAL). ``store``: ``"rangetree"`` or ``"xarray"``
     (the kernel's per-page structure); both give identical results.
-    ``semantics``: ``"6.8"`` (merged kernel) or ``"v11"`` (the seed's RFC).
+    ``semantics``: ``"6.18"`` (the default: guest_memfd on every VM type,
+    mmap-able guest_memfd, the capabilities since 6.8, access_ok() against
+    TASK_SIZE_MAX, vfs_fallocate()'s exclusive modes), ``"6.8"`` (the first
+    kernel with this API) or ``"v11"`` (the seed's RFC, 6.8's rules
+    otherwise).
+    ``host``: the :class:`memattr.HostProfile` the VM runs on (default:
+    ``HostProfile.default()``): which VM types exist, the capabilities,
+    which ioctls are compiled out (ENOTTY), the address spaces.
     ``attr_memory_limit``: bytes the attribute store may use (the model of
     accounted allocations; exceeding it fails the set with ENOMEM).
     ``guest_memfd_max_order``: largest folio order guest_memfd hands out
@@ -82,7 +91,8 @@ class Vm:
         vm_type: int = KVM_X86_DEFAULT_VM,
         store: StoreKind = "rangetree",
         *,
-        semantics: Semantics = "6.8",
+        semantics: Semantics = "6.18",
+        host: HostProfile | None = None,
         attr_memory_limit: int | None = None,
         guest_memfd_max_order: int = 0,
         lockdep: bool = True,
@@ -95,7 +105,10 @@ class Vm:
             raise ValueError(f"store must be 'rangetree' or 'xarray', got {store!r}")
         # KVM_CREATE_VM: the core checks every argument (an unknown type is
         # EINVAL, as the kernel's).
-        self._kvm = _native.Kvm(vm_type, store_obj, semantics, attr_memory_limit, guest_memfd_max_order)
+        self._kvm = _native.Kvm(
+            vm_type, store_obj, semantics, attr_memory_limit, guest_memfd_max_order, _host_tuple(host)
+        )
+        self.host: HostProfile = host if host is not None else HostProfile.default()
         (
             self.vm_type,
             self.has_private_mem,
@@ -165,7 +178,9 @@ class Vm:
     # --- capabilities --------------------------------------------------------
 
     def check_extension(self, cap: int) -> int:
-        """KVM_CHECK_EXTENSION on the VM fd (x86, Linux 6.8); unknown caps 0
+        """KVM_CHECK_EXTENSION on the VM fd (x86, as ``semantics`` and the
+        host answer it; the system fd's answers are
+        ``vm.host.check_extension``); unknown caps 0
         (the ioctl's argument is a long: negative ones are unknown too)."""
         return int(self._kvm.check_extension(cap))
 
@@ -183,8 +198,11 @@ class Vm:
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
         """KVM_CREATE_GUEST_MEMFD: a simulated fd for a new guest_memfd file.
 
-        6.8 lets any VM create one (binding it needs a VM with private
-        memory); no flags are valid; size must be > 0 and page aligned.
+        Any VM can create one (6.8: binding it needs a VM with private
+        memory; 6.18: every VM can bind one). 6.8 takes no flags; 6.18
+        GUEST_MEMFD_FLAG_MMAP, and GUEST_MEMFD_FLAG_INIT_SHARED on VMs
+        without private memory (KVM_CAP_GUEST_MEMFD_FLAGS); size must be
+        > 0 and page aligned. ENOTTY on a host without guest_memfd.
         """
         return int(self._kvm.create_guest_memfd(size, flags))
 
@@ -266,6 +284,19 @@ class Vm:
             return driven.kvm_gmem_release(self, fd)
         if not self._kvm.guest_memfd_close(fd):
             self._lock_conflict()
+
+    def guest_memfd_file(self, fd: int) -> GuestMemfdFile:
+        """guest_memfd ``fd`` as a file: its file operations' errnos,
+        fstat, mmap (see memattr.gmem_file)."""
+        self._kvm.guest_memfd_fstat(fd)  # EBADF unless a guest_memfd of this VM
+        return GuestMemfdFile(self._kvm, fd)
+
+    def guest_memfd_mmap(self, fd: int, length: int, shared: bool = True) -> GuestMemfdMapping:
+        """mmap(2) of the first ``length`` bytes of guest_memfd ``fd``
+        (ENODEV without GUEST_MEMFD_FLAG_MMAP, EINVAL unless shared); host
+        accesses through it raise GuestMemfdSigbus where the kernel sends
+        SIGBUS."""
+        return self.guest_memfd_file(fd).mmap(length, shared)
 
     def guest_memfds(self) -> list[tuple[int, int, int, list[tuple[int, int, int, int]]]]:
         """This VM's open guest_memfd files: (fd, size, flags, bindings as

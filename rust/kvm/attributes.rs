@@ -18,7 +18,8 @@ use super::*;
 
 impl Kvm {
     /// kvm_vm_ioctl_set_mem_attributes()'s checks, in the kernel's order,
-    /// each EINVAL with nothing changed. On success the call counts as a
+    /// each EINVAL with nothing changed (ENOTTY first, and uncounted, on a
+    /// host built without generic memory attributes). On success the call counts as a
     /// set call and the gfn range [start, end) is returned; on failure as a
     /// failed one.
     pub fn kvm_vm_ioctl_set_mem_attributes_checks(
@@ -28,6 +29,14 @@ impl Kvm {
         attributes: u64,
         flags: u64,
     ) -> Result<(u64, u64), KvmError> {
+        if !self.config.host.generic_memory_attributes {
+            // The ioctl's case is compiled out of kvm_vm_ioctl(); x86's
+            // kvm_arch_vm_ioctl() does not know it either.
+            return fail(
+                ENOTTY,
+                "KVM_SET_MEMORY_ATTRIBUTES: this host's KVM has no generic memory attributes",
+            );
+        }
         let supported = self.config.supported_attributes();
         let r = if flags != 0 {
             fail(EINVAL, format!("flags {flags:#x} must be 0 (reserved)"))

@@ -1,4 +1,4 @@
-//! VM types, KVM_CHECK_EXTENSION and KVM_ENABLE_CAP (x86, Linux 6.8).
+//! VM types, KVM_CHECK_EXTENSION and KVM_ENABLE_CAP (x86, Linux 6.8 and 6.18).
 
 use super::*;
 
@@ -19,36 +19,73 @@ pub fn x86_vm_type(vm_type: u64) -> Option<(bool, bool)> {
     })
 }
 
-/// KVM_CAP_VM_TYPES: a bit per type x86_vm_type() knows.
-fn supported_vm_types() -> u64 {
-    (0..64)
-        .filter(|&t| x86_vm_type(t).is_some())
-        .map(|t| 1 << t)
-        .sum()
+/// KVM_CHECK_EXTENSION on the system fd (`vm` None) or a VM fd, on
+/// `host`, as a kernel of `semantics` answers it
+/// (kvm_vm_ioctl_check_extension_generic, then x86's). Capabilities whose
+/// case is compiled out, and unknown ones, answer 0.
+pub fn check_extension(
+    host: &HostProfile,
+    semantics: Semantics,
+    vm: Option<&KvmConfig>,
+    cap: i64,
+) -> u64 {
+    let Ok(cap) = u32::try_from(cap) else {
+        return 0;
+    };
+    let is_618 = semantics == Semantics::Linux618;
+    let private_mem = vm.is_none_or(|c| c.has_private_mem);
+    match cap {
+        KVM_CAP_USER_MEMORY | KVM_CAP_USER_MEMORY2 | KVM_CAP_MEMORY_FAULT_INFO => 1,
+        KVM_CAP_NR_MEMSLOTS => KVM_USER_MEM_SLOTS as u64,
+        // Only built when KVM_MAX_NR_ADDRESS_SPACES > 1 (SMM).
+        KVM_CAP_MULTI_ADDRESS_SPACE if host.smm => {
+            vm.map_or(host.max_nr_address_spaces(), KvmConfig::nr_memslot_as_ids) as u64
+        }
+        KVM_CAP_READONLY_MEM => vm.is_none_or(KvmConfig::has_readonly_mem) as u64,
+        KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 => KVM_DIRTY_LOG_MANUAL_CAPS,
+        // v11 advertised the ioctls with the cap and reported the mask
+        // through KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES.
+        KVM_CAP_MEMORY_ATTRIBUTES if host.generic_memory_attributes => {
+            if semantics == Semantics::V11 {
+                1
+            } else if private_mem {
+                // kvm_supported_mem_attributes(): NULL kvm included.
+                KVM_MEMORY_ATTRIBUTE_PRIVATE
+            } else {
+                0
+            }
+        }
+        // 6.8 only let VMs with private memory use guest_memfd; 6.18 lets
+        // every VM (mmap-able guest_memfd as the VM's memory).
+        KVM_CAP_GUEST_MEMFD if host.guest_memfd => (is_618 || private_mem) as u64,
+        KVM_CAP_GUEST_MEMFD_FLAGS if host.guest_memfd && is_618 => kvm_gmem_get_supported_flags(vm),
+        KVM_CAP_VM_TYPES => host.supported_vm_types(semantics),
+        KVM_CAP_PRE_FAULT_MEMORY if is_618 => host.tdp as u64,
+        // APIC_BUS_CYCLE_NS_DEFAULT.
+        KVM_CAP_X86_APIC_BUS_CYCLES_NS if is_618 => 1,
+        KVM_CAP_X86_GUEST_MODE if is_618 => 1,
+        _ => 0,
+    }
+}
+
+/// kvm_gmem_get_supported_flags() (6.18): every guest_memfd can be
+/// mmap-able; starting shared is for VMs without private memory
+/// (x86's kvm_arch_supports_gmem_init_shared()), or any VM when asked on
+/// the system fd.
+pub fn kvm_gmem_get_supported_flags(vm: Option<&KvmConfig>) -> u64 {
+    let mut flags = GUEST_MEMFD_FLAG_MMAP;
+    if vm.is_none_or(|c| !c.has_private_mem) {
+        flags |= GUEST_MEMFD_FLAG_INIT_SHARED;
+    }
+    flags
 }
 
 impl Kvm {
     /// KVM_CHECK_EXTENSION on the VM fd; its argument is a long, and
     /// unknown capabilities (negative ones too) answer 0.
     pub fn check_extension(&self, cap: i64) -> u64 {
-        let Ok(cap) = u32::try_from(cap) else {
-            return 0;
-        };
         let c = &self.config;
-        match cap {
-            // v11 advertised the ioctls with the cap and reported the mask
-            // through KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES.
-            KVM_CAP_MEMORY_ATTRIBUTES if c.semantics == Semantics::V11 => 1,
-            KVM_CAP_MEMORY_ATTRIBUTES => c.supported_attributes(),
-            KVM_CAP_GUEST_MEMFD => c.has_private_mem as u64,
-            KVM_CAP_USER_MEMORY | KVM_CAP_USER_MEMORY2 | KVM_CAP_MEMORY_FAULT_INFO => 1,
-            KVM_CAP_NR_MEMSLOTS => KVM_USER_MEM_SLOTS as u64,
-            KVM_CAP_MULTI_ADDRESS_SPACE => c.nr_memslot_as_ids() as u64,
-            KVM_CAP_READONLY_MEM => c.has_readonly_mem() as u64,
-            KVM_CAP_VM_TYPES => supported_vm_types(),
-            KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 => KVM_DIRTY_LOG_MANUAL_CAPS,
-            _ => 0,
-        }
+        check_extension(&c.host, c.semantics, Some(c), cap)
     }
 
     /// KVM_ENABLE_CAP on the VM fd: kvm_vm_ioctl_enable_cap_generic(), then

@@ -1,6 +1,6 @@
 //! guest_memfd files: virt/kvm/guest_memfd.c's kvm_gmem_create(),
 //! kvm_gmem_bind(), kvm_gmem_fallocate() / kvm_gmem_punch_hole() and
-//! kvm_gmem_release(), Linux 6.8.
+//! kvm_gmem_release(), Linux 6.8 and 6.18.
 //!
 //! ```text
 //!   process fd table (REGISTRY)        Kvm::gmem (this VM's files)
@@ -70,6 +70,9 @@ pub struct GmemFile {
     pub flags: u64,
     /// gmem->bindings: first file page -> (end page, as_id, slot id).
     pub bindings: BTreeMap<u64, (u64, usize, u16)>,
+    /// What the host wrote through a mapping, by file page; a page not
+    /// here reads as zero (a fresh folio is cleared before use).
+    pub pages: BTreeMap<u64, Box<[u8]>>,
 }
 
 impl GmemFile {
@@ -79,6 +82,65 @@ impl GmemFile {
             .next_back()
             .is_some_and(|(_, &(e, _, _))| e > start)
     }
+}
+
+/// vfs_fallocate()'s mode checks, Linux 6.8: unknown bits EOPNOTSUPP,
+/// PUNCH_HOLE with ZERO_RANGE or without KEEP_SIZE EOPNOTSUPP, COLLAPSE and
+/// INSERT only alone, UNSHARE only with KEEP_SIZE (those three EINVAL).
+fn vfs_fallocate_mode_68(mode: u64) -> Result<(), KvmError> {
+    if mode & !FALLOC_FL_SUPPORTED_MASK != 0 {
+        return fail(EOPNOTSUPP, format!("mode {mode:#x} has unknown bits"));
+    }
+    if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_ZERO_RANGE != 0 {
+        return fail(
+            EOPNOTSUPP,
+            "FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE exclude each other",
+        );
+    }
+    if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0 {
+        return fail(EOPNOTSUPP, "FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE");
+    }
+    for (alone, name) in [
+        (FALLOC_FL_COLLAPSE_RANGE, "COLLAPSE_RANGE"),
+        (FALLOC_FL_INSERT_RANGE, "INSERT_RANGE"),
+    ] {
+        if mode & alone != 0 && mode & !alone != 0 {
+            return fail(EINVAL, format!("FALLOC_FL_{name} must be used alone"));
+        }
+    }
+    if mode & FALLOC_FL_UNSHARE_RANGE != 0
+        && mode & !(FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_KEEP_SIZE) != 0
+    {
+        return fail(
+            EINVAL,
+            "FALLOC_FL_UNSHARE_RANGE takes only FALLOC_FL_KEEP_SIZE",
+        );
+    }
+    Ok(())
+}
+
+/// vfs_fallocate()'s mode checks, Linux 6.18: the modes are exclusive
+/// (allocate is no bit; any two together are EOPNOTSUPP), KEEP_SIZE is the
+/// only flag; PUNCH_HOLE needs it, COLLAPSE, INSERT and WRITE_ZEROES refuse
+/// it. Every refusal is EOPNOTSUPP.
+fn vfs_fallocate_mode_618(mode: u64) -> Result<(), KvmError> {
+    if mode & !(FALLOC_FL_MODE_MASK | FALLOC_FL_KEEP_SIZE) != 0 {
+        return fail(EOPNOTSUPP, format!("mode {mode:#x} has unknown bits"));
+    }
+    let keep_size = mode & FALLOC_FL_KEEP_SIZE != 0;
+    let ok = match mode & FALLOC_FL_MODE_MASK {
+        0 | FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_ZERO_RANGE => true,
+        FALLOC_FL_PUNCH_HOLE => keep_size,
+        FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE | FALLOC_FL_WRITE_ZEROES => !keep_size,
+        _ => false,
+    };
+    if !ok {
+        return fail(
+            EOPNOTSUPP,
+            format!("mode {mode:#x}: not one fallocate mode with the flags it takes"),
+        );
+    }
+    Ok(())
 }
 
 impl Kvm {
@@ -95,11 +157,23 @@ impl Kvm {
         self.gmem.values()
     }
 
-    /// KVM_CREATE_GUEST_MEMFD (kvm_gmem_create): 6.8 lets any VM create one
-    /// (binding it needs private memory); no flags are valid; the size is a
-    /// loff_t that must be > 0 and page aligned. Returns the new fd.
+    /// KVM_CREATE_GUEST_MEMFD (kvm_gmem_create): any VM can create one (in
+    /// 6.8 binding it needs private memory); 6.8 takes no flags, 6.18 those
+    /// of kvm_gmem_get_supported_flags(); the size is a loff_t that must be
+    /// > 0 and page aligned. ENOTTY on a host built without guest_memfd.
+    /// Returns the new fd.
     pub fn kvm_gmem_create(&mut self, size: u64, flags: u64) -> Result<u64, KvmError> {
-        let valid_flags = 0;
+        if !self.config.host.guest_memfd {
+            return fail(
+                ENOTTY,
+                "KVM_CREATE_GUEST_MEMFD: this host's KVM has no guest_memfd",
+            );
+        }
+        let valid_flags = if self.config.is_618() {
+            caps::kvm_gmem_get_supported_flags(Some(&self.config))
+        } else {
+            0
+        };
         if flags & !valid_flags != 0 {
             return fail(
                 EINVAL,
@@ -126,6 +200,7 @@ impl Kvm {
                 size,
                 flags,
                 bindings: BTreeMap::new(),
+                pages: BTreeMap::new(),
             },
         );
         Ok(fd)
@@ -171,7 +246,8 @@ impl Kvm {
         Ok(())
     }
 
-    /// kvm_gmem_bind() after its checks passed.
+    /// kvm_gmem_bind() after its checks passed. True if the slot becomes
+    /// guest_memfd-only (KVM_MEMSLOT_GMEM_ONLY: the file is mmap-able).
     pub(super) fn kvm_gmem_bind(
         &mut self,
         fd: u64,
@@ -179,9 +255,13 @@ impl Kvm {
         npages: u64,
         as_id: usize,
         id: u16,
-    ) {
-        if let Some(f) = self.gmem.get_mut(&fd) {
-            f.bindings.insert(pgoff, (pgoff + npages, as_id, id));
+    ) -> bool {
+        match self.gmem.get_mut(&fd) {
+            Some(f) => {
+                f.bindings.insert(pgoff, (pgoff + npages, as_id, id));
+                f.flags & GUEST_MEMFD_FLAG_MMAP != 0
+            }
+            None => false,
         }
     }
 
@@ -208,8 +288,26 @@ impl Kvm {
             return Ok(());
         };
         self.kvm_gmem_invalidate(&ranges)?;
+        self.truncate_inode_pages_range(fd, offset as u64, length as u64);
         self.note_gmem_hole_punched();
         Ok(())
+    }
+
+    /// truncate_inode_pages_range() for a hole the checks accepted (page
+    /// aligned, inside loff_t): the file's pages in it go, and read back
+    /// zero through a mapping. The kernel does this inside the hole's
+    /// invalidation; nothing the model shows can tell it from just after.
+    pub fn truncate_inode_pages_range(&mut self, fd: u64, offset: u64, length: u64) {
+        let (first, end) = (
+            offset >> PAGE_SHIFT,
+            offset.saturating_add(length) >> PAGE_SHIFT,
+        );
+        if let Some(f) = self.gmem.get_mut(&fd) {
+            let gone: Vec<u64> = f.pages.range(first..end).map(|(&p, _)| p).collect();
+            for p in gone {
+                f.pages.remove(&p);
+            }
+        }
     }
 
     /// kvm_gmem_fallocate() up to kvm_gmem_punch_hole()'s invalidation:
@@ -232,33 +330,10 @@ impl Kvm {
                 format!("offset {offset} must be >= 0 and length {length} > 0"),
             );
         }
-        if mode & !FALLOC_FL_SUPPORTED_MASK != 0 {
-            return fail(EOPNOTSUPP, format!("mode {mode:#x} has unknown bits"));
-        }
-        if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_ZERO_RANGE != 0 {
-            return fail(
-                EOPNOTSUPP,
-                "FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE exclude each other",
-            );
-        }
-        if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0 {
-            return fail(EOPNOTSUPP, "FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE");
-        }
-        for (alone, name) in [
-            (FALLOC_FL_COLLAPSE_RANGE, "COLLAPSE_RANGE"),
-            (FALLOC_FL_INSERT_RANGE, "INSERT_RANGE"),
-        ] {
-            if mode & alone != 0 && mode & !alone != 0 {
-                return fail(EINVAL, format!("FALLOC_FL_{name} must be used alone"));
-            }
-        }
-        if mode & FALLOC_FL_UNSHARE_RANGE != 0
-            && mode & !(FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_KEEP_SIZE) != 0
-        {
-            return fail(
-                EINVAL,
-                "FALLOC_FL_UNSHARE_RANGE takes only FALLOC_FL_KEEP_SIZE",
-            );
+        if self.config.is_618() {
+            vfs_fallocate_mode_618(mode)?;
+        } else {
+            vfs_fallocate_mode_68(mode)?;
         }
         let Some(last) = offset.checked_add(length) else {
             return fail(EFBIG, "offset + length past the largest file size");
@@ -399,5 +474,169 @@ impl Kvm {
             fd,
             ((slot.gmem_pgoff() + gfn - slot.base_gfn) << PAGE_SHIFT) | (gpa & (PAGE_SIZE - 1)),
         ))
+    }
+}
+
+/// A file operation on a guest_memfd fd that the kernel refuses whatever
+/// the file's state (kvm_gmem_fops has only mmap, open, release and
+/// fallocate; the inode's setattr refuses every change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GmemFileOp {
+    Read,
+    Write,
+    Pread,
+    Pwrite,
+    Lseek,
+    Ftruncate,
+    Fsync,
+    Ioctl,
+}
+
+impl GmemFileOp {
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "read" => Self::Read,
+            "write" => Self::Write,
+            "pread" => Self::Pread,
+            "pwrite" => Self::Pwrite,
+            "lseek" => Self::Lseek,
+            "ftruncate" => Self::Ftruncate,
+            "fsync" => Self::Fsync,
+            "ioctl" => Self::Ioctl,
+            _ => return None,
+        })
+    }
+}
+
+/// fstat(2) of a guest_memfd: the fields a user sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GmemStat {
+    /// S_IFREG | 0600 (an anonymous inode made a regular file).
+    pub mode: u32,
+    pub size: u64,
+    pub blksize: u64,
+    /// Always 0: the folios are not accounted to the inode's blocks.
+    pub blocks: u64,
+    pub nlink: u64,
+}
+
+impl Kvm {
+    /// The errno of `op` on guest_memfd `fd`: no read or write methods
+    /// (vfs_read/vfs_write: EINVAL), no positional I/O or seeking (the file
+    /// is opened without FMODE_PREAD/PWRITE/LSEEK: ESPIPE), truncation
+    /// refused by kvm_gmem_setattr (EINVAL), no fsync (EINVAL), no ioctl
+    /// (ENOTTY). EBADF if `fd` is not a guest_memfd of this VM.
+    pub fn kvm_gmem_file_op(&self, fd: u64, op: GmemFileOp) -> Result<(), KvmError> {
+        self.own_gmem(fd)?;
+        let (errno, why) = match op {
+            GmemFileOp::Read | GmemFileOp::Write => (EINVAL, "guest_memfd has no read/write"),
+            GmemFileOp::Pread | GmemFileOp::Pwrite | GmemFileOp::Lseek => {
+                (ESPIPE, "guest_memfd cannot seek or do positional I/O")
+            }
+            GmemFileOp::Ftruncate => (EINVAL, "guest_memfd's size is immutable"),
+            GmemFileOp::Fsync => (EINVAL, "guest_memfd has no fsync"),
+            GmemFileOp::Ioctl => (ENOTTY, "guest_memfd has no ioctls"),
+        };
+        fail(errno, why)
+    }
+
+    /// fstat(2) of guest_memfd `fd`.
+    pub fn kvm_gmem_fstat(&self, fd: u64) -> Result<GmemStat, KvmError> {
+        let f = self.own_gmem(fd)?;
+        Ok(GmemStat {
+            mode: 0o100600,
+            size: f.size,
+            blksize: PAGE_SIZE,
+            blocks: 0,
+            nlink: 1,
+        })
+    }
+
+    /// mmap(2) of guest_memfd `fd` (kvm_gmem_mmap): ENODEV unless the file
+    /// was created with GUEST_MEMFD_FLAG_MMAP (6.8 has no mmap at all),
+    /// EINVAL for a private (copy-on-write) mapping.
+    pub fn kvm_gmem_mmap(&self, fd: u64, shared: bool) -> Result<(), KvmError> {
+        let f = self.own_gmem(fd)?;
+        if f.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+            return fail(
+                ENODEV,
+                format!("guest_memfd {fd} was created without GUEST_MEMFD_FLAG_MMAP"),
+            );
+        }
+        if !shared {
+            return fail(EINVAL, "guest_memfd can only be mapped MAP_SHARED");
+        }
+        Ok(())
+    }
+
+    /// kvm_gmem_fault_user_mapping(): may the host fault in file byte
+    /// `offset`? SIGBUS past the end of the file, and for every page of a
+    /// file that does not start shared (6.18 has no per-page conversion
+    /// of guest_memfd, so only GUEST_MEMFD_FLAG_INIT_SHARED pages are
+    /// shared).
+    pub fn kvm_gmem_fault_user_mapping(&self, fd: u64, offset: u64) -> Result<(), KvmError> {
+        let f = self.own_gmem(fd)?;
+        if offset >= f.size || f.flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 {
+            return Err(KvmError::Sigbus { fd, offset });
+        }
+        Ok(())
+    }
+
+    /// A host read of `len` bytes at file byte `offset` through a mapping:
+    /// page by page, each faulted in first (a SIGBUS stops the read).
+    pub fn kvm_gmem_user_read(&self, fd: u64, offset: u64, len: u64) -> Result<Vec<u8>, KvmError> {
+        let mut out = Vec::with_capacity(len.min(1 << 20) as usize);
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| KvmError::Argument("offset + len wraps".into()))?;
+        let mut at = offset;
+        while at < end {
+            self.kvm_gmem_fault_user_mapping(fd, at)?;
+            let page = at >> PAGE_SHIFT;
+            let upto = end.min((page + 1) << PAGE_SHIFT);
+            let (lo, hi) = (
+                (at & (PAGE_SIZE - 1)) as usize,
+                (upto - (page << PAGE_SHIFT)) as usize,
+            );
+            match self.gmem[&fd].pages.get(&page) {
+                Some(data) => out.extend_from_slice(&data[lo..hi]),
+                None => out.resize(out.len() + (hi - lo), 0),
+            }
+            at = upto;
+        }
+        Ok(out)
+    }
+
+    /// A host write of `data` at file byte `offset` through a mapping:
+    /// page by page, each faulted in first; the pages before a SIGBUS
+    /// keep what was written, as with the real memcpy.
+    pub fn kvm_gmem_user_write(
+        &mut self,
+        fd: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), KvmError> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| KvmError::Argument("offset + len wraps".into()))?;
+        let mut at = offset;
+        while at < end {
+            self.kvm_gmem_fault_user_mapping(fd, at)?;
+            let page = at >> PAGE_SHIFT;
+            let upto = end.min((page + 1) << PAGE_SHIFT);
+            let (lo, hi) = (
+                (at & (PAGE_SIZE - 1)) as usize,
+                (upto - (page << PAGE_SHIFT)) as usize,
+            );
+            let src = &data[(at - offset) as usize..(upto - offset) as usize];
+            let f = self.gmem.get_mut(&fd).expect("checked by the fault");
+            let buf = f
+                .pages
+                .entry(page)
+                .or_insert_with(|| vec![0u8; PAGE_SIZE as usize].into_boxed_slice());
+            buf[lo..hi].copy_from_slice(src);
+            at = upto;
+        }
+        Ok(())
     }
 }

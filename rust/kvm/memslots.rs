@@ -1,5 +1,6 @@
 //! Memslots and KVM_SET_USER_MEMORY_REGION(2): virt/kvm/kvm_main.c's
-//! __kvm_set_memory_region() and check_memory_region_flags(), Linux 6.8.
+//! __kvm_set_memory_region() and check_memory_region_flags(), Linux 6.8 and
+//! 6.18.
 //!
 //! ```text
 //!   Memslots
@@ -36,6 +37,9 @@ pub struct MemslotInfo {
     pub guest_memfd_offset: u64,
     /// slot->gmem.file: the bound file while it is open.
     pub gmem_open: bool,
+    /// KVM_MEMSLOT_GMEM_ONLY (6.18): bound to an mmap-able guest_memfd,
+    /// so shared faults are served from guest_memfd too.
+    pub gmem_only: bool,
     /// Identity: new for every created or moved slot, as a new struct
     /// kvm_memory_slot is in the kernel.
     pub serial: u64,
@@ -232,24 +236,37 @@ pub enum MemslotChange {
     FlagsOnly,
 }
 
-/// x86-64 6.8 __access_ok(): the end must not wrap and must stay in the
-/// user half.
-fn access_ok(addr: u64, size: u64) -> bool {
-    matches!(addr.checked_add(size), Some(end) if end < 1 << 63)
+/// x86-64 __access_ok() for a size that is not a constant: the end must
+/// not wrap and must be a valid user address. 6.8's valid_user_address()
+/// takes the whole user half (the sign bit clear); from 6.12 it compares
+/// with USER_PTR_MAX, which is TASK_SIZE_MAX.
+fn access_ok(config: &KvmConfig, addr: u64, size: u64) -> bool {
+    let Some(end) = addr.checked_add(size) else {
+        return false;
+    };
+    match config.semantics {
+        Semantics::Linux618 => end <= config.host.task_size_max(),
+        Semantics::Linux68 | Semantics::V11 => end < 1 << 63,
+    }
 }
 
 impl Kvm {
     /// check_memory_region_flags().
     fn check_memory_region_flags(&self, flags: u32) -> Result<(), KvmError> {
+        let c = &self.config;
         let mut valid = KVM_MEM_LOG_DIRTY_PAGES;
-        if self.config.has_private_mem {
+        // 6.8: guest_memfd is for VMs with private memory; 6.18: for every
+        // VM of a host built with it (kvm_arch_supports_gmem()).
+        if c.host.guest_memfd && (c.has_private_mem || c.is_618()) {
             valid |= KVM_MEM_GUEST_MEMFD;
         }
-        // Dirty logging private memory is not supported.
+        // Dirty logging guest_memfd memory is not supported.
         if flags & KVM_MEM_GUEST_MEMFD != 0 {
             valid &= !KVM_MEM_LOG_DIRTY_PAGES;
         }
-        if self.config.has_readonly_mem() {
+        // Nor read-only guest_memfd memory: writes to a read-only slot are
+        // emulated MMIO, which private memory cannot be (a 6.8 fix).
+        if c.has_readonly_mem() && flags & KVM_MEM_GUEST_MEMFD == 0 {
             valid |= KVM_MEM_READONLY;
         }
         if flags & !valid != 0 {
@@ -327,7 +344,8 @@ impl Kvm {
                 ),
             );
         }
-        if mem.userspace_addr & page_mask != 0 || !access_ok(mem.userspace_addr, size) {
+        if mem.userspace_addr & page_mask != 0 || !access_ok(&self.config, mem.userspace_addr, size)
+        {
             return fail(
                 EINVAL,
                 format!(
@@ -515,12 +533,14 @@ impl Kvm {
                     0
                 },
                 gmem_open: gmem.is_some(),
+                gmem_only: false,
                 serial,
             },
             tracker,
         };
+        let mut slot = slot;
         if let Some(fd) = gmem {
-            self.kvm_gmem_bind(fd, slot.gmem_pgoff(), npages, as_id, slot.id);
+            slot.gmem_only = self.kvm_gmem_bind(fd, slot.gmem_pgoff(), npages, as_id, slot.id);
         }
         self.memslots.install(slot);
         Ok(())

@@ -319,8 +319,9 @@ impl Kvm {
         }
         let s = &self.memslots.address_space(as_id)[i];
         // kvm_faultin_pfn_private(): no guest_memfd, or its file was closed
-        // (kvm_gmem_get_pfn fails): exit.
-        if private && !(s.can_be_private() && s.gmem_open) {
+        // (kvm_gmem_get_pfn fails): exit. A guest_memfd-only slot (6.18)
+        // serves shared faults from guest_memfd too, with the same exit.
+        if (private || s.gmem_only) && !(s.can_be_private() && s.gmem_open) {
             return Err(self.memory_fault_exit(gfn, private));
         }
         Ok(FaultIn::Map {
@@ -384,11 +385,14 @@ impl Kvm {
         gfn: u64,
         private: bool,
     ) -> Result<u8, KvmError> {
+        let slot = &self.memslots.address_space(as_id)[index];
+        // Memory served by guest_memfd (private, or any fault on a
+        // guest_memfd-only slot) is as large as its folio.
+        let from_gmem = private || slot.gmem_only;
         let mut max_level = KVM_MAX_HUGEPAGE_LEVEL;
-        if private {
+        if from_gmem {
             max_level = max_level.min(max_level_for_order(self.config.guest_memfd_max_order));
         }
-        let slot = &self.memslots.address_space(as_id)[index];
         // Dirty logging needs 4K granularity.
         if max_level == PG_LEVEL_4K || slot.flags & KVM_MEM_LOG_DIRTY_PAGES != 0 {
             return Ok(PG_LEVEL_4K);
@@ -396,7 +400,7 @@ impl Kvm {
         let level = slot.tracker.max_mapping_level(gfn, max_level)?;
         // Private memory's size comes from guest_memfd alone; shared memory
         // is also bounded by how the host maps it.
-        Ok(if private {
+        Ok(if from_gmem {
             level
         } else {
             level.min(self.mmu.host_mapping_level)

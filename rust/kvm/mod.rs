@@ -28,6 +28,7 @@
 pub mod attributes;
 pub mod caps;
 pub mod guest_memfd;
+pub mod host;
 pub mod invalidate;
 pub mod memslots;
 pub mod mmu;
@@ -42,6 +43,7 @@ use crate::hugepage::{HugepageError, Stage2Map};
 use crate::store::{AttrStore, StoreError};
 
 pub use guest_memfd::GmemFile;
+pub use host::{CpuVendor, HostProfile};
 pub use invalidate::MmuInvalidation;
 pub use memslots::{Memslot, MemslotInfo, Memslots};
 pub use uapi::*;
@@ -58,6 +60,10 @@ pub enum KvmError {
     Errno { errno: i32, why: String },
     /// KVM_EXIT_MEMORY_FAULT (the ioctl returns EFAULT with kvm_run filled).
     MemoryFault { gpa: u64, size: u64, flags: u64 },
+    /// A host access through a guest_memfd mapping that the kernel answers
+    /// with SIGBUS (kvm_gmem_fault_user_mapping: past the file's end, or a
+    /// page that is not shared): byte `offset` of guest_memfd `fd`.
+    Sigbus { fd: u64, offset: u64 },
     /// An argument of the model's own API (not a uapi field) is out of
     /// range: an address space, a level, a slot to inspect.
     Argument(String),
@@ -69,7 +75,7 @@ impl KvmError {
     pub fn errno(&self) -> i32 {
         match self {
             KvmError::Errno { errno, .. } => *errno,
-            KvmError::MemoryFault { .. } => EFAULT,
+            KvmError::MemoryFault { .. } | KvmError::Sigbus { .. } => EFAULT,
             KvmError::Argument(_) => EINVAL,
             KvmError::Bug(_) => EIO,
         }
@@ -83,6 +89,10 @@ impl fmt::Display for KvmError {
             KvmError::MemoryFault { gpa, size, flags } => write!(
                 f,
                 "KVM_EXIT_MEMORY_FAULT: gpa {gpa:#x} size {size:#x} flags {flags:#x}"
+            ),
+            KvmError::Sigbus { fd, offset } => write!(
+                f,
+                "SIGBUS: guest_memfd {fd} offset {offset:#x} cannot be faulted in by the host"
             ),
             KvmError::Bug(why) => write!(f, "KVM_BUG_ON: {why}"),
         }
@@ -112,6 +122,11 @@ impl From<HugepageError> for KvmError {
 /// Which semantics the VM follows where kernels differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Semantics {
+    /// Linux 6.18 (the default): guest_memfd on every VM type, mmap-able
+    /// guest_memfd (GUEST_MEMFD_FLAG_MMAP, _INIT_SHARED), the capabilities
+    /// added since 6.8, access_ok() against TASK_SIZE_MAX, vfs_fallocate()'s
+    /// exclusive modes.
+    Linux618,
     /// Linux 6.8, the first kernel with this API.
     Linux68,
     /// The seed's RFC v11: mmu_invalidate_end after mmu_lock is dropped,
@@ -125,6 +140,8 @@ pub enum Semantics {
 pub struct KvmConfig {
     pub vm_type: u64,
     pub semantics: Semantics,
+    /// The host the VM runs on.
+    pub host: HostProfile,
     /// kvm_arch_has_private_mem().
     pub has_private_mem: bool,
     /// kvm->arch.has_protected_state.
@@ -149,13 +166,19 @@ impl KvmConfig {
     }
 
     /// kvm_arch_nr_memslot_as_ids(): SMM is unsupported for guests with
-    /// private memory, so they get one address space.
+    /// private memory, so they get one address space; a host built without
+    /// SMM has one for every VM.
     pub fn nr_memslot_as_ids(&self) -> usize {
         if self.has_private_mem {
             1
         } else {
-            KVM_MAX_NR_ADDRESS_SPACES
+            self.host.max_nr_address_spaces()
         }
+    }
+
+    /// Is this a kernel after 6.8 (the 6.18 rules)?
+    pub fn is_618(&self) -> bool {
+        self.semantics == Semantics::Linux618
     }
 
     /// kvm_arch_has_readonly_mem(): not with protected state.
@@ -324,7 +347,7 @@ impl fmt::Debug for Kvm {
 }
 
 impl Kvm {
-    /// KVM_CREATE_VM: EINVAL for a VM type x86 does not know.
+    /// KVM_CREATE_VM on the default host ([`HostProfile::default`]).
     pub fn new(
         vm_type: u64,
         semantics: Semantics,
@@ -333,8 +356,38 @@ impl Kvm {
         attr_memory_limit: Option<usize>,
         guest_memfd_max_order: u32,
     ) -> Result<Self, KvmError> {
-        let Some((has_private_mem, has_protected_state)) = caps::x86_vm_type(vm_type) else {
-            return fail(EINVAL, format!("VM type {vm_type} is not supported"));
+        Self::with_host(
+            HostProfile::default(),
+            vm_type,
+            semantics,
+            store,
+            per_page_trackers,
+            attr_memory_limit,
+            guest_memfd_max_order,
+        )
+    }
+
+    /// KVM_CREATE_VM on `host` (kvm_arch_init_vm): EINVAL for a VM type
+    /// the host does not support (kvm_caps.supported_vm_types).
+    pub fn with_host(
+        host: HostProfile,
+        vm_type: u64,
+        semantics: Semantics,
+        store: SharedStore,
+        per_page_trackers: bool,
+        attr_memory_limit: Option<usize>,
+        guest_memfd_max_order: u32,
+    ) -> Result<Self, KvmError> {
+        host.validate()?;
+        let supported = host.supported_vm_types(semantics);
+        let known = caps::x86_vm_type(vm_type);
+        let Some((has_private_mem, has_protected_state)) =
+            known.filter(|_| vm_type < 64 && supported & (1 << vm_type) != 0)
+        else {
+            return fail(
+                EINVAL,
+                format!("VM type {vm_type} is not supported by this host (types {supported:#x})"),
+            );
         };
         if guest_memfd_max_order > 18 {
             return Err(KvmError::Argument(format!(
@@ -344,6 +397,7 @@ impl Kvm {
         let config = KvmConfig {
             vm_type,
             semantics,
+            host,
             has_private_mem,
             has_protected_state,
             attr_memory_limit,
@@ -353,7 +407,10 @@ impl Kvm {
         let nr_as = config.nr_memslot_as_ids();
         Ok(Self {
             config,
-            mmu: MmuParams::default(),
+            mmu: MmuParams {
+                host_mapping_level: host.max_page_level,
+                ..MmuParams::default()
+            },
             store,
             memslots: Memslots::new(nr_as),
             roots: (0..nr_as).map(|_| Stage2Map::new()).collect(),

@@ -320,10 +320,18 @@ proptest! {
                     }
                 }
                 // No leaf ever covers pages with different attributes.
+                // mappings() merges adjacent leaves of a level into runs, so
+                // each run is checked leaf by leaf.
                 for level in 1..=3u64 {
+                    let leaf = 1u64 << (9 * (level - 1));
                     for (s, e) in k.mappings(0, level).unwrap() {
                         let e = e.min(6 * M2);
-                        prop_assert!(!oracle_mixed(&oracle, s, e - s), "leaf [{}, {}) over mixed memory", s, e);
+                        let mut l = s;
+                        while l < e {
+                            let le = (l + leaf).min(e);
+                            prop_assert!(!oracle_mixed(&oracle, l, le - l), "leaf [{}, {}) over mixed memory", l, le);
+                            l = le;
+                        }
                     }
                 }
             }
@@ -423,4 +431,243 @@ fn whole_invalidation_equals_its_halves_in_order() {
     b.kvm_mmu_invalidate_begin();
     assert_eq!((b.inval.range_start, b.inval.range_end), (7, 9));
     assert!(b.inval.covers(8) && !b.inval.covers(3));
+}
+
+// --- host profiles and Linux 6.18 ---------------------------------------------
+
+fn vm_on(host: HostProfile, vm_type: u64, semantics: Semantics) -> Result<Kvm, KvmError> {
+    Kvm::with_host(
+        host,
+        vm_type,
+        semantics,
+        Arc::new(RwLock::new(RangeTree::new())),
+        false,
+        None,
+        0,
+    )
+}
+
+/// A PVM-flavoured host: no SW_PROTECTED_VM, no generic memory attributes,
+/// no SMM, shadow paging.
+fn pvm_host() -> HostProfile {
+    HostProfile {
+        vendor: CpuVendor::Intel,
+        vm_types: 1,
+        sw_protected_vm: false,
+        smm: false,
+        generic_memory_attributes: false,
+        guest_memfd: true,
+        tdp: false,
+        max_page_level: 3,
+        user_address_bits: 47,
+    }
+}
+
+#[test]
+fn vm_types_and_caps_follow_the_host() {
+    let amd = HostProfile::default();
+    let l = Semantics::Linux618;
+    for t in 0..8 {
+        let ok = t < 5;
+        assert_eq!(vm_on(amd, t, l).is_ok(), ok, "type {t}");
+    }
+    let k = vm_on(amd, 0, l).unwrap();
+    assert_eq!(k.check_extension(KVM_CAP_VM_TYPES as i64), 0b11111);
+    assert_eq!(k.check_extension(KVM_CAP_GUEST_MEMFD as i64), 1);
+    assert_eq!(k.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS as i64), 3);
+    assert_eq!(k.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE as i64), 2);
+    let p = vm_on(amd, KVM_X86_SW_PROTECTED_VM, l).unwrap();
+    assert_eq!(p.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS as i64), 1);
+    assert_eq!(p.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE as i64), 1);
+    // 6.8 knew two types, and only private-memory VMs had guest_memfd.
+    let k68 = vm_on(amd, 0, Semantics::Linux68).unwrap();
+    assert_eq!(k68.check_extension(KVM_CAP_VM_TYPES as i64), 0b11);
+    assert_eq!(k68.check_extension(KVM_CAP_GUEST_MEMFD as i64), 0);
+    assert_eq!(
+        errno(vm_on(amd, KVM_X86_SNP_VM, Semantics::Linux68)),
+        EINVAL
+    );
+    // The PVM host: one type, one address space, ENOTTY for attributes.
+    let mut k = vm_on(pvm_host(), 0, l).unwrap();
+    assert_eq!(errno(vm_on(pvm_host(), 1, l)), EINVAL);
+    assert_eq!(k.check_extension(KVM_CAP_VM_TYPES as i64), 1);
+    assert_eq!(k.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE as i64), 0);
+    assert_eq!(k.check_extension(KVM_CAP_MEMORY_ATTRIBUTES as i64), 0);
+    assert_eq!(k.check_extension(KVM_CAP_PRE_FAULT_MEMORY as i64), 0);
+    assert_eq!(errno(k.set_memory_attributes(0, PAGE_SIZE, 0, 0)), ENOTTY);
+    assert_eq!(k.counters.failed_calls + k.counters.set_calls, 0);
+    // Profiles no host can have.
+    for bad in [
+        HostProfile {
+            vendor: CpuVendor::Intel,
+            ..HostProfile::default()
+        },
+        HostProfile {
+            vm_types: 1 << KVM_X86_TDX_VM | 1,
+            ..HostProfile::default()
+        },
+        HostProfile {
+            tdp: false,
+            ..HostProfile::default()
+        },
+    ] {
+        assert!(matches!(vm_on(bad, 0, l), Err(KvmError::Argument(_))));
+    }
+}
+
+fn region(
+    slot: u32,
+    flags: u32,
+    gpa: u64,
+    size: u64,
+    uaddr: u64,
+    gfd: u64,
+) -> UserspaceMemoryRegion {
+    UserspaceMemoryRegion {
+        slot,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: uaddr,
+        guest_memfd: gfd as u32,
+        guest_memfd_offset: 0,
+    }
+}
+
+#[test]
+fn memslot_rules_6_18() {
+    for sem in [Semantics::Linux68, Semantics::Linux618] {
+        let mut k = vm_on(HostProfile::default(), KVM_X86_SW_PROTECTED_VM, sem).unwrap();
+        let fd = k.kvm_gmem_create(1 << 21, 0).unwrap();
+        // guest_memfd slots are never read-only (the 6.8 fix).
+        let r = region(0, KVM_MEM_GUEST_MEMFD | KVM_MEM_READONLY, 0, 1 << 21, 0, fd);
+        assert_eq!(errno(k.kvm_set_memory_region(&r, false)), EINVAL);
+        assert!(k.memslots().is_empty());
+    }
+    let mut k = vm_on(HostProfile::default(), 0, Semantics::Linux618).unwrap();
+    // Every VM binds guest_memfd in 6.18; an mmap-able one makes the slot
+    // guest_memfd-only.
+    let fd = k
+        .kvm_gmem_create(
+            1 << 21,
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        )
+        .unwrap();
+    k.kvm_set_memory_region(&region(0, KVM_MEM_GUEST_MEMFD, 0, 1 << 21, 0, fd), false)
+        .unwrap();
+    assert!(k.memslots().at(0, 0).unwrap().gmem_only);
+    // access_ok(): the range must end at or below TASK_SIZE_MAX.
+    let task_size_max = (1u64 << 47) - PAGE_SIZE;
+    let last_ok = region(1, 0, 1 << 30, 1 << 21, task_size_max - (1 << 21), 0);
+    k.kvm_set_memory_region(&last_ok, false).unwrap();
+    let past = region(
+        2,
+        0,
+        2 << 30,
+        1 << 21,
+        task_size_max - (1 << 21) + PAGE_SIZE,
+        0,
+    );
+    assert_eq!(errno(k.kvm_set_memory_region(&past, false)), EINVAL);
+    let mut k68 = vm_on(HostProfile::default(), 0, Semantics::Linux68).unwrap();
+    k68.kvm_set_memory_region(&past, false).unwrap();
+}
+
+#[test]
+fn fallocate_modes_6_18() {
+    let mut k = vm_on(HostProfile::default(), 0, Semantics::Linux618).unwrap();
+    let fd = k.kvm_gmem_create(1 << 21, 0).unwrap();
+    let mut k68 = vm_on(HostProfile::default(), 0, Semantics::Linux68).unwrap();
+    let fd68 = k68.kvm_gmem_create(1 << 21, 0).unwrap();
+    // (mode, 6.18 errno, 6.8 errno); 0 = success.
+    for (mode, e618, e68) in [
+        (FALLOC_FL_KEEP_SIZE, 0, 0),
+        (FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, 0),
+        (
+            FALLOC_FL_KEEP_SIZE | FALLOC_FL_COLLAPSE_RANGE,
+            EOPNOTSUPP,
+            EINVAL,
+        ),
+        (
+            FALLOC_FL_KEEP_SIZE | FALLOC_FL_INSERT_RANGE,
+            EOPNOTSUPP,
+            EINVAL,
+        ),
+        (
+            FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_UNSHARE_RANGE,
+            EOPNOTSUPP,
+            EINVAL,
+        ),
+        (FALLOC_FL_WRITE_ZEROES, EOPNOTSUPP, EOPNOTSUPP),
+        (FALLOC_FL_PUNCH_HOLE, EOPNOTSUPP, EOPNOTSUPP),
+    ] {
+        let got = |r: Result<(), KvmError>| r.map_or_else(|e| e.errno(), |_| 0);
+        assert_eq!(
+            got(k.kvm_gmem_fallocate(fd, mode, 0, 4096)),
+            e618,
+            "{mode:#x}"
+        );
+        assert_eq!(
+            got(k68.kvm_gmem_fallocate(fd68, mode, 0, 4096)),
+            e68,
+            "{mode:#x}"
+        );
+    }
+}
+
+#[test]
+fn guest_memfd_as_a_file() {
+    let mut k = vm_on(HostProfile::default(), 0, Semantics::Linux618).unwrap();
+    let plain = k.kvm_gmem_create(4 * PAGE_SIZE, 0).unwrap();
+    let private = k
+        .kvm_gmem_create(4 * PAGE_SIZE, GUEST_MEMFD_FLAG_MMAP)
+        .unwrap();
+    let shared = k
+        .kvm_gmem_create(
+            4 * PAGE_SIZE,
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        )
+        .unwrap();
+    assert_eq!(errno(k.kvm_gmem_mmap(plain, true)), ENODEV);
+    assert_eq!(errno(k.kvm_gmem_mmap(shared, false)), EINVAL);
+    k.kvm_gmem_mmap(private, true).unwrap();
+    assert!(matches!(
+        k.kvm_gmem_user_read(private, 0, 1),
+        Err(KvmError::Sigbus { offset: 0, .. })
+    ));
+    // Written pages keep their data; past the end is SIGBUS; a punched
+    // page reads zero.
+    k.kvm_gmem_user_write(shared, PAGE_SIZE - 1, &[7, 8])
+        .unwrap();
+    assert_eq!(
+        k.kvm_gmem_user_read(shared, PAGE_SIZE - 2, 4).unwrap(),
+        [0, 7, 8, 0]
+    );
+    assert!(matches!(
+        k.kvm_gmem_user_read(shared, 4 * PAGE_SIZE - 1, 2),
+        Err(KvmError::Sigbus { offset, .. }) if offset == 4 * PAGE_SIZE
+    ));
+    k.kvm_gmem_fallocate(
+        shared,
+        FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+        PAGE_SIZE as i64,
+        PAGE_SIZE as i64,
+    )
+    .unwrap();
+    assert_eq!(
+        k.kvm_gmem_user_read(shared, PAGE_SIZE - 1, 2).unwrap(),
+        [7, 0]
+    );
+    use super::guest_memfd::GmemFileOp::*;
+    for (op, e) in [
+        (Read, EINVAL),
+        (Write, EINVAL),
+        (Pread, ESPIPE),
+        (Lseek, ESPIPE),
+        (Ftruncate, EINVAL),
+        (Ioctl, ENOTTY),
+    ] {
+        assert_eq!(errno(k.kvm_gmem_file_op(plain, op)), e);
+    }
+    assert_eq!(k.kvm_gmem_fstat(plain).unwrap().size, 4 * PAGE_SIZE);
 }

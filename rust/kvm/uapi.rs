@@ -37,6 +37,14 @@ pub const KVM_CAP_MEMORY_FAULT_INFO: u32 = 232;
 pub const KVM_CAP_MEMORY_ATTRIBUTES: u32 = 233;
 pub const KVM_CAP_GUEST_MEMFD: u32 = 234;
 pub const KVM_CAP_VM_TYPES: u32 = 235;
+pub const KVM_CAP_PRE_FAULT_MEMORY: u32 = 236;
+pub const KVM_CAP_X86_APIC_BUS_CYCLES_NS: u32 = 237;
+pub const KVM_CAP_X86_GUEST_MODE: u32 = 238;
+pub const KVM_CAP_GUEST_MEMFD_FLAGS: u32 = 244;
+
+/// KVM_CREATE_GUEST_MEMFD flags (6.18).
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
 
 pub const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: u64 = 1 << 0;
 pub const KVM_DIRTY_LOG_INITIALLY_SET: u64 = 1 << 1;
@@ -56,8 +64,17 @@ pub const FALLOC_FL_COLLAPSE_RANGE: u64 = 0x08;
 pub const FALLOC_FL_ZERO_RANGE: u64 = 0x10;
 pub const FALLOC_FL_INSERT_RANGE: u64 = 0x20;
 pub const FALLOC_FL_UNSHARE_RANGE: u64 = 0x40;
-/// Every mode vfs_fallocate() knows.
+/// Linux 6.17.
+pub const FALLOC_FL_WRITE_ZEROES: u64 = 0x80;
+/// Every mode vfs_fallocate() of 6.8 knows.
 pub const FALLOC_FL_SUPPORTED_MASK: u64 = 0x7F;
+/// 6.18's FALLOC_FL_MODE_MASK: the exclusive modes (allocate is none).
+pub const FALLOC_FL_MODE_MASK: u64 = FALLOC_FL_PUNCH_HOLE
+    | FALLOC_FL_COLLAPSE_RANGE
+    | FALLOC_FL_ZERO_RANGE
+    | FALLOC_FL_INSERT_RANGE
+    | FALLOC_FL_UNSHARE_RANGE
+    | FALLOC_FL_WRITE_ZEROES;
 /// MAX_LFS_FILESIZE on 64-bit.
 pub const MAX_LFS_FILESIZE: u64 = i64::MAX as u64;
 
@@ -66,8 +83,11 @@ pub const EBADF: i32 = 9;
 pub const ENOMEM: i32 = 12;
 pub const EFAULT: i32 = 14;
 pub const EEXIST: i32 = 17;
+pub const ENODEV: i32 = 19;
 pub const EINVAL: i32 = 22;
+pub const ENOTTY: i32 = 25;
 pub const EFBIG: i32 = 27;
+pub const ESPIPE: i32 = 29;
 pub const EOPNOTSUPP: i32 = 95;
 
 /// Every public constant above by name, for the binding layer.
@@ -114,6 +134,18 @@ pub const ALL: &[(&str, u64)] = &[
     ),
     ("KVM_CAP_GUEST_MEMFD", KVM_CAP_GUEST_MEMFD as u64),
     ("KVM_CAP_VM_TYPES", KVM_CAP_VM_TYPES as u64),
+    ("KVM_CAP_PRE_FAULT_MEMORY", KVM_CAP_PRE_FAULT_MEMORY as u64),
+    (
+        "KVM_CAP_X86_APIC_BUS_CYCLES_NS",
+        KVM_CAP_X86_APIC_BUS_CYCLES_NS as u64,
+    ),
+    ("KVM_CAP_X86_GUEST_MODE", KVM_CAP_X86_GUEST_MODE as u64),
+    (
+        "KVM_CAP_GUEST_MEMFD_FLAGS",
+        KVM_CAP_GUEST_MEMFD_FLAGS as u64,
+    ),
+    ("GUEST_MEMFD_FLAG_MMAP", GUEST_MEMFD_FLAG_MMAP),
+    ("GUEST_MEMFD_FLAG_INIT_SHARED", GUEST_MEMFD_FLAG_INIT_SHARED),
     (
         "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE",
         KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,

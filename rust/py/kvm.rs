@@ -28,11 +28,97 @@ use pyo3::types::{PyDict, PyList};
 
 use super::args::{bool_arg, i64_arg, u32_arg, u64_arg};
 use super::stores::shared_store;
+use crate::kvm::guest_memfd::GmemFileOp;
 use crate::kvm::memslots::UserspaceMemoryRegion;
 use crate::kvm::mmu::FaultIn;
 use crate::kvm::replay::{replay, OpColumns, Ops, ReplayTally};
-use crate::kvm::{GfnRange, Kvm, KvmError, MemslotInfo, Semantics};
+use crate::kvm::{CpuVendor, GfnRange, HostProfile, Kvm, KvmError, MemslotInfo, Semantics};
 use crate::locks::{LockError, ModelLock, ModelLockGuard};
+
+/// A host profile as plain data: (vendor, vm_types, sw_protected_vm, smm,
+/// generic_memory_attributes, guest_memfd, tdp, max_page_level,
+/// user_address_bits), the fields of `memattr.HostProfile`.
+type HostTuple = (String, u64, bool, bool, bool, bool, bool, u8, u8);
+
+fn host_to_tuple(h: &HostProfile) -> HostTuple {
+    (
+        h.vendor.name().to_string(),
+        h.vm_types,
+        h.sw_protected_vm,
+        h.smm,
+        h.generic_memory_attributes,
+        h.guest_memfd,
+        h.tdp,
+        h.max_page_level,
+        h.user_address_bits,
+    )
+}
+
+/// The profile, validated (ValueError naming what no real host can have).
+fn host_from_tuple(t: HostTuple) -> PyResult<HostProfile> {
+    let vendor = CpuVendor::from_name(&t.0).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "host profile: vendor must be 'intel', 'amd' or 'other', got {:?}",
+            t.0
+        ))
+    })?;
+    let h = HostProfile {
+        vendor,
+        vm_types: t.1,
+        sw_protected_vm: t.2,
+        smm: t.3,
+        generic_memory_attributes: t.4,
+        guest_memfd: t.5,
+        tdp: t.6,
+        max_page_level: t.7,
+        user_address_bits: t.8,
+    };
+    h.validate()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(h)
+}
+
+fn semantics_arg(semantics: &str) -> PyResult<Semantics> {
+    Ok(match semantics {
+        "6.18" => Semantics::Linux618,
+        "6.8" => Semantics::Linux68,
+        "v11" => Semantics::V11,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "semantics must be '6.18', '6.8' or 'v11', got {other:?}"
+            )))
+        }
+    })
+}
+
+/// The default host profile (`crate::kvm::HostProfile::default`).
+#[pyfunction]
+fn host_profile_default() -> HostTuple {
+    host_to_tuple(&HostProfile::default())
+}
+
+/// ValueError unless the profile could be a real host's.
+#[pyfunction]
+fn host_profile_check(host: HostTuple) -> PyResult<()> {
+    host_from_tuple(host).map(|_| ())
+}
+
+/// KVM_CHECK_EXTENSION on the system fd (/dev/kvm) of `host`.
+#[pyfunction]
+fn check_extension_system(
+    host: HostTuple,
+    semantics: &str,
+    cap: &Bound<'_, PyAny>,
+) -> PyResult<u64> {
+    let host = host_from_tuple(host)?;
+    let cap = i64_arg(cap, "cap")?;
+    Ok(crate::kvm::caps::check_extension(
+        &host,
+        semantics_arg(semantics)?,
+        None,
+        cap,
+    ))
+}
 
 /// Ranges at least this long (bytes) are set with the GIL released.
 const DETACH_BYTES: u64 = 1 << 24;
@@ -70,6 +156,14 @@ pub(crate) fn to_pyerr(py: Python<'_>, e: KvmError) -> PyErr {
                 Err(err) => err,
             }
         }
+        KvmError::Sigbus { fd, offset } => match py
+            .import("memattr.errors")
+            .and_then(|m| m.getattr("GuestMemfdSigbus"))
+            .and_then(|c| c.call1((fd, offset)))
+        {
+            Ok(exc) => PyErr::from_value(exc),
+            Err(err) => err,
+        },
         KvmError::Bug(why) => match py
             .import("memattr.errors")
             .and_then(|m| m.getattr("KvmBugError"))
@@ -272,7 +366,7 @@ impl PyKvm {
     /// which also picks the hugepage tracking: runs, or the kernel's
     /// per-hugepage arrays with the per-page store).
     #[new]
-    #[pyo3(signature = (vm_type, store, semantics, attr_memory_limit, guest_memfd_max_order))]
+    #[pyo3(signature = (vm_type, store, semantics, attr_memory_limit, guest_memfd_max_order, host=None))]
     fn new(
         py: Python<'_>,
         vm_type: &Bound<'_, PyAny>,
@@ -280,17 +374,14 @@ impl PyKvm {
         semantics: &str,
         attr_memory_limit: Option<&Bound<'_, PyAny>>,
         guest_memfd_max_order: &Bound<'_, PyAny>,
+        host: Option<HostTuple>,
     ) -> PyResult<Self> {
         let vm_type = u64_arg(vm_type, "vm_type")?;
         let (shared, per_page) = shared_store(store)?;
-        let semantics = match semantics {
-            "6.8" => Semantics::Linux68,
-            "v11" => Semantics::V11,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "semantics must be '6.8' or 'v11', got {other:?}"
-                )))
-            }
+        let semantics = semantics_arg(semantics)?;
+        let host = match host {
+            Some(t) => host_from_tuple(t)?,
+            None => HostProfile::default(),
         };
         let limit = match attr_memory_limit {
             Some(l) if !l.is_none() => {
@@ -300,7 +391,7 @@ impl PyKvm {
         };
         let order = u64_arg(guest_memfd_max_order, "guest_memfd_max_order")?;
         let order = u32::try_from(order).unwrap_or(u32::MAX);
-        let core = Kvm::new(vm_type, semantics, shared, per_page, limit, order)
+        let core = Kvm::with_host(host, vm_type, semantics, shared, per_page, limit, order)
             .map_err(|e| to_pyerr(py, e))?;
         Ok(Self {
             core: Mutex::new(core),
@@ -308,6 +399,12 @@ impl PyKvm {
             mmu_lock: Arc::new(ModelLock::new("mmu_lock")),
             store: store.clone().unbind(),
         })
+    }
+
+    /// The host profile the VM runs on, as plain data.
+    #[getter]
+    fn host(&self, py: Python<'_>) -> HostTuple {
+        host_to_tuple(&self.core(py).config.host)
     }
 
     #[getter]
@@ -557,6 +654,21 @@ impl PyKvm {
         })
     }
 
+    /// truncate_inode_pages_range() for a hole whose checks passed.
+    fn truncate_inode_pages_range(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+        offset: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let fd = u64_arg(fd, "fd")?;
+        let offset = u64_arg(offset, "offset")?;
+        let length = u64_arg(length, "length")?;
+        self.core(py).truncate_inode_pages_range(fd, offset, length);
+        Ok(())
+    }
+
     fn note_gmem_hole_punched(&self, py: Python<'_>) {
         self.core(py).note_gmem_hole_punched();
     }
@@ -603,6 +715,69 @@ impl PyKvm {
             guest_memfd_offset: u64_arg(guest_memfd_offset, "guest_memfd_offset")?,
         };
         self.step(py, move |k| k.kvm_set_memory_region(&mem, v1))
+    }
+
+    /// A file operation on a guest_memfd that always fails (its errno).
+    fn guest_memfd_file_op(&self, py: Python<'_>, fd: &Bound<'_, PyAny>, op: &str) -> PyResult<()> {
+        let fd = u64_arg(fd, "fd")?;
+        let op = GmemFileOp::from_name(op).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "op must be read, write, pread, pwrite, lseek, ftruncate, fsync or ioctl, got {op:?}"
+            ))
+        })?;
+        self.step(py, |k| k.kvm_gmem_file_op(fd, op))
+    }
+
+    /// fstat(2) of a guest_memfd: (mode, size, blksize, blocks, nlink).
+    fn guest_memfd_fstat(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+    ) -> PyResult<(u32, u64, u64, u64, u64)> {
+        let fd = u64_arg(fd, "fd")?;
+        let st = self.step(py, |k| k.kvm_gmem_fstat(fd))?;
+        Ok((st.mode, st.size, st.blksize, st.blocks, st.nlink))
+    }
+
+    /// mmap(2) of a guest_memfd (the checks of kvm_gmem_mmap).
+    fn guest_memfd_mmap(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+        shared: bool,
+    ) -> PyResult<()> {
+        let fd = u64_arg(fd, "fd")?;
+        self.step(py, |k| k.kvm_gmem_mmap(fd, shared))
+    }
+
+    /// A host read through a guest_memfd mapping (GuestMemfdSigbus where
+    /// the kernel sends SIGBUS).
+    fn guest_memfd_user_read<'py>(
+        &self,
+        py: Python<'py>,
+        fd: &Bound<'_, PyAny>,
+        offset: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+    ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let fd = u64_arg(fd, "fd")?;
+        let offset = u64_arg(offset, "offset")?;
+        let length = u64_arg(length, "length")?;
+        let data = self.step(py, |k| k.kvm_gmem_user_read(fd, offset, length))?;
+        Ok(pyo3::types::PyBytes::new(py, &data))
+    }
+
+    /// A host write through a guest_memfd mapping.
+    fn guest_memfd_user_write(
+        &self,
+        py: Python<'_>,
+        fd: &Bound<'_, PyAny>,
+        offset: &Bound<'_, PyAny>,
+        data: &[u8],
+    ) -> PyResult<()> {
+        let fd = u64_arg(fd, "fd")?;
+        let offset = u64_arg(offset, "offset")?;
+        let data = data.to_vec();
+        self.step(py, move |k| k.kvm_gmem_user_write(fd, offset, &data))
     }
 
     /// close(2) of a guest_memfd; False if this thread holds a lock.
@@ -1058,6 +1233,9 @@ fn uapi_dict(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKvm>()?;
     m.add_class::<PyModelLock>()?;
+    m.add_function(wrap_pyfunction!(host_profile_default, m)?)?;
+    m.add_function(wrap_pyfunction!(host_profile_check, m)?)?;
+    m.add_function(wrap_pyfunction!(check_extension_system, m)?)?;
     m.add("UAPI", uapi_dict(m.py())?)?;
     Ok(())
 }
