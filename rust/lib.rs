@@ -5,6 +5,7 @@
 //! types and errors and is compiled only with the `python` feature.
 
 pub mod hugepage;
+pub mod interrupt;
 pub mod kvm;
 pub mod locks;
 pub mod rangetree;

@@ -36,11 +36,23 @@ use crate::locks::{LockError, ModelLock, ModelLockGuard};
 
 /// Ranges at least this long (bytes) are set with the GIL released.
 const DETACH_BYTES: u64 = 1 << 24;
+/// Sets at least this big run interruptibly (Ctrl-C stops their
+/// reservation, which undoes itself), on a worker thread.
+const INTERRUPTIBLE_BYTES: u64 = 1 << 32;
+
+/// How a native operation treats the GIL.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Detach {
+    No,
+    Yes,
+    Interruptible,
+}
 /// The ident a lock records when a native operation holds it.
 const NATIVE_IDENT: u64 = 0;
 
 fn strerror(errno: i32) -> &'static str {
     match errno {
+        4 => "Interrupted system call",
         5 => "Input/output error",
         9 => "Bad file descriptor",
         12 => "Cannot allocate memory",
@@ -210,6 +222,23 @@ impl PyKvm {
 
     /// [`PyKvm::step`], with the GIL released if `detach` (work that grows
     /// with the range, on the per-page store).
+    /// [`PyKvm::step`] for work long enough to deserve Ctrl-C: it runs
+    /// under `detach_interruptible`, and the core's interruptible loops (the
+    /// reservation) undo themselves when the user interrupts.
+    fn step_interruptible<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Kvm) -> Result<R, KvmError> + Send,
+    ) -> PyResult<R> {
+        let (r, warnings) = super::detach_interruptible(py, || {
+            let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            let r = f(&mut core);
+            (r, core.take_warnings())
+        })?;
+        emit_warnings(py, &warnings)?;
+        r.map_err(|e| to_pyerr(py, e))
+    }
+
     fn step_detached<R: Send>(
         &self,
         py: Python<'_>,
@@ -237,6 +266,16 @@ impl PyKvm {
         detach: bool,
         f: impl FnOnce(&mut Kvm) -> R + Send,
     ) -> PyResult<Option<(R, Vec<crate::kvm::KvmWarning>)>> {
+        let mode = if detach { Detach::Yes } else { Detach::No };
+        self.locked_op_mode(py, mode, f)
+    }
+
+    fn locked_op_mode<R: Send>(
+        &self,
+        py: Python<'_>,
+        mode: Detach,
+        f: impl FnOnce(&mut Kvm) -> R + Send,
+    ) -> PyResult<Option<(R, Vec<crate::kvm::KvmWarning>)>> {
         if self.slots_lock.held_by_current_thread() || self.mmu_lock.held_by_current_thread() {
             return Ok(None);
         }
@@ -250,7 +289,11 @@ impl PyKvm {
             (r, core.take_warnings())
         };
         // Long work runs with the GIL released; nothing in it touches Python.
-        Ok(Some(if detach { py.detach(run) } else { run() }))
+        Ok(Some(match mode {
+            Detach::No => run(),
+            Detach::Yes => py.detach(run),
+            Detach::Interruptible => super::detach_interruptible(py, run)?,
+        }))
     }
 }
 
@@ -636,7 +679,14 @@ impl PyKvm {
         let size = u64_arg(size, "size")?;
         let attributes = u64_arg(attributes, "attributes")?;
         let flags = u64_arg(flags, "flags")?;
-        self.whole(py, size >= DETACH_BYTES, move |k| {
+        let mode = if size >= INTERRUPTIBLE_BYTES {
+            Detach::Interruptible
+        } else if size >= DETACH_BYTES {
+            Detach::Yes
+        } else {
+            Detach::No
+        };
+        self.whole_mode(py, mode, move |k| {
             k.set_memory_attributes(address, size, attributes, flags)
                 .map(|_| ())
         })
@@ -664,6 +714,11 @@ impl PyKvm {
 
     /// Early exit (True) or reserve.
     fn set_reserve(&self, py: Python<'_>, start: u64, end: u64, attributes: u64) -> PyResult<bool> {
+        if end - start >= INTERRUPTIBLE_BYTES >> 12 {
+            return self.step_interruptible(py, |k| {
+                k.kvm_vm_set_mem_attributes_reserve(start, end, attributes)
+            });
+        }
         let detach = end - start >= DETACH_BYTES >> 12;
         self.step_detached(py, detach, |k| {
             k.kvm_vm_set_mem_attributes_reserve(start, end, attributes)
@@ -931,7 +986,17 @@ impl PyKvm {
         detach: bool,
         f: impl FnOnce(&mut Kvm) -> Result<(), KvmError> + Send,
     ) -> PyResult<bool> {
-        match self.locked_op(py, detach, f)? {
+        let mode = if detach { Detach::Yes } else { Detach::No };
+        self.whole_mode(py, mode, f)
+    }
+
+    fn whole_mode(
+        &self,
+        py: Python<'_>,
+        mode: Detach,
+        f: impl FnOnce(&mut Kvm) -> Result<(), KvmError> + Send,
+    ) -> PyResult<bool> {
+        match self.locked_op_mode(py, mode, f)? {
             None => Ok(false),
             Some((r, warnings)) => {
                 emit_warnings(py, &warnings)?;
