@@ -180,6 +180,8 @@ class Trace:
     def __post_init__(self) -> None:
         if not isinstance(self.ops, np.ndarray) or self.ops.dtype != OP_DTYPE:
             raise TypeError("ops must be a numpy array of dtype memattr.trace.OP_DTYPE")
+        if isinstance(self.ops, np.ma.MaskedArray):
+            raise TypeError("ops must be a plain numpy array, not a masked array")
         self.meta.setdefault("vm_type", 0)
         self.meta.setdefault("vm_kwargs", {})
         self.meta.setdefault("regions", [])

@@ -287,9 +287,29 @@ impl Kvm {
     /// every mapping through it is zapped as for a hole over the whole
     /// file, and the bindings go. The memslots stay; the fd is free.
     pub fn kvm_gmem_release(&mut self, fd: u64) -> Result<(), KvmError> {
-        self.own_gmem(fd)?;
-        let file = self.gmem.remove(&fd).expect("checked above");
-        registry().owners.remove(&fd);
+        let file = self.kvm_gmem_take(fd)?;
+        self.kvm_gmem_release_file(file)
+    }
+
+    /// close(2)'s first step, the one that decides who closes: the fd
+    /// leaves the VM's table and the fd registry in one step, so of two
+    /// closes of the same fd exactly one gets the file and the other is
+    /// EBADF, however the rest of the release is interleaved (a driver
+    /// running the release step by step must take the file with this
+    /// first, under the same lock as every other use of the table).
+    pub fn kvm_gmem_take(&mut self, fd: u64) -> Result<GmemFile, KvmError> {
+        match self.gmem.remove(&fd) {
+            Some(file) => {
+                registry().owners.remove(&fd);
+                Ok(file)
+            }
+            None => fail(EBADF, format!("fd {fd} is not a guest_memfd of this VM")),
+        }
+    }
+
+    /// The rest of kvm_gmem_release() for a file [`Self::kvm_gmem_take`]
+    /// took: unbind, zap, count.
+    pub fn kvm_gmem_release_file(&mut self, file: GmemFile) -> Result<(), KvmError> {
         for &(_, as_id, id) in file.bindings.values() {
             if let Some(i) = self.memslots.index_of_id(as_id, id) {
                 // slot->gmem.file = NULL

@@ -326,6 +326,15 @@ impl PyKvm {
     ) -> PyResult<Self> {
         let vm_type = u64_arg(vm_type, "vm_type")?;
         let (shared, per_page) = shared_store(store)?;
+        // One VM per store: the VM's hugepage tracking and stage-2 maps
+        // mirror its store, so a store shared by two VMs (or passed to one
+        // twice) would change under the other's feet. (The Python object
+        // holds one reference, this call's `shared` another.)
+        if std::sync::Arc::strong_count(&shared) > 2 {
+            return Err(PyValueError::new_err(
+                "store already belongs to another Kvm: each VM needs its own store",
+            ));
+        }
         let semantics = match semantics {
             "6.8" => Semantics::Linux68,
             "v11" => Semantics::V11,

@@ -87,6 +87,15 @@ fn store_err(e: StoreError) -> PyErr {
 /// change it under us while the GIL is released).
 fn u64_array_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<u64>> {
     let py = obj.py();
+    // A masked array is an ndarray whose mask says which values are not
+    // there; reading its data would use them anyway.
+    if let Ok(ma) = py.import("numpy.ma").and_then(|m| m.getattr("MaskedArray")) {
+        if obj.is_instance(&ma)? {
+            return Err(PyTypeError::new_err(format!(
+                "{name} must be a plain numpy.ndarray, not a masked array (fill or compress it first)"
+            )));
+        }
+    }
     let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
         let ty = obj
             .get_type()
