@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from memattr import qemu, report, sweep, workloads
@@ -378,7 +379,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
 
     def finished(c: sweep.Config, r: dict[str, Any] | None, e: BaseException | None) -> None:
         if e is not None:
-            failures.append(f"{c.label()}: {type(e).__name__}: {e}")
+            failures.append(f"{c.label()}: {type(e).__name__}: {' '.join(str(e).split())}")
         if state["progress"] is not None:
             prog, task = state["progress"]
             prog.update(task, advance=1, description=f"done: {c.label()}")
@@ -408,7 +409,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     for s in sorted(skipped):
         console.print(f"xarray skipped at {format_size(s)}: {skipped[s]}")
     for f in failures:
-        console.print(f"[red]failed[/]: {f}")
+        console.print(f"[red]failed[/]: {escape(f)}", highlight=False, soft_wrap=True)
     payload = {
         "command": "compare",
         "workload": name,
@@ -520,26 +521,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = str(e) or type(e).__name__
         if src and src not in text:
             text = f"{src}: {text}"
-        return text
+        # One line, and brackets in it are text, not rich markup.
+        return escape(" ".join(text.split()))
 
     try:
         return COMMANDS[args.command](args, console)
     except trace_mod.TraceFormatError as e:
         if debug:
             raise
-        console.print(f"[red]memattr: bad trace:[/] {one_line(e)}", markup=True, highlight=False)
+        console.print(f"[red]memattr: bad trace:[/] {one_line(e)}", highlight=False, soft_wrap=True)
         return 2
     except (ValueError, OSError) as e:
         if debug:
             raise
-        console.print(f"[red]memattr {args.command}:[/] {one_line(e)}", highlight=False)
+        console.print(f"[red]memattr {args.command}:[/] {one_line(e)}", highlight=False, soft_wrap=True)
         return 2
     except (RuntimeError, TypeError, OverflowError, LookupError, MemoryError, RecursionError, ArithmeticError) as e:
         # LockdepError and KvmBugError are RuntimeErrors: a trace asking for
         # the v11 ordering, or a model inconsistency, ends the run here.
         if debug:
             raise
-        console.print(f"[red]memattr {args.command}:[/] {type(e).__name__}: {one_line(e)}", highlight=False)
+        console.print(f"[red]memattr {args.command}:[/] {type(e).__name__}: {one_line(e)}", highlight=False, soft_wrap=True)
         return 2
 
 
