@@ -22,7 +22,7 @@ own module:
 
 from __future__ import annotations
 
-from memattr.recorder import Recorder
+from memattr.recorder import Recorder, UnrecordableCall
 from memattr.replayer import ENGINES, ReplayResult, apply_to_store, replay
 from memattr.trace_binary import MAGIC, VERSION, parse_binary, read_binary, write_binary
 from memattr.trace_format import (
@@ -93,6 +93,7 @@ __all__ = [
     "ReplayResult",
     "TEXT_HEADER",
     "TEXT_HEADER_V1",
+    "UnrecordableCall",
     "Trace",
     "TraceFormatError",
     "VERSION",

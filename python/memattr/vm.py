@@ -330,6 +330,15 @@ class Vm:
                 kvm_handle_gfn_range(self, ranges, self._post_set_handler, on_lock=self._end_handler)
             if self._hook_error is not None:
                 raise self._hook_error
+        except BaseException as e:
+            # A hook failed first and something else (the v11 end's lockdep
+            # report) is going up instead: keep the hook's exception as its
+            # context, so neither is lost.
+            first = self._hook_error
+            if first is not None and first is not e and e.__context__ is None:
+                e.__context__ = first
+                e.add_note(f"an earlier hook raised {type(first).__name__}: {first}")
+            raise
         finally:
             if self._hook_error is not None:
                 self._hook_error = None
