@@ -291,3 +291,228 @@ def test_masked_arrays_are_refused(kind):
     assert s.entry_count() == 0
     with pytest.raises(TypeError, match="masked"):
         t.Trace(np.ma.array(t.empty_ops(1)))
+
+
+# --------------------------------------------------------------------------
+# 2, 3: phases are checked against the records
+
+
+def _good() -> t.Trace:
+    from memattr import workloads as w
+
+    return w.make("boot-and-churn", "1G")
+
+
+@pytest.mark.parametrize(
+    "phases",
+    [
+        lambda n: [["all", 0, 1 << 62]],  # used to loop for ever
+        lambda n: [["a", 0, n], ["b", 0, n]],  # overlap: ops replayed twice
+        lambda n: [["a", -3, n]],  # negative
+        lambda n: [["a", 0, n + 1000]],  # overlong: phantom operations
+        lambda n: [["a", 0, 1], ["b", 2, n]],  # gap: an op skipped
+        lambda n: [["a", 0, n - 1]],  # the last op never replayed
+        lambda n: [["a", 5, 2]],  # backwards
+    ],
+)
+def test_bad_phases_are_refused_before_any_replay(phases):
+    tr = _good()
+    bad = t.Trace(tr.ops, {**tr.meta, "phases": phases(len(tr))})
+    vm = Vm(tr.vm_type)
+    with pytest.raises(t.TraceFormatError, match="phases"):
+        t.replay(bad, vm)
+    assert vm.stats.set_calls == 0
+    with pytest.raises(t.TraceFormatError, match="phases"):
+        bad.validate()
+
+
+def test_good_phases_count_every_operation_once():
+    tr = _good()
+    res = t.replay(tr, Vm(tr.vm_type))
+    assert res.ops == len(tr) and sum(b - a for _, a, b in tr.phases) == len(tr)
+
+
+# --------------------------------------------------------------------------
+# 4: text traces: '->' lines, length and checksum (v2), v1 still read
+
+
+def test_text_arrow_line_is_a_format_error():
+    with pytest.raises(t.TraceFormatError, match="line 2: missing operation name"):
+        t.parse_text([t.TEXT_HEADER_V1, "-> 0"])
+    with pytest.raises(t.TraceFormatError, match="line 2: missing operation name"):
+        t.parse_text([t.TEXT_HEADER_V1, "   -> -EINVAL"])
+
+
+def test_text_v2_detects_truncation_and_damage():
+    tr = _good()
+    lines = list(t.iter_text_lines(tr))
+    assert lines[0] == "# memattr trace v2" and lines[-1].startswith("# end records=")
+    back = t.parse_text(lines)
+    assert np.array_equal(back.ops, tr.ops)
+    # Cut anywhere between the header and the end: an error, never a
+    # shorter trace.
+    for cut in (2, len(lines) // 2, len(lines) - 1):
+        with pytest.raises(t.TraceFormatError, match="no end line|truncated"):
+            t.parse_text(lines[:cut])
+    # One changed digit in one record: the checksum says so.
+    i = len(lines) // 2
+    damaged = lines[:i] + [lines[i].replace("0x", "0x1", 1)] + lines[i + 1 :]
+    with pytest.raises(t.TraceFormatError, match="checksum mismatch"):
+        t.parse_text(damaged)
+    # A dropped record: the count says so.
+    with pytest.raises(t.TraceFormatError, match="end line says"):
+        t.parse_text(lines[:i] + lines[i + 1 :])
+    # A v1 file (no end line) is still read.
+    v1 = [t.TEXT_HEADER_V1] + lines[1:-1]
+    assert np.array_equal(t.parse_text(v1).ops, tr.ops)
+
+
+# --------------------------------------------------------------------------
+# 7: a hook's exception is not lost behind the v11 lockdep report
+
+
+def test_v11_hook_error_is_kept_as_context():
+    vm = Vm(KVM_X86_SW_PROTECTED_VM, semantics="v11")
+    fd = vm.create_guest_memfd(1 << 26)
+    vm.set_user_memory_region(0, 0, 1 << 26, 0, memattr.KVM_MEM_GUEST_MEMFD, fd, 0)
+
+    class HookFailed(Exception):
+        pass
+
+    def hook(rng):
+        raise HookFailed("from the hook")
+
+    vm.on_post_set(hook)
+    with pytest.raises(memattr.LockdepError) as info:
+        vm.set_memory_attributes(0, 4096, P)
+    assert isinstance(info.value.__context__, HookFailed)
+    assert any("HookFailed" in n for n in getattr(info.value, "__notes__", []))
+
+
+# --------------------------------------------------------------------------
+# 8, 17: the Recorder is the Vm, recorded
+
+
+def _rec():
+    return t.Recorder(Vm(KVM_X86_SW_PROTECTED_VM))
+
+
+def test_recorder_ioctl_behaves_like_vm_ioctl():
+    from memattr.uapi import KVM_SET_MEMORY_ATTRIBUTES, kvm_memory_attributes
+
+    for target in (Vm(KVM_X86_SW_PROTECTED_VM), _rec()):
+        # An int argument is EFAULT (no memory to read), not a recorded set.
+        with pytest.raises(OSError) as e:
+            target.ioctl(KVM_SET_MEMORY_ATTRIBUTES, 0)
+        assert e.value.errno == errno.EFAULT
+        # A short buffer: EFAULT too.
+        with pytest.raises(OSError) as e:
+            target.ioctl(KVM_SET_MEMORY_ATTRIBUTES, b"\0" * 8)
+        assert e.value.errno == errno.EFAULT
+        # A huge int: OverflowError naming the C int.
+        with pytest.raises(OverflowError, match="C int"):
+            target.ioctl(KVM_SET_MEMORY_ATTRIBUTES, 1 << 80)
+    rec = _rec()
+    rec.ioctl(KVM_SET_MEMORY_ATTRIBUTES, bytes(kvm_memory_attributes(0, 4096, P, 0)))
+    tr = rec.trace()
+    assert len(tr) == 1 and int(tr.ops["size"][0]) == 4096 and int(tr.ops["attributes"][0]) == P
+
+
+def test_recorder_records_ioctl_memslots_and_guest_memfds():
+    from memattr.uapi import (
+        KVM_CREATE_GUEST_MEMFD,
+        KVM_SET_USER_MEMORY_REGION2,
+        kvm_create_guest_memfd,
+        kvm_userspace_memory_region2,
+    )
+
+    rec = _rec()
+    fd = rec.ioctl(KVM_CREATE_GUEST_MEMFD, bytearray(kvm_create_guest_memfd(1 << 26, 0)))
+    region = kvm_userspace_memory_region2(
+        slot=0, flags=memattr.KVM_MEM_GUEST_MEMFD, guest_phys_addr=0, memory_size=1 << 26,
+        userspace_addr=0x7000_0000_0000, guest_memfd_offset=0, guest_memfd=fd,
+    )
+    rec.ioctl(KVM_SET_USER_MEMORY_REGION2, bytes(region))
+    rec.set_memory_attributes(0, 1 << 21, P)
+    tr = rec.trace()
+    assert tr.counts()["create_guest_memfd"] == 1 and tr.counts()["set_user_memory_region"] == 1
+    # The trace replays to the same state.
+    vm2 = Vm(KVM_X86_SW_PROTECTED_VM)
+    t.replay(tr, vm2)
+    assert list(vm2.store.runs(0, 1 << 14)) == list(rec.vm.store.runs(0, 1 << 14))
+    assert len(vm2.memslots) == len(rec.vm.memslots) == 1
+
+
+def test_recorder_refuses_what_it_cannot_record():
+    from memattr.uapi import KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_ENABLE_CAP, kvm_enable_cap
+
+    rec = _rec()
+    with pytest.raises(t.UnrecordableCall, match="enable_cap"):
+        rec.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [1, 0, 0, 0])
+    with pytest.raises(t.UnrecordableCall, match="enable_cap"):
+        rec.ioctl(KVM_ENABLE_CAP, bytes(kvm_enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, (1, 0, 0, 0))))
+    assert rec.vm.manual_dirty_log_protect == 0
+    with pytest.raises(t.UnrecordableCall):
+        rec.attr_memory_limit = 10
+    assert rec.vm.attr_memory_limit is None
+    with pytest.raises(AttributeError, match="no attribute"):
+        rec.some_future_method()
+    # Reading passes through.
+    assert rec.semantics == "6.8" and rec.stats.set_calls == 0
+
+
+# --------------------------------------------------------------------------
+# 10: messages name the argument
+
+
+def test_enable_cap_args_must_be_a_sequence():
+    vm = Vm(KVM_X86_SW_PROTECTED_VM)
+    for bad in (None, {0: 1, 1: 0, 2: 0, 3: 0}, "abcd", {1, 2, 3, 4}):
+        with pytest.raises(TypeError, match="args must be a sequence of 4 ints"):
+            vm.enable_cap(1, 0, bad)
+
+
+def test_argument_messages_name_the_argument():
+    vm = Vm(KVM_X86_SW_PROTECTED_VM)
+    with pytest.raises(TypeError, match="guest_memfd must be an int, not float"):
+        vm.set_user_memory_region(0, 0, 1 << 21, 0, 0, guest_memfd=1.0)  # type: ignore[arg-type]
+    fd = vm.create_guest_memfd(1 << 21)
+    vm.set_user_memory_region(0, 0, 1 << 21, 0, memattr.KVM_MEM_GUEST_MEMFD, fd, 0)
+    vm.set_memory_attributes(0, 1 << 21, P)
+    assert vm.fault(0, private=np.True_) >= 1  # numpy bools are bools
+
+
+# --------------------------------------------------------------------------
+# 16: QEMU events wherever they stand; skipped lines counted
+
+
+def test_qemu_event_after_a_warning_on_the_same_line():
+    from memattr import qemu
+
+    lines = [
+        "qemu-system-x86_64: warning: memory fault: GPA 0x4000000 size 0x1000 flags 0x8 "
+        "kvm_convert_memory start 0x4000000 size 0x1000 shared_to_private",
+        "something else entirely",
+        "kvm_convert_memory start 0xZZ size 0x1000 private_to_shared",
+    ]
+    tr = qemu.parse_log(lines)
+    assert len(tr) == 1 and int(tr.ops["gpa"][0]) == 0x4000000 and int(tr.ops["attributes"][0]) == P
+    assert tr.meta["qemu_skipped"]["no_event"] == 1 and tr.meta["qemu_skipped"]["malformed"] == 1
+    with pytest.raises(t.TraceFormatError, match="line 3: malformed"):
+        qemu.parse_log(lines, strict=True)
+
+
+def test_import_qemu_reports_skipped_lines(tmp_path, capsys):
+    from memattr import cli
+
+    log = tmp_path / "qemu.log"
+    log.write_text(
+        "noise\nkvm_convert_memory start 0x80000000 size 0x200000 private_to_shared\n"
+        "kvm_convert_memory start nope\n"
+    )
+    code = cli.main(["import-qemu", str(log), "-o", str(tmp_path / "q.trace"), "--guest", "4G"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "skipped 1 lines without" in out and "1 malformed event lines" in out and "line 3" in out
+    code = cli.main(["import-qemu", str(log), "-o", str(tmp_path / "q.trace"), "--guest", "4G", "--strict"])
+    assert code == 2 and "line 3: malformed" in capsys.readouterr().out

@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="no guest_memfd hole after each conversion to shared (QEMU punches one)",
     )
     q.add_argument("--text", action="store_true")
+    q.add_argument(
+        "--strict", action="store_true", help="a line naming an event that does not parse is an error (default: skipped, counted)"
+    )
 
     s = sub.add_parser("show", help="validate and summarise a trace")
     s.add_argument("trace")
@@ -447,13 +450,26 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_import_qemu(args: argparse.Namespace, console: Console) -> int:
     tr = qemu.import_log(
-        args.log, args.guest, args.low_limit, initial_private=not args.shared_at_start, discard=not args.no_discard
+        args.log,
+        args.guest,
+        args.low_limit,
+        initial_private=not args.shared_at_start,
+        discard=not args.no_discard,
+        strict=args.strict,
     )
     trace_mod.write(tr, args.output, text=True if args.text else None)
     n = tr.phases[-1][2] - tr.phases[-1][1]
     console.print(
         f"imported {tr.meta['qemu_events']:,} QEMU events as {n:,} KVM operations "
         f"({len(tr):,} with setup) to {args.output}"
+    )
+    sk = tr.meta.get("qemu_skipped", {})
+    console.print(
+        f"skipped {sk.get('no_event', 0):,} lines without a kvm_convert_memory or kvm_memory_fault event "
+        f"and {sk.get('malformed', 0):,} malformed event lines"
+        + (f" (first: {escape(sk['first_malformed'])}; --strict makes them errors)" if sk.get("malformed") else ""),
+        highlight=False,
+        soft_wrap=True,
     )
     return 0
 

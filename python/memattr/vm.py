@@ -43,7 +43,8 @@ Either way ``stats.failed_calls`` counts the call.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Literal, NoReturn, TypeVar
 
 from memattr import _args, _native
@@ -176,6 +177,9 @@ class Vm:
         is KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, optionally with
         KVM_DIRTY_LOG_INITIALLY_SET (then turning dirty logging on leaves
         the mappings alone: every page counts as dirty); flags must be 0."""
+        # A sequence of 4 values; a mapping or set would iterate its keys.
+        if args is None or isinstance(args, (str, bytes, Mapping, AbstractSet)) or not hasattr(args, "__len__"):
+            raise TypeError(f"args must be a sequence of 4 ints (struct kvm_enable_cap), not {type(args).__name__}")
         self._kvm.enable_cap(cap, flags, list(args))
 
     # --- guest_memfd and memslots --------------------------------------------
