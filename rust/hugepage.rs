@@ -526,12 +526,16 @@ impl LpageInfoTracker {
         for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
             let lpages = usize::try_from(slot.lpages(level)).unwrap_or(usize::MAX);
             let mut linfo: Vec<u32> = Vec::new();
-            linfo.try_reserve_exact(lpages).map_err(|_| {
+            let oom = || {
                 HugepageError::Store(StoreError::OutOfMemory {
                     needed: lpages.saturating_mul(4),
                     limit: None,
                 })
-            })?;
+            };
+            if !crate::hostmem::could_back((lpages as u64).saturating_mul(4)) {
+                return Err(oom());
+            }
+            linfo.try_reserve_exact(lpages).map_err(|_| oom())?;
             linfo.resize(lpages, 0);
             if slot.head_misaligned(level) {
                 linfo[0] = 1;

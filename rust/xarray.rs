@@ -216,6 +216,10 @@ impl XArray {
             return Err(oom(missing));
         }
         let extra = (missing - spare) as usize;
+        let node_size = std::mem::size_of::<Node>() as u64;
+        if !crate::hostmem::could_back((extra as u64).saturating_mul(node_size)) {
+            return Err(oom(missing));
+        }
         self.nodes.try_reserve(extra).map_err(|_| oom(missing))?;
         // `free_node` pushes ids back; keep room for them too, so freeing
         // never needs an allocation that could fail.
@@ -1084,5 +1088,110 @@ mod tests {
         assert_eq!(xa.reserved_count(), 0);
         assert_eq!(xa.node_count(), 3);
         xa.check_invariants().unwrap();
+    }
+
+    /// The node count `prepare_nodes` reserves for is an upper bound on
+    /// what a store really allocates, and is exact up to the 11 expansion
+    /// roots; a huge erase visits only present entries.
+    #[test]
+    fn missing_nodes_bounds_the_allocation() {
+        use proptest::prelude::*;
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
+        let range = (0u64..1 << 14, 1u64..1 << 13);
+        let pre = proptest::collection::vec((0u64..1 << 20, 1u64..200), 0..6);
+        runner
+            .run(&(range, pre, any::<bool>()), |((start, len), pre, high)| {
+                let base = if high { 1u64 << 40 } else { 0 };
+                let mut xa = XArray::new();
+                for (s, l) in pre {
+                    xa.set_range(base + s, base + s + l, 3).unwrap();
+                }
+                let (s, e) = (base + start, base + start + len);
+                let missing = xa.missing_nodes(s, e);
+                let before = xa.node_count() as u64;
+                xa.set_range(s, e, 9).unwrap();
+                let grew = xa.node_count() as u64 - before;
+                prop_assert!(grew <= missing, "grew {} > estimate {}", grew, missing);
+                prop_assert!(
+                    missing <= grew + 11,
+                    "estimate {} far above {}",
+                    missing,
+                    grew
+                );
+                xa.check_invariants().unwrap();
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// A store stopped by the cancellation flag puts back exactly what was
+    /// there, reserved entries included (issue 14, item 13).
+    #[test]
+    fn interrupted_store_is_undone() {
+        use proptest::prelude::*;
+        use std::sync::atomic::AtomicBool;
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(100));
+        let pre = proptest::collection::vec((0u64..1 << 17, 1u64..5000, 0u64..3), 0..6);
+        runner
+            .run(&(pre, 0u64..1 << 16), |(pre, start)| {
+                let mut xa = XArray::new();
+                for (s, l, v) in pre {
+                    if v == 2 {
+                        xa.reserve(s, s + l, None).unwrap();
+                    } else {
+                        xa.set_range(s, s + l, v + 1).unwrap();
+                    }
+                }
+                let before: Vec<_> = (0..1u64 << 18).map(|i| xa.raw_entry(i)).collect();
+                let nodes = xa.node_count();
+                let flag = AtomicBool::new(true);
+                let end = start + 3 * crate::interrupt::CHECK_EVERY;
+                let r = crate::interrupt::with_token(&flag, || xa.set_range(start, end, 7));
+                prop_assert_eq!(r, Err(StoreError::Interrupted));
+                let after: Vec<_> = (0..1u64 << 18).map(|i| xa.raw_entry(i)).collect();
+                prop_assert!(before == after);
+                prop_assert!(xa.node_count() <= nodes);
+                xa.check_invariants().unwrap();
+                // Reservations stop and undo themselves too.
+                let r = crate::interrupt::with_token(&flag, || xa.reserve(start, end, None));
+                prop_assert_eq!(r, Err(StoreError::Interrupted));
+                let after: Vec<_> = (0..1u64 << 18).map(|i| xa.raw_entry(i)).collect();
+                prop_assert!(before == after);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn erase_of_a_huge_range_visits_only_entries() {
+        let mut xa = XArray::new();
+        xa.set_range(7, 9000, 4).unwrap();
+        xa.set_range(1 << 50, (1 << 50) + 5, 4).unwrap();
+        xa.reserve(1 << 61, (1 << 61) + 3, None).unwrap();
+        // 2^63 indices: visiting each would never end.
+        xa.set_range(0, 1 << 63, 0).unwrap();
+        assert_eq!(
+            (xa.entry_count(), xa.node_count(), xa.reserved_count()),
+            (0, 0, 0)
+        );
+        xa.check_invariants().unwrap();
+    }
+
+    /// The per-page tracker's arrays are allocated fallibly: a slot of
+    /// 2^44 pages is an error, not an abort (item 1).
+    #[test]
+    fn impossible_reserve_fails_up_front() {
+        let mut xa = XArray::new();
+        xa.set_range(1, 3, 1).unwrap();
+        let err = xa.reserve(0, 1 << 50, Some(1 << 20)).unwrap_err();
+        // The caller's limit is what the message quotes (item 11).
+        assert_eq!(
+            matches!(err, StoreError::OutOfMemory { limit: Some(l), .. } if l == 1 << 20),
+            true
+        );
+        assert!(err.to_string().contains("limit is 1048576 bytes"));
+        let err = xa.set_range(0, 1 << 50, 1).unwrap_err();
+        assert!(matches!(err, StoreError::OutOfMemory { limit: None, .. }));
+        assert_eq!(xa.entry_count(), 2);
     }
 }
