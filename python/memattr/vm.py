@@ -341,7 +341,9 @@ class Vm:
             first = self._hook_error
             if first is not None and first is not e and e.__context__ is None:
                 e.__context__ = first
-                e.add_note(f"an earlier hook raised {type(first).__name__}: {first}")
+                add_note = getattr(e, "add_note", None)  # Python 3.11+
+                if add_note is not None:
+                    add_note(f"an earlier hook raised {type(first).__name__}: {first}")
             raise
         finally:
             if self._hook_error is not None:
