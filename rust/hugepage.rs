@@ -531,11 +531,30 @@ pub struct LpageInfoTracker {
 
 impl LpageInfoTracker {
     /// kvm_alloc_memslot_metadata(): the head/tail and congruence rules.
+    /// Panics if the arrays cannot be allocated; see [`Self::try_new`].
     pub fn new(slot: SlotLayout) -> Self {
+        Self::try_new(slot).expect("lpage_info allocation")
+    }
+
+    /// [`Self::new`], with the arrays' allocation (a u32 per hugepage, so
+    /// the size is the caller's) failing as `OutOfMemory` instead of
+    /// aborting, like the kernel's `kvcalloc()` failing with -ENOMEM.
+    pub fn try_new(slot: SlotLayout) -> Result<Self, HugepageError> {
         let mut lpage_info: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
         for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
-            let lpages = slot.lpages(level) as usize;
-            let mut linfo = vec![0u32; lpages];
+            let lpages = usize::try_from(slot.lpages(level)).unwrap_or(usize::MAX);
+            let mut linfo: Vec<u32> = Vec::new();
+            let oom = || {
+                HugepageError::Store(StoreError::OutOfMemory {
+                    needed: lpages.saturating_mul(4),
+                    limit: None,
+                })
+            };
+            if !crate::hostmem::could_back((lpages as u64).saturating_mul(4)) {
+                return Err(oom());
+            }
+            linfo.try_reserve_exact(lpages).map_err(|_| oom())?;
+            linfo.resize(lpages, 0);
             if slot.head_misaligned(level) {
                 linfo[0] = 1;
             }
@@ -547,7 +566,7 @@ impl LpageInfoTracker {
             }
             lpage_info[(level - PG_LEVEL_2M) as usize] = linfo;
         }
-        Self { slot, lpage_info }
+        Ok(Self { slot, lpage_info })
     }
 
     fn linfo(&self, gfn: u64, level: u8) -> u32 {
@@ -714,6 +733,12 @@ pub struct RangeTracker {
 }
 
 impl RangeTracker {
+    /// [`Self::new`]; never fails (the same signature as the per-page
+    /// tracker's).
+    pub fn try_new(slot: SlotLayout) -> Result<Self, HugepageError> {
+        Ok(Self::new(slot))
+    }
+
     /// kvm_alloc_memslot_metadata()'s rules, kept as three flags per level.
     pub fn new(slot: SlotLayout) -> Self {
         let mk = |level: u8| LevelRuns {

@@ -4,7 +4,9 @@
 //! `cargo test` covers without Python. The PyO3 layer in `py/` only adapts
 //! types and errors and is compiled only with the `python` feature.
 
+pub mod hostmem;
 pub mod hugepage;
+pub mod interrupt;
 pub mod kvm;
 pub mod locks;
 pub mod rangetree;

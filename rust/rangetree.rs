@@ -1157,14 +1157,20 @@ impl AttrStore for RangeTree {
         let needed = self.memory_bytes()
             + (want_leaves - self.spare_leaves) * LEAF_BYTES
             + (want_inners - self.spare_inners) * INNER_BYTES;
+        // The rule both stores follow: the reservation fails if the store
+        // would occupy more than `limit` after it, even when it allocates
+        // nothing (a store already over its limit takes no more sets).
         if let Some(limit) = limit {
-            if needed > limit && needed > self.memory_bytes() {
-                return Err(StoreError::OutOfMemory { needed, limit });
+            if needed > limit {
+                return Err(StoreError::OutOfMemory {
+                    needed,
+                    limit: Some(limit),
+                });
             }
         }
         let oom = |_| StoreError::OutOfMemory {
             needed,
-            limit: limit.unwrap_or(usize::MAX),
+            limit: None,
         };
         self.leaves.try_reserve(want_leaves).map_err(oom)?;
         self.inners.try_reserve(want_inners).map_err(oom)?;

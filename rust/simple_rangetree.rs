@@ -154,7 +154,10 @@ impl AttrStore for SimpleRangeTree {
         let needed = (self.map.len() + 2) * SIMPLE_BYTES_PER_RUN;
         if let Some(limit) = limit {
             if needed > limit {
-                return Err(StoreError::OutOfMemory { needed, limit });
+                return Err(StoreError::OutOfMemory {
+                    needed,
+                    limit: Some(limit),
+                });
             }
         }
         self.reserved_runs = 2;

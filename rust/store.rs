@@ -12,8 +12,12 @@ pub enum StoreError {
     /// `start >= end` or another malformed range.
     InvalidRange { start: u64, end: u64 },
     /// Reserving storage would exceed the caller's memory limit (the model of
-    /// an accounted allocation failing with -ENOMEM).
-    OutOfMemory { needed: usize, limit: usize },
+    /// an accounted allocation failing with -ENOMEM), or, with `limit` None,
+    /// the host (or the store's node ids) could not provide `needed` bytes.
+    OutOfMemory { needed: usize, limit: Option<usize> },
+    /// The caller asked the call to stop (see `crate::interrupt`); nothing
+    /// was changed.
+    Interrupted,
 }
 
 impl fmt::Display for StoreError {
@@ -22,10 +26,21 @@ impl fmt::Display for StoreError {
             StoreError::InvalidRange { start, end } => {
                 write!(f, "invalid range: start ({start}) must be < end ({end})")
             }
-            StoreError::OutOfMemory { needed, limit } => write!(
+            StoreError::OutOfMemory {
+                needed,
+                limit: Some(limit),
+            } => write!(
                 f,
                 "out of memory: {needed} bytes needed, limit is {limit} bytes"
             ),
+            StoreError::OutOfMemory {
+                needed,
+                limit: None,
+            } => write!(
+                f,
+                "out of memory: cannot allocate the {needed} bytes the store would need"
+            ),
+            StoreError::Interrupted => write!(f, "interrupted"),
         }
     }
 }

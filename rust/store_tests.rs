@@ -484,3 +484,20 @@ fn xarray_refuses_impossible_sizes() {
     x.set_range(0, 1 << 20, 0).unwrap();
     assert_eq!(x.entry_count(), 0);
 }
+
+/// One rule for both stores (issue 14, item 9): a reservation fails when
+/// the store would occupy more than `limit` after it, even when it needs
+/// nothing new.
+#[test]
+fn reserve_over_the_limit_fails_on_every_store() {
+    for mut s in both() {
+        s.set_range(0, 4096, 8).unwrap();
+        s.reserve(0, 4096, None).unwrap();
+        let mem = s.memory_bytes();
+        assert!(matches!(
+            s.reserve(0, 4096, Some(mem - 1)),
+            Err(StoreError::OutOfMemory { .. })
+        ));
+        assert_eq!(s.memory_bytes(), mem);
+    }
+}

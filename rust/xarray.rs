@@ -92,6 +92,18 @@ fn node_max_index(shift: u8) -> u64 {
     }
 }
 
+/// An upper bound on the nodes a store of non-NULL entries into
+/// `[start, end)` allocates, whatever the tree holds: every block of every
+/// level the range meets, and the roots an expansion adds.
+pub fn worst_case_nodes(start: u64, end: u64) -> u64 {
+    let leaves = (end - start) / XA_CHUNK_SIZE as u64 + 2;
+    leaves + leaves / 63 + 12
+}
+
+/// Nodes the model can name (u32 ids): some 2.47 TB of 576-byte nodes, more
+/// than any host has.
+pub const MAX_NODES: u64 = NO_NODE as u64;
+
 #[inline]
 fn slot_of(index: u64, shift: u8) -> usize {
     ((index >> shift) & XA_CHUNK_MASK) as usize
@@ -161,30 +173,187 @@ impl XArray {
             // Nothing left: give the arena back instead of keeping a free list.
             self.nodes.clear();
             self.free_ids.clear();
-        } else {
+        } else if self.free_ids.try_reserve(1).is_ok() {
             self.free_ids.push(id);
+        }
+        // else: the slot stays unused in the arena rather than aborting.
+    }
+
+    /// Makes sure a store of non-NULL entries into `[start, end)` can get
+    /// every node it may allocate, before anything changes: the nodes it
+    /// could need (counted exactly from the tree, plus the roots an
+    /// expansion may add) must fit the u32 node ids, and the arena is grown
+    /// with a fallible reservation, so running out of memory is an
+    /// `OutOfMemory` error instead of an abort half way. `limit` is only
+    /// quoted in the error, when the need is beyond it.
+    fn prepare_nodes(
+        &mut self,
+        start: u64,
+        end: u64,
+        limit: Option<usize>,
+    ) -> Result<(), StoreError> {
+        let spare = (self.nodes.capacity() - self.nodes.len() + self.free_ids.len()) as u64;
+        let bytes_now = self.memory_bytes();
+        let oom = move |nodes: u64| {
+            let needed = usize::try_from(nodes.saturating_mul(XA_NODE_BYTES as u64))
+                .unwrap_or(usize::MAX)
+                .saturating_add(bytes_now);
+            StoreError::OutOfMemory {
+                needed,
+                limit: limit.filter(|&l| needed > l),
+            }
+        };
+        // Cheap bound first: every block of every level the range meets.
+        if worst_case_nodes(start, end) <= spare {
+            return Ok(());
+        }
+        let missing = self.missing_nodes(start, end);
+        if missing <= spare {
+            return Ok(());
+        }
+        let room = (NO_NODE as u64).saturating_sub(self.nodes.len() as u64);
+        if missing > room {
+            return Err(oom(missing));
+        }
+        let extra = (missing - spare) as usize;
+        let node_size = std::mem::size_of::<Node>() as u64;
+        if !crate::hostmem::could_back((extra as u64).saturating_mul(node_size)) {
+            return Err(oom(missing));
+        }
+        self.nodes.try_reserve(extra).map_err(|_| oom(missing))?;
+        // `free_node` pushes ids back; keep room for them too, so freeing
+        // never needs an allocation that could fail.
+        let want_free = self.nodes.capacity();
+        let _ = self
+            .free_ids
+            .try_reserve(want_free.saturating_sub(self.free_ids.len()));
+        Ok(())
+    }
+
+    /// Nodes a store of non-NULL entries at every index of `[start, end)`
+    /// would allocate: at each level, the blocks the range meets minus the
+    /// nodes already there, plus the 11 an expansion of the head may add
+    /// outside the range. Costs one visit per existing node in the range.
+    fn missing_nodes(&self, start: u64, end: u64) -> u64 {
+        let last = end - 1;
+        let mut existing = [0u64; 12];
+        if let Head::Node(root) = self.head {
+            self.count_nodes(root, 0, start, last, &mut existing);
+        }
+        let mut missing = 11u64;
+        let mut level = 0usize;
+        loop {
+            let shift = XA_CHUNK_SHIFT * (level as u32 + 1);
+            let (a, b) = if shift >= 64 {
+                (0, 0)
+            } else {
+                (start >> shift, last >> shift)
+            };
+            missing += (b - a + 1).saturating_sub(existing[level]);
+            if b == 0 || level == 11 {
+                // One node at this level covers the range: it is the root.
+                break;
+            }
+            level += 1;
+        }
+        missing
+    }
+
+    fn count_nodes(&self, id: u32, base: u64, first: u64, last: u64, out: &mut [u64; 12]) {
+        let node = &self.nodes[id as usize];
+        let span_last = base.saturating_add(node_max_index(node.shift));
+        if first > span_last || last < base {
+            return;
+        }
+        out[(node.shift as u32 / XA_CHUNK_SHIFT) as usize] += 1;
+        if node.shift == 0 {
+            return;
+        }
+        let mut bits = node.present;
+        while bits != 0 {
+            let off = bits.trailing_zeros();
+            bits &= bits - 1;
+            let child_base = base + ((off as u64) << node.shift);
+            self.count_nodes(
+                node.slots[off as usize] as u32,
+                child_base,
+                first,
+                last,
+                out,
+            );
         }
     }
 
-    /// Refuses, before changing anything, a store into `[start, end)` that
-    /// could need more nodes than a u32 node id can name (some 2.4 TiB of
-    /// nodes: no host gets there, but the ids must never wrap).
-    fn check_node_ids(&self, start: u64, end: u64) -> Result<(), StoreError> {
-        // Leaves for the range, plus at most one partial leaf at each end
-        // and the interior nodes above them (under 1/63 more).
-        let leaves = (end - start) / XA_CHUNK_SIZE as u64 + 2;
-        let worst = leaves + leaves / 63 + 12;
-        let room = (NO_NODE as u64).saturating_sub(self.nodes.len() as u64);
-        if worst > room {
-            let needed =
-                usize::try_from(worst.saturating_mul(XA_NODE_BYTES as u64)).unwrap_or(usize::MAX);
+    /// Present entries (reserved ones included) of `[start, end)` as runs
+    /// `(start, end, entry)`, for undoing a store that is stopped part way.
+    /// Fails, before anything changes, if the list cannot be allocated.
+    fn snapshot(&self, start: u64, end: u64) -> Result<Vec<(u64, u64, Option<u64>)>, StoreError> {
+        let mut runs: Vec<(u64, u64, Option<u64>)> = Vec::new();
+        let mut failed = false;
+        self.walk(start, end, &mut |index, entry| {
+            if let Some(r) = runs.last_mut() {
+                if r.1 == index && r.2 == entry {
+                    r.1 = index + 1;
+                    return true;
+                }
+            }
+            if runs.try_reserve(1).is_err() {
+                failed = true;
+                return false;
+            }
+            runs.push((index, index + 1, entry));
+            true
+        });
+        if failed {
             return Err(StoreError::OutOfMemory {
-                needed,
-                limit: usize::try_from(room.saturating_mul(XA_NODE_BYTES as u64))
-                    .unwrap_or(usize::MAX),
+                needed: runs.len().saturating_mul(2 * 24),
+                limit: None,
             });
         }
-        Ok(())
+        Ok(runs)
+    }
+
+    /// Puts `[start, stop)` back as `snapshot` had it (every index there
+    /// holds a value now, so this allocates no node).
+    fn restore(&mut self, start: u64, stop: u64, snapshot: &[(u64, u64, Option<u64>)]) {
+        let mut runs = snapshot.iter().peekable();
+        for index in start..stop {
+            while runs.peek().is_some_and(|r| r.1 <= index) {
+                runs.next();
+            }
+            match runs.peek() {
+                Some(&&(a, _, entry)) if a <= index => match entry {
+                    Some(v) => self.store_entry(index, Entry::Value(v)),
+                    None => self.store_entry(index, Entry::Zero),
+                },
+                _ => {
+                    self.erase_entry(index);
+                }
+            }
+        }
+    }
+
+    /// Erases every present entry of `[start, end)`, visiting only present
+    /// entries (empty subtrees are skipped, so erasing a huge empty range
+    /// costs nothing). Collects a bounded batch at a time.
+    fn erase_range(&mut self, start: u64, end: u64) {
+        const BATCH: usize = 4096;
+        let mut from = start;
+        let mut batch: Vec<u64> = Vec::with_capacity(BATCH);
+        loop {
+            batch.clear();
+            self.walk(from, end, &mut |index, _| {
+                batch.push(index);
+                batch.len() < BATCH
+            });
+            for &index in &batch {
+                self.erase_entry(index);
+            }
+            match batch.last() {
+                Some(&l) if batch.len() == BATCH && l + 1 < end => from = l + 1,
+                _ => break,
+            }
+        }
     }
 
     /// `xa_load()`: reserved entries read as 0, like NULL.
@@ -633,11 +802,29 @@ impl AttrStore for XArray {
     /// One `xa_store()` per gfn, as `kvm_vm_set_mem_attributes()` does.
     fn set_range(&mut self, start: u64, end: u64, value: u64) -> Result<(), StoreError> {
         check_range(start, end)?;
-        if value != 0 {
-            self.check_node_ids(start, end)?;
+        if value == 0 {
+            self.erase_range(start, end);
+            return Ok(());
         }
+        self.prepare_nodes(start, end, None)?;
+        // A long store can be interrupted; what it stored is then put back.
+        let snapshot = if end - start >= crate::interrupt::CHECK_EVERY && crate::interrupt::armed()
+        {
+            Some(self.snapshot(start, end)?)
+        } else {
+            None
+        };
         for index in start..end {
-            self.store(index, value);
+            if (index - start) % crate::interrupt::CHECK_EVERY == 0
+                && index != start
+                && crate::interrupt::pending()
+            {
+                if let Some(snap) = &snapshot {
+                    self.restore(start, index, snap);
+                    return Err(StoreError::Interrupted);
+                }
+            }
+            self.store_entry(index, Entry::Value(value));
         }
         Ok(())
     }
@@ -711,23 +898,51 @@ impl AttrStore for XArray {
     /// which frees every node they allocated.
     fn reserve(&mut self, start: u64, end: u64, limit: Option<usize>) -> Result<(), StoreError> {
         check_range(start, end)?;
-        self.check_node_ids(start, end)?;
+        // The rule both stores follow: no reservation leaves the store over
+        // `limit`, even one that allocates nothing.
+        if let Some(limit) = limit {
+            let bytes = self.memory_bytes();
+            if bytes > limit {
+                return Err(StoreError::OutOfMemory {
+                    needed: bytes,
+                    limit: Some(limit),
+                });
+            }
+        }
+        self.prepare_nodes(start, end, limit)?;
         // Runs of indices this call reserved, to undo on failure.
         let mut made: Vec<(u64, u64)> = Vec::new();
         let mut failed = None;
         for index in start..end {
+            if (index - start) % crate::interrupt::CHECK_EVERY == 0
+                && index != start
+                && crate::interrupt::pending()
+            {
+                failed = Some(StoreError::Interrupted);
+                break;
+            }
             let before = self.live_nodes;
             if self.reserve_one(index) {
                 match made.last_mut() {
                     Some(r) if r.1 == index => r.1 = index + 1,
-                    _ => made.push((index, index + 1)),
+                    _ => {
+                        if made.try_reserve(1).is_err() {
+                            self.release_one(index);
+                            failed = Some(StoreError::OutOfMemory {
+                                needed: self.memory_bytes(),
+                                limit: None,
+                            });
+                            break;
+                        }
+                        made.push((index, index + 1))
+                    }
                 }
                 if let Some(limit) = limit {
                     let bytes = self.memory_bytes();
                     if self.live_nodes > before && bytes > limit {
                         failed = Some(StoreError::OutOfMemory {
                             needed: bytes,
-                            limit,
+                            limit: Some(limit),
                         });
                         break;
                     }
@@ -751,16 +966,26 @@ impl AttrStore for XArray {
         if self.nr_zero == 0 {
             return;
         }
-        let mut zeros: Vec<u64> = Vec::new();
-        self.walk(0, u64::MAX, &mut |index, entry| {
-            if entry.is_none() {
-                zeros.push(index);
-            }
-            true
-        });
+        // Bounded batches, so releasing never needs a big allocation.
         // Index u64::MAX is outside every half-open range; it is never set.
-        for index in zeros {
-            self.release_one(index);
+        const BATCH: usize = 4096;
+        let mut zeros: Vec<u64> = Vec::with_capacity(BATCH);
+        let mut from = 0u64;
+        loop {
+            zeros.clear();
+            self.walk(from, u64::MAX, &mut |index, entry| {
+                if entry.is_none() {
+                    zeros.push(index);
+                }
+                zeros.len() < BATCH
+            });
+            for &index in &zeros {
+                self.release_one(index);
+            }
+            match zeros.last() {
+                Some(&l) if zeros.len() == BATCH => from = l + 1,
+                _ => break,
+            }
         }
     }
 
@@ -863,5 +1088,110 @@ mod tests {
         assert_eq!(xa.reserved_count(), 0);
         assert_eq!(xa.node_count(), 3);
         xa.check_invariants().unwrap();
+    }
+
+    /// The node count `prepare_nodes` reserves for is an upper bound on
+    /// what a store really allocates, and is exact up to the 11 expansion
+    /// roots; a huge erase visits only present entries.
+    #[test]
+    fn missing_nodes_bounds_the_allocation() {
+        use proptest::prelude::*;
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
+        let range = (0u64..1 << 14, 1u64..1 << 13);
+        let pre = proptest::collection::vec((0u64..1 << 20, 1u64..200), 0..6);
+        runner
+            .run(&(range, pre, any::<bool>()), |((start, len), pre, high)| {
+                let base = if high { 1u64 << 40 } else { 0 };
+                let mut xa = XArray::new();
+                for (s, l) in pre {
+                    xa.set_range(base + s, base + s + l, 3).unwrap();
+                }
+                let (s, e) = (base + start, base + start + len);
+                let missing = xa.missing_nodes(s, e);
+                let before = xa.node_count() as u64;
+                xa.set_range(s, e, 9).unwrap();
+                let grew = xa.node_count() as u64 - before;
+                prop_assert!(grew <= missing, "grew {} > estimate {}", grew, missing);
+                prop_assert!(
+                    missing <= grew + 11,
+                    "estimate {} far above {}",
+                    missing,
+                    grew
+                );
+                xa.check_invariants().unwrap();
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// A store stopped by the cancellation flag puts back exactly what was
+    /// there, reserved entries included (issue 14, item 13).
+    #[test]
+    fn interrupted_store_is_undone() {
+        use proptest::prelude::*;
+        use std::sync::atomic::AtomicBool;
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(100));
+        let pre = proptest::collection::vec((0u64..1 << 17, 1u64..5000, 0u64..3), 0..6);
+        runner
+            .run(&(pre, 0u64..1 << 16), |(pre, start)| {
+                let mut xa = XArray::new();
+                for (s, l, v) in pre {
+                    if v == 2 {
+                        xa.reserve(s, s + l, None).unwrap();
+                    } else {
+                        xa.set_range(s, s + l, v + 1).unwrap();
+                    }
+                }
+                let before: Vec<_> = (0..1u64 << 18).map(|i| xa.raw_entry(i)).collect();
+                let nodes = xa.node_count();
+                let flag = AtomicBool::new(true);
+                let end = start + 3 * crate::interrupt::CHECK_EVERY;
+                let r = crate::interrupt::with_token(&flag, || xa.set_range(start, end, 7));
+                prop_assert_eq!(r, Err(StoreError::Interrupted));
+                let after: Vec<_> = (0..1u64 << 18).map(|i| xa.raw_entry(i)).collect();
+                prop_assert!(before == after);
+                prop_assert!(xa.node_count() <= nodes);
+                xa.check_invariants().unwrap();
+                // Reservations stop and undo themselves too.
+                let r = crate::interrupt::with_token(&flag, || xa.reserve(start, end, None));
+                prop_assert_eq!(r, Err(StoreError::Interrupted));
+                let after: Vec<_> = (0..1u64 << 18).map(|i| xa.raw_entry(i)).collect();
+                prop_assert!(before == after);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn erase_of_a_huge_range_visits_only_entries() {
+        let mut xa = XArray::new();
+        xa.set_range(7, 9000, 4).unwrap();
+        xa.set_range(1 << 50, (1 << 50) + 5, 4).unwrap();
+        xa.reserve(1 << 61, (1 << 61) + 3, None).unwrap();
+        // 2^63 indices: visiting each would never end.
+        xa.set_range(0, 1 << 63, 0).unwrap();
+        assert_eq!(
+            (xa.entry_count(), xa.node_count(), xa.reserved_count()),
+            (0, 0, 0)
+        );
+        xa.check_invariants().unwrap();
+    }
+
+    /// The per-page tracker's arrays are allocated fallibly: a slot of
+    /// 2^44 pages is an error, not an abort (item 1).
+    #[test]
+    fn impossible_reserve_fails_up_front() {
+        let mut xa = XArray::new();
+        xa.set_range(1, 3, 1).unwrap();
+        let err = xa.reserve(0, 1 << 50, Some(1 << 20)).unwrap_err();
+        // The caller's limit is what the message quotes (item 11).
+        assert_eq!(
+            matches!(err, StoreError::OutOfMemory { limit: Some(l), .. } if l == 1 << 20),
+            true
+        );
+        assert!(err.to_string().contains("limit is 1048576 bytes"));
+        let err = xa.set_range(0, 1 << 50, 1).unwrap_err();
+        assert!(matches!(err, StoreError::OutOfMemory { limit: None, .. }));
+        assert_eq!(xa.entry_count(), 2);
     }
 }

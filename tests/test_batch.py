@@ -232,7 +232,7 @@ def test_native_leaves_locks_free_and_counts_no_extra_acquisitions():
 def test_bad_columns_are_refused_and_change_nothing():
     trace = small()
     vm = fresh_vm(trace, "rangetree")
-    t.replay(t.Trace(trace.ops[:3], trace.meta), vm)  # memslots only
+    t.replay(t.Trace(trace.ops[:3], {**trace.meta, "phases": []}), vm)  # memslots only
     before = snapshot(vm)
     ops = trace.ops[3:10]
     cols = [np.ascontiguousarray(ops[f]) for f in ("kind", "gpa", "size", "attributes", "arg", "flags")]
@@ -277,7 +277,7 @@ def test_enomem_in_a_batch_changes_nothing():
 def test_other_threads_wait_for_a_batch_and_see_its_result():
     trace = w.make("boot-and-churn", "64G", seed=2)
     vm = fresh_vm(trace, "xarray")
-    t.replay(t.Trace(trace.ops[:4], trace.meta), vm)
+    t.replay(t.Trace(trace.ops[:4], {**trace.meta, "phases": []}), vm)
     stop = threading.Event()
     seen: list[BaseException] = []
 
@@ -293,7 +293,7 @@ def test_other_threads_wait_for_a_batch_and_see_its_result():
     th = threading.Thread(target=poke)
     th.start()
     try:
-        res = t.replay(t.Trace(trace.ops[4:], trace.meta), vm, engine="native")
+        res = t.replay(t.Trace(trace.ops[4:], {**trace.meta, "phases": []}), vm, engine="native")
     finally:
         stop.set()
         th.join()

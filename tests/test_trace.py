@@ -231,7 +231,7 @@ def test_bad_text_names_line(lineno, text, match):
 
 
 def test_text_header_required(tmp_path):
-    with pytest.raises(t.TraceFormatError, match="line 1: expected '# memattr trace v1'"):
+    with pytest.raises(t.TraceFormatError, match="line 1: expected '# memattr trace v2'"):
         t.parse_text(["set_memory_attributes gpa=0x0 size=0x1000 attributes=0x8"])
     with pytest.raises(t.TraceFormatError, match="line 1: empty file"):
         t.parse_text([])
@@ -246,7 +246,7 @@ def test_text_header_required(tmp_path):
 
 def test_text_comments_blank_lines_and_symbolic_results():
     lines = [
-        t.TEXT_HEADER,
+        t.TEXT_HEADER_V1,  # hand-written: v1 needs no end line
         "",
         "# a comment",
         "set_memory_attributes gpa=0x0 size=0x1000 attributes=0x8 -> -EINVAL",
@@ -320,8 +320,13 @@ def test_qemu_import_log_adds_setup_and_creation(tmp_path):
     ],
 )
 def test_qemu_malformed_line_names_line(line):
+    # --strict: the old behaviour, an error naming the line.
     with pytest.raises(t.TraceFormatError, match=r"line 3: malformed QEMU trace line"):
-        qemu.parse_log(["x", "kvm_convert_memory start 0x0 size 0x1000 shared_to_private", line])
+        qemu.parse_log(["x", "kvm_convert_memory start 0x0 size 0x1000 shared_to_private", line], strict=True)
+    # By default: skipped and counted, with the first one named.
+    tr = qemu.parse_log(["x", "kvm_convert_memory start 0x0 size 0x1000 shared_to_private", line])
+    assert len(tr) == 1
+    assert tr.meta["qemu_skipped"] == {"no_event": 1, "malformed": 1, "first_malformed": f"line 3: {line!r}"}
 
 
 def test_qemu_value_too_big():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from memattr import explore_cli, qemu, report, sweep, workloads
@@ -77,8 +79,34 @@ def _nonneg(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     if v < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
+    return v
+
+
+# Churn turnover: buffer generations. Each generation replaces the whole
+# population, so the trace (and the run's memory) grows with it.
+MAX_TURNOVER = 1000.0
+
+
+def _turnover(text: str) -> float:
+    v = _nonneg(text)
+    if v > MAX_TURNOVER:
+        raise argparse.ArgumentTypeError(
+            f"{text} is above {MAX_TURNOVER:g} (each generation adds a whole population of buffers)"
+        )
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 2**64)")
     return v
 
 
@@ -94,12 +122,14 @@ def _positive_int(text: str) -> int:
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload parameters (ignored by workloads that do not use them)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     g.add_argument("--style", choices=workloads.STYLES, default="tdx", help="conversion request style (default tdx)")
     g.add_argument("--vcpus", type=_positive_int, default=None, help="vCPUs (default: the workload's)")
     g.add_argument("--shared-fraction", type=_fraction, default=None, help="churn target shared fraction (0.075)")
     g.add_argument("--accept-fraction", type=_fraction, default=None, help="fraction of RAM accepted lazily")
-    g.add_argument("--turnover", type=_nonneg, default=None, help="churn turnover: buffer generations (1.0)")
+    g.add_argument(
+        "--turnover", type=_turnover, default=None, help=f"churn turnover: buffer generations (1.0, at most {MAX_TURNOVER:g})"
+    )
     g.add_argument(
         "--discard",
         action="store_true",
@@ -204,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="no guest_memfd hole after each conversion to shared (QEMU punches one)",
     )
     q.add_argument("--text", action="store_true")
+    q.add_argument(
+        "--strict", action="store_true", help="a line naming an event that does not parse is an error (default: skipped, counted)"
+    )
 
     s = sub.add_parser("show", help="validate and summarise a trace")
     s.add_argument("trace")
@@ -287,6 +320,8 @@ def _xarray_plan(args: argparse.Namespace, console: Console) -> tuple[int, str]:
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: exists and is not a directory")
     os.makedirs(args.out, exist_ok=True)
     params = tuple(sorted(_params(args).items()))
     vmk = tuple(sorted(_vm_kwargs(args).items()))
@@ -352,7 +387,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
 
     def finished(c: sweep.Config, r: dict[str, Any] | None, e: BaseException | None) -> None:
         if e is not None:
-            failures.append(f"{c.label()}: {type(e).__name__}: {e}")
+            failures.append(f"{c.label()}: {type(e).__name__}: {' '.join(str(e).split())}")
         if state["progress"] is not None:
             prog, task = state["progress"]
             prog.update(task, advance=1, description=f"done: {c.label()}")
@@ -382,7 +417,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     for s in sorted(skipped):
         console.print(f"xarray skipped at {format_size(s)}: {skipped[s]}")
     for f in failures:
-        console.print(f"[red]failed[/]: {f}")
+        console.print(f"[red]failed[/]: {escape(f)}", highlight=False, soft_wrap=True)
     payload = {
         "command": "compare",
         "workload": name,
@@ -420,13 +455,26 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_import_qemu(args: argparse.Namespace, console: Console) -> int:
     tr = qemu.import_log(
-        args.log, args.guest, args.low_limit, initial_private=not args.shared_at_start, discard=not args.no_discard
+        args.log,
+        args.guest,
+        args.low_limit,
+        initial_private=not args.shared_at_start,
+        discard=not args.no_discard,
+        strict=args.strict,
     )
     trace_mod.write(tr, args.output, text=True if args.text else None)
     n = tr.phases[-1][2] - tr.phases[-1][1]
     console.print(
         f"imported {tr.meta['qemu_events']:,} QEMU events as {n:,} KVM operations "
         f"({len(tr):,} with setup) to {args.output}"
+    )
+    sk = tr.meta.get("qemu_skipped", {})
+    console.print(
+        f"skipped {sk.get('no_event', 0):,} lines without a kvm_convert_memory or kvm_memory_fault event "
+        f"and {sk.get('malformed', 0):,} malformed event lines"
+        + (f" (first: {escape(sk['first_malformed'])}; --strict makes them errors)" if sk.get("malformed") else ""),
+        highlight=False,
+        soft_wrap=True,
     )
     return 0
 
@@ -454,17 +502,68 @@ COMMANDS = {
 }
 
 
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """``--guest -1G`` as ``--guest=-1G``: argparse would take ``-1G`` for an
+    option and say only "expected one argument"; glued, the value reaches
+    its parser, whose message says what is wrong with it."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if a.startswith("--") and "=" not in a and len(nxt) > 1 and nxt[0] == "-" and (nxt[1].isdigit() or nxt[1] == "."):
+            out.append(f"{a}={nxt}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def _input_file(args: argparse.Namespace) -> str | None:
+    """The file the command reads, to name in its one-line error."""
+    for attr in ("trace", "source", "log"):
+        v = getattr(args, attr, None)
+        if isinstance(v, str) and os.path.exists(v):
+            return v
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = _glue_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     # Tables are wide: give pipes and files room instead of rich's 80.
     console = Console() if sys.stdout.isatty() else Console(width=160)
+    # Every failure is one line naming the file (when there is one) and the
+    # problem, and a non-zero exit; MEMATTR_TRACEBACK=1 re-raises instead.
+    debug = os.environ.get("MEMATTR_TRACEBACK") == "1"
+    src = _input_file(args)
+
+    def one_line(e: BaseException) -> str:
+        text = str(e) or type(e).__name__
+        if src and src not in text:
+            text = f"{src}: {text}"
+        # One line, and brackets in it are text, not rich markup.
+        return escape(" ".join(text.split()))
+
     try:
         return COMMANDS[args.command](args, console)
     except trace_mod.TraceFormatError as e:
-        console.print(f"[red]memattr: bad trace:[/] {e}")
+        if debug:
+            raise
+        console.print(f"[red]memattr: bad trace:[/] {one_line(e)}", highlight=False, soft_wrap=True)
         return 2
     except (ValueError, OSError) as e:
-        console.print(f"[red]memattr {args.command}:[/] {e}")
+        if debug:
+            raise
+        console.print(f"[red]memattr {args.command}:[/] {one_line(e)}", highlight=False, soft_wrap=True)
+        return 2
+    except (RuntimeError, TypeError, OverflowError, LookupError, MemoryError, RecursionError, ArithmeticError) as e:
+        # LockdepError and KvmBugError are RuntimeErrors: a trace asking for
+        # the v11 ordering, or a model inconsistency, ends the run here.
+        if debug:
+            raise
+        console.print(f"[red]memattr {args.command}:[/] {type(e).__name__}: {one_line(e)}", highlight=False, soft_wrap=True)
         return 2
 
 

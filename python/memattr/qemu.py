@@ -20,9 +20,13 @@ Every ``kvm_convert_memory`` line becomes a SET_MEMORY_ATTRIBUTES operation
 (PRIVATE for ``shared_to_private``, 0 otherwise); every
 ``kvm_memory_fault`` line becomes a FAULT operation at ``start`` whose
 private-ness is the exit's ``KVM_MEMORY_EXIT_FLAG_PRIVATE`` bit (the
-conversion QEMU then made follows as its own line). Other lines (other
-events, QEMU messages) are skipped; a line that names one of the two events
-but does not parse is an error naming the line.
+conversion QEMU then made follows as its own line). Events are found
+wherever they stand in a line (a warning and an event often share one line
+of stderr), several per line included. Other lines (other events, QEMU
+messages) are skipped, and so is a line that names one of the two events
+but does not parse; both are counted in the trace's ``qemu_skipped``
+metadata (with the first malformed line), which ``memattr import-qemu``
+prints. ``strict=True`` makes a malformed event line an error naming it.
 
 QEMU makes RAM private when it registers a guest_memfd slot, which is not a
 traced conversion, so the importer prepends the guest's setup and creation
@@ -87,15 +91,28 @@ _FAULT = re.compile(
     r"size\s+0x(?P<size>[0-9a-fA-F]+)\s+flags\s+0x(?P<flags>[0-9a-fA-F]+)\s*$"
 )
 _EVENT = re.compile(r"(?:^|[\s:])(kvm_convert_memory|kvm_memory_fault)\s")
+# Either event anywhere in a line (not inside a longer word).
+_ANYWHERE = re.compile(
+    r"(?<![\w])(?:kvm_convert_memory\s+start\s+0x(?P<cstart>[0-9a-fA-F]+)\s+size\s+0x(?P<csize>[0-9a-fA-F]+)"
+    r"\s+(?P<msg>shared_to_private|private_to_shared)(?![\w])"
+    r"|kvm_memory_fault\s+start\s+0x(?P<fstart>[0-9a-fA-F]+)\s+size\s+0x(?P<fsize>[0-9a-fA-F]+)"
+    r"\s+flags\s+0x(?P<flags>[0-9a-fA-F]+)(?![\w]))"
+)
 
 
-def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
-    """The conversions and memory faults of a QEMU log, in order (no setup)."""
+def parse_log(lines: Iterable[str], name: str = "<qemu log>", strict: bool = False) -> Trace:
+    """The conversions and memory faults of a QEMU log, in order (no setup).
+    ``meta["qemu_skipped"]`` counts the lines skipped, by reason."""
     rows: list[tuple[int, int, int, int, int]] = []
+    no_event = 0
+    malformed = 0
+    first_malformed = ""
     for lineno, line in enumerate(lines, 1):
         if "kvm_convert_memory" not in line and "kvm_memory_fault" not in line:
+            no_event += 1
             continue
         if not _EVENT.search(line):
+            no_event += 1
             continue
         m = _CONVERT.match(line)
         if m:
@@ -115,7 +132,28 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
             fflags = FLAG_PRIVATE if flags & KVM_MEMORY_EXIT_FLAG_PRIVATE else 0
             rows.append((OP_FAULT, start, 0, 0, fflags))
             continue
-        raise TraceFormatError(f"{name} line {lineno}: malformed QEMU trace line: {line.strip()[:120]!r}")
+        # Not the whole line: the events may stand anywhere in it.
+        found = False
+        for e in _ANYWHERE.finditer(line):
+            found = True
+            if e["cstart"] is not None:
+                start, size = int(e["cstart"], 16), int(e["csize"], 16)
+                if start > U64_MAX or size > U64_MAX:
+                    raise TraceFormatError(f"{name} line {lineno}: value does not fit in 64 bits")
+                attrs = KVM_MEMORY_ATTRIBUTE_PRIVATE if e["msg"] == "shared_to_private" else 0
+                rows.append((OP_SET_MEMORY_ATTRIBUTES, start, size, attrs, 0))
+            else:
+                start, flags = int(e["fstart"], 16), int(e["flags"], 16)
+                if start > U64_MAX or int(e["fsize"], 16) > U64_MAX or flags > U64_MAX:
+                    raise TraceFormatError(f"{name} line {lineno}: value does not fit in 64 bits")
+                rows.append((OP_FAULT, start, 0, 0, FLAG_PRIVATE if flags & KVM_MEMORY_EXIT_FLAG_PRIVATE else 0))
+        if found:
+            continue
+        if strict:
+            raise TraceFormatError(f"{name} line {lineno}: malformed QEMU trace line: {line.strip()[:120]!r}")
+        malformed += 1
+        if not first_malformed:
+            first_malformed = f"line {lineno}: {line.strip()[:120]!r}"
     ops = empty_ops(len(rows))
     if rows:
         cols = list(zip(*rows))
@@ -123,7 +161,8 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>") -> Trace:
             ("kind", "gpa", "size", "attributes", "flags"), cols, (np.uint8, np.uint64, np.uint64, np.uint64, np.uint8)
         ):
             ops[name] = np.array(col, dtype)
-    return Trace(ops, {"name": "qemu", "vm_type": KVM_X86_SW_PROTECTED_VM})
+    skipped = {"no_event": no_event, "malformed": malformed, "first_malformed": first_malformed}
+    return Trace(ops, {"name": "qemu", "vm_type": KVM_X86_SW_PROTECTED_VM, "qemu_skipped": skipped})
 
 
 def _ram_region_index(gpa: np.ndarray, regions: Sequence[Region]) -> np.ndarray:
@@ -236,6 +275,7 @@ def import_log(
     low_limit: int | str = 2 * GiB,
     initial_private: bool = True,
     discard: bool = True,
+    strict: bool = False,
 ) -> Trace:
     """A replayable trace from a QEMU log: setup, creation (when QEMU made
     the slots private, the default) and what QEMU asked of KVM for the
@@ -248,9 +288,9 @@ def import_log(
     """
     if isinstance(source, (str, os.PathLike)):
         with open(source, encoding="utf-8", errors="replace") as f:
-            events = parse_log(f, os.fspath(source))
+            events = parse_log(f, os.fspath(source), strict)
     else:
-        events = parse_log(source)
+        events = parse_log(source, strict=strict)
     layout = GuestLayout.build(guest, low_limit)
     parts = [("setup", setup(layout))]
     if initial_private:
@@ -268,5 +308,6 @@ def import_log(
         },
         "layout": layout.describe(),
         "qemu_events": len(events),
+        "qemu_skipped": events.meta["qemu_skipped"],
     }
     return concat(parts, meta)

@@ -18,7 +18,60 @@ from memattr.trace_format import (
     Trace,
     ops_from_rows,
 )
-from memattr.uapi import KVM_SET_MEMORY_ATTRIBUTES, U32_MAX, U64_MAX, kvm_memory_attributes
+from memattr.ioctl import vm_ioctl
+from memattr.uapi import KVM_MEM_GUEST_MEMFD, U32_MAX, U64_MAX
+
+
+class UnrecordableCall(TypeError):
+    """A call through a :class:`Recorder` that changes the VM but that no
+    trace operation can hold."""
+
+
+# Vm attributes that read state (or register observers), passed through.
+_PASS_THROUGH = frozenset(
+    {
+        "attr_memory_limit",
+        "check_extension",
+        "get_memory_attributes",
+        "guest_memfds",
+        "has_hooks",
+        "has_private_mem",
+        "has_protected_state",
+        "has_readonly_mem",
+        "hugepage_mixed",
+        "manual_dirty_log_protect",
+        "max_mapping_level",
+        "memslots",
+        "mmu",
+        "mmu_invalidate_in_progress",
+        "mmu_invalidate_range_end",
+        "mmu_invalidate_range_start",
+        "mmu_invalidate_seq",
+        "mmu_lock",
+        "nr_memslot_as_ids",
+        "on_post_set",
+        "on_unmap",
+        "range_has_attributes",
+        "remove_hook",
+        "semantics",
+        "slots_lock",
+        "stats",
+        "store",
+        "store_kind",
+        "supported_memory_attributes",
+        "vm_type",
+    }
+)
+# Vm calls that change it and that no trace operation can hold.
+_UNRECORDABLE = frozenset(
+    {
+        "enable_cap",
+        "kvm_flush_remote_tlbs",
+        "kvm_mmu_invalidate_begin",
+        "kvm_mmu_invalidate_end",
+        "kvm_mmu_invalidate_range_add",
+    }
+)
 
 
 class Recorder:
@@ -33,9 +86,16 @@ class Recorder:
         rec.set_memory_attributes(0, 1 << 30, memattr.KVM_MEMORY_ATTRIBUTE_PRIVATE)
         trace = rec.trace()
 
-    Calls that raise are recorded with ``-errno`` and re-raised. A Vm's
-    ``ioctl(KVM_SET_MEMORY_ATTRIBUTES, ...)`` made through the recorder is
-    recorded as a set; other ioctls pass through unrecorded.
+    Calls that raise are recorded with ``-errno`` and re-raised.
+    ``ioctl()`` runs the Vm's own ioctl front end (:mod:`memattr.ioctl`:
+    the same argument rules, EFAULT for short buffers, ENOTTY...) with the
+    recorder as the VM, so the calls it makes are recorded like direct ones.
+
+    A trace must replay as it was recorded, so every state-changing call
+    goes through a recording method or is refused: ``enable_cap`` (no trace
+    operation holds it) raises :class:`UnrecordableCall`, and attributes the
+    recorder does not know raise AttributeError. Reading the Vm's state and
+    registering hooks pass through; ``rec.vm`` is the unrecorded Vm.
     """
 
     def __init__(self, vm: Any, meta: dict[str, Any] | None = None) -> None:
@@ -47,8 +107,28 @@ class Recorder:
         self._meta.setdefault("vm_kwargs", {})
         self._meta.setdefault("name", "recorded")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Setting a Vm attribute (attr_memory_limit...) changes the VM, and
+        # setting it on the recorder would silently do nothing: refuse both.
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        raise UnrecordableCall(
+            f"Recorder: setting {name} would change the VM unrecorded (or nothing); set rec.vm.{name} knowingly"
+        )
+
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._vm, name)
+        if name in _PASS_THROUGH or name.startswith("_"):
+            return getattr(self._vm, name)
+        if name in _UNRECORDABLE:
+            raise UnrecordableCall(
+                f"Recorder: {name} changes the VM but no trace operation can hold it, so the trace "
+                f"would replay differently; call rec.vm.{name}() knowingly, outside the recording"
+            )
+        raise AttributeError(
+            f"Recorder has no attribute {name!r} (only recorded calls and read-only Vm attributes "
+            "pass through; use rec.vm for the Vm itself)"
+        )
 
     @property
     def vm(self) -> Any:
@@ -117,21 +197,37 @@ class Recorder:
             lambda _: 0,
         )
 
-    def ioctl(self, request: int, arg: Any = 0) -> Any:
-        if request != KVM_SET_MEMORY_ATTRIBUTES:
-            return self._vm.ioctl(request, arg)
-        attrs = kvm_memory_attributes.from_buffer_copy(bytes(arg))
-        row = [
-            OP_SET_MEMORY_ATTRIBUTES,
-            int(attrs.address),
-            int(attrs.size),
-            int(attrs.attributes),
-            int(attrs.flags),
-            0,
-            0,
-            0,
-        ]
-        return self._call(row, lambda: self._vm.ioctl(request, arg), lambda _: 0)
+    def kvm_vm_ioctl_set_memory_region(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+        guest_memfd: int,
+        guest_memfd_offset: int,
+        *,
+        v1: bool = False,
+    ) -> None:
+        """The ioctl front end's memslot call. KVM_SET_USER_MEMORY_REGION
+        (``v1``) is the REGION2 call with no guest_memfd fields, except that
+        v1 refuses the GUEST_MEMFD flag: such a call fails (EINVAL, nothing
+        changed) without being recorded, as the trace could not tell it from
+        a REGION2 call."""
+        if v1 and flags & KVM_MEM_GUEST_MEMFD:
+            self._vm.kvm_vm_ioctl_set_memory_region(
+                slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd, guest_memfd_offset, v1=True
+            )
+            raise AssertionError("v1 memslot call with KVM_MEM_GUEST_MEMFD succeeded")
+        if v1:
+            guest_memfd, guest_memfd_offset = -1, 0
+        self.set_user_memory_region(
+            slot, guest_phys_addr, memory_size, userspace_addr, flags, guest_memfd, guest_memfd_offset
+        )
+
+    def ioctl(self, request: int, arg: Any = 0, mutate_flag: bool = True) -> int | bytes:
+        """``Vm.ioctl`` with every call it makes recorded (see the class)."""
+        return vm_ioctl(self, request, arg, mutate_flag)  # type: ignore[arg-type]
 
     def trace(self) -> Trace:
         """What was recorded so far, as a Trace."""

@@ -22,7 +22,7 @@ own module:
 
 from __future__ import annotations
 
-from memattr.recorder import Recorder
+from memattr.recorder import Recorder, UnrecordableCall
 from memattr.replayer import ENGINES, ReplayResult, apply_to_store, replay
 from memattr.trace_binary import MAGIC, VERSION, parse_binary, read_binary, write_binary
 from memattr.trace_format import (
@@ -52,7 +52,7 @@ from memattr.trace_format import (
     set_ops,
 )
 from memattr.trace_io import is_trace_file, read, write
-from memattr.trace_text import TEXT_HEADER, iter_text_lines, parse_text, read_text, write_text
+from memattr.trace_text import TEXT_HEADER, TEXT_HEADER_V1, iter_text_lines, parse_text, read_text, write_text
 
 # The kernel constants traces are made of (defined in memattr.uapi).
 from memattr.uapi import (
@@ -92,6 +92,8 @@ __all__ = [
     "Recorder",
     "ReplayResult",
     "TEXT_HEADER",
+    "TEXT_HEADER_V1",
+    "UnrecordableCall",
     "Trace",
     "TraceFormatError",
     "VERSION",

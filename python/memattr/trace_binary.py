@@ -68,7 +68,7 @@ def parse_binary(data: bytes, name: str = "<trace>") -> Trace:
         raise TraceFormatError(f"{name}: byte offset 12: bad metadata length {meta_len}")
     try:
         meta = json.loads(data[_HEADER.size : body].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise TraceFormatError(f"{name}: byte offset {_HEADER.size}: bad metadata JSON: {e}") from None
     meta = check_meta(meta, f"{name}: byte offset {_HEADER.size}")
     want = count * OP_DTYPE.itemsize

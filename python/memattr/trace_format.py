@@ -60,8 +60,10 @@ from memattr.uapi import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    S32_MAX,
     S32_MIN,
     U32_MAX,
+    U64_MAX,
 )
 
 OP_SET_MEMORY_ATTRIBUTES = 0
@@ -178,6 +180,8 @@ class Trace:
     def __post_init__(self) -> None:
         if not isinstance(self.ops, np.ndarray) or self.ops.dtype != OP_DTYPE:
             raise TypeError("ops must be a numpy array of dtype memattr.trace.OP_DTYPE")
+        if isinstance(self.ops, np.ma.MaskedArray):
+            raise TypeError("ops must be a plain numpy array, not a masked array")
         self.meta.setdefault("vm_type", 0)
         self.meta.setdefault("vm_kwargs", {})
         self.meta.setdefault("regions", [])
@@ -272,6 +276,37 @@ def validate_records(ops: np.ndarray, meta: dict[str, Any], where: Callable[[int
     bad = ~is_region & (ops["aux"] != 0)
     if bad.any():
         fail(bad, "aux is only defined for set_user_memory_region operations")
+    # The memslot flags field is a __u32 in kvm_userspace_memory_region2.
+    bad = is_region & (ops["attributes"] > np.uint64(U32_MAX))
+    if bad.any():
+        fail(bad, "memslot flags must fit in 32 bits")
+    # Metadata errors carry the file part of the records' location.
+    check_phases(meta.get("phases", []), int(ops.size), where(0).split("record 0")[0].rstrip(": "))
+
+
+def check_phases(phases: Any, n: int, where: str) -> None:
+    """The phases must tile the ``n`` records in order: the first starts at
+    0, each starts where the one before ended, none ends before it starts,
+    and the last ends at ``n`` (a replay runs each record exactly once, and
+    the per-phase figures add up to the trace's). TraceFormatError otherwise."""
+    where = f"{where}: metadata" if where else "metadata"
+    pos = 0
+    for i, p in enumerate(phases):
+        name, start, end = p
+        if start != pos:
+            raise TraceFormatError(
+                f"{where} phases[{i}] ({name!r}) starts at record {start}, "
+                f"expected {pos} (phases must cover the records in order, without gaps or overlaps)"
+            )
+        if end < start:
+            raise TraceFormatError(f"{where} phases[{i}] ({name!r}) ends at {end}, before its start {start}")
+        if end > n:
+            raise TraceFormatError(
+                f"{where} phases[{i}] ({name!r}) ends at record {end}, past the {n} records"
+            )
+        pos = end
+    if phases and pos != n:
+        raise TraceFormatError(f"{where} phases end at record {pos}, but the trace has {n} records")
 
 
 def check_meta(meta: Any, where: str) -> dict[str, Any]:
@@ -279,28 +314,77 @@ def check_meta(meta: Any, where: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise TraceFormatError(f"{where}: metadata must be a JSON object")
     vm_type = meta.get("vm_type", 0)
-    if not isinstance(vm_type, int) or vm_type < 0:
-        raise TraceFormatError(f"{where}: metadata vm_type must be a non-negative integer")
-    if not isinstance(meta.get("vm_kwargs", {}), dict):
+    if not _is_int(vm_type) or not 0 <= vm_type <= U64_MAX:
+        raise TraceFormatError(f"{where}: metadata vm_type must be an integer in [0, 2**64)")
+    vm_kwargs = meta.get("vm_kwargs", {})
+    if not isinstance(vm_kwargs, dict):
         raise TraceFormatError(f"{where}: metadata vm_kwargs must be an object")
-    regions = meta.get("regions", [])
-    if not isinstance(regions, list) or not all(
-        isinstance(r, list) and len(r) == 3 and all(isinstance(x, int) for x in r) for r in regions
+    for key, value in vm_kwargs.items():
+        check = _VM_KWARGS.get(key)
+        if check is None:
+            raise TraceFormatError(
+                f"{where}: metadata vm_kwargs: unknown key {key!r} (known: {', '.join(sorted(_VM_KWARGS))})"
+            )
+        if not check[0](value):
+            raise TraceFormatError(f"{where}: metadata vm_kwargs {key} must be {check[1]}, got {value!r}")
+    if not isinstance(meta.get("params", {}), dict):
+        raise TraceFormatError(f"{where}: metadata params must be an object")
+    layout = meta.get("layout")
+    if layout is not None and not (
+        isinstance(layout, dict)
+        and isinstance(layout.get("regions"), list)
+        and all(
+            isinstance(r, list)
+            and len(r) == 4
+            and all(_is_int(x) and 0 <= x <= U64_MAX for x in r)
+            and r[1] + r[2] <= U64_MAX + 1
+            for r in layout["regions"]
+        )
     ):
         raise TraceFormatError(
-            f"{where}: metadata regions must be a list of [slot, userspace_addr, guest_memfd]"
+            f"{where}: metadata layout must be an object whose regions are "
+            "[slot, gpa, size, offset] lists of integers in [0, 2**64), gpa + size <= 2**64"
+        )
+    regions = meta.get("regions", [])
+    if not isinstance(regions, list) or not all(
+        isinstance(r, list)
+        and len(r) == 3
+        and all(_is_int(x) for x in r)
+        and 0 <= r[0] <= U32_MAX
+        and 0 <= r[1] <= U64_MAX
+        and S32_MIN <= r[2] <= S32_MAX
+        for r in regions
+    ):
+        raise TraceFormatError(
+            f"{where}: metadata regions must be a list of [slot, userspace_addr, guest_memfd] "
+            "(a u32, a u64 and an s32)"
         )
     phases = meta.get("phases", [])
     if not isinstance(phases, list) or not all(
         isinstance(p, list)
         and len(p) == 3
         and isinstance(p[0], str)
-        and isinstance(p[1], int)
-        and isinstance(p[2], int)
+        and _is_int(p[1])
+        and _is_int(p[2])
         for p in phases
     ):
         raise TraceFormatError(f"{where}: metadata phases must be a list of [name, start, end]")
     return meta
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# The Vm keyword arguments a trace may carry, each with its check; the Vm's
+# own checks stay the rule, these only keep a bad file from reaching it as
+# a TypeError in the middle of a run.
+_VM_KWARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "semantics": (lambda v: v in ("6.8", "v11"), "'6.8' or 'v11'"),
+    "attr_memory_limit": (lambda v: v is None or (_is_int(v) and 0 <= v <= U64_MAX), "null or an integer in [0, 2**64)"),
+    "guest_memfd_max_order": (lambda v: _is_int(v) and 0 <= v <= 63, "an integer in [0, 63]"),
+    "lockdep": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 # --------------------------------------------------------------------------

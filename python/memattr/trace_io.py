@@ -7,7 +7,7 @@ import os
 
 from memattr.trace_binary import MAGIC, read_binary, write_binary
 from memattr.trace_format import Trace, TraceFormatError, display_name
-from memattr.trace_text import TEXT_HEADER, read_text, write_text
+from memattr.trace_text import TEXT_HEADER, TEXT_HEADERS, read_text, write_text
 
 def write(trace: Trace, path: str | os.PathLike[str], text: bool | None = None) -> None:
     """Writes ``trace``; text form if ``text`` or the name ends in .txt."""
@@ -36,4 +36,4 @@ def is_trace_file(path: str | os.PathLike[str]) -> bool:
             head = f.read(len(TEXT_HEADER))
     except OSError:
         return False
-    return head.startswith(MAGIC) or head == TEXT_HEADER.encode()
+    return head.startswith(MAGIC) or head in (h.encode() for h in TEXT_HEADERS)

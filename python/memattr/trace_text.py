@@ -2,7 +2,7 @@
 
 One operation per line, ``#`` comments::
 
-    # memattr trace v1
+    # memattr trace v2
     # meta {"vm_type": 1, "regions": [[0, 123145302310912, 3]], ...}
     create_guest_memfd size=0x80000000 flags=0x0 -> 3
     set_user_memory_region slot=0 gpa=0x0 size=0x80000000 uaddr=0x7000... flags=0x4 guest_memfd=3 offset=0x0 -> 0
@@ -12,8 +12,16 @@ One operation per line, ``#`` comments::
     guest_memfd_fallocate fd=3 mode=0x3 offset=0x0 len=0x200000 -> 0
     guest_memfd_close fd=3 -> 0
 
+    # end records=7 crc32=0x...  (CRC-32 of the lines above, header excluded)
+
 (``-> ...`` is omitted when nothing was recorded; ``set_user_memory_region``
 lines carry every argument, so text traces need no regions table.)
+
+Version 2 ends with ``# end records=N crc32=C``: the number of operation
+lines and the CRC-32 of every non-empty line between the header and the end
+line (each stripped, with a newline), so a truncated or damaged file is an
+error instead of a different trace. Version 1 files (no end line) are still
+read.
 
 The parser rejects a malformed file with
 :class:`memattr.trace_format.TraceFormatError`, whose message names the line.
@@ -25,6 +33,8 @@ import errno as errno_mod
 import io
 import json
 import os
+import re
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,7 +60,10 @@ from memattr.trace_format import (
 )
 from memattr.uapi import S32_MAX, S32_MIN, S64_MAX, S64_MIN, U32_MAX, U64_MAX
 
-TEXT_HEADER = "# memattr trace v1"
+TEXT_HEADER = "# memattr trace v2"
+TEXT_HEADER_V1 = "# memattr trace v1"
+TEXT_HEADERS = (TEXT_HEADER, TEXT_HEADER_V1)
+_END = re.compile(r"# end records=(\d+) crc32=0x([0-9a-f]{8})")
 
 
 def _s64_text(value: int) -> str:
@@ -81,7 +94,19 @@ def iter_text_lines(trace: Trace) -> Iterator[str]:
     trace.validate()
     meta = {k: v for k, v in trace.meta.items() if k != "regions"}
     yield TEXT_HEADER
-    yield "# meta " + json.dumps(meta, separators=(",", ":"), sort_keys=True)
+    crc = 0
+    count = 0
+    meta_line = "# meta " + json.dumps(meta, separators=(",", ":"), sort_keys=True)
+    crc = zlib.crc32((meta_line + "\n").encode(), crc)
+    yield meta_line
+    for line in _op_lines(trace):
+        crc = zlib.crc32((line + "\n").encode(), crc)
+        count += 1
+        yield line
+    yield f"# end records={count} crc32={crc:#010x}"
+
+
+def _op_lines(trace: Trace) -> Iterator[str]:
     regions = trace.meta["regions"]
     cols = [trace.ops[f].tolist() for f in COLUMNS]
     for kind, gpa, size, attributes, arg, result, flags, aux in zip(*cols):
@@ -155,22 +180,47 @@ def parse_text(lines: Iterator[str] | list[str], name: str = "<trace>") -> Trace
     regions: list[list[int]] = []
     meta: dict[str, Any] = {}
     seen_header = False
+    version = 0
+    crc = 0
+    ended = False
+    lineno = 0
     for lineno, raw in enumerate(lines, 1):
         line = raw.strip()
         where = f"{name} line {lineno}"
         if not seen_header:
-            if line != TEXT_HEADER:
-                raise TraceFormatError(f"{where}: expected {TEXT_HEADER!r}, got {line[:60]!r}")
+            if line not in TEXT_HEADERS:
+                raise TraceFormatError(f"{where}: expected {TEXT_HEADER!r} (or v1), got {line[:60]!r}")
             seen_header = True
+            version = 2 if line == TEXT_HEADER else 1
             continue
         if not line:
             continue
+        if ended:
+            raise TraceFormatError(f"{where}: text after the end line")
+        if version == 2:
+            end = _END.fullmatch(line)
+            if end is not None:
+                want_n, want_crc = int(end.group(1)), int(end.group(2), 16)
+                if want_n != len(records):
+                    raise TraceFormatError(
+                        f"{where}: the end line says {want_n} records, the file has {len(records)}"
+                    )
+                if want_crc != crc:
+                    raise TraceFormatError(
+                        f"{where}: checksum mismatch (end line crc32={want_crc:#010x}, "
+                        f"lines give {crc:#010x}): the file was changed or damaged"
+                    )
+                ended = True
+                continue
+            if line.startswith("# end"):
+                raise TraceFormatError(f"{where}: malformed end line {line[:60]!r}")
+            crc = zlib.crc32((line + "\n").encode(), crc)
         if line.startswith("#"):
             if line.startswith("# meta "):
                 try:
                     meta = json.loads(line[len("# meta ") :])
-                except json.JSONDecodeError as e:
-                    raise TraceFormatError(f"{where}: bad metadata JSON: {e}") from None
+                except (json.JSONDecodeError, RecursionError) as e:
+                    raise TraceFormatError(f"{where}: bad metadata JSON: {e or 'nested too deeply'}") from None
                 meta = check_meta(meta, where)
             continue
         try:
@@ -179,6 +229,10 @@ def parse_text(lines: Iterator[str] | list[str], name: str = "<trace>") -> Trace
             raise TraceFormatError(f"{where}: {e}") from None
     if not seen_header:
         raise TraceFormatError(f"{name} line 1: empty file, expected {TEXT_HEADER!r}")
+    if version == 2 and not ended:
+        raise TraceFormatError(
+            f"{name} line {lineno}: no end line ('# end records=N crc32=...'): the file is truncated"
+        )
     ops = ops_from_rows(records)
     meta = dict(meta)
     meta["regions"] = regions
@@ -191,6 +245,8 @@ def _parse_op_line(line: str, regions: list[list[int]]) -> tuple[int, int, int, 
     body, arrow, result_text = line.partition("->")
     result = _parse_result(result_text) if arrow else RESULT_NONE
     words = body.split()
+    if not words:
+        raise ValueError("missing operation name before '->'")
     op = words[0]
     if op not in _FIELDS:
         raise ValueError(f"unknown operation {op!r}")

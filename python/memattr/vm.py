@@ -43,7 +43,8 @@ Either way ``stats.failed_calls`` counts the call.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Literal, NoReturn, TypeVar
 
 from memattr import _args, _native, driven, sched
@@ -191,6 +192,9 @@ class Vm:
         is KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, optionally with
         KVM_DIRTY_LOG_INITIALLY_SET (then turning dirty logging on leaves
         the mappings alone: every page counts as dirty); flags must be 0."""
+        # A sequence of 4 values; a mapping or set would iterate its keys.
+        if args is None or isinstance(args, (str, bytes, Mapping, AbstractSet)) or not hasattr(args, "__len__"):
+            raise TypeError(f"args must be a sequence of 4 ints (struct kvm_enable_cap), not {type(args).__name__}")
         self._kvm.enable_cap(cap, flags, list(args))
 
     # --- guest_memfd and memslots --------------------------------------------
@@ -376,6 +380,17 @@ class Vm:
                 kvm_handle_gfn_range(self, ranges, self._post_set_handler, on_lock=self._end_handler)
             if self._hook_error is not None:
                 raise self._hook_error
+        except BaseException as e:
+            # A hook failed first and something else (the v11 end's lockdep
+            # report) is going up instead: keep the hook's exception as its
+            # context, so neither is lost.
+            first = self._hook_error
+            if first is not None and first is not e and e.__context__ is None:
+                e.__context__ = first
+                add_note = getattr(e, "add_note", None)  # Python 3.11+
+                if add_note is not None:
+                    add_note(f"an earlier hook raised {type(first).__name__}: {first}")
+            raise
         finally:
             if self._hook_error is not None:
                 self._hook_error = None

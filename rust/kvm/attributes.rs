@@ -78,6 +78,30 @@ impl Kvm {
         attributes: u64,
     ) -> Result<bool, KvmError> {
         let limit = self.config.attr_memory_limit;
+        // The kernel reserves an xarray entry per gfn, so a range whose
+        // entries need more nodes than any host has is ENOMEM (after the
+        // early exit, as in the kernel), whichever store the model uses:
+        // both stores give the same answer for it.
+        if crate::xarray::worst_case_nodes(start, end) > crate::xarray::MAX_NODES {
+            let noop = self
+                .store_read()
+                .has_value(start, end, attributes, u64::MAX)
+                .map_err(|e| KvmError::Bug(e.to_string()))?;
+            if noop {
+                self.counters.noop_conversions += 1;
+                return Ok(true);
+            }
+            self.counters.enomem += 1;
+            return fail(
+                ENOMEM,
+                format!(
+                    "out of memory: the kernel's xarray would need up to {} nodes of {} bytes for {} pages, more than any host has",
+                    crate::xarray::worst_case_nodes(start, end),
+                    crate::xarray::XA_NODE_BYTES,
+                    end - start
+                ),
+            );
+        }
         let r = self
             .store()
             .reserve_unless_has_value(start, end, attributes, limit);
@@ -88,10 +112,23 @@ impl Kvm {
                 }
                 Ok(noop)
             }
+            Err(StoreError::OutOfMemory {
+                needed,
+                limit: Some(limit),
+            }) => {
+                self.counters.enomem += 1;
+                fail(
+                    ENOMEM,
+                    format!(
+                        "out of memory: {needed} bytes needed, attr_memory_limit is {limit} bytes"
+                    ),
+                )
+            }
             Err(e @ StoreError::OutOfMemory { .. }) => {
                 self.counters.enomem += 1;
                 fail(ENOMEM, e.to_string())
             }
+            Err(StoreError::Interrupted) => fail(EINTR, "interrupted".to_string()),
             Err(e) => Err(KvmError::Bug(e.to_string())),
         }
     }
@@ -125,8 +162,8 @@ impl Kvm {
         end: u64,
         attributes: u64,
     ) -> Result<(), KvmError> {
-        self.store()
-            .set_range(start, end, attributes)
+        // Reserved, so it cannot fail; and it must not stop half way.
+        crate::interrupt::masked(|| self.store().set_range(start, end, attributes))
             .map_err(|e| KvmError::Bug(e.to_string()))?;
         self.counters.conversions += 1;
         self.counters.pages_converted += end - start;

@@ -384,7 +384,27 @@ impl Kvm {
     /// every mapping through it is zapped as for a hole over the whole
     /// file, and the bindings go. The memslots stay; the fd is free.
     pub fn kvm_gmem_release(&mut self, fd: u64) -> Result<(), KvmError> {
-        let ranges = self.kvm_gmem_release_detach(fd)?;
+        let file = self.kvm_gmem_take(fd)?;
+        self.kvm_gmem_release_file(file)
+    }
+
+    /// close(2)'s first step, the one that decides who closes: the fd
+    /// leaves the VM's table and the fd registry in one step, so of two
+    /// closes of the same fd exactly one gets the file and the other is
+    /// EBADF, however the rest of the release is interleaved (a driver
+    /// running the release step by step takes the file with this first,
+    /// under the same lock as every other use of the table).
+    pub fn kvm_gmem_take(&mut self, fd: u64) -> Result<GmemFile, KvmError> {
+        self.own_gmem(fd)?;
+        let file = self.gmem.remove(&fd).expect("checked above");
+        registry().owners.remove(&fd);
+        Ok(file)
+    }
+
+    /// The rest of kvm_gmem_release() for a file [`Self::kvm_gmem_take`]
+    /// took: unbind, zap, count.
+    pub fn kvm_gmem_release_file(&mut self, file: GmemFile) -> Result<(), KvmError> {
+        let ranges = self.kvm_gmem_unbind_file(&file);
         self.kvm_gmem_invalidate(&ranges)?;
         self.note_gmem_closed();
         Ok(())
@@ -395,16 +415,20 @@ impl Kvm {
     /// bound slot loses it; returns the gfn ranges of the whole file, to
     /// invalidate as for a hole.
     pub fn kvm_gmem_release_detach(&mut self, fd: u64) -> Result<Vec<(usize, u64, u64)>, KvmError> {
-        self.own_gmem(fd)?;
-        let file = self.gmem.remove(&fd).expect("checked above");
-        registry().owners.remove(&fd);
+        let file = self.kvm_gmem_take(fd)?;
+        Ok(self.kvm_gmem_unbind_file(&file))
+    }
+
+    /// Every memslot bound to a released file loses it; the gfn ranges of
+    /// the whole file, per bound slot.
+    fn kvm_gmem_unbind_file(&mut self, file: &GmemFile) -> Vec<(usize, u64, u64)> {
         for &(_, as_id, id) in file.bindings.values() {
             if let Some(i) = self.memslots.index_of_id(as_id, id) {
                 // slot->gmem.file = NULL
                 self.memslots.at_mut(as_id, i).expect("found").gmem_open = false;
             }
         }
-        Ok(self.gmem_gfn_ranges(&file.bindings, 0, u64::MAX))
+        self.gmem_gfn_ranges(&file.bindings, 0, u64::MAX)
     }
 
     /// A guest_memfd file released (counted once its invalidation is over).

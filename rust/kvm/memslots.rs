@@ -466,7 +466,7 @@ impl Kvm {
     ) -> Result<Box<dyn HugepageTracker + Send>, KvmError> {
         let layout = SlotLayout::new(base_gfn, npages, userspace_addr)?;
         let mut tracker: Box<dyn HugepageTracker + Send> = if self.config.per_page_trackers {
-            Box::new(LpageInfoTracker::new(layout))
+            Box::new(LpageInfoTracker::try_new(layout)?)
         } else {
             Box::new(RangeTracker::new(layout))
         };

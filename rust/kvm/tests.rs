@@ -671,3 +671,25 @@ fn guest_memfd_as_a_file() {
     }
     assert_eq!(k.kvm_gmem_fstat(plain).unwrap().size, 4 * PAGE_SIZE);
 }
+
+/// A set no kernel xarray could hold is ENOMEM on both stores (after the
+/// early exit, which stays an early exit), and a close takes the fd once
+/// (issue 14, items 9 and 6).
+#[test]
+fn impossible_sets_and_double_close_agree_on_both_stores() {
+    for per_page in [false, true] {
+        let mut k = vm(per_page);
+        assert_eq!(errno(k.set_memory_attributes(0, 1 << 63, P, 0)), ENOMEM);
+        assert_eq!(errno(k.set_memory_attributes(0, 1 << 51, P, 0)), ENOMEM);
+        assert_eq!(k.counters.enomem, 2);
+        // Already shared everywhere: the early exit, not ENOMEM.
+        assert!(!k.set_memory_attributes(0, 1 << 63, 0, 0).unwrap());
+        assert_eq!(k.store().entry_count(), 0);
+        let fd = k.kvm_gmem_create(1 << 21, 0).unwrap();
+        let file = k.kvm_gmem_take(fd).unwrap();
+        assert_eq!(errno(k.kvm_gmem_take(fd)), EBADF);
+        assert_eq!(errno(k.kvm_gmem_release(fd)), EBADF);
+        k.kvm_gmem_release_file(file).unwrap();
+        assert_eq!(k.counters.gmem_closed, 1);
+    }
+}

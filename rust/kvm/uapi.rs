@@ -78,6 +78,7 @@ pub const FALLOC_FL_MODE_MASK: u64 = FALLOC_FL_PUNCH_HOLE
 /// MAX_LFS_FILESIZE on 64-bit.
 pub const MAX_LFS_FILESIZE: u64 = i64::MAX as u64;
 
+pub const EINTR: i32 = 4;
 pub const EIO: i32 = 5;
 pub const EBADF: i32 = 9;
 pub const ENOMEM: i32 = 12;

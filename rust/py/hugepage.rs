@@ -113,7 +113,7 @@ macro_rules! tracker_pyclass {
                 };
                 let slot = SlotLayout::new(base, n, ua).map_err(to_pyerr)?;
                 Ok(Self {
-                    inner: Mutex::new(<$inner>::new(slot)),
+                    inner: Mutex::new(<$inner>::try_new(slot).map_err(to_pyerr)?),
                 })
             }
 

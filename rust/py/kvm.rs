@@ -122,11 +122,23 @@ fn check_extension_system(
 
 /// Ranges at least this long (bytes) are set with the GIL released.
 const DETACH_BYTES: u64 = 1 << 24;
+/// Sets at least this big run interruptibly (Ctrl-C stops their
+/// reservation, which undoes itself), on a worker thread.
+const INTERRUPTIBLE_BYTES: u64 = 1 << 32;
+
+/// How a native operation treats the GIL.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Detach {
+    No,
+    Yes,
+    Interruptible,
+}
 /// The ident a lock records when a native operation holds it.
 const NATIVE_IDENT: u64 = 0;
 
 fn strerror(errno: i32) -> &'static str {
     match errno {
+        4 => "Interrupted system call",
         5 => "Input/output error",
         9 => "Bad file descriptor",
         12 => "Cannot allocate memory",
@@ -304,6 +316,23 @@ impl PyKvm {
 
     /// [`PyKvm::step`], with the GIL released if `detach` (work that grows
     /// with the range, on the per-page store).
+    /// [`PyKvm::step`] for work long enough to deserve Ctrl-C: it runs
+    /// under `detach_interruptible`, and the core's interruptible loops (the
+    /// reservation) undo themselves when the user interrupts.
+    fn step_interruptible<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Kvm) -> Result<R, KvmError> + Send,
+    ) -> PyResult<R> {
+        let (r, warnings) = super::detach_interruptible(py, || {
+            let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            let r = f(&mut core);
+            (r, core.take_warnings())
+        })?;
+        emit_warnings(py, &warnings)?;
+        r.map_err(|e| to_pyerr(py, e))
+    }
+
     fn step_detached<R: Send>(
         &self,
         py: Python<'_>,
@@ -331,6 +360,16 @@ impl PyKvm {
         detach: bool,
         f: impl FnOnce(&mut Kvm) -> R + Send,
     ) -> PyResult<Option<(R, Vec<crate::kvm::KvmWarning>)>> {
+        let mode = if detach { Detach::Yes } else { Detach::No };
+        self.locked_op_mode(py, mode, f)
+    }
+
+    fn locked_op_mode<R: Send>(
+        &self,
+        py: Python<'_>,
+        mode: Detach,
+        f: impl FnOnce(&mut Kvm) -> R + Send,
+    ) -> PyResult<Option<(R, Vec<crate::kvm::KvmWarning>)>> {
         if self.slots_lock.held_by_current_thread() || self.mmu_lock.held_by_current_thread() {
             return Ok(None);
         }
@@ -344,7 +383,11 @@ impl PyKvm {
             (r, core.take_warnings())
         };
         // Long work runs with the GIL released; nothing in it touches Python.
-        Ok(Some(if detach { py.detach(run) } else { run() }))
+        Ok(Some(match mode {
+            Detach::No => run(),
+            Detach::Yes => py.detach(run),
+            Detach::Interruptible => super::detach_interruptible(py, run)?,
+        }))
     }
 }
 
@@ -378,6 +421,15 @@ impl PyKvm {
     ) -> PyResult<Self> {
         let vm_type = u64_arg(vm_type, "vm_type")?;
         let (shared, per_page) = shared_store(store)?;
+        // One VM per store: the VM's hugepage tracking and stage-2 maps
+        // mirror its store, so a store shared by two VMs (or passed to one
+        // twice) would change under the other's feet. (The Python object
+        // holds one reference, this call's `shared` another.)
+        if std::sync::Arc::strong_count(&shared) > 2 {
+            return Err(PyValueError::new_err(
+                "store already belongs to another Kvm: each VM needs its own store",
+            ));
+        }
         let semantics = semantics_arg(semantics)?;
         let host = match host {
             Some(t) => host_from_tuple(t)?,
@@ -879,7 +931,14 @@ impl PyKvm {
         let size = u64_arg(size, "size")?;
         let attributes = u64_arg(attributes, "attributes")?;
         let flags = u64_arg(flags, "flags")?;
-        self.whole(py, size >= DETACH_BYTES, move |k| {
+        let mode = if size >= INTERRUPTIBLE_BYTES {
+            Detach::Interruptible
+        } else if size >= DETACH_BYTES {
+            Detach::Yes
+        } else {
+            Detach::No
+        };
+        self.whole_mode(py, mode, move |k| {
             k.set_memory_attributes(address, size, attributes, flags)
                 .map(|_| ())
         })
@@ -907,6 +966,11 @@ impl PyKvm {
 
     /// Early exit (True) or reserve.
     fn set_reserve(&self, py: Python<'_>, start: u64, end: u64, attributes: u64) -> PyResult<bool> {
+        if end - start >= INTERRUPTIBLE_BYTES >> 12 {
+            return self.step_interruptible(py, |k| {
+                k.kvm_vm_set_mem_attributes_reserve(start, end, attributes)
+            });
+        }
         let detach = end - start >= DETACH_BYTES >> 12;
         self.step_detached(py, detach, |k| {
             k.kvm_vm_set_mem_attributes_reserve(start, end, attributes)
@@ -1210,7 +1274,17 @@ impl PyKvm {
         detach: bool,
         f: impl FnOnce(&mut Kvm) -> Result<(), KvmError> + Send,
     ) -> PyResult<bool> {
-        match self.locked_op(py, detach, f)? {
+        let mode = if detach { Detach::Yes } else { Detach::No };
+        self.whole_mode(py, mode, f)
+    }
+
+    fn whole_mode(
+        &self,
+        py: Python<'_>,
+        mode: Detach,
+        f: impl FnOnce(&mut Kvm) -> Result<(), KvmError> + Send,
+    ) -> PyResult<bool> {
+        match self.locked_op_mode(py, mode, f)? {
             None => Ok(false),
             Some((r, warnings)) => {
                 emit_warnings(py, &warnings)?;

@@ -8,6 +8,60 @@ mod hugepage;
 mod kvm;
 mod stores;
 
+/// Runs `f` with the GIL released and Ctrl-C honoured: `f` runs on a
+/// scoped worker thread with a cancellation flag (`crate::interrupt`), while
+/// this thread waits in slices and runs the signal handlers between them.
+/// When a handler raises (KeyboardInterrupt), the flag tells the worker to
+/// undo and stop, and the handler's exception is returned once it has.
+/// The worker never takes the GIL, so a store lock it holds cannot deadlock
+/// with a thread that holds the GIL and waits for that lock.
+pub(crate) fn detach_interruptible<R: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> R + Send,
+) -> PyResult<R> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let flag = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel::<()>();
+    let rx = std::sync::Mutex::new(rx);
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(|| {
+            let r = crate::interrupt::with_token(&flag, f);
+            let _ = tx.send(());
+            r
+        });
+        let mut signal: Option<PyErr> = None;
+        loop {
+            let done = py.detach(|| {
+                rx.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .recv_timeout(Duration::from_millis(50))
+            });
+            if !matches!(done, Err(mpsc::RecvTimeoutError::Timeout)) {
+                break;
+            }
+            if signal.is_none() {
+                if let Err(e) = py.check_signals() {
+                    flag.store(true, Ordering::Relaxed);
+                    signal = Some(e);
+                }
+            }
+        }
+        let r = match worker.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        match signal {
+            // The call either undid its work or had finished: either way
+            // the state is whole, and the signal's exception goes up.
+            Some(e) => Err(e),
+            None => Ok(r),
+        }
+    })
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     stores::register(m)?;

@@ -23,6 +23,10 @@ use crate::xarray;
 /// per-page store; below it the GIL round trip costs more than it frees.
 const DETACH_PAGES: u64 = 4096;
 
+/// Ranges at least this long run interruptibly (Ctrl-C stops and undoes
+/// them), on a worker thread; the thread costs less than 1% of such a call.
+const INTERRUPTIBLE_PAGES: u64 = 1 << 20;
+
 /// A u64 argument, with errors that name it.
 fn u64_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u64> {
     match obj.extract::<u64>() {
@@ -73,6 +77,9 @@ fn store_err(e: StoreError) -> PyErr {
             PyValueError::new_err(format!("start ({start}) must be < end ({end})"))
         }
         StoreError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
+        // Only under `detach_interruptible`, which returns the signal's own
+        // exception instead; kept for completeness.
+        StoreError::Interrupted => pyo3::exceptions::PyKeyboardInterrupt::new_err("interrupted"),
     }
 }
 
@@ -80,6 +87,15 @@ fn store_err(e: StoreError) -> PyErr {
 /// change it under us while the GIL is released).
 fn u64_array_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<u64>> {
     let py = obj.py();
+    // A masked array is an ndarray whose mask says which values are not
+    // there; reading its data would use them anyway.
+    if let Ok(ma) = py.import("numpy.ma").and_then(|m| m.getattr("MaskedArray")) {
+        if obj.is_instance(&ma)? {
+            return Err(PyTypeError::new_err(format!(
+                "{name} must be a plain numpy.ndarray, not a masked array (fill or compress it first)"
+            )));
+        }
+    }
     let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
         let ty = obj
             .get_type()
@@ -143,11 +159,13 @@ macro_rules! store_class {
                 start: u64,
                 end: u64,
                 f: impl FnOnce() -> R + Send,
-            ) -> R {
-                if $per_page && end - start >= DETACH_PAGES {
-                    py.detach(f)
+            ) -> PyResult<R> {
+                if $per_page && end - start >= INTERRUPTIBLE_PAGES {
+                    super::detach_interruptible(py, f)
+                } else if $per_page && end - start >= DETACH_PAGES {
+                    Ok(py.detach(f))
                 } else {
-                    f()
+                    Ok(f())
                 }
             }
         }
@@ -177,7 +195,7 @@ macro_rules! store_class {
             ) -> PyResult<()> {
                 let (s, e) = range_args(start, end)?;
                 let v = u64_arg(value, "value")?;
-                self.sized(py, s, e, || write(&self.inner).set_range(s, e, v))
+                self.sized(py, s, e, || write(&self.inner).set_range(s, e, v))?
                     .map_err(store_err)
             }
 
@@ -194,7 +212,7 @@ macro_rules! store_class {
                 let (s, e) = range_args(start, end)?;
                 let v = u64_arg(value, "value")?;
                 let m = opt_u64_arg(mask, "mask", u64::MAX)?;
-                self.sized(py, s, e, || read(&self.inner).has_value(s, e, v, m))
+                self.sized(py, s, e, || read(&self.inner).has_value(s, e, v, m))?
                     .map_err(store_err)
             }
 
@@ -313,7 +331,7 @@ macro_rules! store_class {
             ) -> PyResult<()> {
                 let (s, e) = range_args(start, end)?;
                 let limit = limit_arg(limit)?;
-                self.sized(py, s, e, || write(&self.inner).reserve(s, e, limit))
+                self.sized(py, s, e, || write(&self.inner).reserve(s, e, limit))?
                     .map_err(store_err)
             }
 
@@ -334,7 +352,7 @@ macro_rules! store_class {
                 let limit = limit_arg(limit)?;
                 self.sized(py, s, e, || {
                     write(&self.inner).reserve_unless_has_value(s, e, v, limit)
-                })
+                })?
                 .map_err(store_err)
             }
 
