@@ -50,7 +50,8 @@ class ReplayResult:
     unexpected_errors: dict[str, int] = field(default_factory=dict)
     mismatches: int = 0  # results differing from the recorded ones
     first_mismatch: str | None = None
-    seconds: float = 0.0  # wall clock
+    seconds: float = 0.0  # wall clock, the source's time (generating, reading) excluded
+    source_seconds: float = 0.0  # generating or reading the records
     cpu_seconds: float = 0.0  # this process's CPU time: steadier on a busy machine
     phase_seconds: dict[str, float] = field(default_factory=dict)
     phase_memory: dict[str, int] = field(default_factory=dict)  # store.memory_bytes() at phase end
@@ -148,7 +149,19 @@ def replay(
         if store is not None:
             res.phase_memory[current] = int(store.memory_bytes())
 
-    for phase, part in parts:
+    gen = 0.0
+    gen_cpu = 0.0
+    parts = iter(parts)
+    while True:
+        # The source's own time (generating or reading records) is kept
+        # out of the replay's: seconds measure the Vm alone.
+        g0, gc0 = time.perf_counter(), time.process_time()
+        item = next(parts, None)
+        gen += time.perf_counter() - g0
+        gen_cpu += time.process_time() - gc0
+        if item is None:
+            break
+        phase, part = item
         if phase != current:
             end_phase()
             current, t0 = phase, time.perf_counter()
@@ -182,8 +195,9 @@ def replay(
     end_phase()
     if keep_results:
         res.results = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
-    res.seconds = time.perf_counter() - t_all
-    res.cpu_seconds = time.process_time() - cpu_all
+    res.source_seconds = gen
+    res.seconds = time.perf_counter() - t_all - gen
+    res.cpu_seconds = time.process_time() - cpu_all - gen_cpu
     return res
 
 
@@ -205,6 +219,7 @@ class _Replayer:
         self.fd_map: dict[int, int] = {}
         self.strict_setup = strict_setup
         self.base = 0  # index of the current chunk's first operation
+        self.index: int | None = None  # the operation run_one runs, if known
 
     def setup_failed(self, e: OSError, recorded: int, call: str, index: int | None = None) -> int:
         """A setup call failed: counted if the trace recorded that failure
@@ -230,7 +245,8 @@ class _Replayer:
         got = np.empty(len(part), dtype=np.int64)
         cols = [part[f].tolist() for f in COLUMNS]
         for i, row in enumerate(zip(*cols)):
-            got[i] = self.run_one(*row, index=self.base + i)
+            self.index = self.base + i
+            got[i] = self.run_one(*row)
         return got
 
     def run_native(self, part: np.ndarray) -> np.ndarray:
@@ -267,7 +283,8 @@ class _Replayer:
             if i < n:
                 # A memslot or guest_memfd operation: per call.
                 row = [part[f][i].item() for f in COLUMNS]
-                got[i] = self.run_one(*row, index=self.base + i)
+                self.index = self.base + i
+                got[i] = self.run_one(*row)
                 i += 1
         return got
 
@@ -281,7 +298,6 @@ class _Replayer:
         recorded: int,
         flags: int,
         aux: int,
-        index: int | None = None,
     ) -> int:
         """One operation through the Vm's Python API; returns the result."""
         vm = self.vm
@@ -298,7 +314,7 @@ class _Replayer:
             try:
                 fd = int(vm.create_guest_memfd(size, arg))
             except OSError as e:
-                return self.setup_failed(e, recorded, f"create_guest_memfd(size={size:#x}, flags={arg:#x})", index)
+                return self.setup_failed(e, recorded, f"create_guest_memfd(size={size:#x}, flags={arg:#x})", self.index)
             if recorded != RESULT_NONE and recorded >= 0:
                 self.fd_map[recorded] = fd
                 return int(recorded)  # fds are compared through the map
@@ -321,7 +337,7 @@ class _Replayer:
             return 0
         except OSError as e:
             return self.setup_failed(
-                e, recorded, f"set_user_memory_region(slot={slot}, gpa={gpa:#x}, size={size:#x}, flags={attributes:#x})", index
+                e, recorded, f"set_user_memory_region(slot={slot}, gpa={gpa:#x}, size={size:#x}, flags={attributes:#x})", self.index
             )
 
     def discard(self, gpa: int, size: int) -> int | None:
