@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from memattr import progress as progress_mod
+from memattr.distributed import add_cluster_args
 from memattr import qemu, report, sweep, workloads
 from memattr import stream as stream_mod
 from memattr import trace as trace_mod
@@ -182,8 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     _memory_limit_arg(c)
-    from memattr.distributed import add_cluster_args
-
     add_cluster_args(c)
     _workload_args(c)
     _engine_arg(c)
@@ -220,6 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="no guest_memfd hole after each conversion to shared (QEMU punches one)",
     )
     q.add_argument("--text", action="store_true")
+
+    f = sub.add_parser("fleet", help="many VMs on one host as one simulation: totals per store")
+    f.add_argument("--vms", type=_positive_int, default=200, help="guests on the host (default 200)")
+    f.add_argument("--min-guest", type=_size, default=_size("1G"), help="smallest guest (default 1G)")
+    f.add_argument("--max-guest", type=_size, default=_size("4T"), help="largest guest (default 4T)")
+    f.add_argument(
+        "--mix",
+        default=None,
+        help="workloads and weights, e.g. boot-and-churn=3,churn=1 (default: a mix of all)",
+    )
+    f.add_argument("--seed", type=int, default=0, help="fleet seed (sizes, workloads, per-VM seeds)")
+    f.add_argument("--vm", action="store_true", help="also run the whole model (Vm replay) on the range store")
+    f.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel VMs (default: cores)")
+    f.add_argument("--out", default="results", help="output directory (default ./results)")
+    f.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _memory_limit_arg(f)
+    add_cluster_args(f)
 
     s = sub.add_parser("show", help="validate and summarise a trace")
     s.add_argument("trace")
@@ -471,6 +489,85 @@ def cmd_import_qemu(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _mix(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, weight = part.strip().partition("=")
+        try:
+            out[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"--mix: {part!r} is not NAME or NAME=WEIGHT") from None
+    return out
+
+
+def cmd_fleet(args: argparse.Namespace, console: Console) -> int:
+    from memattr import fleet
+    from memattr.distributed import describe, executor_from_args
+
+    os.makedirs(args.out, exist_ok=True)
+    cap = sweep.memory_cap(args.memory_limit, args.jobs)
+    vms = [
+        dataclasses.replace(v, xarray_cap=cap, vm=args.vm)
+        for v in fleet.plan(args.vms, args.min_guest, args.max_guest, _mix(args.mix), args.seed)
+    ]
+    total = sum(v.guest for v in vms)
+    console.print(
+        f"[bold]memattr fleet[/]: {len(vms)} VMs, {report.human_bytes(total)} of guest RAM "
+        f"({format_size(args.min_guest)}..{format_size(args.max_guest)}), on {describe(args)}"
+    )
+    failures: list[str] = []
+    t0 = time.perf_counter()
+    with executor_from_args(args) as executor:
+        if _show_progress(args):
+            with progress_mod.bar(console, unit="VMs") as prog:
+                task = prog.add_task("VMs", total=len(vms))
+
+                def done(c: Any, r: Any, e: BaseException | None) -> None:
+                    if e is not None:
+                        failures.append(f"{c.label()}: {type(e).__name__}: {e}")
+                    prog.update(task, advance=1, description=f"done: {c.label()}")
+
+                res = fleet.run(vms, executor, args.jobs, done)
+        else:
+
+            def done_quiet(c: Any, r: Any, e: BaseException | None) -> None:
+                if e is not None:
+                    failures.append(f"{c.label()}: {type(e).__name__}: {e}")
+
+            res = fleet.run(vms, executor, args.jobs, done_quiet)
+    wall = time.perf_counter() - t0
+    summary = fleet.summarise(res.results)
+    title = f"fleet of {len(vms)} VMs (seed {args.seed}, {wall:.0f} s wall, {describe(args)})"
+    console.print(fleet.table(summary, title))
+    for f_ in failures:
+        console.print(f"[red]failed[/]: {f_}")
+    bad = summary.get("vm_replay", {}).get("unexpected_errors", 0)
+    if bad:
+        console.print(f"[bold red]fleet: {bad:,} UNEXPECTED error(s) in the Vm replays (see fleet.json)[/]")
+    payload = {
+        "command": "fleet",
+        "executor": describe(args),
+        "seed": args.seed,
+        "wall_seconds": wall,
+        "machine": sweep.machine(),
+        "summary": summary,
+        "failures": failures,
+        "vms": res.results,
+    }
+    json_path = os.path.join(args.out, "fleet.json")
+    report.write_json(json_path, payload)
+    console.print(f"wrote {json_path}")
+    if not args.no_plot and res.results:
+        png = os.path.join(args.out, "fleet.png")
+        fleet.plot(res.results, summary, png, title)
+        console.print(f"wrote {png}")
+    if failures:
+        return 1
+    return EXIT_UNEXPECTED_ERRORS if bad else 0
+
+
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
     tr = trace_mod.read(args.trace)
     console.print_json(json.dumps(trace_mod.describe(tr)))
@@ -488,6 +585,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "generate": cmd_generate,
     "import-qemu": cmd_import_qemu,
+    "fleet": cmd_fleet,
     "show": cmd_show,
     "list": cmd_list,
 }

@@ -231,19 +231,21 @@ def run_store_only(trace: trace_mod.Trace | TraceStream, store: str) -> dict[str
 
     obj = RangeTree() if store == "rangetree" else XArray()
     secs = cpu = 0.0
-    n = pos = 0
+    n = pos = peak = 0
     for _phase, ops in as_stream(trace).chunks():
         t0, c0 = time.perf_counter(), time.process_time()
         n += _apply_chunk(ops, obj, pos)
         secs += time.perf_counter() - t0
         cpu += time.process_time() - c0
         pos += ops.size
+        peak = max(peak, int(obj.memory_bytes()))
     return {
         "ranges": n,
         "seconds": secs,
         "cpu_seconds": cpu,
         "ranges_per_second": n / secs if secs > 0 else float("inf"),
         "memory_bytes": int(obj.memory_bytes()),
+        "peak_memory_bytes": max(peak, int(obj.memory_bytes())),  # sampled per chunk of records
     }
 
 
