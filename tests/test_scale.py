@@ -308,3 +308,21 @@ def test_results_json_follows_the_schema(tmp_path, capsys):
     del doc["summary"]["stores"]["xarray"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, schema)
+
+
+def test_block_counts_match_listing_the_blocks():
+    """count_blocks / blocks_hit against listing every block (the oracle)."""
+    from memattr.gpa_ranges import SharedSet, aligned_blocks, blocks_hit, count_blocks, overlaps
+
+    rng = np.random.default_rng(5)
+    lay = GuestLayout.build("9G", high_slots=3)
+    for size, floor in ((4 << 20, 0), (2 << 20, 2 << 20), (64 << 10, 2 << 20)):
+        blocks = aligned_blocks(lay, size)
+        blocks = blocks[blocks >= np.uint64(floor)]
+        assert count_blocks(lay, size, floor) == blocks.size
+        for _ in range(20):
+            s = rng.integers(0, 12 << 30, 6).astype(np.uint64) & ~np.uint64(4095)
+            e = s + rng.integers(1, 8 << 20, 6).astype(np.uint64) * np.uint64(4096) // np.uint64(4096)
+            holes = SharedSet.of(s, e).holes()
+            want = int(overlaps(blocks, blocks + np.uint64(size), holes).sum())
+            assert blocks_hit(lay, size, holes, floor) == want

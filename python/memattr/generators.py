@@ -40,7 +40,7 @@ import numpy as np
 
 from memattr.argcheck import as_rng, check_count, check_fraction
 from memattr.conversions import check_style, convert
-from memattr.gpa_ranges import SharedSet, aligned_blocks, overlaps, sample_blocks
+from memattr.gpa_ranges import SharedSet, aligned_blocks, blocks_hit, count_blocks, overlaps, sample_blocks
 from memattr.guest_layout import USERSPACE_BASE, GuestLayout, as_layout
 from memattr.trace_format import (
     FLAG_CONVERT,
@@ -306,15 +306,17 @@ def lazy_acceptance_chunks(
     if order not in ("random", "sequential"):
         raise ValueError(f"order must be 'random' or 'sequential', got {order!r}")
     rng = as_rng(seed)
-    chunks = aligned_blocks(layout, ACCEPT_CHUNK)
-    if exclude is not None:
-        chunks = chunks[~overlaps(chunks, chunks + np.uint64(ACCEPT_CHUNK), exclude.holes())]
-    n = int(round(fraction * chunks.size))
-    if order == "random":
-        picked = chunks[rng.permutation(chunks.size)[:n]]
+    holes = (exclude or SharedSet.empty()).holes()
+    eligible = count_blocks(layout, ACCEPT_CHUNK) - blocks_hit(layout, ACCEPT_CHUNK, holes)
+    n = int(round(fraction * eligible))
+    if order == "random" and 2 * n <= eligible:
+        # Sampled without listing every chunk: O(accepted), not O(RAM).
+        picked = sample_blocks(layout, ACCEPT_CHUNK, n, holes, rng, "accepted chunks", floor=0)
     else:
-        picked = chunks[:n]
-    del chunks
+        chunks = aligned_blocks(layout, ACCEPT_CHUNK)
+        chunks = chunks[~overlaps(chunks, chunks + np.uint64(ACCEPT_CHUNK), holes)]
+        picked = chunks[rng.permutation(chunks.size)[:n]] if order == "random" else chunks[:n]
+        del chunks
     if info is not None:
         info["chunks"] = n
     step = max(1, chunk // 2)
@@ -475,17 +477,22 @@ def churn_chunks(
         info["population"] = int(population.sum())
         info["weights"] = [float(x) for x in w]
 
-    blocks = aligned_blocks(layout, SZ_2M)
-    blocks = blocks[blocks >= np.uint64(SZ_2M)]
-    blocks = blocks[~overlaps(blocks, blocks + np.uint64(SZ_2M), exclude.holes())]
     bytes_per_order = population * np.array([PAGE_SIZE << o for o in orders], dtype=np.int64)
     need = -(-4 * bytes_per_order // SZ_2M)
-    if need.sum() > blocks.size:
+    free = count_blocks(layout, SZ_2M, floor=SZ_2M) - blocks_hit(layout, SZ_2M, exclude.holes(), floor=SZ_2M)
+    if need.sum() > free:
         raise ValueError(
             f"shared_fraction={shared_fraction} needs {int(need.sum())} free 2 MiB blocks for churn, "
-            f"RAM outside the static shared set has {blocks.size}"
+            f"RAM outside the static shared set has {free}"
         )
-    blocks = blocks[rng.permutation(blocks.size)[: int(need.sum())]]
+    if 2 * int(need.sum()) <= free:
+        # Sampled without listing every block: O(churned memory), not O(RAM).
+        blocks = sample_blocks(layout, SZ_2M, int(need.sum()), exclude.holes(), rng, "churn blocks")
+    else:
+        blocks = aligned_blocks(layout, SZ_2M)
+        blocks = blocks[blocks >= np.uint64(SZ_2M)]
+        blocks = blocks[~overlaps(blocks, blocks + np.uint64(SZ_2M), exclude.holes())]
+        blocks = blocks[rng.permutation(blocks.size)[: int(need.sum())]]
     base_seed = int(rng.integers(0, 2**63))
 
     # One birth-death process per order.

@@ -47,6 +47,44 @@ def aligned_blocks(layout: GuestLayout, size: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
 
 
+def _region_blocks(layout: GuestLayout, size: int, floor: int) -> list[tuple[int, int]]:
+    """Per region, (first block start, block count) of ``size``-aligned
+    blocks wholly inside it, at or above ``floor``."""
+    out = []
+    for r in layout.regions:
+        first = max(-(-r.gpa // size) * size, -(-floor // size) * size)
+        last = (r.end // size) * size
+        if last > first:
+            out.append((first, (last - first) // size))
+    return out
+
+
+def count_blocks(layout: GuestLayout, size: int, floor: int = 0) -> int:
+    """How many blocks :func:`aligned_blocks` (at or above ``floor``) lists,
+    without listing them."""
+    return sum(n for _, n in _region_blocks(layout, size, floor))
+
+
+def blocks_hit(layout: GuestLayout, size: int, holes: tuple[np.ndarray, np.ndarray], floor: int = 0) -> int:
+    """How many of those blocks intersect a (sorted, disjoint) hole: the
+    blocks each hole touches, deduplicated (holes are few)."""
+    h_start, h_end = holes
+    if h_start.size == 0:
+        return 0
+    sz = np.uint64(size)
+    lo = h_start // sz
+    hi = (h_end + sz - np.uint64(1)) // sz  # exclusive block numbers
+    counts = (hi - lo).astype(np.int64)
+    blk = np.repeat(lo, counts) + (
+        np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    ).astype(np.uint64)
+    starts = np.unique(blk) * sz
+    inside = np.zeros(starts.size, bool)
+    for first, n in _region_blocks(layout, size, floor):
+        inside |= (starts >= np.uint64(first)) & (starts < np.uint64(first + n * size))
+    return int(inside.sum())
+
+
 def sample_blocks(
     layout: GuestLayout,
     size: int,

@@ -245,7 +245,12 @@ def boot_and_churn_stream(
                 yield "kexec", ops
         state["shared"] = SharedSet.empty() if kexec_at_end else shared
 
-    return TraceStream(meta, source, state=state)
+    # An estimate for progress bars (the exact count is known once generated).
+    population = int(churn_population(layout.ram_size, 0, shared_fraction).sum())
+    births = population * (1 + turnover)
+    accepted = accept_fraction * layout.ram_size / ACCEPT_CHUNK
+    hint = int(2 * accepted + 2 * births + implicit + len(layout.regions) * 2 + 1)
+    return TraceStream(meta, source, length_hint=hint, state=state)
 
 
 def _stream_with_setup(
