@@ -58,7 +58,7 @@ def snapshot(vm: Vm) -> dict[str, object]:
 
 def tally(res: t.ReplayResult) -> dict[str, object]:
     d = res.as_dict()
-    for k in ("seconds", "cpu_seconds", "phase_seconds", "engine"):
+    for k in ("seconds", "cpu_seconds", "source_seconds", "phase_seconds", "engine"):
         del d[k]
     return d
 

@@ -326,3 +326,20 @@ def test_block_counts_match_listing_the_blocks():
             holes = SharedSet.of(s, e).holes()
             want = int(overlaps(blocks, blocks + np.uint64(size), holes).sum())
             assert blocks_hit(lay, size, holes, floor) == want
+
+
+def test_qemu_import_of_a_16t_guest_uses_several_slots():
+    from memattr import qemu
+
+    log = [
+        "kvm_convert_memory start 0x100000000 size 0x200000 private_to_shared",
+        f"kvm_convert_memory start {SZ_4G + MAX_SLOT_SIZE:#x} size 0x1000 private_to_shared",  # the 2nd high slot
+        f"kvm_memory_fault start {SZ_4G + MAX_SLOT_SIZE + 0x1000:#x} size 0x1000 flags 0x0",
+    ]
+    tr = qemu.import_log(log, "16T")
+    assert len(tr.meta["layout"]["regions"]) == 3
+    vm = memattr.Vm(tr.vm_type)
+    res = t.replay(tr, vm)
+    assert res.unexpected_errors == {} and res.expected_errors == {"EFAULT": 1}
+    assert vm.stats.gmem_holes_punched == 2  # both discards found their slot's guest_memfd
+    assert vm.get_memory_attributes((SZ_4G + MAX_SLOT_SIZE) >> 12) == 0

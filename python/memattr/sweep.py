@@ -14,10 +14,12 @@ config)`` and waits on the futures; :func:`run_config` and :class:`Config`
 are plain, picklable, module-level objects. To spread a sweep over a
 cluster::
 
-    # Dask: distributed.Client.get_executor() is a concurrent.futures.Executor
+    # Dask (pip install 'memattr[dask]'; tested with a LocalCluster of two
+    # worker processes, results identical to the process pool; the CLI's
+    # --scheduler / --dask-local do this, see memattr.distributed):
     from dask.distributed import Client
     client = Client("scheduler:8786")
-    results = sweep(configs, executor=client.get_executor())
+    results = sweep(configs, executor=client.get_executor(pure=False))
 
     # MPI: mpi4py.futures.MPIPoolExecutor is one too
     from mpi4py.futures import MPIPoolExecutor
