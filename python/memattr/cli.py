@@ -232,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--seed", type=int, default=0, help="fleet seed (sizes, workloads, per-VM seeds)")
     f.add_argument("--vm", action="store_true", help="also run the whole model (Vm replay) on the range store")
+    f.add_argument(
+        "--xarray-max",
+        type=_size,
+        default=_size("64G"),
+        help="largest guest the per-page store runs for; larger ones get its per-page estimate (default 64G)",
+    )
     f.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel VMs (default: cores)")
     f.add_argument("--out", default="results", help="output directory (default ./results)")
     f.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -509,7 +515,7 @@ def cmd_fleet(args: argparse.Namespace, console: Console) -> int:
     os.makedirs(args.out, exist_ok=True)
     cap = sweep.memory_cap(args.memory_limit, args.jobs)
     vms = [
-        dataclasses.replace(v, xarray_cap=cap, vm=args.vm)
+        dataclasses.replace(v, xarray_cap=cap, xarray_max=args.xarray_max, vm=args.vm)
         for v in fleet.plan(args.vms, args.min_guest, args.max_guest, _mix(args.mix), args.seed)
     ]
     total = sum(v.guest for v in vms)

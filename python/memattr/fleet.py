@@ -12,7 +12,9 @@ conversions they make and what those cost, and the per-VM distribution.
 Per VM and store, the attribute changes are applied to a bare store
 (:func:`memattr.sweep.run_store_only`: the store's own conversion cost and
 memory, streamed). The per-page ``xarray`` runs only where its predicted
-memory fits one job's share (:func:`memattr.sweep.xarray_fits`); elsewhere
+memory fits one job's share (:func:`memattr.sweep.xarray_fits`) and the
+guest is at most ``xarray_max`` (its time is per page: the CLI's default
+stops at 64 GiB); elsewhere
 its memory is the per-page estimate (``"estimated": true``) and its time is
 not counted. With ``vm=True`` every VM also runs the whole model on the
 range store (memslots, faults, the MMU), whose time and counters are
@@ -50,6 +52,7 @@ class FleetVm:
     guest: int
     seed: int
     xarray_cap: int = 0  # bytes the per-page store may use in this task (0: no limit)
+    xarray_max: int = 0  # largest guest the per-page store runs for (0: no limit)
     vm: bool = False  # also run the whole model (Vm replay) on the range store
     engine: str = "auto"
 
@@ -95,11 +98,9 @@ def run_vm(vm: FleetVm) -> dict[str, Any]:
     stores, streamed), and with ``vm.vm`` the whole model on the range store."""
     out: dict[str, Any] = {"index": vm.index, "workload": vm.workload, "guest": vm.guest, "seed": vm.seed}
     st = workloads.stream(vm.workload, vm.guest, seed=vm.seed)
-    stores: dict[str, Any] = {}
-    stores["rangetree"] = sweep.run_store_only(st, "rangetree")
-    if sweep.xarray_fits(vm.guest, vm.xarray_cap):
-        stores["xarray"] = sweep.run_store_only(st, "xarray")
-    else:
+    per_page = sweep.xarray_fits(vm.guest, vm.xarray_cap) and (not vm.xarray_max or vm.guest <= vm.xarray_max)
+    stores: dict[str, Any] = sweep.run_stores_only(st, ("rangetree", "xarray") if per_page else ("rangetree",))
+    if not per_page:
         stores["xarray"] = {
             "ranges": stores["rangetree"]["ranges"],
             "seconds": None,

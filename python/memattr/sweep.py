@@ -228,27 +228,39 @@ def run_store_only(trace: trace_mod.Trace | TraceStream, store: str) -> dict[str
     fresh bare store through its batch entry point (no Vm, no MMU, no
     per-operation Python), chunk by chunk, timed (the store's calls only,
     not the generation of the records)."""
+    return run_stores_only(trace, (store,))[store]
+
+
+def run_stores_only(trace: trace_mod.Trace | TraceStream, stores: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """:func:`run_store_only` on several stores from one pass over the
+    records (each chunk applied to each store in turn)."""
     from memattr._native import RangeTree, XArray
     from memattr.replayer import _apply_chunk
 
-    obj = RangeTree() if store == "rangetree" else XArray()
-    secs = cpu = 0.0
-    n = pos = peak = 0
+    objs = {s: RangeTree() if s == "rangetree" else XArray() for s in stores}
+    tally = {s: {"ranges": 0, "seconds": 0.0, "cpu_seconds": 0.0, "peak": 0} for s in stores}
+    pos = 0
     for _phase, ops in as_stream(trace).chunks():
-        t0, c0 = time.perf_counter(), time.process_time()
-        n += _apply_chunk(ops, obj, pos)
-        secs += time.perf_counter() - t0
-        cpu += time.process_time() - c0
+        for s, obj in objs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            tally[s]["ranges"] += _apply_chunk(ops, obj, pos)
+            tally[s]["seconds"] += time.perf_counter() - t0
+            tally[s]["cpu_seconds"] += time.process_time() - c0
+            tally[s]["peak"] = max(tally[s]["peak"], int(obj.memory_bytes()))
         pos += ops.size
-        peak = max(peak, int(obj.memory_bytes()))
-    return {
-        "ranges": n,
-        "seconds": secs,
-        "cpu_seconds": cpu,
-        "ranges_per_second": n / secs if secs > 0 else float("inf"),
-        "memory_bytes": int(obj.memory_bytes()),
-        "peak_memory_bytes": max(peak, int(obj.memory_bytes())),  # sampled per chunk of records
-    }
+    out: dict[str, dict[str, Any]] = {}
+    for s, obj in objs.items():
+        n, secs = int(tally[s]["ranges"]), float(tally[s]["seconds"])
+        out[s] = {
+            "ranges": n,
+            "seconds": secs,
+            "cpu_seconds": float(tally[s]["cpu_seconds"]),
+            "ranges_per_second": n / secs if secs > 0 else float("inf"),
+            "memory_bytes": int(obj.memory_bytes()),
+            # sampled after each chunk of records
+            "peak_memory_bytes": max(int(tally[s]["peak"]), int(obj.memory_bytes())),
+        }
+    return out
 
 
 def run_config(config: Config) -> dict[str, Any]:
