@@ -240,7 +240,7 @@ def test_compare_skips_xarray_over_the_memory_limit(tmp_path, capsys):
 
 
 def _deterministic(r: dict) -> dict:
-    drop = {"seconds", "cpu_seconds", "ops_per_second", "generate_seconds", "phase_seconds", "ranges_per_second"}
+    drop = {"seconds", "cpu_seconds", "ops_per_second", "generate_seconds", "phase_seconds", "ranges_per_second", "max_rss_bytes"}
     if isinstance(r, dict):
         return {k: _deterministic(v) for k, v in r.items() if k not in drop}
     return r

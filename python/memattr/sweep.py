@@ -217,6 +217,9 @@ def run_trace(
         "stats": stats,
         **attribute_bytes(vm.store, ranges),
         "hugepages": hugepage_coverage(vm.stats.mapped),
+        # this process's peak resident memory so far (getrusage), all of it:
+        # the store, the Vm, the records in flight, the interpreter
+        "max_rss_bytes": max_rss_bytes(),
     }
     if recorder:
         out["trace"] = target.trace()
@@ -368,6 +371,13 @@ def machine() -> dict[str, Any]:
         "numpy": np.__version__,
         "platform": platform.platform(),
     }
+
+
+def max_rss_bytes() -> int:
+    """This process's peak resident set size (ru_maxrss, KiB on Linux)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def available_memory() -> int:
