@@ -343,3 +343,15 @@ def test_qemu_import_of_a_16t_guest_uses_several_slots():
     assert res.unexpected_errors == {} and res.expected_errors == {"EFAULT": 1}
     assert vm.stats.gmem_holes_punched == 2  # both discards found their slot's guest_memfd
     assert vm.get_memory_attributes((SZ_4G + MAX_SLOT_SIZE) >> 12) == 0
+
+
+def test_progress_bars_run(monkeypatch, tmp_path, capsys):
+    """The rate/ETA bars of run, compare and fleet (drawn only on a
+    terminal) run to the end, with a known, an estimated and no total."""
+    monkeypatch.setattr(cli, "_show_progress", lambda args: True)
+    assert run(["run", "boot-and-churn", "--guest", "1G"], capsys)[0] == 0
+    assert run(["run", "vm-creation", "--guest", "1G"], capsys)[0] == 0
+    assert run(["fleet", "--vms", "2", "--max-guest", "2G", "--jobs", "1", "--out", str(tmp_path), "--no-plot"], capsys)[0] == 0
+    from memattr.progress import RateColumn, _si
+
+    assert _si(1_234_567) == "1.2M" and RateColumn("ops").unit == "ops"
