@@ -40,7 +40,15 @@ import numpy as np
 
 from memattr.argcheck import as_rng, check_count, check_fraction
 from memattr.conversions import check_style, convert
-from memattr.gpa_ranges import SharedSet, aligned_blocks, blocks_hit, count_blocks, overlaps, sample_blocks
+from memattr.gpa_ranges import (
+    SharedSet,
+    aligned_blocks,
+    blocks_hit,
+    count_blocks,
+    overlaps,
+    sample_blocks,
+    sliced_picks,
+)
 from memattr.guest_layout import USERSPACE_BASE, GuestLayout, as_layout
 from memattr.trace_format import (
     FLAG_CONVERT,
@@ -298,9 +306,10 @@ def lazy_acceptance_chunks(
     chunk: int = 1 << 20,
     info: dict[str, Any] | None = None,
 ) -> Iterator[np.ndarray]:
-    """:func:`lazy_acceptance`'s records, at most ``chunk`` at a time (the
-    chunk list itself is 16 bytes per accepted 4 MiB: 64 MiB per TiB
-    accepted, never the 40-byte records of the whole phase)."""
+    """:func:`lazy_acceptance`'s records, at most ``chunk`` at a time; the
+    chunks are chosen a slice of RAM at a time
+    (:func:`memattr.gpa_ranges.sliced_picks`), so memory stays one slice
+    whatever the guest's size."""
     layout = as_layout(layout)
     check_fraction("fraction", fraction)
     if order not in ("random", "sequential"):
@@ -309,21 +318,16 @@ def lazy_acceptance_chunks(
     holes = (exclude or SharedSet.empty()).holes()
     eligible = count_blocks(layout, ACCEPT_CHUNK) - blocks_hit(layout, ACCEPT_CHUNK, holes)
     n = int(round(fraction * eligible))
-    if order == "random" and 2 * n <= eligible:
-        # Sampled without listing every chunk: O(accepted), not O(RAM).
-        picked = sample_blocks(layout, ACCEPT_CHUNK, n, holes, rng, "accepted chunks", floor=0)
-    else:
-        chunks = aligned_blocks(layout, ACCEPT_CHUNK)
-        chunks = chunks[~overlaps(chunks, chunks + np.uint64(ACCEPT_CHUNK), holes)]
-        picked = chunks[rng.permutation(chunks.size)[:n]] if order == "random" else chunks[:n]
-        del chunks
     if info is not None:
         info["chunks"] = n
     step = max(1, chunk // 2)
-    for lo in range(0, n, step):
-        part = picked[lo : lo + step]
-        gpa = np.stack([part, part + np.uint64(SZ_2M)], axis=1).ravel()
-        yield fault_ops(gpa, FLAG_PRIVATE | FLAG_WRITE)
+    # Chosen a slice of RAM at a time (memory: one slice, not all RAM); in
+    # random order the slices come shuffled, and the chunks in each.
+    for picked in sliced_picks(layout, ACCEPT_CHUNK, n, holes, rng, shuffle=order == "random"):
+        for lo in range(0, picked.size, step):
+            part = picked[lo : lo + step]
+            gpa = np.stack([part, part + np.uint64(SZ_2M)], axis=1).ravel()
+            yield fault_ops(gpa, FLAG_PRIVATE | FLAG_WRITE)
 
 
 def implicit_conversions(
@@ -431,7 +435,7 @@ def churn(
 _CHURN_RNG_BLOCK = 1 << 16
 # Births per time window: a window's records are its births, their touches
 # and the deaths falling in it (about three times this).
-CHURN_WINDOW_BIRTHS = 1 << 18
+CHURN_WINDOW_BIRTHS = 1 << 17
 
 
 def churn_chunks(
@@ -485,14 +489,11 @@ def churn_chunks(
             f"shared_fraction={shared_fraction} needs {int(need.sum())} free 2 MiB blocks for churn, "
             f"RAM outside the static shared set has {free}"
         )
-    if 2 * int(need.sum()) <= free:
-        # Sampled without listing every block: O(churned memory), not O(RAM).
-        blocks = sample_blocks(layout, SZ_2M, int(need.sum()), exclude.holes(), rng, "churn blocks")
-    else:
-        blocks = aligned_blocks(layout, SZ_2M)
-        blocks = blocks[blocks >= np.uint64(SZ_2M)]
-        blocks = blocks[~overlaps(blocks, blocks + np.uint64(SZ_2M), exclude.holes())]
-        blocks = blocks[rng.permutation(blocks.size)[: int(need.sum())]]
+    # Chosen a slice of RAM at a time, then shuffled: O(churned memory).
+    blocks = np.concatenate(
+        [np.zeros(0, np.uint64)] + list(sliced_picks(layout, SZ_2M, int(need.sum()), exclude.holes(), rng, floor=SZ_2M))
+    )
+    blocks = blocks[rng.permutation(blocks.size)]
     base_seed = int(rng.integers(0, 2**63))
 
     # One birth-death process per order.

@@ -3,6 +3,7 @@ aligned blocks of RAM, random free blocks, and :class:`SharedSet`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +84,58 @@ def blocks_hit(layout: GuestLayout, size: int, holes: tuple[np.ndarray, np.ndarr
     for first, n in _region_blocks(layout, size, floor):
         inside |= (starts >= np.uint64(first)) & (starts < np.uint64(first + n * size))
     return int(inside.sum())
+
+
+# Blocks listed at a time by sliced_picks (2 MiB of gpas).
+PICK_SLICE = 1 << 18
+
+
+def sliced_picks(
+    layout: GuestLayout,
+    size: int,
+    n: int,
+    holes: tuple[np.ndarray, np.ndarray],
+    rng: np.random.Generator,
+    floor: int = 0,
+    shuffle: bool = True,
+) -> Iterator[np.ndarray]:
+    """``n`` distinct ``size``-aligned blocks wholly in RAM, at or above
+    ``floor``, not intersecting ``holes``, chosen uniformly, yielded a
+    slice of RAM (``PICK_SLICE`` blocks) at a time: memory is one slice,
+    never every block. The count per slice is drawn from the multivariate
+    hypergeometric law (exactly ``n`` in all); with ``shuffle`` slices
+    come in random order and each slice's blocks in random order, else
+    ``n`` first blocks in address order."""
+    slices = []
+    for first, count in _region_blocks(layout, size, floor):
+        for lo in range(0, count, PICK_SLICE):
+            slices.append((first + lo * size, min(PICK_SLICE, count - lo)))
+
+    def eligible(first: int, count: int) -> np.ndarray:
+        b = np.uint64(first) + np.arange(count, dtype=np.uint64) * np.uint64(size)
+        return b[~overlaps(b, b + np.uint64(size), holes)]
+
+    if not shuffle:
+        left = n
+        for first, count in slices:
+            if left <= 0:
+                return
+            b = eligible(first, count)[:left]
+            left -= b.size
+            yield b
+        if left > 0:
+            raise ValueError(f"{n} blocks of {size} bytes wanted, RAM has {n - left} free")
+        return
+    counts = np.array([eligible(f, c).size for f, c in slices], dtype=np.int64)
+    if n > counts.sum():
+        raise ValueError(f"{n} blocks of {size} bytes wanted, RAM has {int(counts.sum())} free")
+    if n == 0:
+        return
+    per = rng.multivariate_hypergeometric(counts, n, method="marginals") if len(slices) > 1 else np.array([n])
+    for i in rng.permutation(len(slices)).tolist():
+        if per[i]:
+            b = eligible(*slices[i])
+            yield b[rng.choice(b.size, size=int(per[i]), replace=False)]
 
 
 def sample_blocks(
