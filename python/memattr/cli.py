@@ -274,13 +274,13 @@ def _load_source(args: argparse.Namespace) -> stream_mod.TraceStream:
     raise SystemExit(f"memattr run: {src!r} is neither a workload ({', '.join(workloads.WORKLOADS)}) nor a file")
 
 
-def report_errors(console: Console, label: str, replay: dict[str, Any]) -> bool:
+def report_errors(console: Console, label: str, replay: dict[str, Any], expected_too: bool = True) -> bool:
     """Says loudly what went wrong in a run (unexpected errors) and quietly
     what the trace asked for (expected errors, memory-fault exits answered
     by conversions). True if anything unexpected happened."""
     unexpected = replay.get("unexpected_errors") or {}
     expected = replay.get("expected_errors") or {}
-    if expected or replay.get("implicit_conversions"):
+    if expected_too and (expected or replay.get("implicit_conversions")):
         parts = [f"{k} x{v:,}" for k, v in sorted(expected.items())]
         if replay.get("fault_exits"):
             parts.append(
@@ -436,7 +436,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]failed[/]: {f}")
     unexpected = []
     for r in res.results:
-        if "replay" in r and report_errors(console, f"{r['workload']} {format_size(r['guest'])} {r['store']}", r["replay"]):
+        label = f"{r['workload']} {format_size(r['guest'])} {r['store']}"
+        if "replay" in r and report_errors(console, label, r["replay"], expected_too=False):
             unexpected.append(f"{r['workload']} {format_size(r['guest'])} {r['store']}")
     payload = {
         "command": "compare",
