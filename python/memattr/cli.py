@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from memattr import progress as progress_mod
 from memattr.distributed import add_cluster_args
@@ -293,7 +292,7 @@ def report_errors(console: Console, label: str, replay: dict[str, Any], expected
         console.print(
             f"[bold red]{label}: {total:,} UNEXPECTED error(s): "
             + ", ".join(f"{k} x{v:,}" for k, v in sorted(unexpected.items()))
-            + " - these calls were meant to succeed; the results below do not describe the workload[/]"
+            + " - these calls were meant to succeed, so the numbers do not describe the workload[/]"
         )
     return bool(unexpected)
 
