@@ -355,3 +355,28 @@ def test_progress_bars_run(monkeypatch, tmp_path, capsys):
     from memattr.progress import RateColumn, _si
 
     assert _si(1_234_567) == "1.2M" and RateColumn("ops").unit == "ops"
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_sliced_picks_are_distinct_free_blocks(shuffle, monkeypatch):
+    """Against listing the blocks: every pick is a free block, none twice,
+    exactly n; in address order without shuffle, the n first free ones."""
+    from memattr import gpa_ranges as g
+
+    monkeypatch.setattr(g, "PICK_SLICE", 37)  # many slices, some cut by holes
+    lay = GuestLayout.build("6G", high_slots=2)
+    rng = np.random.default_rng(2)
+    s = np.array([5 << 20, 3 << 30, 4 << 30], np.uint64)
+    holes = g.SharedSet.of(s, s + np.array([9 << 20, 1 << 20, 64 << 20], np.uint64)).holes()
+    size = 2 << 20
+    blocks = g.aligned_blocks(lay, size)
+    blocks = blocks[blocks >= np.uint64(size)]
+    free = blocks[~g.overlaps(blocks, blocks + np.uint64(size), holes)]
+    for n in (0, 1, 100, free.size):
+        got = np.concatenate([np.zeros(0, np.uint64)] + list(g.sliced_picks(lay, size, n, holes, rng, size, shuffle)))
+        assert got.size == n and np.unique(got).size == n
+        assert np.isin(got, free).all()
+        if not shuffle:
+            assert np.array_equal(got, free[:n])
+    with pytest.raises(ValueError, match="free"):
+        list(g.sliced_picks(lay, size, free.size + 1, holes, rng, size, shuffle))

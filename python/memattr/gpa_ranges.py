@@ -66,12 +66,13 @@ def count_blocks(layout: GuestLayout, size: int, floor: int = 0) -> int:
     return sum(n for _, n in _region_blocks(layout, size, floor))
 
 
-def blocks_hit(layout: GuestLayout, size: int, holes: tuple[np.ndarray, np.ndarray], floor: int = 0) -> int:
-    """How many of those blocks intersect a (sorted, disjoint) hole: the
+def _hit_blocks(layout: GuestLayout, size: int, holes: tuple[np.ndarray, np.ndarray], floor: int) -> np.ndarray:
+    """Sorted start gpas of the blocks (as :func:`aligned_blocks` at or above
+    ``floor`` lists them) that intersect a (sorted, disjoint) hole: the
     blocks each hole touches, deduplicated (holes are few)."""
     h_start, h_end = holes
     if h_start.size == 0:
-        return 0
+        return np.zeros(0, np.uint64)
     sz = np.uint64(size)
     lo = h_start // sz
     hi = (h_end + sz - np.uint64(1)) // sz  # exclusive block numbers
@@ -83,7 +84,12 @@ def blocks_hit(layout: GuestLayout, size: int, holes: tuple[np.ndarray, np.ndarr
     inside = np.zeros(starts.size, bool)
     for first, n in _region_blocks(layout, size, floor):
         inside |= (starts >= np.uint64(first)) & (starts < np.uint64(first + n * size))
-    return int(inside.sum())
+    return starts[inside]
+
+
+def blocks_hit(layout: GuestLayout, size: int, holes: tuple[np.ndarray, np.ndarray], floor: int = 0) -> int:
+    """How many of those blocks intersect a (sorted, disjoint) hole."""
+    return int(_hit_blocks(layout, size, holes, floor).size)
 
 
 # Blocks listed at a time by sliced_picks (2 MiB of gpas).
@@ -101,41 +107,51 @@ def sliced_picks(
 ) -> Iterator[np.ndarray]:
     """``n`` distinct ``size``-aligned blocks wholly in RAM, at or above
     ``floor``, not intersecting ``holes``, chosen uniformly, yielded a
-    slice of RAM (``PICK_SLICE`` blocks) at a time: memory is one slice,
-    never every block. The count per slice is drawn from the multivariate
+    slice of RAM (``PICK_SLICE`` blocks) at a time. No slice is listed:
+    a slice's free blocks are its block numbers minus the few that holes
+    touch, so memory and time are O(picked + holes + slices), whatever the
+    guest's size. The count per slice is drawn from the multivariate
     hypergeometric law (exactly ``n`` in all); with ``shuffle`` slices
-    come in random order and each slice's blocks in random order, else
-    ``n`` first blocks in address order."""
+    come in random order and each slice's blocks in random order, else the
+    ``n`` first free blocks in address order."""
     slices = []
     for first, count in _region_blocks(layout, size, floor):
         for lo in range(0, count, PICK_SLICE):
             slices.append((first + lo * size, min(PICK_SLICE, count - lo)))
+    hit = _hit_blocks(layout, size, holes, floor)
+    firsts = np.array([f for f, _ in slices], dtype=np.uint64)
+    ends = np.array([f + c * size for f, c in slices], dtype=np.uint64)
+    h_lo = np.searchsorted(hit, firsts)
+    h_hi = np.searchsorted(hit, ends)
+    free = np.array([c for _, c in slices], dtype=np.int64) - (h_hi - h_lo)
+    if n > free.sum():
+        raise ValueError(f"{n} blocks of {size} bytes wanted, RAM has {int(free.sum())} free")
 
-    def eligible(first: int, count: int) -> np.ndarray:
-        b = np.uint64(first) + np.arange(count, dtype=np.uint64) * np.uint64(size)
-        return b[~overlaps(b, b + np.uint64(size), holes)]
+    def blocks(i: int, virtual: np.ndarray) -> np.ndarray:
+        # The v-th free block of slice i: v plus the holes' blocks at or
+        # before it (hits h_j at index j: free block v sits past every j
+        # with h_j - j <= v).
+        first = slices[i][0]
+        h = ((hit[h_lo[i] : h_hi[i]] - np.uint64(first)) // np.uint64(size)).astype(np.int64)
+        idx = virtual + np.searchsorted(h - np.arange(h.size), virtual, side="right")
+        return np.uint64(first) + idx.astype(np.uint64) * np.uint64(size)
 
-    if not shuffle:
-        left = n
-        for first, count in slices:
-            if left <= 0:
-                return
-            b = eligible(first, count)[:left]
-            left -= b.size
-            yield b
-        if left > 0:
-            raise ValueError(f"{n} blocks of {size} bytes wanted, RAM has {n - left} free")
-        return
-    counts = np.array([eligible(f, c).size for f, c in slices], dtype=np.int64)
-    if n > counts.sum():
-        raise ValueError(f"{n} blocks of {size} bytes wanted, RAM has {int(counts.sum())} free")
     if n == 0:
         return
-    per = rng.multivariate_hypergeometric(counts, n, method="marginals") if len(slices) > 1 else np.array([n])
+    if not shuffle:
+        left = n
+        for i in range(len(slices)):
+            k = min(left, int(free[i]))
+            if k:
+                yield blocks(i, np.arange(k, dtype=np.int64))
+            left -= k
+            if not left:
+                return
+        return
+    per = rng.multivariate_hypergeometric(free, n, method="marginals") if len(slices) > 1 else np.array([n])
     for i in rng.permutation(len(slices)).tolist():
         if per[i]:
-            b = eligible(*slices[i])
-            yield b[rng.choice(b.size, size=int(per[i]), replace=False)]
+            yield blocks(i, rng.choice(int(free[i]), size=int(per[i]), replace=False).astype(np.int64))
 
 
 def sample_blocks(
