@@ -380,3 +380,15 @@ def test_sliced_picks_are_distinct_free_blocks(shuffle, monkeypatch):
             assert np.array_equal(got, free[:n])
     with pytest.raises(ValueError, match="free"):
         list(g.sliced_picks(lay, size, free.size + 1, holes, rng, size, shuffle))
+
+
+def test_picks_spread_over_more_than_a_billion_blocks():
+    from memattr.gpa_ranges import _spread
+
+    rng = np.random.default_rng(0)
+    free = np.full(5000, 1 << 18, dtype=np.int64)  # 1.3e9 blocks: numpy's hypergeometric refuses
+    free[7] = 3
+    per = _spread(free, 100_000, rng)
+    assert per.sum() == 100_000 and (per >= 0).all() and (per <= free).all()
+    small = np.array([3, 0, 5])
+    assert _spread(small, 8, rng).tolist() == [3, 0, 5]

@@ -148,10 +148,32 @@ def sliced_picks(
             if not left:
                 return
         return
-    per = rng.multivariate_hypergeometric(free, n, method="marginals") if len(slices) > 1 else np.array([n])
+    per = _spread(free, n, rng)
     for i in rng.permutation(len(slices)).tolist():
         if per[i]:
             yield blocks(i, rng.choice(int(free[i]), size=int(per[i]), replace=False).astype(np.int64))
+
+
+def _spread(free: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` picks spread over slices of ``free`` blocks each, as drawing
+    without replacement would: the multivariate hypergeometric law, which
+    numpy draws only for fewer than 10**9 blocks in all; beyond that (RAM
+    over 2 PiB in 2 MiB blocks), the multinomial law (drawing with
+    replacement, indistinguishable when picks are few), any slice drawn
+    past its free blocks giving its excess back to be drawn again."""
+    if free.size == 1:
+        return np.array([n])
+    if int(free.sum()) < 10**9:
+        return rng.multivariate_hypergeometric(free, n, method="marginals")
+    per = np.zeros(free.size, dtype=np.int64)
+    left = n
+    while left:
+        room = free - per
+        per += rng.multinomial(left, room / room.sum())
+        over = np.maximum(per - free, 0)
+        per -= over
+        left = int(over.sum())
+    return per
 
 
 def sample_blocks(
