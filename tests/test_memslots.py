@@ -87,8 +87,9 @@ def test_invalid_arguments_change_nothing(semantics: str) -> None:
     dvm = m.Vm(m.KVM_X86_DEFAULT_VM, semantics=semantics)  # type: ignore[arg-type]
     dvm.set_user_memory_region(0, GPA, SIZE)
     # access_ok(): 6.8 takes the whole user half, 6.18 stops at TASK_SIZE_MAX
-    # ((1 << 47) - 4096 with 4-level paging).
-    past_task_size = (1 << 47) - SIZE  # ends one page past TASK_SIZE_MAX
+    # ((1 << 47) - 4096 with 4-level paging, (1 << 56) - 4096 with 5-level,
+    # as on the default host).
+    past_task_size = (1 << dvm.host.user_address_bits) - SIZE  # ends one page past TASK_SIZE_MAX
     if semantics == "6.8":
         dvm.set_user_memory_region(2, 1 << 30, SIZE, past_task_size)
         dvm.set_user_memory_region(2, 1 << 30, 0)

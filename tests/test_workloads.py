@@ -106,7 +106,7 @@ def test_layout_splits_at_pci_hole():
     [
         ({"ram_size": "1M"}, "ram_size"),
         ({"ram_size": 0}, "ram_size"),
-        ({"ram_size": "128T"}, "ram_size"),
+        ({"ram_size": "4P"}, "52-bit"),
         ({"ram_size": "4G", "low_limit": "1M"}, "low_limit"),
         ({"ram_size": "4G", "low_limit": "4G"}, "low_limit"),
         ({"ram_size": "4G", "high_slots": 0}, "high_slots"),

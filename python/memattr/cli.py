@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -40,6 +41,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from memattr import explore_cli, qemu, report, sweep, workloads
+from memattr import progress as progress_mod
+from memattr import stream as stream_mod
+from memattr.distributed import add_cluster_args
 from memattr import trace as trace_mod
 from memattr.units import format_size, parse_size
 
@@ -47,7 +51,9 @@ DEFAULT_SIZES = "1G,4G,16G,64G,256G,1T"
 # An xarray run is skipped when predicted to take longer than
 # this (seconds) or to need more than MEMORY_SHARE of available memory.
 DEFAULT_TIME_BUDGET = 40.0
-MEMORY_SHARE = 0.5
+MEMORY_SHARE = sweep.MEMORY_SHARE
+# Exit status of a run or compare that finished with unexpected errors.
+EXIT_UNEXPECTED_ERRORS = 3
 
 
 def _size(text: str) -> int:
@@ -143,6 +149,16 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _memory_limit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--memory-limit",
+        type=_size,
+        default=None,
+        help=f"memory the runs may use in all (default: {MEMORY_SHARE:g} of the available memory); "
+        "a per-page store predicted to exceed it is refused up front",
+    )
+
+
 def _engine_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine",
@@ -200,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="results", help="output directory (default ./results)")
     c.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _memory_limit_arg(c)
+    add_cluster_args(c)
     _workload_args(c)
     _engine_arg(c)
 
@@ -212,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--record", metavar="FILE", help="record the calls made (with results) as a trace")
     r.add_argument("--json", metavar="FILE", help="write the result as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _memory_limit_arg(r)
     _workload_args(r)
     _engine_arg(r)
 
@@ -238,6 +257,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict", action="store_true", help="a line naming an event that does not parse is an error (default: skipped, counted)"
     )
 
+    f = sub.add_parser("fleet", help="many VMs on one host as one simulation: totals per store")
+    f.add_argument("--vms", type=_positive_int, default=200, help="guests on the host (default 200)")
+    f.add_argument("--min-guest", type=_size, default=_size("1G"), help="smallest guest (default 1G)")
+    f.add_argument("--max-guest", type=_size, default=_size("4T"), help="largest guest (default 4T)")
+    f.add_argument(
+        "--mix",
+        default=None,
+        help="workloads and weights, e.g. boot-and-churn=3,churn=1 (default: a mix of all)",
+    )
+    f.add_argument("--seed", type=int, default=0, help="fleet seed (sizes, workloads, per-VM seeds)")
+    f.add_argument("--vm", action="store_true", help="also run the whole model (Vm replay) on the range store")
+    f.add_argument(
+        "--xarray-max",
+        type=_size,
+        default=_size("64G"),
+        help="largest guest the per-page store runs for; larger ones get its per-page estimate (default 64G)",
+    )
+    f.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel VMs (default: cores)")
+    f.add_argument("--out", default="results", help="output directory (default ./results)")
+    f.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _memory_limit_arg(f)
+    add_cluster_args(f)
+
     s = sub.add_parser("show", help="validate and summarise a trace")
     s.add_argument("trace")
 
@@ -251,66 +294,80 @@ def _show_progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_progress", False) and sys.stdout.isatty()
 
 
-def _load_source(args: argparse.Namespace) -> trace_mod.Trace:
+def _load_source(args: argparse.Namespace) -> stream_mod.TraceStream:
+    """The run's operations as a stream: a workload generated in bounded
+    chunks, a binary trace read in bounded chunks (text traces and QEMU
+    logs are parsed whole)."""
     src = args.source
     if args.qemu_log:
-        return qemu.import_log(src, args.guest, args.low_limit)
+        return stream_mod.as_stream(qemu.import_log(src, args.guest, args.low_limit))
     if src in workloads.WORKLOADS:
-        return workloads.make(src, args.guest, seed=args.seed, **_params(args))
+        return workloads.stream(src, args.guest, seed=args.seed, **_params(args))
     if os.path.exists(src):
         if trace_mod.is_trace_file(src):
-            return trace_mod.read(src)
+            return stream_mod.open_trace(src)
         raise trace_mod.TraceFormatError(
             f"{src}: not a memattr trace (use --qemu-log for a QEMU log)"
         )
     raise SystemExit(f"memattr run: {src!r} is neither a workload ({', '.join(workloads.WORKLOADS)}) nor a file")
 
 
-def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    tr = _load_source(args)
-    tr.validate()
-    if _show_progress(args):
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        ) as prog:
-            task = prog.add_task(f"{tr.name} on {args.store}", total=len(tr))
-            result = sweep.run_trace(
-                tr,
-                args.store,
-                vm_kwargs=_vm_kwargs(args),
-                progress=lambda n: prog.advance(task, n),
-                recorder=bool(args.record),
-                engine=args.engine,
+def report_errors(console: Console, label: str, replay: dict[str, Any], expected_too: bool = True) -> bool:
+    """Says loudly what went wrong in a run (unexpected errors) and quietly
+    what the trace asked for (expected errors, memory-fault exits answered
+    by conversions). True if anything unexpected happened."""
+    unexpected = replay.get("unexpected_errors") or {}
+    expected = replay.get("expected_errors") or {}
+    if expected_too and (expected or replay.get("implicit_conversions")):
+        parts = [f"{k} x{v:,}" for k, v in sorted(expected.items())]
+        if replay.get("fault_exits"):
+            parts.append(
+                f"{replay['fault_exits']:,} memory-fault exits, {replay.get('implicit_conversions', 0):,} "
+                "answered by implicit conversions"
             )
-    else:
-        result = sweep.run_trace(
-            tr, args.store, vm_kwargs=_vm_kwargs(args), recorder=bool(args.record), engine=args.engine
+        console.print(f"{label}: expected (the trace provokes them): " + ", ".join(parts))
+    if unexpected:
+        total = sum(unexpected.values())
+        console.print(
+            f"[bold red]{label}: {total:,} UNEXPECTED error(s): "
+            + ", ".join(f"{k} x{v:,}" for k, v in sorted(unexpected.items()))
+            + " - these calls were meant to succeed, so the numbers do not describe the workload[/]"
         )
+    return bool(unexpected)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    st = _load_source(args)
+    guest = sweep.trace_guest_size(st)
+    why = sweep.store_refusal(args.store, guest, sweep.memory_cap(args.memory_limit))
+    if why:
+        console.print(f"[red]memattr run: refused:[/] {why}")
+        return 2
+    run = dict(vm_kwargs=_vm_kwargs(args), recorder=bool(args.record), engine=args.engine)
+    if _show_progress(args):
+        with progress_mod.bar(console) as prog:
+            task = prog.add_task(f"{st.name} {sweep.format_size(guest)} on {args.store}", total=st.length_hint)
+            result = sweep.run_trace(st, args.store, progress=lambda n: prog.advance(task, n), **run)  # type: ignore[arg-type]
+    else:
+        result = sweep.run_trace(st, args.store, **run)  # type: ignore[arg-type]
     recorded = result.pop("trace", None)
     console.print(report.run_table(result))
+    bad = report_errors(console, f"{result['workload']} on {args.store}", result["replay"])
     if recorded is not None:
         trace_mod.write(recorded, args.record)
         console.print(f"recorded {len(recorded):,} operations to {args.record}")
     if args.json:
-        report.write_json(args.json, {"machine": sweep.machine(), "result": result})
+        report.write_json(args.json, {"command": "run", "machine": sweep.machine(), "result": result})
         console.print(f"wrote {args.json}")
-    return 0
+    return EXIT_UNEXPECTED_ERRORS if bad else 0
 
 
 def _xarray_plan(args: argparse.Namespace, console: Console) -> tuple[int, str]:
     """Largest size xarray may run at, and why it stops there."""
-    avail = sweep.available_memory()
-    jobs = max(1, args.jobs)
-    mem_cap = int(avail * MEMORY_SHARE / jobs) if avail else 0
+    mem_cap = sweep.memory_cap(args.memory_limit, args.jobs)
     if args.xarray_max is not None:
         return args.xarray_max, f"--xarray-max {format_size(args.xarray_max)}"
-    fits = [s for s in args.sizes if not mem_cap or sweep.xarray_memory_estimate(s) * 2 <= mem_cap]
+    fits = [s for s in args.sizes if sweep.xarray_fits(s, mem_cap)]
     limit = max(fits) if fits else 0
     why = (
         f"memory: needs ~{sweep.XARRAY_BYTES_PER_PAGE:g} B per 4K page (counted twice for headroom); "
@@ -328,7 +385,9 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     name = args.workload
     if args.trace:
         # Validated here, once, so a bad file fails before any worker starts.
-        tr = trace_mod.read(args.trace)
+        tr = stream_mod.open_trace(args.trace)
+        for _ in tr.chunks():  # every record validated, one chunk at a time
+            pass
         name = tr.name
         args.sizes = [sweep.trace_guest_size(tr)]
         if args.sizes[0] <= 0:
@@ -392,19 +451,16 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
             prog, task = state["progress"]
             prog.update(task, advance=1, description=f"done: {c.label()}")
 
-    if _show_progress(args):
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as prog:
-            state["progress"] = (prog, prog.add_task("runs", total=state["total"]))
-            res = sweep.sweep(rt_configs + first, max_workers=args.jobs, on_done=finished, follow_up=follow_up)
-    else:
-        res = sweep.sweep(rt_configs + first, max_workers=args.jobs, on_done=finished, follow_up=follow_up)
+    from memattr.distributed import describe, executor_from_args
+
+    with executor_from_args(args) as executor:
+        run = dict(executor=executor, max_workers=args.jobs, on_done=finished, follow_up=follow_up)
+        if _show_progress(args):
+            with progress_mod.bar(console, unit="runs") as prog:
+                state["progress"] = (prog, prog.add_task("runs", total=state["total"]))
+                res = sweep.sweep(rt_configs + first, **run)  # type: ignore[arg-type]
+        else:
+            res = sweep.sweep(rt_configs + first, **run)  # type: ignore[arg-type]
     wall = time.perf_counter() - t0
 
     rows = report.compare_rows(res.results)
@@ -418,8 +474,14 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         console.print(f"xarray skipped at {format_size(s)}: {skipped[s]}")
     for f in failures:
         console.print(f"[red]failed[/]: {escape(f)}", highlight=False, soft_wrap=True)
+    unexpected = []
+    for r in res.results:
+        label = f"{r['workload']} {format_size(r['guest'])} {r['store']}"
+        if "replay" in r and report_errors(console, label, r["replay"], expected_too=False):
+            unexpected.append(f"{r['workload']} {format_size(r['guest'])} {r['store']}")
     payload = {
         "command": "compare",
+        "executor": describe(args),
         "workload": name,
         "trace": trace_path or None,
         "params": dict(params),
@@ -432,6 +494,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         "rows": rows,
         "skipped": {"xarray": {format_size(s): why for s, why in sorted(skipped.items())}},
         "failures": failures,
+        "unexpected_errors": unexpected,
         "runs": res.results,
     }
     json_path = os.path.join(args.out, "compare.json")
@@ -441,15 +504,22 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         png = os.path.join(args.out, "compare.png")
         report.plot(rows, png, title)
         console.print(f"wrote {png}")
-    return 1 if failures else 0
+    if failures:
+        return 1
+    return EXIT_UNEXPECTED_ERRORS if unexpected else 0
 
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> int:
-    tr = workloads.make(args.workload, args.guest, seed=args.seed, **_params(args))
+    st = workloads.stream(args.workload, args.guest, seed=args.seed, **_params(args))
     if args.gmem_max_order is not None:
-        tr.meta["vm_kwargs"] = {**tr.meta.get("vm_kwargs", {}), **_vm_kwargs(args)}
-    trace_mod.write(tr, args.output, text=True if args.text else None)
-    console.print(f"wrote {len(tr):,} operations to {args.output}")
+        st.meta["vm_kwargs"] = {**st.meta.get("vm_kwargs", {}), **_vm_kwargs(args)}
+    if args.text or str(args.output).endswith(".txt"):
+        tr = st.materialize()
+        trace_mod.write(tr, args.output, text=True)
+        n = len(tr)
+    else:
+        n = stream_mod.write(st, args.output)  # chunk by chunk
+    console.print(f"wrote {n:,} operations to {args.output}")
     return 0
 
 
@@ -479,6 +549,85 @@ def cmd_import_qemu(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _mix(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, weight = part.strip().partition("=")
+        try:
+            out[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"--mix: {part!r} is not NAME or NAME=WEIGHT") from None
+    return out
+
+
+def cmd_fleet(args: argparse.Namespace, console: Console) -> int:
+    from memattr import fleet
+    from memattr.distributed import describe, executor_from_args
+
+    os.makedirs(args.out, exist_ok=True)
+    cap = sweep.memory_cap(args.memory_limit, args.jobs)
+    vms = [
+        dataclasses.replace(v, xarray_cap=cap, xarray_max=args.xarray_max, vm=args.vm)
+        for v in fleet.plan(args.vms, args.min_guest, args.max_guest, _mix(args.mix), args.seed)
+    ]
+    total = sum(v.guest for v in vms)
+    console.print(
+        f"[bold]memattr fleet[/]: {len(vms)} VMs, {report.human_bytes(total)} of guest RAM "
+        f"({format_size(args.min_guest)}..{format_size(args.max_guest)}), on {describe(args)}"
+    )
+    failures: list[str] = []
+    t0 = time.perf_counter()
+    with executor_from_args(args) as executor:
+        if _show_progress(args):
+            with progress_mod.bar(console, unit="VMs") as prog:
+                task = prog.add_task("VMs", total=len(vms))
+
+                def done(c: Any, r: Any, e: BaseException | None) -> None:
+                    if e is not None:
+                        failures.append(f"{c.label()}: {type(e).__name__}: {e}")
+                    prog.update(task, advance=1, description=f"done: {c.label()}")
+
+                res = fleet.run(vms, executor, args.jobs, done)
+        else:
+
+            def done_quiet(c: Any, r: Any, e: BaseException | None) -> None:
+                if e is not None:
+                    failures.append(f"{c.label()}: {type(e).__name__}: {e}")
+
+            res = fleet.run(vms, executor, args.jobs, done_quiet)
+    wall = time.perf_counter() - t0
+    summary = fleet.summarise(res.results)
+    title = f"fleet of {len(vms)} VMs (seed {args.seed}, {wall:.0f} s wall, {describe(args)})"
+    console.print(fleet.table(summary, title))
+    for f_ in failures:
+        console.print(f"[red]failed[/]: {f_}")
+    bad = summary.get("vm_replay", {}).get("unexpected_errors", 0)
+    if bad:
+        console.print(f"[bold red]fleet: {bad:,} UNEXPECTED error(s) in the Vm replays (see fleet.json)[/]")
+    payload = {
+        "command": "fleet",
+        "executor": describe(args),
+        "seed": args.seed,
+        "wall_seconds": wall,
+        "machine": sweep.machine(),
+        "summary": summary,
+        "failures": failures,
+        "vms": res.results,
+    }
+    json_path = os.path.join(args.out, "fleet.json")
+    report.write_json(json_path, payload)
+    console.print(f"wrote {json_path}")
+    if not args.no_plot and res.results:
+        png = os.path.join(args.out, "fleet.png")
+        fleet.plot(res.results, summary, png, title)
+        console.print(f"wrote {png}")
+    if failures:
+        return 1
+    return EXIT_UNEXPECTED_ERRORS if bad else 0
+
+
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
     tr = trace_mod.read(args.trace)
     console.print_json(json.dumps(trace_mod.describe(tr)))
@@ -496,6 +645,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "generate": cmd_generate,
     "import-qemu": cmd_import_qemu,
+    "fleet": cmd_fleet,
     "show": cmd_show,
     "list": cmd_list,
     "explore": explore_cli.cmd_explore,

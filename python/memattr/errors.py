@@ -76,4 +76,17 @@ class GuestMemfdSigbus(Exception):
         return (type(self), (self.fd, self.offset))
 
 
-__all__ = ["GuestMemfdSigbus", "KvmBugError", "LockdepError", "MemoryFault"]
+class SetupError(OSError):
+    """A trace's own setup failed: a memslot refused or a guest_memfd not
+    created (and the trace did not record that failure). Whatever ran after
+    it would simulate a different VM from the one the trace describes, so
+    replay stops instead of counting it. ``errno`` is the call's."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.errno, self.strerror))
+
+
+__all__ = ["GuestMemfdSigbus", "KvmBugError", "LockdepError", "MemoryFault", "SetupError"]

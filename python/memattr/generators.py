@@ -33,13 +33,22 @@ Sizes accept ints (bytes) or strings like ``"64G"``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from memattr.argcheck import as_rng, check_count, check_fraction
 from memattr.conversions import check_style, convert
-from memattr.gpa_ranges import SharedSet, aligned_blocks, overlaps, sample_blocks
+from memattr.gpa_ranges import (
+    SharedSet,
+    aligned_blocks,
+    blocks_hit,
+    count_blocks,
+    overlaps,
+    sample_blocks,
+    sliced_picks,
+)
 from memattr.guest_layout import USERSPACE_BASE, GuestLayout, as_layout
 from memattr.trace_format import (
     FLAG_CONVERT,
@@ -277,25 +286,48 @@ def lazy_acceptance(
     they can): two private write faults per chunk, at its two 2 MiB halves.
     ``order`` is ``"random"`` (the buddy allocator hands out chunks all
     over) or ``"sequential"``. Chunk count = round(fraction * eligible).
+    (:func:`lazy_acceptance_chunks` makes the same records in bounded parts.)
     """
+    layout = as_layout(layout)
+    info: dict[str, Any] = {}
+    parts = list(lazy_acceptance_chunks(layout, fraction, exclude, order, seed, info=info))
+    ops = np.concatenate(parts) if parts else empty_ops()
+    meta = workload_meta("lazy_acceptance", layout, fraction=fraction, order=order, seed=seed_meta(seed))
+    meta["params"]["chunks"] = info["chunks"]
+    return Trace(ops, meta)
+
+
+def lazy_acceptance_chunks(
+    layout: GuestLayout | int | str,
+    fraction: float = 1.0,
+    exclude: SharedSet | None = None,
+    order: str = "random",
+    seed: int | np.random.Generator | None = 0,
+    chunk: int = 1 << 20,
+    info: dict[str, Any] | None = None,
+) -> Iterator[np.ndarray]:
+    """:func:`lazy_acceptance`'s records, at most ``chunk`` at a time; the
+    chunks are chosen a slice of RAM at a time
+    (:func:`memattr.gpa_ranges.sliced_picks`), so memory stays one slice
+    whatever the guest's size."""
     layout = as_layout(layout)
     check_fraction("fraction", fraction)
     if order not in ("random", "sequential"):
         raise ValueError(f"order must be 'random' or 'sequential', got {order!r}")
     rng = as_rng(seed)
-    chunks = aligned_blocks(layout, ACCEPT_CHUNK)
-    if exclude is not None:
-        chunks = chunks[~overlaps(chunks, chunks + np.uint64(ACCEPT_CHUNK), exclude.holes())]
-    n = int(round(fraction * chunks.size))
-    if order == "random":
-        picked = chunks[rng.permutation(chunks.size)[:n]]
-    else:
-        picked = chunks[:n]
-    gpa = np.stack([picked, picked + np.uint64(SZ_2M)], axis=1).ravel()
-    ops = fault_ops(gpa, FLAG_PRIVATE | FLAG_WRITE)
-    meta = workload_meta("lazy_acceptance", layout, fraction=fraction, order=order, seed=seed_meta(seed))
-    meta["params"]["chunks"] = n
-    return Trace(ops, meta)
+    holes = (exclude or SharedSet.empty()).holes()
+    eligible = count_blocks(layout, ACCEPT_CHUNK) - blocks_hit(layout, ACCEPT_CHUNK, holes)
+    n = int(round(fraction * eligible))
+    if info is not None:
+        info["chunks"] = n
+    step = max(1, chunk // 2)
+    # Chosen a slice of RAM at a time (memory: one slice, not all RAM); in
+    # random order the slices come shuffled, and the chunks in each.
+    for picked in sliced_picks(layout, ACCEPT_CHUNK, n, holes, rng, shuffle=order == "random"):
+        for lo in range(0, picked.size, step):
+            part = picked[lo : lo + step]
+            gpa = np.stack([part, part + np.uint64(SZ_2M)], axis=1).ravel()
+            yield fault_ops(gpa, FLAG_PRIVATE | FLAG_WRITE)
 
 
 def implicit_conversions(
@@ -370,13 +402,63 @@ def churn(
     is then replaced ``turnover`` times; buffers alive at the end stay
     shared (see :func:`kexec`). Buffers never overlap each other or
     ``exclude``: each order owns random 2 MiB blocks of free RAM (four
-    times its population's bytes), cut into slots reused round-robin.
+    times its population's bytes), cut into slots reused round-robin in a
+    seeded scrambled order.
 
     Each birth is one request (buffers are at most 2 MiB: one TDX request or
     one SNP run), followed with probability ``touch`` by a shared write fault
     on the buffer; each death is one PRIVATE request.
 
     The trace's ``shared`` attribute is the set of buffers alive at the end.
+    :func:`churn_chunks` makes the same records in bounded time windows.
+    """
+    layout = as_layout(layout)
+    info: dict[str, Any] = {}
+    parts = list(churn_chunks(layout, shared_fraction, turnover, exclude, orders, weights, touch, style, seed, info=info))
+    meta = workload_meta(
+        "churn",
+        layout,
+        shared_fraction=shared_fraction,
+        turnover=turnover,
+        orders=list(orders),
+        weights=info["weights"],
+        touch=touch,
+        style=style,
+        seed=seed_meta(seed),
+    )
+    meta["params"]["population"] = info["population"]
+    return attach_shared(Trace(np.concatenate(parts) if parts else empty_ops(), meta), info["shared"])
+
+
+# Births per random block (each block of births draws from its own seeded
+# generator, so a window regenerates exactly the births it needs).
+_CHURN_RNG_BLOCK = 1 << 16
+# Births per time window: a window's records are its births, their touches
+# and the deaths falling in it (about three times this).
+CHURN_WINDOW_BIRTHS = 1 << 17
+
+
+def churn_chunks(
+    layout: GuestLayout | int | str,
+    shared_fraction: float = 0.075,
+    turnover: float = 1.0,
+    exclude: SharedSet | None = None,
+    orders: tuple[int, ...] = CHURN_ORDERS,
+    weights: tuple[float, ...] = CHURN_WEIGHTS,
+    touch: float = 0.5,
+    style: str = "tdx",
+    seed: int | np.random.Generator | None = 0,
+    info: dict[str, Any] | None = None,
+) -> Iterator[np.ndarray]:
+    """:func:`churn`'s records, one time window at a time.
+
+    The run [0, 1) is cut into windows of about ``CHURN_WINDOW_BIRTHS``
+    births. A window's records are the births whose birth time falls in it
+    and the deaths whose death time does, sorted by time, so every buffer
+    dies before its slot is born again. Memory: the buffers still alive
+    (their pending deaths, 17 bytes each) plus one window, never the run's
+    records. ``info`` (if given) receives ``population``, ``weights`` and,
+    once the last window is out, ``shared`` (buffers alive at the end).
     """
     layout = as_layout(layout)
     check_fraction("shared_fraction", shared_fraction, 0.5)
@@ -395,84 +477,159 @@ def churn(
     rng = as_rng(seed)
     exclude = exclude or SharedSet.empty()
     population = churn_population(layout.ram_size, exclude.bytes, shared_fraction, tuple(orders), tuple(w))
+    if info is not None:
+        info["population"] = int(population.sum())
+        info["weights"] = [float(x) for x in w]
 
-    blocks = aligned_blocks(layout, SZ_2M)
-    blocks = blocks[blocks >= np.uint64(SZ_2M)]
-    blocks = blocks[~overlaps(blocks, blocks + np.uint64(SZ_2M), exclude.holes())]
-    blocks = blocks[rng.permutation(blocks.size)]
     bytes_per_order = population * np.array([PAGE_SIZE << o for o in orders], dtype=np.int64)
     need = -(-4 * bytes_per_order // SZ_2M)
-    if need.sum() > blocks.size:
+    free = count_blocks(layout, SZ_2M, floor=SZ_2M) - blocks_hit(layout, SZ_2M, exclude.holes(), floor=SZ_2M)
+    if need.sum() > free:
         raise ValueError(
             f"shared_fraction={shared_fraction} needs {int(need.sum())} free 2 MiB blocks for churn, "
-            f"RAM outside the static shared set has {blocks.size}"
+            f"RAM outside the static shared set has {free}"
         )
+    # Chosen a slice of RAM at a time, then shuffled: O(churned memory).
+    blocks = np.concatenate(
+        [np.zeros(0, np.uint64)] + list(sliced_picks(layout, SZ_2M, int(need.sum()), exclude.holes(), rng, floor=SZ_2M))
+    )
+    blocks = blocks[rng.permutation(blocks.size)]
+    base_seed = int(rng.integers(0, 2**63))
 
-    times: list[np.ndarray] = []
-    gpas: list[np.ndarray] = []
-    sizes: list[np.ndarray] = []
-    births: list[np.ndarray] = []
-    live_s: list[np.ndarray] = []
-    live_e: list[np.ndarray] = []
+    # One birth-death process per order.
+    procs: list[dict[str, Any]] = []
     used = 0
-    for o, p, nb in zip(orders, population.tolist(), need.tolist()):
-        if p == 0:
-            continue
-        bsize = PAGE_SIZE << o
+    for k, (o, p, nb) in enumerate(zip(orders, population.tolist(), need.tolist())):
         mine = blocks[used : used + nb]
         used += nb
-        per_block = SZ_2M // bsize
-        slots = (mine[:, None] + np.arange(per_block, dtype=np.uint64)[None, :] * np.uint64(bsize)).ravel()
-        slots = slots[rng.permutation(slots.size)]
         n = int(round(p * (1 + turnover)))
-        born = (np.arange(n, dtype=np.float64) + rng.random(n)) / n
-        mean_life = p / n
-        # A slot is reused after slots.size births (>= 4P, i.e. 4 mean
-        # lifetimes): clamping lifetimes below that keeps buffers disjoint.
-        life = np.minimum(rng.exponential(mean_life, n), 0.999 * slots.size / n)
-        died = born + life
-        where = slots[np.arange(n) % slots.size]
-        alive = died >= 1.0
-        times += [born, died[~alive]]
-        gpas += [where, where[~alive]]
-        sizes += [np.full(n, bsize, np.uint64), np.full(int((~alive).sum()), bsize, np.uint64)]
-        births += [np.ones(n, bool), np.zeros(int((~alive).sum()), bool)]
-        live_s.append(where[alive])
-        live_e.append(where[alive] + np.uint64(bsize))
-    if times:
+        if p == 0 or n == 0:
+            continue
+        bsize = PAGE_SIZE << o
+        per_block = SZ_2M // bsize
+        r = np.random.default_rng([base_seed, k])
+        # Slot j = q * nb + r: block (r * a + c) mod nb, offset
+        # (q * b + r * e + d) mod per_block: a bijection of the slots, so
+        # round-robin reuse never overlaps, in a scrambled order.
+        a = int(r.integers(1, max(2, nb)))
+        while np.gcd(a, nb) != 1:
+            a += 1
+        procs.append(
+            {
+                "k": k,
+                "n": n,
+                "bsize": bsize,
+                "mine": mine,
+                "nb": nb,
+                "per_block": per_block,
+                "slots": nb * per_block,
+                "a": a % nb if nb > 1 else 0,
+                "c": int(r.integers(0, nb)),
+                "b": int(r.integers(0, per_block)) * 2 + 1,
+                "d": int(r.integers(0, per_block)),
+                "e": int(r.integers(0, per_block)),
+                "mean_life": p / n,
+                "cap": 0.999 * nb * per_block / n,
+                "cache": {},
+            }
+        )
+
+    def births(pr: dict[str, Any], lo: int, hi: int) -> tuple[np.ndarray, ...]:
+        """Index, birth time, death time and touch of births lo..hi-1."""
+        out = []
+        for blk in range(lo // _CHURN_RNG_BLOCK, (hi - 1) // _CHURN_RNG_BLOCK + 1):
+            cache = pr["cache"]
+            if blk not in cache:
+                b0 = blk * _CHURN_RNG_BLOCK
+                b1 = min(pr["n"], b0 + _CHURN_RNG_BLOCK)
+                g = np.random.default_rng([base_seed, pr["k"], blk + 1])
+                m = b1 - b0
+                idx = np.arange(b0, b1, dtype=np.int64)
+                born = (idx + g.random(m)) / pr["n"]
+                life = np.minimum(g.exponential(pr["mean_life"], m), pr["cap"])
+                touched = g.random(m) < touch
+                if len(cache) >= 2:
+                    cache.pop(min(cache))
+                cache[blk] = (idx, born, born + life, touched)
+            idx, born, died, touched = cache[blk]
+            sel = (idx >= lo) & (idx < hi)
+            out.append((idx[sel], born[sel], died[sel], touched[sel]))
+        return tuple(np.concatenate([o[i] for o in out]) for i in range(4))
+
+    def slot_gpa(pr: dict[str, Any], idx: np.ndarray) -> np.ndarray:
+        j = (idx % pr["slots"]).astype(np.uint64)
+        nb = np.uint64(pr["nb"])
+        q, r = j // nb, j % nb
+        blk = (r * np.uint64(pr["a"]) + np.uint64(pr["c"])) % nb
+        pb = np.uint64(pr["per_block"])
+        off = (q * np.uint64(pr["b"]) + r * np.uint64(pr["e"]) + np.uint64(pr["d"])) % pb
+        return pr["mine"][blk.astype(np.int64)] + off * np.uint64(pr["bsize"])
+
+    total = sum(pr["n"] for pr in procs)
+    nwin = max(1, -(-total // CHURN_WINDOW_BIRTHS))
+    # Pending deaths per window: lists of (time, gpa, size) arrays.
+    pending: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(nwin)]
+    live_s: list[np.ndarray] = []
+    live_e: list[np.ndarray] = []
+    for win in range(nwin):
+        t0, t1 = win / nwin, (win + 1) / nwin
+        times: list[np.ndarray] = []
+        gpas: list[np.ndarray] = []
+        sizes: list[np.ndarray] = []
+        kinds: list[np.ndarray] = []  # 1 birth untouched, 2 birth touched, 0 death
+        for pr in procs:
+            n = pr["n"]
+            lo = max(0, int(np.floor(t0 * n)) - 1)
+            hi = min(n, int(np.ceil(t1 * n)) + 1)
+            if lo >= hi:
+                continue
+            idx, born, died, touched = births(pr, lo, hi)
+            sel = (born >= t0) & ((born < t1) | (win == nwin - 1))
+            idx, born, died, touched = idx[sel], born[sel], died[sel], touched[sel]
+            where = slot_gpa(pr, idx)
+            size = np.full(idx.size, pr["bsize"], np.uint64)
+            times.append(born)
+            gpas.append(where)
+            sizes.append(size)
+            kinds.append(1 + touched.astype(np.int8))
+            alive = died >= 1.0
+            live_s.append(where[alive])
+            live_e.append(where[alive] + size[alive])
+            dying = ~alive
+            dwin = np.minimum((died[dying] * nwin).astype(np.int64), nwin - 1)
+            dt, dg, ds = died[dying], where[dying], size[dying]
+            for dw in np.unique(dwin).tolist():
+                m = dwin == dw
+                pending[dw].append((dt[m], dg[m], ds[m]))
+        for dt, dg, ds in pending[win]:
+            times.append(dt)
+            gpas.append(dg)
+            sizes.append(ds)
+            kinds.append(np.zeros(dt.size, np.int8))
+        pending[win] = []
+        if not times:
+            continue
         t = np.concatenate(times)
         order_ = np.argsort(t, kind="stable")
         gpa = np.concatenate(gpas)[order_]
         size = np.concatenate(sizes)[order_]
-        birth = np.concatenate(births)[order_]
-    else:
-        gpa = size = np.zeros(0, np.uint64)
-        birth = np.zeros(0, bool)
-    conv = set_ops(gpa, size, np.where(birth, SHARED, PRIVATE).astype(np.uint64))
-    touched = birth & (rng.random(birth.size) < touch)
-    # Interleave: each touched birth is followed by its fault.
-    per_op = 1 + touched.astype(np.int64)
-    out = empty_ops(int(per_op.sum()))
-    pos = np.cumsum(per_op) - per_op
-    out[pos] = conv
-    out[pos[touched] + 1] = fault_ops(gpa[touched], FLAG_WRITE)
-    live = SharedSet.of(
-        np.concatenate(live_s) if live_s else np.zeros(0, np.uint64),
-        np.concatenate(live_e) if live_e else np.zeros(0, np.uint64),
-    )
-    meta = workload_meta(
-        "churn",
-        layout,
-        shared_fraction=shared_fraction,
-        turnover=turnover,
-        orders=list(orders),
-        weights=[float(x) for x in w],
-        touch=touch,
-        style=style,
-        seed=seed_meta(seed),
-    )
-    meta["params"]["population"] = int(population.sum())
-    return attach_shared(Trace(out, meta), live)
+        kind = np.concatenate(kinds)[order_]
+        del t, order_
+        birth = kind > 0
+        conv = set_ops(gpa, size, np.where(birth, SHARED, PRIVATE).astype(np.uint64))
+        touched_ = kind == 2
+        # Interleave: each touched birth is followed by its fault.
+        per_op = 1 + touched_.astype(np.int64)
+        out = empty_ops(int(per_op.sum()))
+        pos = np.cumsum(per_op) - per_op
+        out[pos] = conv
+        out[pos[touched_] + 1] = fault_ops(gpa[touched_], FLAG_WRITE)
+        yield out
+    if info is not None:
+        info["shared"] = SharedSet.of(
+            np.concatenate(live_s) if live_s else np.zeros(0, np.uint64),
+            np.concatenate(live_e) if live_e else np.zeros(0, np.uint64),
+        )
 
 
 def kexec(layout: GuestLayout | int | str, shared: SharedSet, style: str = "tdx") -> Trace:
@@ -482,11 +639,18 @@ def kexec(layout: GuestLayout | int | str, shared: SharedSet, style: str = "tdx"
     conversion to PRIVATE, split per ``style`` (:func:`split_requests`).
     """
     layout = as_layout(layout)
+    parts = list(kexec_chunks(shared, style))
+    ops = np.concatenate(parts) if parts else empty_ops()
+    return attach_shared(Trace(ops, workload_meta("kexec", layout, style=style)), SharedSet.empty())
+
+
+def kexec_chunks(shared: SharedSet, style: str = "tdx", ranges: int = 1 << 16) -> Iterator[np.ndarray]:
+    """:func:`kexec`'s records, ``ranges`` shared ranges at a time."""
     check_style(style)
     if not isinstance(shared, SharedSet):
         raise TypeError(f"shared must be a SharedSet, got {type(shared).__name__}")
-    ops = convert(shared.starts, shared.ends, PRIVATE, style)
-    return attach_shared(Trace(ops, workload_meta("kexec", layout, style=style)), SharedSet.empty())
+    for lo in range(0, shared.starts.size, ranges):
+        yield convert(shared.starts[lo : lo + ranges], shared.ends[lo : lo + ranges], PRIVATE, style)
 
 
 # tools/testing/selftests/kvm/x86_64/private_mem_conversions_test.c

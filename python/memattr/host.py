@@ -97,8 +97,9 @@ class HostProfile:
         """The default host, a real configuration: openSUSE Tumbleweed's
         kernel-default config (CONFIG_KVM_AMD_SEV=y,
         CONFIG_KVM_SW_PROTECTED_VM=y, CONFIG_KVM_SMM=y) at Linux 6.18 on an
-        AMD EPYC with SEV-SNP enabled, NPT on, 1G pages, 4-level paging.
-        VM types: default, SW_PROTECTED, SEV, SEV-ES, SNP."""
+        AMD EPYC 9004 (Genoa) with SEV-SNP enabled, NPT on, 1G pages,
+        5-level paging (56-bit user addresses). VM types: default,
+        SW_PROTECTED, SEV, SEV-ES, SNP."""
         return _default_profile()
 
     @classmethod

@@ -45,14 +45,16 @@ fails the conversion still punches the hole.)
 
 from __future__ import annotations
 
+import errno
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from memattr.generators import GUEST_MEMFD_FD, setup, vm_creation
 from memattr.guest_layout import GuestLayout, Region
+from memattr.stream import TraceStream
 from memattr.trace_format import (
     FLAG_CONVERT,
     FLAG_DISCARD,
@@ -161,6 +163,9 @@ def parse_log(lines: Iterable[str], name: str = "<qemu log>", strict: bool = Fal
             ("kind", "gpa", "size", "attributes", "flags"), cols, (np.uint8, np.uint64, np.uint64, np.uint64, np.uint8)
         ):
             ops[name] = np.array(col, dtype)
+        # The log saw each of these faults exit (KVM_EXIT_MEMORY_FAULT):
+        # recorded as such, a replay counts that exit as expected.
+        ops["result"][ops["kind"] == OP_FAULT] = -errno.EFAULT
     skipped = {"no_event": no_event, "malformed": malformed, "first_malformed": first_malformed}
     return Trace(ops, {"name": "qemu", "vm_type": KVM_X86_SW_PROTECTED_VM, "qemu_skipped": skipped})
 
@@ -235,9 +240,14 @@ def guest_memfd_regions(trace: Trace) -> tuple[list[Region], list[int]]:
     ``set_user_memory_region`` operations and regions table. A call recorded
     as failed changes nothing; the last definition of a slot wins; a deleted
     slot (size 0) or one without ``KVM_MEM_GUEST_MEMFD`` has none."""
-    ops = trace.ops[trace.ops["kind"] == OP_SET_USER_MEMORY_REGION]
-    table = trace.meta["regions"]
     slots: dict[int, tuple[Region, int] | None] = {}
+    _update_slots(slots, trace.ops, trace.meta["regions"])
+    found = [v for v in slots.values() if v is not None]
+    return [r for r, _ in found], [fd for _, fd in found]
+
+
+def _update_slots(slots: dict[int, tuple[Region, int] | None], ops: np.ndarray, table: Sequence[Sequence[int]]) -> None:
+    ops = ops[ops["kind"] == OP_SET_USER_MEMORY_REGION]
     cols = [ops[f].tolist() for f in ("gpa", "size", "attributes", "arg", "aux", "result")]
     for gpa, size, flags, off, aux, result in zip(*cols):
         if result < 0 and result != RESULT_NONE:
@@ -245,8 +255,25 @@ def guest_memfd_regions(trace: Trace) -> tuple[list[Region], list[int]]:
         slot, _uaddr, fd = table[aux]
         backed = size and flags & KVM_MEM_GUEST_MEMFD and fd >= 0
         slots[slot] = (Region(slot, gpa, size, off), fd) if backed else None
-    found = [v for v in slots.values() if v is not None]
-    return [r for r, _ in found], [fd for _, fd in found]
+
+
+def discard_stream(stream: TraceStream) -> TraceStream:
+    """:func:`with_discards` on a :class:`memattr.stream.TraceStream`,
+    chunk by chunk (the memslots as the records so far define them)."""
+    meta = dict(stream.meta)
+    meta["params"] = {**meta.get("params", {}), "discard": True}
+
+    def source() -> Iterator[tuple[str, np.ndarray]]:
+        slots: dict[int, tuple[Region, int] | None] = {}
+        for phase, ops in stream.source():
+            _update_slots(slots, ops, meta["regions"])
+            found = [v for v in slots.values() if v is not None]
+            out, _ = _with_holes(ops, [r for r, _ in found], [fd for _, fd in found])
+            convert = (out["kind"] == OP_FAULT) & ((out["flags"] & np.uint8(FLAG_CONVERT)) != 0)
+            out["flags"][convert] |= np.uint8(FLAG_DISCARD)
+            yield phase, out
+
+    return TraceStream(meta, source, stream.length_hint, stream.state)
 
 
 def with_discards(trace: Trace) -> Trace:

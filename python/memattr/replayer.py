@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from memattr.errors import MemoryFault
+from memattr.errors import MemoryFault, SetupError
 from memattr.trace_format import (
     COLUMNS,
     FLAG_CONVERT,
@@ -44,9 +44,14 @@ class ReplayResult:
     fault_exits: int = 0  # KVM_EXIT_MEMORY_FAULT seen (each attempt)
     implicit_conversions: int = 0  # conversions the replayer made on an exit
     errors: dict[str, int] = field(default_factory=dict)
+    # errors split: failures the trace recorded (its result is that -errno),
+    # and every other one (a generated trace's calls are all meant to succeed)
+    expected_errors: dict[str, int] = field(default_factory=dict)
+    unexpected_errors: dict[str, int] = field(default_factory=dict)
     mismatches: int = 0  # results differing from the recorded ones
     first_mismatch: str | None = None
-    seconds: float = 0.0  # wall clock
+    seconds: float = 0.0  # wall clock, the source's time (generating, reading) excluded
+    source_seconds: float = 0.0  # generating or reading the records
     cpu_seconds: float = 0.0  # this process's CPU time: steadier on a busy machine
     phase_seconds: dict[str, float] = field(default_factory=dict)
     phase_memory: dict[str, int] = field(default_factory=dict)  # store.memory_bytes() at phase end
@@ -71,7 +76,7 @@ ENGINES = ("auto", "native", "python")
 
 
 def replay(
-    trace: Trace,
+    trace: Any,
     vm: Any,
     *,
     check: bool = False,
@@ -79,13 +84,25 @@ def replay(
     chunk: int = 8192,
     engine: str = "auto",
     keep_results: bool = False,
+    strict_setup: bool = True,
 ) -> ReplayResult:
-    """Runs every operation of ``trace`` on ``vm`` (a Vm or a Recorder).
+    """Runs every operation of ``trace`` (a :class:`Trace` or a
+    :class:`memattr.stream.TraceStream`) on ``vm`` (a Vm or a Recorder),
+    ``chunk`` operations at a time: a stream is never held whole.
 
     Failing calls are counted, not raised: a trace may hold calls that fail
-    on purpose. With ``check``, results that differ from the recorded ones
-    are counted in ``mismatches``. ``progress(n)`` is called after every
-    ``chunk`` operations with the number just done.
+    on purpose. A failure the trace recorded (its ``result`` is that
+    ``-errno``) is *expected*; any other is *unexpected*
+    (``ReplayResult.expected_errors`` / ``unexpected_errors``). The
+    memory-fault exits a ``FLAG_CONVERT`` fault provokes on purpose are no
+    errors at all (``fault_exits``, ``implicit_conversions``). With
+    ``strict_setup`` (the default), an unexpected failure of the trace's
+    own setup (``create_guest_memfd``, ``set_user_memory_region``) raises
+    :class:`memattr.errors.SetupError` instead: what would follow is a
+    different VM. With ``check``, results that differ from the recorded
+    ones are counted in ``mismatches``. ``progress(n)`` is called after
+    every ``chunk`` operations with the number just done; KeyboardInterrupt
+    is noticed between chunks.
 
     ``engine``: ``"python"`` makes one Vm call per operation; ``"native"``
     runs SET_MEMORY_ATTRIBUTES and fault operations in native batches
@@ -94,72 +111,128 @@ def replay(
     ValueError if ``vm`` cannot run batches (a Recorder, hooks, v11
     semantics); ``"auto"`` is native where possible, else python.
     ``ReplayResult.engine`` says which ran. ``keep_results`` keeps every
-    operation's result in ``ReplayResult.results``.
+    operation's result in ``ReplayResult.results`` (O(trace) memory).
     """
     from memattr.batch import batch_blocker
+    from memattr.stream import TraceStream
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if type(chunk) is not int or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    # Both engines assume well-formed records (known kinds, fields in range).
-    trace.validate()
+    if isinstance(trace, Trace):
+        # Both engines assume well-formed records (known kinds, fields in range).
+        trace.validate()
+        phases = trace.phases or [("all", 0, len(trace))]
+        tops = trace.ops
+        parts: Any = ((name, tops[lo : min(end, lo + chunk)]) for name, a, end in phases for lo in range(a, end, chunk))
+    elif isinstance(trace, TraceStream):
+        parts = trace.chunks(chunk)  # validated chunk by chunk
+    else:
+        raise TypeError(f"trace must be a memattr.trace.Trace or a TraceStream, not {type(trace).__name__}")
     blocker = batch_blocker(vm) if engine != "python" else "engine='python'"
     if engine == "native" and blocker is not None:
         raise ValueError(f"engine='native' cannot run on this Vm: {blocker}")
     res = ReplayResult(engine="python" if blocker else "native")
-    if keep_results:
-        res.results = np.full(len(trace), RESULT_NONE, dtype=np.int64)
-    replayer = _Replayer(trace, vm, res)
+    kept: list[np.ndarray] = []
+    replayer = _Replayer(trace.meta, vm, res, strict_setup)
     store = getattr(vm, "store", None)
-    phases = trace.phases or [("all", 0, len(trace))]
-    ops = trace.ops
     t_all = time.perf_counter()
     cpu_all = time.process_time()
-    for phase, start, end in phases:
-        t0 = time.perf_counter()
-        for lo in range(start, end, chunk):
-            hi = min(end, lo + chunk)
-            part = ops[lo:hi]
-            if blocker is None:
-                got = replayer.run_native(part)
-            else:
-                got = replayer.run_python(part)
-            if res.results is not None:
-                res.results[lo:hi] = got
-            if check:
-                recorded = part["result"].astype(np.int64)
-                bad = np.flatnonzero((recorded != RESULT_NONE) & (got != recorded))
-                if bad.size:
-                    res.mismatches += int(bad.size)
-                    if res.first_mismatch is None:
-                        i = int(bad[0])
-                        op = part[i]
-                        res.first_mismatch = (
-                            f"op {lo + i} ({OP_NAMES[int(op['kind'])]} gpa={int(op['gpa']):#x}): "
-                            f"recorded {int(recorded[i])}, got {int(got[i])}"
-                        )
-            res.ops += hi - lo
-            if progress is not None:
-                progress(hi - lo)
-            if store is not None:
-                res.peak_memory = max(res.peak_memory, int(store.memory_bytes()))
-        res.phase_seconds[phase] = res.phase_seconds.get(phase, 0.0) + time.perf_counter() - t0
+    current: str | None = None
+    t0 = t_all
+
+    def end_phase() -> None:
+        if current is None:
+            return
+        res.phase_seconds[current] = res.phase_seconds.get(current, 0.0) + time.perf_counter() - t0
         if store is not None:
-            res.phase_memory[phase] = int(store.memory_bytes())
-    res.seconds = time.perf_counter() - t_all
-    res.cpu_seconds = time.process_time() - cpu_all
+            res.phase_memory[current] = int(store.memory_bytes())
+
+    gen = 0.0
+    gen_cpu = 0.0
+    parts = iter(parts)
+    while True:
+        # The source's own time (generating or reading records) is kept
+        # out of the replay's: seconds measure the Vm alone.
+        g0, gc0 = time.perf_counter(), time.process_time()
+        item = next(parts, None)
+        gen += time.perf_counter() - g0
+        gen_cpu += time.process_time() - gc0
+        if item is None:
+            break
+        phase, part = item
+        if phase != current:
+            end_phase()
+            current, t0 = phase, time.perf_counter()
+        lo = res.ops
+        replayer.base = lo
+        got = replayer.run_native(part) if blocker is None else replayer.run_python(part)
+        if keep_results:
+            kept.append(got)
+        recorded = part["result"].astype(np.int64)
+        failed = got < 0
+        if failed.any():
+            expected = failed & (recorded == got)
+            _tally_errnos(res.expected_errors, got[expected])
+            _tally_errnos(res.unexpected_errors, got[failed & ~expected])
+        if check:
+            bad = np.flatnonzero((recorded != RESULT_NONE) & (got != recorded))
+            if bad.size:
+                res.mismatches += int(bad.size)
+                if res.first_mismatch is None:
+                    i = int(bad[0])
+                    op = part[i]
+                    res.first_mismatch = (
+                        f"op {lo + i} ({OP_NAMES[int(op['kind'])]} gpa={int(op['gpa']):#x}): "
+                        f"recorded {int(recorded[i])}, got {int(got[i])}"
+                    )
+        res.ops += len(part)
+        if progress is not None:
+            progress(len(part))
+        if store is not None:
+            res.peak_memory = max(res.peak_memory, int(store.memory_bytes()))
+    end_phase()
+    if keep_results:
+        res.results = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    res.source_seconds = gen
+    res.seconds = time.perf_counter() - t_all - gen
+    res.cpu_seconds = time.process_time() - cpu_all - gen_cpu
     return res
+
+
+def _tally_errnos(into: dict[str, int], results: np.ndarray) -> None:
+    if results.size:
+        codes, counts = np.unique(-results, return_counts=True)
+        for code, count in zip(codes.tolist(), counts.tolist()):
+            name = _errname(code)
+            into[name] = into.get(name, 0) + count
 
 
 class _Replayer:
     """One replay's state: the Vm, the tally, and recorded-to-live fds."""
 
-    def __init__(self, trace: Trace, vm: Any, res: ReplayResult) -> None:
+    def __init__(self, meta: dict[str, Any], vm: Any, res: ReplayResult, strict_setup: bool = True) -> None:
         self.vm = vm
         self.res = res
-        self.regions = trace.meta["regions"]
+        self.regions = meta["regions"]
         self.fd_map: dict[int, int] = {}
+        self.strict_setup = strict_setup
+        self.base = 0  # index of the current chunk's first operation
+        self.index: int | None = None  # the operation run_one runs, if known
+
+    def setup_failed(self, e: OSError, recorded: int, call: str, index: int | None = None) -> int:
+        """A setup call failed: counted if the trace recorded that failure
+        (or strict_setup is off), else SetupError."""
+        got = self.fail(e)
+        if self.strict_setup and recorded != got:
+            where = "" if index is None else f" (operation {index})"
+            raise SetupError(
+                e.errno or 0,
+                f"the trace's own setup failed{where}: {call} -> {_errname(e.errno)}: {e.strerror or e}; "
+                "everything after it would run on a different VM, so the replay stops",
+            )
+        return got
 
     def fail(self, e: OSError) -> int:
         name = _errname(e.errno)
@@ -172,6 +245,7 @@ class _Replayer:
         got = np.empty(len(part), dtype=np.int64)
         cols = [part[f].tolist() for f in COLUMNS]
         for i, row in enumerate(zip(*cols)):
+            self.index = self.base + i
             got[i] = self.run_one(*row)
         return got
 
@@ -209,12 +283,21 @@ class _Replayer:
             if i < n:
                 # A memslot or guest_memfd operation: per call.
                 row = [part[f][i].item() for f in COLUMNS]
+                self.index = self.base + i
                 got[i] = self.run_one(*row)
                 i += 1
         return got
 
     def run_one(
-        self, kind: int, gpa: int, size: int, attributes: int, arg: int, recorded: int, flags: int, aux: int
+        self,
+        kind: int,
+        gpa: int,
+        size: int,
+        attributes: int,
+        arg: int,
+        recorded: int,
+        flags: int,
+        aux: int,
     ) -> int:
         """One operation through the Vm's Python API; returns the result."""
         vm = self.vm
@@ -231,7 +314,7 @@ class _Replayer:
             try:
                 fd = int(vm.create_guest_memfd(size, arg))
             except OSError as e:
-                return self.fail(e)
+                return self.setup_failed(e, recorded, f"create_guest_memfd(size={size:#x}, flags={arg:#x})", self.index)
             if recorded != RESULT_NONE and recorded >= 0:
                 self.fd_map[recorded] = fd
                 return int(recorded)  # fds are compared through the map
@@ -253,7 +336,9 @@ class _Replayer:
             vm.set_user_memory_region(slot, gpa, size, uaddr, attributes, self.fd_map.get(gmem, gmem), arg)
             return 0
         except OSError as e:
-            return self.fail(e)
+            return self.setup_failed(
+                e, recorded, f"set_user_memory_region(slot={slot}, gpa={gpa:#x}, size={size:#x}, flags={attributes:#x})", self.index
+            )
 
     def discard(self, gpa: int, size: int) -> int | None:
         """QEMU's ram_block_discard_guest_memfd_range() after a conversion
@@ -304,17 +389,29 @@ class _Replayer:
             return self.fail(e)
 
 
-def apply_to_store(trace: Trace, store: Any) -> int:
+def apply_to_store(trace: Any, store: Any, chunk: int = 1 << 20) -> int:
     """Applies the trace's attribute changes straight to a bare store.
 
-    Only SET_MEMORY_ATTRIBUTES operations that succeeded (recorded result 0)
-    or were never run (generated traces: :data:`RESULT_NONE`, flags 0) are
-    applied, in order, as gfn ranges: the kernel stores attributes for the
-    whole range whether or not memslots cover it. Faults, memslots and
-    failed calls are skipped. Uses the store's batch ``set_many`` when it has
-    one. Returns the number of ranges applied.
+    ``trace`` is a :class:`Trace` or a :class:`memattr.stream.TraceStream`,
+    read ``chunk`` records at a time. Only SET_MEMORY_ATTRIBUTES operations
+    that succeeded (recorded result 0) or were never run (generated traces:
+    :data:`RESULT_NONE`, flags 0) are applied, in order, as gfn ranges: the
+    kernel stores attributes for the whole range whether or not memslots
+    cover it. Faults, memslots and failed calls are skipped. Uses the
+    store's batch ``set_many`` when it has one. Returns the number of
+    ranges applied.
     """
-    ops = trace.ops
+    from memattr.stream import as_stream
+
+    total = 0
+    pos = 0
+    for _phase, ops in as_stream(trace).chunks(chunk):
+        total += _apply_chunk(ops, store, pos)
+        pos += ops.size
+    return total
+
+
+def _apply_chunk(ops: np.ndarray, store: Any, base: int) -> int:
     sel = (
         (ops["kind"] == OP_SET_MEMORY_ATTRIBUTES)
         & ((ops["result"] == 0) | ((ops["result"] == RESULT_NONE) & (ops["arg"] == 0)))
@@ -325,7 +422,7 @@ def apply_to_store(trace: Trace, store: Any) -> int:
     end = gpa + chosen["size"]
     ok = (end > gpa) & (gpa % PAGE_SIZE == 0) & (chosen["size"] % PAGE_SIZE == 0)
     if not ok.all():
-        i = int(np.flatnonzero(sel)[np.flatnonzero(~ok)[0]])
+        i = base + int(np.flatnonzero(sel)[np.flatnonzero(~ok)[0]])
         raise TraceFormatError(f"record {i}: a set that would fail validation is marked as applied")
     starts = gpa >> np.uint64(PAGE_SHIFT)
     ends = end >> np.uint64(PAGE_SHIFT)

@@ -82,6 +82,8 @@ def run_table(result: dict[str, Any]) -> Table:
         ("store memory at end / peak", f"{human_bytes(result['memory_bytes'])} / {human_bytes(result['peak_memory_bytes'])}"),
         ("store entries at end", f"{result['entry_count']:,}"),
     ]
+    if "max_rss_bytes" in result:
+        rows.append(("process peak RSS (getrusage)", human_bytes(result["max_rss_bytes"])))
     errors = rp.get("errors") or {}
     if errors:
         rows.append(("errors by errno", ", ".join(f"{k} x{v}" for k, v in sorted(errors.items()))))

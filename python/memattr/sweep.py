@@ -14,10 +14,12 @@ config)`` and waits on the futures; :func:`run_config` and :class:`Config`
 are plain, picklable, module-level objects. To spread a sweep over a
 cluster::
 
-    # Dask: distributed.Client.get_executor() is a concurrent.futures.Executor
+    # Dask (pip install 'memattr[dask]'; tested with a LocalCluster of two
+    # worker processes, results identical to the process pool; the CLI's
+    # --scheduler / --dask-local do this, see memattr.distributed):
     from dask.distributed import Client
     client = Client("scheduler:8786")
-    results = sweep(configs, executor=client.get_executor())
+    results = sweep(configs, executor=client.get_executor(pure=False))
 
     # MPI: mpi4py.futures.MPIPoolExecutor is one too
     from mpi4py.futures import MPIPoolExecutor
@@ -54,6 +56,7 @@ import numpy as np
 
 from memattr import trace as trace_mod
 from memattr import workloads
+from memattr.stream import TraceStream, as_stream, open_trace
 from memattr.mmu import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 from memattr.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE, SZ_1G, SZ_2M
 from memattr.units import GiB, format_size
@@ -98,13 +101,15 @@ class Config:
         return f"{self.workload} {format_size(self.guest)} {self.store}{part}"
 
 
-def make_trace(config: Config) -> trace_mod.Trace:
+def make_trace(config: Config) -> TraceStream:
+    """The configuration's operations as a stream (generated, or read from
+    ``trace_path``, in bounded chunks)."""
     if config.trace_path:
-        return trace_mod.read(config.trace_path)
-    return workloads.make(config.workload, config.guest, seed=config.seed, **dict(config.params))
+        return open_trace(config.trace_path)
+    return workloads.stream(config.workload, config.guest, seed=config.seed, **dict(config.params))
 
 
-def trace_guest_size(trace: trace_mod.Trace) -> int:
+def trace_guest_size(trace: trace_mod.Trace | TraceStream) -> int:
     """The guest RAM a trace was made for: its ``params.guest``, else the
     bytes its memslots cover."""
     guest = trace.meta.get("params", {}).get("guest")
@@ -113,12 +118,15 @@ def trace_guest_size(trace: trace_mod.Trace) -> int:
     return sum(e - s for s, e in _ram_ranges(trace))
 
 
-def _ram_ranges(trace: trace_mod.Trace) -> list[tuple[int, int]]:
+def _ram_ranges(trace: trace_mod.Trace | TraceStream) -> list[tuple[int, int]]:
     layout = trace.meta.get("layout")
     if layout:
         return [(gpa, gpa + size) for _slot, gpa, size, _off in layout["regions"]]
-    ops = trace.ops[trace.ops["kind"] == trace_mod.OP_SET_USER_MEMORY_REGION]
-    return [(int(g), int(g) + int(s)) for g, s in zip(ops["gpa"], ops["size"]) if s]
+    out: list[tuple[int, int]] = []
+    for _phase, part in as_stream(trace).chunks():
+        ops = part[part["kind"] == trace_mod.OP_SET_USER_MEMORY_REGION]
+        out += [(int(g), int(g) + int(s)) for g, s in zip(ops["gpa"], ops["size"]) if s]
+    return out
 
 
 def attribute_bytes(store: Any, ranges: list[tuple[int, int]]) -> dict[str, int]:
@@ -149,7 +157,7 @@ def hugepage_coverage(mapped: dict[Any, int]) -> dict[str, Any]:
 
 
 def run_trace(
-    trace: trace_mod.Trace,
+    trace: trace_mod.Trace | TraceStream,
     store: str = "rangetree",
     *,
     vm_kwargs: dict[str, Any] | None = None,
@@ -157,7 +165,8 @@ def run_trace(
     recorder: bool = False,
     engine: str = "auto",
 ) -> dict[str, Any]:
-    """Replays ``trace`` on a fresh ``Vm(trace.vm_type, store=store)``
+    """Replays ``trace`` (in memory, or a stream read in bounded chunks) on
+    a fresh ``Vm(trace.vm_type, store=store)``
     (``engine`` as in :func:`memattr.trace.replay`; a recorder always runs
     per call).
 
@@ -189,6 +198,7 @@ def run_trace(
         "operations": res.ops,
         "seconds": res.seconds,
         "cpu_seconds": res.cpu_seconds,
+        "generate_seconds": res.source_seconds,
         "ops_per_second": res.ops / res.seconds if res.seconds > 0 else float("inf"),
         "memory_bytes": int(vm.store.memory_bytes()),
         "peak_memory_bytes": res.peak_memory,
@@ -201,33 +211,59 @@ def run_trace(
             "fault_exits": res.fault_exits,
             "implicit_conversions": res.implicit_conversions,
             "errors": res.errors,
+            "expected_errors": res.expected_errors,
+            "unexpected_errors": res.unexpected_errors,
         },
         "stats": stats,
         **attribute_bytes(vm.store, ranges),
         "hugepages": hugepage_coverage(vm.stats.mapped),
+        # this process's peak resident memory so far (getrusage), all of it:
+        # the store, the Vm, the records in flight, the interpreter
+        "max_rss_bytes": max_rss_bytes(),
     }
     if recorder:
         out["trace"] = target.trace()
     return out
 
 
-def run_store_only(trace: trace_mod.Trace, store: str) -> dict[str, Any]:
+def run_store_only(trace: trace_mod.Trace | TraceStream, store: str) -> dict[str, Any]:
     """The data structure alone: the trace's attribute changes applied to a
     fresh bare store through its batch entry point (no Vm, no MMU, no
-    per-operation Python), timed."""
-    from memattr._native import RangeTree, XArray
+    per-operation Python), chunk by chunk, timed (the store's calls only,
+    not the generation of the records)."""
+    return run_stores_only(trace, (store,))[store]
 
-    obj = RangeTree() if store == "rangetree" else XArray()
-    t0, c0 = time.perf_counter(), time.process_time()
-    n = trace_mod.apply_to_store(trace, obj)
-    secs = time.perf_counter() - t0
-    return {
-        "ranges": n,
-        "seconds": secs,
-        "cpu_seconds": time.process_time() - c0,
-        "ranges_per_second": n / secs if secs > 0 else float("inf"),
-        "memory_bytes": int(obj.memory_bytes()),
-    }
+
+def run_stores_only(trace: trace_mod.Trace | TraceStream, stores: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """:func:`run_store_only` on several stores from one pass over the
+    records (each chunk applied to each store in turn)."""
+    from memattr._native import RangeTree, XArray
+    from memattr.replayer import _apply_chunk
+
+    objs = {s: RangeTree() if s == "rangetree" else XArray() for s in stores}
+    tally = {s: {"ranges": 0, "seconds": 0.0, "cpu_seconds": 0.0, "peak": 0} for s in stores}
+    pos = 0
+    for _phase, ops in as_stream(trace).chunks():
+        for s, obj in objs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            tally[s]["ranges"] += _apply_chunk(ops, obj, pos)
+            tally[s]["seconds"] += time.perf_counter() - t0
+            tally[s]["cpu_seconds"] += time.process_time() - c0
+            tally[s]["peak"] = max(tally[s]["peak"], int(obj.memory_bytes()))
+        pos += ops.size
+    out: dict[str, dict[str, Any]] = {}
+    for s, obj in objs.items():
+        n, secs = int(tally[s]["ranges"]), float(tally[s]["seconds"])
+        out[s] = {
+            "ranges": n,
+            "seconds": secs,
+            "cpu_seconds": float(tally[s]["cpu_seconds"]),
+            "ranges_per_second": n / secs if secs > 0 else float("inf"),
+            "memory_bytes": int(obj.memory_bytes()),
+            # sampled after each chunk of records
+            "peak_memory_bytes": max(int(tally[s]["peak"]), int(obj.memory_bytes())),
+        }
+    return out
 
 
 def run_config(config: Config) -> dict[str, Any]:
@@ -235,9 +271,7 @@ def run_config(config: Config) -> dict[str, Any]:
     the full Vm replay, then the store-only replay of the same trace, or one
     of them (``config.parts``; the result's ``"part"`` says which).
     :func:`memattr.report.compare_rows` joins the parts of one size."""
-    t0 = time.perf_counter()
     trace = make_trace(config)
-    gen = time.perf_counter() - t0
     if config.parts == "store-only":
         out: dict[str, Any] = {"workload": trace.name, "store": config.store}
     else:
@@ -247,7 +281,7 @@ def run_config(config: Config) -> dict[str, Any]:
     out["part"] = config.parts
     out["guest"] = config.guest
     out["seed"] = config.seed
-    out["generate_seconds"] = gen
+    out.setdefault("generate_seconds", 0.0)
     out["config"] = dataclasses.asdict(config)
     return out
 
@@ -339,6 +373,13 @@ def machine() -> dict[str, Any]:
     }
 
 
+def max_rss_bytes() -> int:
+    """This process's peak resident set size (ru_maxrss, KiB on Linux)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def available_memory() -> int:
     """Bytes of memory currently available (MemAvailable), 0 if unknown."""
     try:
@@ -361,3 +402,37 @@ XARRAY_BYTES_PER_PAGE = 9.2
 
 def xarray_memory_estimate(guest: int) -> int:
     return int(guest // PAGE_SIZE * XARRAY_BYTES_PER_PAGE)
+
+
+# Share of the available memory runs may use when no --memory-limit is set.
+MEMORY_SHARE = 0.5
+
+
+def memory_cap(limit: int | None = None, jobs: int = 1) -> int:
+    """Bytes one of ``jobs`` parallel runs may use: ``limit`` (the user's
+    --memory-limit, for all jobs) or MEMORY_SHARE of the memory available
+    now; 0 if neither is known."""
+    total = limit if limit else int(available_memory() * MEMORY_SHARE)
+    return total // max(1, jobs)
+
+
+def xarray_fits(guest: int, cap: int) -> bool:
+    """Whether the per-page store for ``guest`` bytes fits in ``cap`` bytes
+    (the estimate counted twice for headroom; an unknown cap of 0 fits)."""
+    return not cap or xarray_memory_estimate(guest) * 2 <= cap
+
+
+def store_refusal(store: str, guest: int, cap: int) -> str | None:
+    """Why a run of ``store`` on a ``guest``-byte VM must not start (its
+    per-page memory would not fit ``cap``), or None."""
+    if store != "xarray" or xarray_fits(guest, cap):
+        return None
+    from memattr.report import human_bytes
+
+    need = xarray_memory_estimate(guest)
+    return (
+        f"the per-page xarray store for a {format_size(guest)} guest needs ~{human_bytes(need)} "
+        f"({XARRAY_BYTES_PER_PAGE:g} B per 4K page, counted twice for headroom) and only "
+        f"{human_bytes(cap)} may be used (--memory-limit, or {MEMORY_SHARE:g} of the available memory); "
+        "use --store rangetree or a smaller guest"
+    )

@@ -30,6 +30,7 @@ Sizes accept ints (bytes) or strings like ``"64G"`` (:func:`parse_size`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -52,11 +53,14 @@ from memattr.generators import (
     attach_shared,
     checkerboard,
     churn,
+    churn_chunks,
     churn_population,
     firmware_sharing,
     implicit_conversions,
     kexec,
+    kexec_chunks,
     lazy_acceptance,
+    lazy_acceptance_chunks,
     setup,
     swiotlb_size,
     vm_creation,
@@ -64,7 +68,8 @@ from memattr.generators import (
 )
 from memattr.gpa_ranges import SharedSet
 from memattr.guest_layout import USERSPACE_BASE, GuestLayout, Region, as_layout
-from memattr.qemu import with_discards
+from memattr.qemu import discard_stream, with_discards
+from memattr.stream import TraceStream
 from memattr.trace_format import (
     FLAG_CONVERT,
     FLAG_PRIVATE,
@@ -130,6 +135,11 @@ __all__ = [
     "VMGEXIT_PSC_MAX_ENTRY",
     "WORKLOADS",
     "boot_and_churn",
+    "boot_and_churn_stream",
+    "churn_chunks",
+    "kexec_chunks",
+    "lazy_acceptance_chunks",
+    "stream",
     "checkerboard",
     "churn",
     "churn_population",
@@ -171,24 +181,30 @@ def boot_and_churn(
     rest), ``implicit`` (:func:`implicit_conversions`), ``churn``
     (:func:`churn` to ``shared_fraction``), ``kexec`` (:func:`kexec` of
     everything still shared). Sub-generators get independent seeds derived
-    from ``seed``.
+    from ``seed``. :func:`boot_and_churn_stream` makes the same records in
+    bounded chunks.
     """
+    st = boot_and_churn_stream(
+        guest, style, nr_vcpus, dma_buffers, accept_fraction, implicit, shared_fraction, turnover, seed, kexec_at_end
+    )
+    trace = st.materialize()
+    return attach_shared(trace, st.state["shared"])
+
+
+def boot_and_churn_stream(
+    guest: GuestLayout | int | str = 64 * GiB,
+    style: str = "tdx",
+    nr_vcpus: int = 8,
+    dma_buffers: int = 32,
+    accept_fraction: float = 0.5,
+    implicit: int = 64,
+    shared_fraction: float = 0.075,
+    turnover: float = 1.0,
+    seed: int = 0,
+    kexec_at_end: bool = True,
+) -> TraceStream:
+    """:func:`boot_and_churn` as a :class:`memattr.stream.TraceStream`."""
     layout = as_layout(guest)
-    seeds = np.random.SeedSequence(seed).spawn(5)
-    rngs = [np.random.default_rng(s) for s in seeds]
-    parts: list[tuple[str, Trace]] = [("setup", setup(layout)), ("creation", vm_creation(layout))]
-    share = firmware_sharing(layout, style=style, nr_vcpus=nr_vcpus, dma_buffers=dma_buffers, seed=rngs[0])
-    shared: SharedSet = share.shared  # type: ignore[attr-defined]
-    parts.append(("sharing", share))
-    parts.append(("acceptance", lazy_acceptance(layout, accept_fraction, exclude=shared, seed=rngs[1])))
-    imp = implicit_conversions(layout, implicit, exclude=shared, seed=rngs[2])
-    shared = shared.union(imp.shared)  # type: ignore[attr-defined]
-    parts.append(("implicit", imp))
-    ch = churn(layout, shared_fraction, turnover, exclude=shared, style=style, seed=rngs[3])
-    shared = shared.union(ch.shared)  # type: ignore[attr-defined]
-    parts.append(("churn", ch))
-    if kexec_at_end:
-        parts.append(("kexec", kexec(layout, shared, style)))
     meta = workload_meta(
         "boot-and-churn",
         layout,
@@ -203,50 +219,89 @@ def boot_and_churn(
         seed=seed,
         kexec_at_end=kexec_at_end,
     )
-    trace = concat(parts, meta)
-    return attach_shared(trace, SharedSet.empty() if kexec_at_end else shared)
+    first = setup(layout)
+    meta["regions"] = first.meta["regions"]
+    state: dict[str, Any] = {}
+
+    def source() -> Iterator[tuple[str, np.ndarray]]:
+        seeds = np.random.SeedSequence(seed).spawn(5)
+        rngs = [np.random.default_rng(s) for s in seeds]
+        yield "setup", first.ops
+        yield "creation", vm_creation(layout).ops
+        share = firmware_sharing(layout, style=style, nr_vcpus=nr_vcpus, dma_buffers=dma_buffers, seed=rngs[0])
+        shared: SharedSet = share.shared  # type: ignore[attr-defined]
+        yield "sharing", share.ops
+        for ops in lazy_acceptance_chunks(layout, accept_fraction, exclude=shared, seed=rngs[1]):
+            yield "acceptance", ops
+        imp = implicit_conversions(layout, implicit, exclude=shared, seed=rngs[2])
+        shared = shared.union(imp.shared)  # type: ignore[attr-defined]
+        yield "implicit", imp.ops
+        info: dict[str, Any] = {}
+        for ops in churn_chunks(layout, shared_fraction, turnover, exclude=shared, style=style, seed=rngs[3], info=info):
+            yield "churn", ops
+        shared = shared.union(info["shared"])
+        if kexec_at_end:
+            for ops in kexec_chunks(shared, style):
+                yield "kexec", ops
+        state["shared"] = SharedSet.empty() if kexec_at_end else shared
+
+    # An estimate for progress bars (the exact count is known once generated).
+    population = int(churn_population(layout.ram_size, 0, shared_fraction).sum())
+    births = population * (1 + turnover)
+    accepted = accept_fraction * layout.ram_size / ACCEPT_CHUNK
+    hint = int(2 * accepted + 2 * births + implicit + len(layout.regions) * 2 + 1)
+    return TraceStream(meta, source, length_hint=hint, state=state)
 
 
-def _with_setup(name: str, layout: GuestLayout, parts: list[tuple[str, Trace]], **params: Any) -> Trace:
-    return concat([("setup", setup(layout))] + parts, workload_meta(name, layout, guest=layout.ram_size, **params))
+def _stream_with_setup(
+    name: str, layout: GuestLayout, parts: Callable[[], Iterator[tuple[str, np.ndarray]]], **params: Any
+) -> TraceStream:
+    """A named workload: setup, then ``parts()``'s phases, as a stream."""
+    first = setup(layout)
+    meta = workload_meta(name, layout, guest=layout.ram_size, **params)
+    meta["regions"] = first.meta["regions"]
+
+    def source() -> Iterator[tuple[str, np.ndarray]]:
+        yield "setup", first.ops
+        yield from parts()
+
+    return TraceStream(meta, source)
 
 
-def _wl_creation(guest: Any = 64 * GiB, **_: Any) -> Trace:
+def _wl_creation(guest: Any = 64 * GiB, **_: Any) -> TraceStream:
     layout = as_layout(guest)
-    return _with_setup("vm-creation", layout, [("creation", vm_creation(layout))])
+    return _stream_with_setup("vm-creation", layout, lambda: iter([("creation", vm_creation(layout).ops)]))
 
 
-def _wl_sharing(guest: Any = 64 * GiB, style: str = "tdx", seed: int = 0, **_: Any) -> Trace:
+def _wl_sharing(guest: Any = 64 * GiB, style: str = "tdx", seed: int = 0, **_: Any) -> TraceStream:
     layout = as_layout(guest)
-    return _with_setup(
-        "firmware-sharing",
-        layout,
-        [("creation", vm_creation(layout)), ("sharing", firmware_sharing(layout, style=style, seed=seed))],
-        style=style,
-        seed=seed,
-    )
+
+    def parts() -> Iterator[tuple[str, np.ndarray]]:
+        yield "creation", vm_creation(layout).ops
+        yield "sharing", firmware_sharing(layout, style=style, seed=seed).ops
+
+    return _stream_with_setup("firmware-sharing", layout, parts, style=style, seed=seed)
 
 
-def _wl_acceptance(guest: Any = 64 * GiB, seed: int = 0, accept_fraction: float = 1.0, **_: Any) -> Trace:
+def _wl_acceptance(guest: Any = 64 * GiB, seed: int = 0, accept_fraction: float = 1.0, **_: Any) -> TraceStream:
     layout = as_layout(guest)
-    return _with_setup(
-        "acceptance",
-        layout,
-        [("creation", vm_creation(layout)), ("acceptance", lazy_acceptance(layout, accept_fraction, seed=seed))],
-        seed=seed,
-        accept_fraction=accept_fraction,
-    )
+
+    def parts() -> Iterator[tuple[str, np.ndarray]]:
+        yield "creation", vm_creation(layout).ops
+        for ops in lazy_acceptance_chunks(layout, accept_fraction, seed=seed):
+            yield "acceptance", ops
+
+    return _stream_with_setup("acceptance", layout, parts, seed=seed, accept_fraction=accept_fraction)
 
 
-def _wl_implicit(guest: Any = 64 * GiB, seed: int = 0, implicit: int = 1024, **_: Any) -> Trace:
+def _wl_implicit(guest: Any = 64 * GiB, seed: int = 0, implicit: int = 1024, **_: Any) -> TraceStream:
     layout = as_layout(guest)
-    return _with_setup(
-        "implicit",
-        layout,
-        [("creation", vm_creation(layout)), ("implicit", implicit_conversions(layout, implicit, seed=seed))],
-        seed=seed,
-        implicit=implicit,
-    )
+
+    def parts() -> Iterator[tuple[str, np.ndarray]]:
+        yield "creation", vm_creation(layout).ops
+        yield "implicit", implicit_conversions(layout, implicit, seed=seed).ops
+
+    return _stream_with_setup("implicit", layout, parts, seed=seed, implicit=implicit)
 
 
 def _wl_churn(
@@ -256,32 +311,34 @@ def _wl_churn(
     shared_fraction: float = 0.075,
     turnover: float = 1.0,
     **_: Any,
-) -> Trace:
+) -> TraceStream:
     layout = as_layout(guest)
-    ch = churn(layout, shared_fraction, turnover, style=style, seed=seed)
-    return _with_setup(
-        "churn",
-        layout,
-        [("creation", vm_creation(layout)), ("churn", ch), ("kexec", kexec(layout, ch.shared, style))],  # type: ignore[attr-defined]
-        style=style,
-        seed=seed,
-        shared_fraction=shared_fraction,
-        turnover=turnover,
+
+    def parts() -> Iterator[tuple[str, np.ndarray]]:
+        yield "creation", vm_creation(layout).ops
+        info: dict[str, Any] = {}
+        for ops in churn_chunks(layout, shared_fraction, turnover, style=style, seed=seed, info=info):
+            yield "churn", ops
+        for ops in kexec_chunks(info["shared"], style):
+            yield "kexec", ops
+
+    return _stream_with_setup(
+        "churn", layout, parts, style=style, seed=seed, shared_fraction=shared_fraction, turnover=turnover
     )
 
 
-def _wl_checkerboard(guest: Any = 4 * GiB + 64 * MiB, seed: int = 0, nr_vcpus: int = 4, **_: Any) -> Trace:
+def _wl_checkerboard(guest: Any = 4 * GiB + 64 * MiB, seed: int = 0, nr_vcpus: int = 4, **_: Any) -> TraceStream:
     layout = as_layout(guest)
-    return _with_setup(
+    return _stream_with_setup(
         "checkerboard",
         layout,
-        [("checkerboard", checkerboard(layout, nr_vcpus=nr_vcpus, seed=seed))],
+        lambda: iter([("checkerboard", checkerboard(layout, nr_vcpus=nr_vcpus, seed=seed).ops)]),
         seed=seed,
         nr_vcpus=nr_vcpus,
     )
 
 
-def _wl_boot_and_churn(guest: Any = 64 * GiB, **kw: Any) -> Trace:
+def _wl_boot_and_churn(guest: Any = 64 * GiB, **kw: Any) -> TraceStream:
     allowed = {
         "style",
         "nr_vcpus",
@@ -293,11 +350,11 @@ def _wl_boot_and_churn(guest: Any = 64 * GiB, **kw: Any) -> Trace:
         "seed",
         "kexec_at_end",
     }
-    return boot_and_churn(guest, **{k: v for k, v in kw.items() if k in allowed})
+    return boot_and_churn_stream(guest, **{k: v for k, v in kw.items() if k in allowed})
 
 
 # Named workloads for the CLI and sweeps: name -> (factory, description).
-WORKLOADS: dict[str, tuple[Callable[..., Trace], str]] = {
+WORKLOADS: dict[str, tuple[Callable[..., TraceStream], str]] = {
     "boot-and-churn": (
         _wl_boot_and_churn,
         "creation + firmware/kernel sharing + lazy acceptance + implicit conversions + churn + kexec",
@@ -311,21 +368,30 @@ WORKLOADS: dict[str, tuple[Callable[..., Trace], str]] = {
 }
 
 
-def make(name: str, guest: int | str | None = None, **params: Any) -> Trace:
-    """Builds the named workload (see :data:`WORKLOADS`) for ``guest`` bytes.
-
-    Unknown parameters for a workload are ignored, so one parameter set can
-    drive a sweep across workloads. ``discard=True`` runs it as a QEMU VMM
-    would: a guest_memfd hole punched after every conversion to shared
-    (:func:`memattr.qemu.with_discards`).
-    """
+def stream(name: str, guest: int | str | None = None, **params: Any) -> TraceStream:
+    """The named workload (see :data:`WORKLOADS`) for ``guest`` bytes, as a
+    :class:`memattr.stream.TraceStream`: generated in bounded chunks each
+    time it is read, so a replay of a 64 TiB guest never holds its
+    operations. Parameters as for :func:`make`."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     discard = params.pop("discard", False)
     if not isinstance(discard, bool):
         raise TypeError(f"discard must be a bool, not {type(discard).__name__}")
     factory = WORKLOADS[name][0]
-    trace = factory(**params) if guest is None else factory(parse_size(guest), **params)
+    st = factory(**params) if guest is None else factory(parse_size(guest), **params)
     if discard:
-        trace = with_discards(trace)
-    return trace
+        st = discard_stream(st)
+    return st
+
+
+def make(name: str, guest: int | str | None = None, **params: Any) -> Trace:
+    """Builds the named workload (see :data:`WORKLOADS`) for ``guest`` bytes.
+
+    Unknown parameters for a workload are ignored, so one parameter set can
+    drive a sweep across workloads. ``discard=True`` runs it as a QEMU VMM
+    would: a guest_memfd hole punched after every conversion to shared
+    (:func:`memattr.qemu.with_discards`). The whole trace is held in
+    memory: :func:`stream` is the same records in bounded chunks.
+    """
+    return stream(name, guest, **params).materialize()

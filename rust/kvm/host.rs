@@ -67,9 +67,11 @@ impl Default for HostProfile {
     /// The default host, a real configuration: openSUSE Tumbleweed's
     /// kernel-default (CONFIG_KVM_AMD_SEV=y, CONFIG_KVM_SW_PROTECTED_VM=y,
     /// CONFIG_KVM_SMM=y, hence generic memory attributes and guest_memfd)
-    /// at Linux 6.18 on an AMD EPYC with SEV-SNP enabled, NPT on, 1G pages
-    /// and 4-level paging: VM types default, SW_PROTECTED, SEV, SEV-ES and
-    /// SNP.
+    /// at Linux 6.18 on an AMD EPYC 9004 (Genoa) with SEV-SNP enabled, NPT
+    /// on, 1G pages and 5-level paging (Zen 4 has LA57 and the distribution
+    /// kernel has X86_5LEVEL=y, so TASK_SIZE_MAX is 2^56 - 4096: a VMM can
+    /// map guests beyond 4-level paging's 128 TiB of user space): VM types
+    /// default, SW_PROTECTED, SEV, SEV-ES and SNP.
     fn default() -> Self {
         Self {
             vendor: CpuVendor::Amd,
@@ -84,7 +86,7 @@ impl Default for HostProfile {
             guest_memfd: true,
             tdp: true,
             max_page_level: crate::hugepage::PG_LEVEL_1G,
-            user_address_bits: 47,
+            user_address_bits: 56,
         }
     }
 }

@@ -556,8 +556,10 @@ fn memslot_rules_6_18() {
     k.kvm_set_memory_region(&region(0, KVM_MEM_GUEST_MEMFD, 0, 1 << 21, 0, fd), false)
         .unwrap();
     assert!(k.memslots().at(0, 0).unwrap().gmem_only);
-    // access_ok(): the range must end at or below TASK_SIZE_MAX.
-    let task_size_max = (1u64 << 47) - PAGE_SIZE;
+    // access_ok(): the range must end at or below TASK_SIZE_MAX (5-level
+    // paging on the default host).
+    assert_eq!(HostProfile::default().user_address_bits, 56);
+    let task_size_max = (1u64 << 56) - PAGE_SIZE;
     let last_ok = region(1, 0, 1 << 30, 1 << 21, task_size_max - (1 << 21), 0);
     k.kvm_set_memory_region(&last_ok, false).unwrap();
     let past = region(
