@@ -7,6 +7,7 @@
 pub mod hugepage;
 pub mod kvm;
 pub mod locks;
+pub mod mapletree;
 pub mod rangetree;
 pub mod store;
 pub mod xarray;

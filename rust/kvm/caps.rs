@@ -36,6 +36,10 @@ impl Kvm {
         };
         let c = &self.config;
         match cap {
+            // The in-place conversion series' capabilities (gmem_attributes.rs).
+            cap if self.gmem_inplace_check_extension(cap).is_some() => {
+                self.gmem_inplace_check_extension(cap).unwrap_or(0)
+            }
             // v11 advertised the ioctls with the cap and reported the mask
             // through KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES.
             KVM_CAP_MEMORY_ATTRIBUTES if c.semantics == Semantics::V11 => 1,

@@ -99,7 +99,8 @@ impl Kvm {
     /// (binding it needs private memory); no flags are valid; the size is a
     /// loff_t that must be > 0 and page aligned. Returns the new fd.
     pub fn kvm_gmem_create(&mut self, size: u64, flags: u64) -> Result<u64, KvmError> {
-        let valid_flags = 0;
+        // 0 in 6.8; MMAP | INIT_SHARED with the in-place series.
+        let valid_flags = self.kvm_gmem_get_supported_flags();
         if flags & !valid_flags != 0 {
             return fail(
                 EINVAL,
@@ -128,6 +129,7 @@ impl Kvm {
                 bindings: BTreeMap::new(),
             },
         );
+        self.gmem_attr_file_create(fd, size, flags);
         Ok(fd)
     }
 
@@ -270,6 +272,7 @@ impl Kvm {
                     format!("allocation past the file's size {file_size:#x}"),
                 );
             }
+            self.gmem_attr_allocate(fd, offset as u64 >> PAGE_SHIFT, last as u64 >> PAGE_SHIFT);
             return Ok(());
         }
         let ranges = self.gmem_gfn_ranges(
@@ -277,7 +280,10 @@ impl Kvm {
             offset as u64 >> PAGE_SHIFT,
             last as u64 >> PAGE_SHIFT,
         );
+        let (first, end) = (offset as u64 >> PAGE_SHIFT, last as u64 >> PAGE_SHIFT);
+        self.note_gmem_invalidate_filter(fd, first, end);
         self.kvm_gmem_invalidate(&ranges)?;
+        self.gmem_attr_truncate(fd, first, end);
         self.counters.gmem_holes_punched += 1;
         Ok(())
     }
@@ -288,6 +294,7 @@ impl Kvm {
     /// file, and the bindings go. The memslots stay; the fd is free.
     pub fn kvm_gmem_release(&mut self, fd: u64) -> Result<(), KvmError> {
         self.own_gmem(fd)?;
+        self.note_gmem_invalidate_filter(fd, 0, u64::MAX);
         let file = self.gmem.remove(&fd).expect("checked above");
         registry().owners.remove(&fd);
         for &(_, as_id, id) in file.bindings.values() {
@@ -298,13 +305,14 @@ impl Kvm {
         }
         let ranges = self.gmem_gfn_ranges(&file.bindings, 0, u64::MAX);
         self.kvm_gmem_invalidate(&ranges)?;
+        self.gmem_attr_file_release(fd);
         self.counters.gmem_closed += 1;
         Ok(())
     }
 
     /// The gfns of file pages [start, end) in each bound slot, as
     /// (as_id, start, end).
-    fn gmem_gfn_ranges(
+    pub(super) fn gmem_gfn_ranges(
         &self,
         bindings: &BTreeMap<u64, (u64, usize, u16)>,
         start: u64,
