@@ -1,14 +1,14 @@
 """memattr: a user-space model of Linux KVM per-page memory attributes."""
 
 from memattr import _native
-from memattr._native import RangeTree, XArray  # stores
+from memattr._native import MapleTree, RangeTree, XArray  # stores
 
 __all__ = ["_native"]
-__all__ += ["RangeTree", "XArray"]
+__all__ += ["MapleTree", "RangeTree", "XArray"]
 
 # The KVM model (VM workstream): uapi constants and structures, the Vm.
 from memattr import uapi as _uapi  # noqa: E402
-from memattr.errors import KvmBugError, LockdepError, MemoryFault  # noqa: E402
+from memattr.errors import GuestMemfdSigbus, KvmBugError, LockdepError, MemoryFault  # noqa: E402
 from memattr.gfn_range import GfnRange  # noqa: E402
 from memattr.memslots import Memslot  # noqa: E402
 from memattr.stats import Stats  # noqa: E402
@@ -16,7 +16,7 @@ from memattr.uapi import *  # noqa: E402,F401,F403
 from memattr.vm import Vm  # noqa: E402
 
 __all__ += list(_uapi.__all__)
-__all__ += ["GfnRange", "KvmBugError", "LockdepError", "Memslot", "MemoryFault", "Stats", "Vm"]
+__all__ += ["GfnRange", "GuestMemfdSigbus", "KvmBugError", "LockdepError", "Memslot", "MemoryFault", "Stats", "Vm"]
 
 # The x86 MMU model (MMU workstream): hugepage tracking, stage-2 map, faults.
 from memattr._native import LpageInfoTracker, RangeHugepageTracker, Stage2Map  # noqa: E402

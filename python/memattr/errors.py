@@ -60,4 +60,22 @@ class MemoryFault(OSError):
         return (type(self), (self.gpa, self.size, self.flags))
 
 
-__all__ = ["KvmBugError", "LockdepError", "MemoryFault"]
+class GuestMemfdSigbus(Exception):
+    """SIGBUS on a host access through a guest_memfd's mmap: the page is
+    private (the in-place conversion series keeps private pages out of host
+    page tables), or past the end of the file. Catchable, unlike the
+    signal. ``fd``, ``offset`` (the first byte that faulted) and
+    ``private``."""
+
+    def __init__(self, fd: int, offset: int, private: bool = True) -> None:
+        why = "a private page" if private else "past the end of the file"
+        super().__init__(f"SIGBUS: guest_memfd {fd} offset {offset:#x} is {why}")
+        self.fd = fd
+        self.offset = offset
+        self.private = private
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.fd, self.offset, self.private))
+
+
+__all__ = ["GuestMemfdSigbus", "KvmBugError", "LockdepError", "MemoryFault"]

@@ -48,6 +48,7 @@ from typing import Any, Literal, NoReturn, TypeVar
 
 from memattr import _args, _native
 from memattr.gfn_range import GfnRange, clip_gfn_ranges, kvm_handle_gfn_range
+from memattr.gmem_inplace import GuestMemfdInplaceMixin
 from memattr.ioctl import vm_ioctl
 from memattr.locks import KvmLock, MmuInvalidation, MmuLock
 from memattr.memslots import Memslot, Memslots
@@ -57,19 +58,23 @@ from memattr.uapi import KVM_X86_DEFAULT_VM, U64_MAX
 
 _U32_MAX = (1 << 32) - 1
 
-StoreKind = Literal["rangetree", "xarray"]
-Semantics = Literal["6.8", "v11"]
+StoreKind = Literal["rangetree", "xarray", "mapletree"]
+Semantics = Literal["6.8", "v11", "gmem-inplace", "gmem-inplace-v5"]
 Hook = Callable[[GfnRange], Any]
 H = TypeVar("H", bound=Hook)
 
 
-class Vm:
+class Vm(GuestMemfdInplaceMixin):
     """A KVM virtual machine, as far as memory attributes are concerned.
 
     ``vm_type``: one of the KVM_X86_*_VM types (an unknown one fails like
     KVM_CREATE_VM, with EINVAL). ``store``: ``"rangetree"`` or ``"xarray"``
     (the kernel's per-page structure); both give identical results.
-    ``semantics``: ``"6.8"`` (merged kernel) or ``"v11"`` (the seed's RFC).
+    ``semantics``: ``"6.8"`` (merged kernel) or ``"v11"`` (the seed's RFC),
+    or the guest_memfd in-place conversion series: ``"gmem-inplace"`` (v8,
+    June 2026) or ``"gmem-inplace-v5"`` (with content modes); see
+    memattr.gmem_inplace. ``store`` may also be ``"mapletree"`` (the
+    kernel's maple tree, as the series uses it).
     ``attr_memory_limit``: bytes the attribute store may use (the model of
     accounted allocations; exceeding it fails the set with ENOMEM).
     ``guest_memfd_max_order``: largest folio order guest_memfd hands out
@@ -91,8 +96,12 @@ class Vm:
             store_obj: Any = _native.RangeTree()
         elif store == "xarray":
             store_obj = _native.XArray()
+        elif store == "mapletree":
+            store_obj = _native.MapleTree()
         else:
-            raise ValueError(f"store must be 'rangetree' or 'xarray', got {store!r}")
+            raise ValueError(
+                f"store must be 'rangetree', 'xarray' or 'mapletree', got {store!r}"
+            )
         # KVM_CREATE_VM: the core checks every argument (an unknown type is
         # EINVAL, as the kernel's).
         self._kvm = _native.Kvm(vm_type, store_obj, semantics, attr_memory_limit, guest_memfd_max_order)

@@ -46,7 +46,10 @@ fn strerror(errno: i32) -> &'static str {
         12 => "Cannot allocate memory",
         14 => "Bad address",
         17 => "File exists",
+        11 => "Resource temporarily unavailable",
+        19 => "No such device",
         22 => "Invalid argument",
+        25 => "Inappropriate ioctl for device",
         27 => "File too large",
         95 => "Operation not supported",
         _ => "Unknown error",
@@ -181,7 +184,7 @@ fn gfn_range(r: Memslot5) -> GfnRange {
 impl PyKvm {
     /// The core's data, waiting with the GIL released if a long native
     /// operation holds it.
-    fn core(&self, py: Python<'_>) -> MutexGuard<'_, Kvm> {
+    pub(super) fn core(&self, py: Python<'_>) -> MutexGuard<'_, Kvm> {
         // Every core operation validates before it mutates, so a poisoned
         // mutex still guards a consistent VM.
         loop {
@@ -200,7 +203,7 @@ impl PyKvm {
     /// Runs `f` on the core, then reports the WARN_ON_ONCEs it raised as
     /// `memattr.locks.KvmWarning`s (after the data mutex is dropped: a
     /// warning filter may run Python code).
-    fn step<R: Send>(
+    pub(super) fn step<R: Send>(
         &self,
         py: Python<'_>,
         f: impl FnOnce(&mut Kvm) -> Result<R, KvmError> + Send,
@@ -231,7 +234,7 @@ impl PyKvm {
 
     /// Runs a whole operation under slots_lock and mmu_lock (taken in that
     /// order, as native acquisitions); None if this thread holds either.
-    fn locked_op<R: Send>(
+    pub(super) fn locked_op<R: Send>(
         &self,
         py: Python<'_>,
         detach: bool,
@@ -254,7 +257,7 @@ impl PyKvm {
     }
 }
 
-fn emit_warnings(py: Python<'_>, warnings: &[crate::kvm::KvmWarning]) -> PyResult<()> {
+pub(super) fn emit_warnings(py: Python<'_>, warnings: &[crate::kvm::KvmWarning]) -> PyResult<()> {
     if warnings.is_empty() {
         return Ok(());
     }
@@ -286,9 +289,12 @@ impl PyKvm {
         let semantics = match semantics {
             "6.8" => Semantics::Linux68,
             "v11" => Semantics::V11,
+            "gmem-inplace" => Semantics::GmemInplace,
+            "gmem-inplace-v5" => Semantics::GmemInplaceV5,
             other => {
                 return Err(PyValueError::new_err(format!(
-                    "semantics must be '6.8' or 'v11', got {other:?}"
+                    "semantics must be '6.8', 'v11', 'gmem-inplace' or 'gmem-inplace-v5', \
+                     got {other:?}"
                 )))
             }
         };
@@ -300,8 +306,10 @@ impl PyKvm {
         };
         let order = u64_arg(guest_memfd_max_order, "guest_memfd_max_order")?;
         let order = u32::try_from(order).unwrap_or(u32::MAX);
-        let core = Kvm::new(vm_type, semantics, shared, per_page, limit, order)
+        let mut core = Kvm::new(vm_type, semantics, shared, per_page, limit, order)
             .map_err(|e| to_pyerr(py, e))?;
+        // gmem in-place: each guest_memfd's attributes in the VM's kind of store.
+        core.inplace.store_kind = super::stores::store_kind(store);
         Ok(Self {
             core: Mutex::new(core),
             slots_lock: Arc::new(ModelLock::new("slots_lock")),
@@ -925,7 +933,7 @@ impl PyKvm {
 impl PyKvm {
     /// A whole operation under the VM's locks: True when it ran (its error,
     /// if any, raised), False if this thread holds a modelled lock.
-    fn whole(
+    pub(super) fn whole(
         &self,
         py: Python<'_>,
         detach: bool,
