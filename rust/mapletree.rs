@@ -187,7 +187,7 @@ impl MapleTree {
                 nodes: 1,
             };
         }
-        if self.levels[0].range(first.0 + 1..=lastr.1).next().is_some() {
+        if first.0 < lastr.1 && self.levels[0].range(first.0 + 1..=lastr.1).next().is_some() {
             // wr_spanning_store
             return Plan {
                 noop: false,
@@ -239,7 +239,7 @@ impl MapleTree {
         let (fs, ll) = (first.0, lastr.1);
         // Node boundaries inside the span go: a spanning store rebuilds the
         // nodes it crosses into one.
-        let gone: Vec<u64> = if self.levels.is_empty() {
+        let gone: Vec<u64> = if self.levels.is_empty() || fs == ll {
             Vec::new()
         } else {
             self.levels[0].range(fs + 1..=ll).copied().collect()
