@@ -357,6 +357,11 @@ def test_v5_content_mode_rules(key: tuple[int, bool, bool]) -> None:
             # Before the early return: even an already-set range refuses it.
             assert err(set2, vm, fd, 1, 1, attrs, mode) == (errno.EOPNOTSUPP, PG)
             assert vm.guest_memfd_get_attributes(fd, PG) == (0 if to_private else P)
+            # Checked before the early return: a page already there refuses
+            # the mode too.
+            set2(vm, fd, 2, 1, attrs)
+            assert err(set2, vm, fd, 2, 1, attrs, mode) == (errno.EOPNOTSUPP, 2 * PG)
+            set2(vm, fd, 2, 1, 0 if to_private else P)
     assert err(set2, vm, fd, 0, 1, 0, ZERO | PRESERVE) == (errno.EINVAL, None)
     assert err(set2, vm, fd, 0, 1, 0, 4) == (errno.EINVAL, None)
 
