@@ -498,3 +498,16 @@ def test_conversion_zaps_only_the_range_with_the_filter() -> None:
     set2(vm, fd, 0, 8, 0)
     s = vm.inplace_stats
     assert (s["filter_shared"], s["filter_private"]) == (2, 1)
+
+
+def test_mapletree_wherever_a_store_is_chosen() -> None:
+    """store="mapletree" as the VM's store (6.8 semantics) and in the sweep:
+    the same results as the other stores, its own memory."""
+    from memattr import sweep, workloads
+
+    trace = workloads.boot_and_churn("1G")
+    out = {s: sweep.run_trace(trace, s) for s in ("rangetree", "mapletree")}
+    for key in ("conversions", "noop_conversions", "zapped_ranges", "tlb_flushes"):
+        assert out["rangetree"]["stats"][key] == out["mapletree"]["stats"][key], key
+    so = sweep.run_store_only(trace, "mapletree")
+    assert so["memory_bytes"] == 256  # one leaf after the kexec

@@ -58,7 +58,8 @@ from memattr.mmu import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 from memattr.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE, SZ_1G, SZ_2M
 from memattr.units import GiB, format_size
 
-STORES = ("rangetree", "xarray")
+# mapletree: the guest_memfd in-place series' maple tree (memattr.MapleTree).
+STORES = ("rangetree", "xarray", "mapletree")
 
 
 PARTS = ("both", "vm", "store-only")
@@ -215,9 +216,9 @@ def run_store_only(trace: trace_mod.Trace, store: str) -> dict[str, Any]:
     """The data structure alone: the trace's attribute changes applied to a
     fresh bare store through its batch entry point (no Vm, no MMU, no
     per-operation Python), timed."""
-    from memattr._native import RangeTree, XArray
+    from memattr._native import MapleTree, RangeTree, XArray
 
-    obj = RangeTree() if store == "rangetree" else XArray()
+    obj: Any = {"rangetree": RangeTree, "xarray": XArray, "mapletree": MapleTree}[store]()
     t0, c0 = time.perf_counter(), time.process_time()
     n = trace_mod.apply_to_store(trace, obj)
     secs = time.perf_counter() - t0
