@@ -268,6 +268,10 @@ def test_ioctl_front_end() -> None:
     out = vm.guest_memfd_ioctl(fd, req, bytes(a))
     assert isinstance(out, bytes) and len(out) == 128
     assert vm.guest_memfd_attributes(fd) == [(0, 2, 0), (2, 10, P), (10, 16, 0)]
+    # The same through vm.ioctl(fd, request, buffer).
+    b = m.kvm_memory_attributes2(offset=10 * PG, size=PG, attributes=P)
+    assert vm.ioctl(fd, req, b) == 0
+    assert vm.guest_memfd_get_attributes(fd, 10 * PG) == P
     # Reserved words must be zero.
     r = m.kvm_memory_attributes2(offset=0, size=PG)
     r.reserved[10] = 1

@@ -474,9 +474,13 @@ class Vm(GuestMemfdInplaceMixin):
 
     # --- ioctl front end ---------------------------------------------------------
 
-    def ioctl(self, request: int, arg: Any = 0, mutate_flag: bool = True) -> int | bytes:
-        """fcntl.ioctl() on the VM fd; see memattr.ioctl."""
-        return vm_ioctl(self, request, arg, mutate_flag)
+    def ioctl(self, request: int, arg: Any = 0, mutate_flag: Any = True) -> int | bytes:
+        """fcntl.ioctl() on the VM fd; see memattr.ioctl. Called as
+        ``vm.ioctl(fd, request, buffer)`` (a buffer third), the same on one
+        of the VM's guest_memfd fds (see ``guest_memfd_ioctl``)."""
+        if not isinstance(mutate_flag, (bool, int)):
+            return self.guest_memfd_ioctl(request, arg, mutate_flag)
+        return vm_ioctl(self, request, arg, bool(mutate_flag))
 
 
 __all__ = ["Vm"]
