@@ -515,3 +515,18 @@ def test_mapletree_wherever_a_store_is_chosen() -> None:
         assert out["rangetree"]["stats"][key] == out["mapletree"]["stats"][key], key
     so = sweep.run_store_only(trace, "mapletree")
     assert so["memory_bytes"] == 256  # one leaf after the kexec
+
+
+def test_v5_modes_on_a_large_allocated_file_cost_runs_not_pages() -> None:
+    """Content modes over 64 GiB of allocated memory are bookkept per run
+    (the model must not hold 16M pages of bytes)."""
+    vm, fd = make(semantics="gmem-inplace-v5", npages=1 << 24)
+    vm.guest_memfd_fallocate(fd, m.FALLOC_FL_KEEP_SIZE, 0, (1 << 24) * PG)
+    vm.guest_memfd_write(fd, 5 * PG, b"kept?")
+    set2(vm, fd, 0, 1 << 24, P)  # UNSPECIFIED: scrambled
+    set2(vm, fd, 0, 1 << 24, 0, PRESERVE)
+    assert vm.guest_memfd_read(fd, 5 * PG, 5) != b"kept?"
+    assert vm.guest_memfd_read(fd, (1 << 24) * PG - 8, 8) != b"\0" * 8
+    set2(vm, fd, 0, 1 << 24, 0, ZERO)
+    assert vm.guest_memfd_read(fd, 5 * PG, 5) == b"\0" * 5
+    assert vm.inplace_stats["scrambled_pages"] == 1 << 24

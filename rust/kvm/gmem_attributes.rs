@@ -119,8 +119,10 @@ pub struct GmemAttrFile {
     /// conversion: the refcount check looks at the page cache).
     orphan_pins: BTreeMap<u64, u64>,
     /// Written contents of allocated pages (an allocated page not here
-    /// reads as zeros).
+    /// reads as its scramble, or zeros).
     contents: BTreeMap<u64, Box<[u8]>>,
+    /// Pages whose contents a content mode scrambled: page -> seed (0: none).
+    scrambled: RangeTree,
     /// Pages the host has in its page tables through mmap (value 1).
     user_mapped: RangeTree,
 }
@@ -163,21 +165,48 @@ impl GmemAttrFile {
         out
     }
 
-    fn fill(&mut self, start: u64, end: u64, byte: impl Fn(u64, usize) -> u8) -> u64 {
+    /// Replaces the contents of the allocated pages of [start, end): zeros
+    /// (`seed` 0) or the scramble of `seed`, marked per run so the cost
+    /// follows runs and written pages, not the range's size. The number of
+    /// pages.
+    fn refill(&mut self, start: u64, end: u64, seed: u64) -> u64 {
         let mut n = 0;
         for (s, e) in self.allocated_pages(start, end) {
-            for page in s..e {
-                let data: Box<[u8]> = (0..PAGE_SIZE as usize).map(|i| byte(page, i)).collect();
-                if data.iter().all(|&b| b == 0) {
-                    self.contents.remove(&page);
-                } else {
-                    self.contents.insert(page, data);
-                }
-                n += 1;
+            let written: Vec<u64> = self.contents.range(s..e).map(|(&k, _)| k).collect();
+            for k in written {
+                self.contents.remove(&k);
             }
+            mark(&mut self.scrambled, s, e, seed);
+            n += e - s;
         }
         n
     }
+
+    /// The bytes of `page` (written, scrambled, or zeros).
+    fn page_data(&self, page: u64) -> std::borrow::Cow<'_, [u8]> {
+        if let Some(d) = self.contents.get(&page) {
+            return std::borrow::Cow::Borrowed(d);
+        }
+        match self.scrambled.get(page) {
+            0 => std::borrow::Cow::Owned(vec![0; PAGE_SIZE as usize]),
+            seed => std::borrow::Cow::Owned(scramble(seed, page)),
+        }
+    }
+}
+
+/// A page's scrambled bytes for `seed`: splitmix64 of (seed, page, word),
+/// different for every seed.
+fn scramble(seed: u64, page: u64) -> Vec<u8> {
+    (0..PAGE_SIZE / 8)
+        .flat_map(|w| {
+            let mut z = seed
+                .wrapping_add(page.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .wrapping_add(w);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (z ^ (z >> 31)).to_le_bytes()
+        })
+        .collect()
 }
 
 /// What KVM_SET_MEMORY_ATTRIBUTES2 and the file operations did.
@@ -303,27 +332,19 @@ impl Kvm {
     /// so tests cannot rely on contents) and keeps elsewhere.
     fn kvm_gmem_apply_content_mode(&mut self, fd: u64, mode: u64, start: u64, end: u64) {
         let vm_type = self.config.vm_type;
-        let seed = self.inplace.scramble;
+        // A new nonzero seed per scramble: contents differ every time.
+        let seed = self.inplace.scramble.wrapping_add(0x9E37_79B9_7F4A_7C15) | 1;
         let Some(f) = self.inplace.files.get_mut(&fd) else {
             return;
         };
         match mode {
             KVM_SET_MEMORY_ATTRIBUTES2_ZERO => {
-                let n = f.fill(start, end, |_, _| 0);
+                let n = f.refill(start, end, 0);
                 self.inplace.counters.zeroed_pages += n;
             }
             KVM_SET_MEMORY_ATTRIBUTES2_MODE_UNSPECIFIED if vm_type == KVM_X86_SW_PROTECTED_VM => {
-                let n = f.fill(start, end, |page, i| {
-                    // splitmix64 of (seed, page, word): never all zero in
-                    // practice, different on every call.
-                    let mut z = seed
-                        .wrapping_add(page.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-                        .wrapping_add((i / 8) as u64);
-                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                    ((z ^ (z >> 31)) >> ((i % 8) * 8)) as u8
-                });
-                self.inplace.scramble = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let n = f.refill(start, end, seed);
+                self.inplace.scramble = seed;
                 self.inplace.counters.scrambled_pages += n;
             }
             _ => {}
@@ -355,6 +376,7 @@ impl Kvm {
                 pins: BTreeMap::new(),
                 orphan_pins: BTreeMap::new(),
                 contents: BTreeMap::new(),
+                scrambled: RangeTree::new(),
                 user_mapped: RangeTree::new(),
             },
         );
@@ -384,6 +406,7 @@ impl Kvm {
             return;
         }
         mark(&mut f.allocated, start, end, 0);
+        mark(&mut f.scrambled, start, end, 0);
         mark(&mut f.user_mapped, start, end, 0);
         let gone: Vec<u64> = f.contents.range(start..end).map(|(&k, _)| k).collect();
         for k in gone {
@@ -743,10 +766,7 @@ impl Kvm {
             let page = pos >> PAGE_SHIFT;
             let in_page = (pos & (PAGE_SIZE - 1)) as usize;
             let n = ((PAGE_SIZE as usize - in_page) as u64).min(offset + len - pos) as usize;
-            match f.contents.get(&page) {
-                Some(d) => out.extend_from_slice(&d[in_page..in_page + n]),
-                None => out.resize(out.len() + n, 0),
-            }
+            out.extend_from_slice(&f.page_data(page)[in_page..in_page + n]);
             pos += n as u64;
         }
         Ok(Ok(out))
@@ -769,10 +789,12 @@ impl Kvm {
             let page = pos >> PAGE_SHIFT;
             let in_page = (pos & (PAGE_SIZE - 1)) as usize;
             let n = (PAGE_SIZE as usize - in_page).min(rest.len());
-            let d = f
-                .contents
-                .entry(page)
-                .or_insert_with(|| vec![0u8; PAGE_SIZE as usize].into_boxed_slice());
+            if !f.contents.contains_key(&page) {
+                let d = f.page_data(page).into_owned().into_boxed_slice();
+                f.contents.insert(page, d);
+                mark(&mut f.scrambled, page, page + 1, 0);
+            }
+            let d = f.contents.get_mut(&page).expect("inserted");
             d[in_page..in_page + n].copy_from_slice(&rest[..n]);
             rest = &rest[n..];
             pos += n as u64;
