@@ -27,7 +27,7 @@ def batch_blocker(vm: Any) -> str | None:
     """Why ``vm`` cannot run native batches, or None if it can."""
     if type(vm) is not Vm:
         return f"{type(vm).__name__} is not a plain memattr.Vm (a wrapper or subclass must see every call)"
-    if vm.semantics != "6.8":
+    if vm.semantics == "v11":
         return "semantics 'v11' ends the invalidation outside mmu_lock, which only the per-call path models"
     if vm.has_hooks:
         return "hooks are registered (they are called per range from the per-call path)"
