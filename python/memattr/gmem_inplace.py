@@ -180,4 +180,41 @@ def retry_set_memory_attributes(
     raise TimeoutError(f"still busy after {max_tries} tries")
 
 
-__all__ = ["GuestMemfdInplaceMixin", "retry_set_memory_attributes"]
+
+
+class InPlaceVmm:
+    """A VMM on the in-place API, for replaying traces recorded against the
+    per-VM API: ``set_memory_attributes(gpa, size, ...)`` becomes
+    KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd behind each memslot piece
+    of the range (the conversion a VMM issues in place); every other call
+    goes to the Vm. Pieces of the range no guest_memfd backs are skipped and
+    counted (``unbacked_pages``): in place there is no per-VM attribute to
+    set there. Use with ``memattr.replay(trace, InPlaceVmm(vm))``."""
+
+    def __init__(self, vm: Vm) -> None:
+        if not vm.semantics.startswith("gmem-inplace"):
+            raise ValueError(f"the Vm must use a gmem-inplace semantics, not {vm.semantics!r}")
+        self.vm = vm
+        self.unbacked_pages = 0
+        self.gmem_calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.vm, name)
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        start, end = address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT
+        covered = 0
+        for slot in self.vm.memslots.in_range(0, start, end):
+            if slot.gmem is None:
+                continue
+            s, e = max(start, slot.base_gfn), min(end, slot.end_gfn)
+            offset = slot.guest_memfd_offset + ((s - slot.base_gfn) << PAGE_SHIFT)
+            self.gmem_calls += 1
+            self.vm.guest_memfd_set_memory_attributes(
+                slot.gmem, offset, (e - s) << PAGE_SHIFT, attributes, flags
+            )
+            covered += e - s
+        self.unbacked_pages += max(0, end - start - covered)
+
+
+__all__ = ["GuestMemfdInplaceMixin", "InPlaceVmm", "retry_set_memory_attributes"]
