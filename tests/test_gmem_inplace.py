@@ -530,3 +530,31 @@ def test_v5_modes_on_a_large_allocated_file_cost_runs_not_pages() -> None:
     set2(vm, fd, 0, 1 << 24, 0, ZERO)
     assert vm.guest_memfd_read(fd, 5 * PG, 5) == b"\0" * 5
     assert vm.inplace_stats["scrambled_pages"] == 1 << 24
+
+
+def test_a_per_vm_trace_replayed_in_place_ends_in_the_same_state() -> None:
+    """boot-and-churn through KVM_SET_MEMORY_ATTRIBUTES (6.8) and through
+    KVM_SET_MEMORY_ATTRIBUTES2 per guest_memfd (InPlaceVmm): page for page
+    the same shared/private state at every phase end, no errors either way."""
+    from memattr import workloads
+    from memattr.gmem_inplace import InPlaceVmm
+
+    trace = workloads.boot_and_churn("1G", kexec_at_end=False)
+    kw = dict(trace.meta.get("vm_kwargs", {}))
+    old = m.Vm(trace.vm_type, "xarray", **kw)
+    new = m.Vm(trace.vm_type, "mapletree", semantics="gmem-inplace", **kw)
+    vmm = InPlaceVmm(new)
+    assert not m.replay(trace, old, engine="python").errors
+    assert not m.replay(trace, vmm, engine="python").errors
+    assert vmm.unbacked_pages == 0
+    for slot in new.memslots.address_space(0):
+        want = np.zeros(slot.npages, dtype=np.uint64)
+        for s, e, v in old.store.runs(slot.base_gfn, slot.end_gfn):
+            want[s - slot.base_gfn:e - slot.base_gfn] = v
+        got = np.zeros(slot.npages, dtype=np.uint64)
+        base = slot.gmem_pgoff
+        for s, e, v in new.guest_memfd_attributes(slot.gmem):
+            lo, hi = max(s, base), min(e, base + slot.npages)
+            if lo < hi:
+                got[lo - base:hi - base] = v
+        assert (got == want).all()
