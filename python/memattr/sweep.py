@@ -58,8 +58,10 @@ from memattr.mmu import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 from memattr.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE, SZ_1G, SZ_2M
 from memattr.units import GiB, format_size
 
-# mapletree: the guest_memfd in-place series' maple tree (memattr.MapleTree).
-STORES = ("rangetree", "xarray", "mapletree")
+STORES = ("rangetree", "xarray")
+# Every store a single run may use: also the in-place series' maple tree
+# (memattr.MapleTree); the sweeps and `compare` keep to STORES.
+RUN_STORES = (*STORES, "mapletree")
 
 
 PARTS = ("both", "vm", "store-only")
@@ -87,8 +89,8 @@ class Config:
             raise ValueError(f"parts must be one of {PARTS}, got {self.parts!r}")
         if self.engine not in trace_mod.ENGINES:
             raise ValueError(f"engine must be one of {trace_mod.ENGINES}, got {self.engine!r}")
-        if self.store not in STORES:
-            raise ValueError(f"store must be one of {STORES}, got {self.store!r}")
+        if self.store not in RUN_STORES:
+            raise ValueError(f"store must be one of {RUN_STORES}, got {self.store!r}")
         if not self.trace_path and self.workload not in workloads.WORKLOADS:
             raise ValueError(f"unknown workload {self.workload!r}; choose from {', '.join(workloads.WORKLOADS)}")
         if not isinstance(self.guest, int) or self.guest <= 0:
@@ -171,8 +173,8 @@ def run_trace(
     """
     from memattr.vm import Vm
 
-    if store not in STORES:
-        raise ValueError(f"store must be one of {STORES}, got {store!r}")
+    if store not in RUN_STORES:
+        raise ValueError(f"store must be one of {RUN_STORES}, got {store!r}")
     kwargs = dict(trace.meta.get("vm_kwargs", {}))
     kwargs.update(vm_kwargs or {})
     vm = Vm(trace.vm_type, store=store, **kwargs)  # type: ignore[arg-type]  # checked above
