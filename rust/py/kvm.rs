@@ -43,10 +43,10 @@ fn strerror(errno: i32) -> &'static str {
     match errno {
         5 => "Input/output error",
         9 => "Bad file descriptor",
+        11 => "Resource temporarily unavailable",
         12 => "Cannot allocate memory",
         14 => "Bad address",
         17 => "File exists",
-        11 => "Resource temporarily unavailable",
         19 => "No such device",
         22 => "Invalid argument",
         25 => "Inappropriate ioctl for device",
