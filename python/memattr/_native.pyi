@@ -85,10 +85,10 @@ class _HugepageTracker:
     def npages(self) -> int: ...
     @property
     def userspace_addr(self) -> int: ...
-    def init_memory_attributes(self, store: RangeTree | XArray) -> None:
+    def init_memory_attributes(self, store: RangeTree | XArray | MapleTree) -> None:
         """kvm_mmu_init_memslot_memory_attributes(): the mixed flag of every
         hugepage wholly inside the slot, from the store's current values."""
-    def post_set_memory_attributes(self, store: RangeTree | XArray, start: int, end: int, attrs: int) -> None:
+    def post_set_memory_attributes(self, store: RangeTree | XArray | MapleTree, start: int, end: int, attrs: int) -> None:
         """kvm_arch_post_set_memory_attributes() for [start, end) (inside the
         slot) just set to attrs: covered hugepages cleared, straddling head
         and tail re-checked; 2M first, 1G consumes the 2M results."""
