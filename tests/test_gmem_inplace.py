@@ -558,3 +558,16 @@ def test_a_per_vm_trace_replayed_in_place_ends_in_the_same_state() -> None:
             if lo < hi:
                 got[lo - base:hi - base] = v
         assert (got == want).all()
+
+
+def test_pin_arguments_are_bounded() -> None:
+    vm, fd = make(npages=1 << 22)
+    for npages in (0, (1 << 20) + 1, 1 << 40):
+        with pytest.raises(ValueError):
+            vm.guest_memfd_pin(fd, 0, npages)
+    with pytest.raises(ValueError):
+        vm.guest_memfd_pin(fd, 1, 1)
+    with pytest.raises(ValueError):
+        vm.guest_memfd_unpin(fd, 0, 1)
+    assert vm.guest_memfd_pinned(fd) == []
+

@@ -60,6 +60,10 @@ pub enum StoreKind {
 
 pub type FileStore = Box<dyn AttrStore + Send + Sync>;
 
+/// Pages one pin or unpin call may cover (pins are kept per page; 4 GiB is
+/// more than any GUP user holds at once).
+pub const MAX_PIN_PAGES: u64 = 1 << 20;
+
 /// An empty store of `kind`.
 pub fn new_store(kind: StoreKind) -> FileStore {
     match kind {
@@ -809,9 +813,10 @@ impl Kvm {
     /// nothing is pinned.
     pub fn guest_memfd_pin(&mut self, fd: u64, offset: u64, npages: u64) -> Result<(), KvmError> {
         let f = self.gmem_mmap_file(fd)?;
-        if offset & (PAGE_SIZE - 1) != 0 || npages == 0 {
+        if offset & (PAGE_SIZE - 1) != 0 || npages == 0 || npages > MAX_PIN_PAGES {
             return Err(KvmError::Argument(format!(
-                "offset {offset:#x} must be page aligned and npages > 0"
+                "offset {offset:#x} must be page aligned and npages in 1..={MAX_PIN_PAGES}, \
+                 got {npages}"
             )));
         }
         let first = offset >> PAGE_SHIFT;
@@ -844,6 +849,7 @@ impl Kvm {
         let f = self.inplace.files.get_mut(&fd).expect("checked");
         if offset & (PAGE_SIZE - 1) != 0
             || npages == 0
+            || npages > MAX_PIN_PAGES
             || (first..end).any(|p| !f.pins.contains_key(&p) && !f.orphan_pins.contains_key(&p))
         {
             return Err(KvmError::Argument(format!(
