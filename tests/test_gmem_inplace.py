@@ -77,15 +77,26 @@ class InplaceVsOracle(RuleBasedStateMachine):
         noop = bool((self.attrs[a:b] == want).all())
         for vm, fd in self.vms:
             before = vm.inplace_stats
+            mapped = self.mapped(vm)
             if expect:
                 assert err(set2, vm, fd, a, b - a, want) == expect
+                assert self.mapped(vm) == mapped
             else:
                 set2(vm, fd, a, b - a, want)
                 after = vm.inplace_stats
                 assert after["noop_conversions"] - before["noop_conversions"] == noop
                 assert after["invalidations"] - before["invalidations"] == (not noop)
+                # Exactly the converted range's mappings go (none on an
+                # early return).
+                gone = set() if noop else set(range(a, b))
+                assert self.mapped(vm) == mapped - gone
         if not expect:
             self.attrs[a:b] = want
+
+    @staticmethod
+    def mapped(vm: m.Vm) -> set[int]:
+        """File pages mapped in the guest (4K leaves)."""
+        return {g - BASE_GFN for s, e in vm.mmu.mappings(1) for g in range(s, e)}
 
     @rule(a=st.integers(0, N - 1), n=st.integers(1, 4))
     def pin(self, a: int, n: int) -> None:
