@@ -1,4 +1,4 @@
-"""Store benchmarks: RangeTree vs XArray, numpy.searchsorted and portion.
+"""Store benchmarks: RangeTree vs XArray (vs MapleTree), numpy.searchsorted and portion.
 
 Under pytest (collected in every run with --benchmark-disable, so each
 benchmark runs once as a smoke test) the sizes are small; with
@@ -10,6 +10,9 @@ As a script, it measures the issue's ratios side by side in one run:
 
     .venv/bin/python benches/bench_stores.py            # everything
     .venv/bin/python benches/bench_stores.py --no-rust  # skip the criterion part
+    .venv/bin/python benches/bench_stores.py --three 1G,16G,256G,1T
+        # only the three stores (RangeTree, XArray, the series' maple tree)
+        # side by side on boot-and-churn, store only, per guest size
 
 The mixed set/get comparison with the `rangemap` crate runs in Rust (there is
 no Python binding of rangemap): the script calls
@@ -31,7 +34,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from memattr import RangeTree, XArray
+from memattr import MapleTree, RangeTree, XArray
+from memattr.replayer import apply_to_store
+from memattr.units import format_size, parse_size
+from memattr.workloads import boot_and_churn
 
 PRIVATE = 1 << 3
 FULL = os.environ.get("MEMATTR_BENCH_FULL") == "1"
@@ -269,11 +275,81 @@ def _populated_tree(runs: int) -> RangeTree:
     return t
 
 
+# --- three stores on boot-and-churn (the in-place series' maple tree) ---------------
+
+THREE = {"rangetree": RangeTree, "xarray": XArray, "mapletree": MapleTree}
+# The per-page store holds a 1 TiB guest's 2^28 pages one by one: skipped
+# above this size unless asked for.
+XARRAY_MAX = 64 << 30
+
+
+def three_stores(guest: int, kinds: list[str]) -> dict[str, dict[str, float]]:
+    """Each store alone (no Vm) replaying boot-and-churn for a `guest`-byte
+    guest: seconds, bytes and entries before the final kexec and after it."""
+    before = boot_and_churn(guest, kexec_at_end=False)
+    whole = boot_and_churn(guest)
+    out: dict[str, dict[str, float]] = {}
+    for kind in kinds:
+        s = THREE[kind]()
+        apply_to_store(before, s)
+        mid = (s.memory_bytes(), s.entry_count())
+        s = THREE[kind]()
+        t0 = time.perf_counter()
+        apply_to_store(whole, s)
+        secs = time.perf_counter() - t0
+        out[kind] = {"seconds": secs, "mem_before_kexec": mid[0], "entries_before_kexec": mid[1],
+                     "mem_after": s.memory_bytes(), "entries_after": s.entry_count()}
+    return out
+
+
+@pytest.mark.parametrize("kind", list(THREE))
+def bench_three_stores_boot_and_churn(benchmark: Any, kind: str) -> None:
+    trace = boot_and_churn(1 << 30, kexec_at_end=True)
+
+    def go() -> Any:
+        s = THREE[kind]()
+        apply_to_store(trace, s)
+        return s
+
+    s = benchmark(go)
+    # All three agree page for page with the first.
+    ref = THREE["rangetree"]()
+    apply_to_store(trace, ref)
+    assert list(s.runs(0, 1 << 40)) == list(ref.runs(0, 1 << 40))
+
+
+def three_ratios(sizes: list[int], xarray_max: int) -> None:
+    print("== boot-and-churn, store only: RangeTree vs XArray vs MapleTree (the series') ==")
+    print(f"{'guest':>6} {'store':>9} {'seconds':>9} {'bytes@churn':>12} {'entries':>9} "
+          f"{'bytes@end':>10} {'entries':>8} {'time/RT':>8} {'mem@churn/RT':>12}")
+    for size in sizes:
+        kinds = [k for k in THREE if k != "xarray" or size <= xarray_max]
+        r = three_stores(size, kinds)
+        rt = r["rangetree"]
+        for k in kinds:
+            x = r[k]
+            print(f"{format_size(size):>6} {k:>9} {x['seconds']:9.3f} {int(x['mem_before_kexec']):>12} "
+                  f"{int(x['entries_before_kexec']):>9} {int(x['mem_after']):>10} "
+                  f"{int(x['entries_after']):>8} {x['seconds'] / rt['seconds']:8.2f} "
+                  f"{x['mem_before_kexec'] / rt['mem_before_kexec']:12.2f}")
+        if "xarray" not in kinds:
+            print(f"{format_size(size):>6}    xarray  skipped (> {format_size(xarray_max)}; --xarray-max)")
+        sys.stdout.flush()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-rust", action="store_true", help="skip the criterion/rangemap part")
+    p.add_argument("--three", metavar="SIZES", help="only the three-store boot-and-churn table, "
+                   "for these comma-separated guest sizes (e.g. 1G,16G,256G,1T)")
+    p.add_argument("--xarray-max", default=format_size(XARRAY_MAX),
+                   help="largest guest the per-page XArray is run for")
     args = p.parse_args()
+    if args.three:
+        three_ratios([parse_size(s) for s in args.three.split(",")], parse_size(args.xarray_max))
+        return
     ratios(rust=not args.no_rust)
+    three_ratios([1 << 30, 16 << 30], XARRAY_MAX)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 //! RangeTree, SimpleRangeTree (BTreeMap; dev-only, rust/simple_rangetree.rs),
-//! XArray and `rangemap::RangeMap` side by side on the same operations.
+//! XArray, `rangemap::RangeMap` and the in-place series' MapleTree model side
+//! by side on the same operations.
 //!
 //!   cargo bench --bench stores              criterion, every benchmark
 //!   cargo bench --bench stores -- ratios    one side-by-side run, ratios only
@@ -12,6 +13,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion};
+use memattr::mapletree::MapleTree;
 use memattr::rangetree::RangeTree;
 use memattr::store::AttrStore;
 use memattr::xarray::XArray;
@@ -74,6 +76,7 @@ macro_rules! store_contender {
 store_contender!(RangeTree, "RangeTree");
 store_contender!(SimpleRangeTree, "SimpleRangeTree(BTreeMap)");
 store_contender!(XArray, "XArray");
+store_contender!(MapleTree, "MapleTree(gmem in-place model)");
 
 struct RangeMapContender(RangeMap<u64, u64>);
 
@@ -152,6 +155,9 @@ fn simple() -> Box<dyn Contender> {
 fn xarray() -> Box<dyn Contender> {
     Box::new(XArray::new())
 }
+fn mapletree() -> Box<dyn Contender> {
+    Box::new(MapleTree::new())
+}
 fn rangemap() -> Box<dyn Contender> {
     Box::new(RangeMapContender(RangeMap::new()))
 }
@@ -179,7 +185,7 @@ fn interleaved<R>(
 fn ratios() {
     println!("== whole-range set of 2^24 pages (64 GiB guest made private) ==");
     let pages = 1u64 << 24;
-    let makers: [Maker; 4] = [rangetree, simple, xarray, rangemap];
+    let makers: [Maker; 5] = [rangetree, simple, xarray, rangemap, mapletree];
     let rows = interleaved(&makers, 3, |mk| {
         let mut c = mk();
         let (d, ()) = time(|| c.set(0, pages, PRIVATE));
@@ -202,7 +208,7 @@ fn ratios() {
     let runs = 1u64 << 20;
     let ops = mixed_ops(runs, 2_000_000, 0xD1CE);
     println!("== random mixed set_range/get (1:1, 2M ops) at 1M runs ==");
-    let makers: [Maker; 4] = [rangetree, simple, rangemap, xarray];
+    let makers: [Maker; 5] = [rangetree, simple, rangemap, xarray, mapletree];
     let rows = interleaved(&makers, 2, |mk| {
         let mut c = mk();
         populate(&mut *c, runs);

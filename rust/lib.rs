@@ -9,6 +9,7 @@ pub mod hugepage;
 pub mod interrupt;
 pub mod kvm;
 pub mod locks;
+pub mod mapletree;
 pub mod rangetree;
 pub mod store;
 pub mod xarray;

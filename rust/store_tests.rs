@@ -201,6 +201,7 @@ fn both() -> Vec<Box<dyn AttrStore>> {
         Box::new(RangeTree::new()),
         Box::new(SimpleRangeTree::new()),
         Box::new(XArray::new()),
+        Box::new(crate::mapletree::MapleTree::new()),
     ]
 }
 

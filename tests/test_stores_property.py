@@ -1,4 +1,5 @@
-"""Both stores against a per-page dict oracle, with hypothesis."""
+"""The stores (RangeTree, XArray, MapleTree) against a per-page dict oracle,
+with hypothesis."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from memattr import RangeTree, XArray
+from memattr import MapleTree, RangeTree, XArray
 
 U64_MAX = (1 << 64) - 1
 WINDOW = 200
@@ -46,7 +47,7 @@ def test_stores_match_dict_oracle(
     base: int, ops: list[tuple[tuple[int, int], int]], probe: tuple[int, int], value: int, mask: int
 ) -> None:
     pages: dict[int, int] = {}
-    stores = [RangeTree(), XArray()]
+    stores = [RangeTree(), XArray(), MapleTree()]
     for (a, b), v in ops:
         for s in stores:
             s.set_range(base + a, base + b, v)
@@ -65,6 +66,11 @@ def test_stores_match_dict_oracle(
     nonzero_runs = [r for r in oracle_runs(pages, base, base + WINDOW) if r[2] != 0]
     assert len(stores[0]) == len(nonzero_runs)
     assert len(stores[1]) == sum(1 for v in pages.values() if v != 0)
+    # The maple tree's slots: every range of the index space, NULL ones
+    # included (none at all when everything is NULL).
+    window_runs = oracle_runs(pages, base, base + WINDOW)
+    slots = len(window_runs) + (base > 0 and window_runs[0][2] != 0) + (window_runs[-1][2] != 0)
+    assert len(stores[2]) == (slots if nonzero_runs else 0)
 
 
 class StoresVsOracle(RuleBasedStateMachine):
@@ -74,7 +80,7 @@ class StoresVsOracle(RuleBasedStateMachine):
         super().__init__()
         self.base = BASES[0]
         self.pages: dict[int, int] = {}
-        self.stores = [RangeTree(), XArray()]
+        self.stores = [RangeTree(), XArray(), MapleTree()]
         self.based = False
 
     @precondition(lambda self: not self.based)

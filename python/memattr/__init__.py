@@ -1,10 +1,10 @@
 """memattr: a user-space model of Linux KVM per-page memory attributes."""
 
 from memattr import _native
-from memattr._native import RangeTree, XArray  # stores
+from memattr._native import MapleTree, RangeTree, XArray  # stores
 
 __all__ = ["_native"]
-__all__ += ["RangeTree", "XArray"]
+__all__ += ["MapleTree", "RangeTree", "XArray"]
 
 # The KVM model (VM workstream): uapi constants and structures, the Vm.
 from memattr import uapi as _uapi  # noqa: E402

@@ -60,6 +60,11 @@ class XArray(_Store):
     """The kernel's per-page xarray: 64-slot nodes, one entry per page,
     nodes allocated on demand and freed when empty."""
 
+class MapleTree(_Store):
+    """The kernel's maple tree as the guest_memfd in-place series uses it:
+    256-byte range64 nodes of 16 slots, equal neighbours merged, nodes
+    preallocated (and counted) before each store."""
+
 # --- hugepage ---
 # Per-memslot 2M (level 2) / 1G (level 3) hugepage tracking: the disallow
 # rules of kvm_alloc_memslot_metadata() and the KVM_LPAGE_MIXED_FLAG state
@@ -80,10 +85,10 @@ class _HugepageTracker:
     def npages(self) -> int: ...
     @property
     def userspace_addr(self) -> int: ...
-    def init_memory_attributes(self, store: RangeTree | XArray) -> None:
+    def init_memory_attributes(self, store: RangeTree | XArray | MapleTree) -> None:
         """kvm_mmu_init_memslot_memory_attributes(): the mixed flag of every
         hugepage wholly inside the slot, from the store's current values."""
-    def post_set_memory_attributes(self, store: RangeTree | XArray, start: int, end: int, attrs: int) -> None:
+    def post_set_memory_attributes(self, store: RangeTree | XArray | MapleTree, start: int, end: int, attrs: int) -> None:
         """kvm_arch_post_set_memory_attributes() for [start, end) (inside the
         slot) just set to attrs: covered hugepages cleared, straddling head
         and tail re-checked; 2M first, 1G consumes the 2M results."""
@@ -181,7 +186,7 @@ class Kvm:
     def __init__(
         self,
         vm_type: int,
-        store: RangeTree | XArray,
+        store: RangeTree | XArray | MapleTree,
         semantics: str,
         attr_memory_limit: int | None,
         guest_memfd_max_order: int,
@@ -190,7 +195,7 @@ class Kvm:
     @property
     def host(self) -> _HostTuple: ...
     @property
-    def store(self) -> RangeTree | XArray: ...
+    def store(self) -> RangeTree | XArray | MapleTree: ...
     @property
     def slots_lock(self) -> ModelLock: ...
     @property
@@ -292,3 +297,20 @@ class Kvm:
         flags: npt.NDArray[np.uint8],
         results: npt.NDArray[np.int64],
     ) -> dict[str, object] | None: ...
+
+# --- guest_memfd in-place conversion series (rust/py/gmem.rs) ---
+
+def gmem_set_memory_attributes2(
+    kvm: Kvm, fd: int, offset: int, size: int, attributes: int, flags: int, reserved: list[int]
+) -> bool: ...
+def gmem_pin(kvm: Kvm, fd: int, offset: int, npages: int) -> None: ...
+def gmem_unpin(kvm: Kvm, fd: int, offset: int, npages: int) -> None: ...
+def gmem_read(kvm: Kvm, fd: int, offset: int, length: int) -> bytes: ...
+def gmem_write(kvm: Kvm, fd: int, offset: int, data: bytes) -> None: ...
+def gmem_attribute_runs(kvm: Kvm, fd: int) -> list[tuple[int, int, int]]: ...
+def gmem_get_attributes(kvm: Kvm, fd: int, page: int) -> int: ...
+def gmem_allocated_runs(kvm: Kvm, fd: int) -> list[tuple[int, int]]: ...
+def gmem_store_usage(kvm: Kvm, fd: int) -> tuple[int, int]: ...
+def gmem_pinned_pages(kvm: Kvm, fd: int) -> list[tuple[int, int]]: ...
+def gmem_finalize_vm(kvm: Kvm) -> None: ...
+def gmem_counters(kvm: Kvm) -> dict[str, int]: ...

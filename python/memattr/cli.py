@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="one workload or trace on one store")
     r.add_argument("source", nargs="?", default="boot-and-churn", help="workload name or trace/QEMU log file")
-    r.add_argument("--store", choices=sweep.STORES, default="rangetree")
+    r.add_argument("--store", choices=sweep.RUN_STORES, default="rangetree")
     r.add_argument("--guest", type=_size, default=_size("64G"), help="guest RAM (default 64G)")
     r.add_argument("--low-limit", type=_size, default=_size("2G"), help="RAM below 4 GiB, for QEMU logs (2G)")
     r.add_argument("--qemu-log", action="store_true", help="SOURCE is a QEMU -trace kvm_convert_memory log")

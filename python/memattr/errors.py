@@ -62,18 +62,22 @@ class MemoryFault(OSError):
 
 class GuestMemfdSigbus(Exception):
     """What the kernel delivers as SIGBUS: a host access through a
-    guest_memfd mapping to a page the host may not fault in (past the end
-    of the file, or not shared: a guest_memfd created without
-    GUEST_MEMFD_FLAG_INIT_SHARED). ``fd`` and ``offset`` (bytes into the
-    file) say where. Catchable, unlike the signal."""
+    guest_memfd mapping to a page the host may not fault in: past the end
+    of the file, not shared (a 6.18 guest_memfd created without
+    GUEST_MEMFD_FLAG_INIT_SHARED), or private (the in-place conversion
+    series keeps private pages out of host page tables). ``fd`` and
+    ``offset`` (bytes into the file) say where; ``private`` is True for a
+    private page under the series. Catchable, unlike the signal."""
 
-    def __init__(self, fd: int, offset: int) -> None:
-        super().__init__(f"SIGBUS: guest_memfd {fd} offset {offset:#x} cannot be faulted in by the host")
+    def __init__(self, fd: int, offset: int, private: bool = False) -> None:
+        why = "is a private page" if private else "cannot be faulted in by the host"
+        super().__init__(f"SIGBUS: guest_memfd {fd} offset {offset:#x} {why}")
         self.fd = fd
         self.offset = offset
+        self.private = private
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.fd, self.offset))
+        return (type(self), (self.fd, self.offset, self.private))
 
 
 class SetupError(OSError):

@@ -180,6 +180,16 @@ def _dispatch(vm: Vm, request: int, int_arg: int | None, buf: Any) -> int:
 
 def vm_ioctl(vm: Vm, request: int, arg: Any = 0, mutate_flag: bool = True) -> int | bytes:
     """fcntl.ioctl(vm_fd, request, arg, mutate_flag) against the model."""
+    return fcntl_ioctl(request, arg, mutate_flag, lambda r, i, b: _dispatch(vm, r, i, b))
+
+
+# The kernel side of one ioctl: (request, int argument or None, the user
+# memory as a writable buffer or None) -> the ioctl's return value.
+_Dispatch = Callable[[int, "int | None", Any], int]
+
+
+def fcntl_ioctl(request: int, arg: Any, mutate_flag: bool, dispatch: _Dispatch) -> int | bytes:
+    """fcntl.ioctl()'s argument conventions around ``dispatch``, for any fd."""
     try:
         request = operator.index(request)
     except TypeError:
@@ -204,7 +214,7 @@ def vm_ioctl(vm: Vm, request: int, arg: Any = 0, mutate_flag: bool = True) -> in
             ) from None
         if not _INT_MIN <= int_arg <= _INT_MAX:
             raise OverflowError(f"ioctl int argument {int_arg} does not fit in a C int")
-        return _dispatch(vm, request, int_arg, None)
+        return dispatch(request, int_arg, None)
 
     with view:
         if not view.c_contiguous:
@@ -213,12 +223,15 @@ def vm_ioctl(vm: Vm, request: int, arg: Any = 0, mutate_flag: bool = True) -> in
         with flat:
             if mutate_flag and not flat.readonly:
                 # The kernel reads and writes the caller's memory directly.
-                return _dispatch(vm, request, None, flat)
+                return dispatch(request, None, flat)
             if len(flat) > IOCTL_BUFSZ:
                 raise ValueError("ioctl string arg too long")
             copy = bytearray(flat)
-    _dispatch(vm, request, None, copy)
+    # fcntl copies its buffer back before it checks the ioctl's result, so
+    # what the kernel wrote (error_offset) is in the copy even on failure;
+    # the copy only reaches the caller on success, as with fcntl.
+    dispatch(request, None, copy)
     return bytes(copy)
 
 
-__all__ = ["IOCTL_BUFSZ", "vm_ioctl"]
+__all__ = ["IOCTL_BUFSZ", "fcntl_ioctl", "vm_ioctl"]

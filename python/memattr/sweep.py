@@ -62,6 +62,9 @@ from memattr.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE, SZ_1G, SZ_2M
 from memattr.units import GiB, format_size
 
 STORES = ("rangetree", "xarray")
+# Every store a single run may use: also the in-place series' maple tree
+# (memattr.MapleTree); the sweeps and `compare` keep to STORES.
+RUN_STORES = (*STORES, "mapletree")
 
 
 PARTS = ("both", "vm", "store-only")
@@ -89,8 +92,8 @@ class Config:
             raise ValueError(f"parts must be one of {PARTS}, got {self.parts!r}")
         if self.engine not in trace_mod.ENGINES:
             raise ValueError(f"engine must be one of {trace_mod.ENGINES}, got {self.engine!r}")
-        if self.store not in STORES:
-            raise ValueError(f"store must be one of {STORES}, got {self.store!r}")
+        if self.store not in RUN_STORES:
+            raise ValueError(f"store must be one of {RUN_STORES}, got {self.store!r}")
         if not self.trace_path and self.workload not in workloads.WORKLOADS:
             raise ValueError(f"unknown workload {self.workload!r}; choose from {', '.join(workloads.WORKLOADS)}")
         if not isinstance(self.guest, int) or self.guest <= 0:
@@ -179,8 +182,8 @@ def run_trace(
     """
     from memattr.vm import Vm
 
-    if store not in STORES:
-        raise ValueError(f"store must be one of {STORES}, got {store!r}")
+    if store not in RUN_STORES:
+        raise ValueError(f"store must be one of {RUN_STORES}, got {store!r}")
     kwargs = dict(trace.meta.get("vm_kwargs", {}))
     kwargs.update(vm_kwargs or {})
     vm = Vm(trace.vm_type, store=store, **kwargs)  # type: ignore[arg-type]  # checked above
@@ -237,10 +240,11 @@ def run_store_only(trace: trace_mod.Trace | TraceStream, store: str) -> dict[str
 def run_stores_only(trace: trace_mod.Trace | TraceStream, stores: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """:func:`run_store_only` on several stores from one pass over the
     records (each chunk applied to each store in turn)."""
-    from memattr._native import RangeTree, XArray
+    from memattr._native import MapleTree, RangeTree, XArray
     from memattr.replayer import _apply_chunk
 
-    objs = {s: RangeTree() if s == "rangetree" else XArray() for s in stores}
+    kinds: dict[str, Any] = {"rangetree": RangeTree, "xarray": XArray, "mapletree": MapleTree}
+    objs = {s: kinds[s]() for s in stores}
     tally = {s: {"ranges": 0, "seconds": 0.0, "cpu_seconds": 0.0, "peak": 0} for s in stores}
     pos = 0
     for _phase, ops in as_stream(trace).chunks():

@@ -51,6 +51,7 @@ from memattr import _args, _native, driven, sched
 from memattr.gfn_range import GfnRange, clip_gfn_ranges, kvm_handle_gfn_range
 from memattr.gmem_file import GuestMemfdFile, GuestMemfdMapping
 from memattr.host import HostProfile, _host_tuple
+from memattr.gmem_inplace import GuestMemfdInplaceMixin
 from memattr.ioctl import vm_ioctl
 from memattr.locks import KvmLock, MmuInvalidation, MmuLock
 from memattr.memslots import Memslot, Memslots
@@ -60,13 +61,13 @@ from memattr.uapi import KVM_X86_DEFAULT_VM, U64_MAX
 
 _U32_MAX = (1 << 32) - 1
 
-StoreKind = Literal["rangetree", "xarray"]
-Semantics = Literal["6.18", "6.8", "v11"]
+StoreKind = Literal["rangetree", "xarray", "mapletree"]
+Semantics = Literal["6.18", "6.8", "v11", "gmem-inplace", "gmem-inplace-v5"]
 Hook = Callable[[GfnRange], Any]
 H = TypeVar("H", bound=Hook)
 
 
-class Vm:
+class Vm(GuestMemfdInplaceMixin):
     """A KVM virtual machine, as far as memory attributes are concerned.
 
     ``vm_type``: one of the KVM_X86_*_VM types (an unknown one fails like
@@ -75,8 +76,11 @@ class Vm:
     ``semantics``: ``"6.18"`` (the default: guest_memfd on every VM type,
     mmap-able guest_memfd, the capabilities since 6.8, access_ok() against
     TASK_SIZE_MAX, vfs_fallocate()'s exclusive modes), ``"6.8"`` (the first
-    kernel with this API) or ``"v11"`` (the seed's RFC, 6.8's rules
-    otherwise).
+    kernel with this API), ``"v11"`` (the seed's RFC, 6.8's rules
+    otherwise), or the guest_memfd in-place conversion series on top of
+    6.18: ``"gmem-inplace"`` (v8, June 2026) or ``"gmem-inplace-v5"`` (with
+    content modes); see memattr.gmem_inplace. ``store`` may also be
+    ``"mapletree"`` (the kernel's maple tree, as the series uses it).
     ``host``: the :class:`memattr.HostProfile` the VM runs on (default:
     ``HostProfile.default()``): which VM types exist, the capabilities,
     which ioctls are compiled out (ENOTTY), the address spaces.
@@ -102,8 +106,12 @@ class Vm:
             store_obj: Any = _native.RangeTree()
         elif store == "xarray":
             store_obj = _native.XArray()
+        elif store == "mapletree":
+            store_obj = _native.MapleTree()
         else:
-            raise ValueError(f"store must be 'rangetree' or 'xarray', got {store!r}")
+            raise ValueError(
+                f"store must be 'rangetree', 'xarray' or 'mapletree', got {store!r}"
+            )
         # KVM_CREATE_VM: the core checks every argument (an unknown type is
         # EINVAL, as the kernel's).
         self._kvm = _native.Kvm(
@@ -526,9 +534,13 @@ class Vm:
 
     # --- ioctl front end ---------------------------------------------------------
 
-    def ioctl(self, request: int, arg: Any = 0, mutate_flag: bool = True) -> int | bytes:
-        """fcntl.ioctl() on the VM fd; see memattr.ioctl."""
-        return vm_ioctl(self, request, arg, mutate_flag)
+    def ioctl(self, request: int, arg: Any = 0, mutate_flag: Any = True) -> int | bytes:
+        """fcntl.ioctl() on the VM fd; see memattr.ioctl. Called as
+        ``vm.ioctl(fd, request, buffer)`` (a buffer third), the same on one
+        of the VM's guest_memfd fds (see ``guest_memfd_ioctl``)."""
+        if not isinstance(mutate_flag, (bool, int)):
+            return self.guest_memfd_ioctl(request, arg, mutate_flag)
+        return vm_ioctl(self, request, arg, bool(mutate_flag))
 
 
 __all__ = ["Vm"]

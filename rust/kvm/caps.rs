@@ -32,7 +32,7 @@ pub fn check_extension(
     let Ok(cap) = u32::try_from(cap) else {
         return 0;
     };
-    let is_618 = semantics == Semantics::Linux618;
+    let is_618 = semantics.after_6_8();
     let private_mem = vm.is_none_or(|c| c.has_private_mem);
     match cap {
         KVM_CAP_USER_MEMORY | KVM_CAP_USER_MEMORY2 | KVM_CAP_MEMORY_FAULT_INFO => 1,
@@ -48,17 +48,22 @@ pub fn check_extension(
         KVM_CAP_MEMORY_ATTRIBUTES if host.generic_memory_attributes => {
             if semantics == Semantics::V11 {
                 1
-            } else if private_mem {
-                // kvm_supported_mem_attributes(): NULL kvm included.
-                KVM_MEMORY_ATTRIBUTE_PRIVATE
             } else {
-                0
+                // kvm_supported_mem_attributes(): NULL kvm included (with
+                // the in-place series, 0 for a VM: PRIVATE lives in
+                // guest_memfd).
+                vm.map_or(
+                    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+                    KvmConfig::supported_attributes,
+                )
             }
         }
         // 6.8 only let VMs with private memory use guest_memfd; 6.18 lets
         // every VM (mmap-able guest_memfd as the VM's memory).
         KVM_CAP_GUEST_MEMFD if host.guest_memfd => (is_618 || private_mem) as u64,
-        KVM_CAP_GUEST_MEMFD_FLAGS if host.guest_memfd && is_618 => kvm_gmem_get_supported_flags(vm),
+        KVM_CAP_GUEST_MEMFD_FLAGS if host.guest_memfd && is_618 => {
+            kvm_gmem_get_supported_flags(semantics, vm)
+        }
         KVM_CAP_VM_TYPES => host.supported_vm_types(semantics),
         KVM_CAP_PRE_FAULT_MEMORY if is_618 => host.tdp as u64,
         // APIC_BUS_CYCLE_NS_DEFAULT.
@@ -71,10 +76,14 @@ pub fn check_extension(
 /// kvm_gmem_get_supported_flags() (6.18): every guest_memfd can be
 /// mmap-able; starting shared is for VMs without private memory
 /// (x86's kvm_arch_supports_gmem_init_shared()), or any VM when asked on
-/// the system fd.
-pub fn kvm_gmem_get_supported_flags(vm: Option<&KvmConfig>) -> u64 {
+/// the system fd, or with the in-place series ("Enable INIT_SHARED on
+/// guest_memfd for x86 CoCo VMs"). 6.8 has no flags.
+pub fn kvm_gmem_get_supported_flags(semantics: Semantics, vm: Option<&KvmConfig>) -> u64 {
+    if !semantics.after_6_8() {
+        return 0;
+    }
     let mut flags = GUEST_MEMFD_FLAG_MMAP;
-    if vm.is_none_or(|c| !c.has_private_mem) {
+    if semantics.is_gmem_inplace() || vm.is_none_or(|c| !c.has_private_mem) {
         flags |= GUEST_MEMFD_FLAG_INIT_SHARED;
     }
     flags
@@ -85,6 +94,13 @@ impl Kvm {
     /// unknown capabilities (negative ones too) answer 0.
     pub fn check_extension(&self, cap: i64) -> u64 {
         let c = &self.config;
+        // The in-place conversion series' own capabilities (gmem_attributes.rs).
+        if let Some(v) = u32::try_from(cap)
+            .ok()
+            .and_then(|c| self.gmem_inplace_check_extension(c))
+        {
+            return v;
+        }
         check_extension(&c.host, c.semantics, Some(c), cap)
     }
 

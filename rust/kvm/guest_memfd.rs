@@ -169,11 +169,7 @@ impl Kvm {
                 "KVM_CREATE_GUEST_MEMFD: this host's KVM has no guest_memfd",
             );
         }
-        let valid_flags = if self.config.is_618() {
-            caps::kvm_gmem_get_supported_flags(Some(&self.config))
-        } else {
-            0
-        };
+        let valid_flags = self.kvm_gmem_get_supported_flags();
         if flags & !valid_flags != 0 {
             return fail(
                 EINVAL,
@@ -203,6 +199,7 @@ impl Kvm {
                 pages: BTreeMap::new(),
             },
         );
+        self.gmem_attr_file_create(fd, size, flags);
         Ok(fd)
     }
 
@@ -308,6 +305,7 @@ impl Kvm {
                 f.pages.remove(&p);
             }
         }
+        self.gmem_attr_truncate(fd, first, end);
     }
 
     /// kvm_gmem_fallocate() up to kvm_gmem_punch_hole()'s invalidation:
@@ -316,7 +314,7 @@ impl Kvm {
     /// (as_id, start, end), which the caller invalidates (the whole
     /// operation here, or the Python driver step by step).
     pub fn kvm_gmem_fallocate_checks(
-        &self,
+        &mut self,
         fd: u64,
         mode: u64,
         offset: i64,
@@ -365,12 +363,19 @@ impl Kvm {
                     format!("allocation past the file's size {file_size:#x}"),
                 );
             }
+            // kvm_gmem_allocate(): folios for the range (the in-place
+            // series keeps track of them).
+            self.gmem_attr_allocate(fd, offset as u64 >> PAGE_SHIFT, last as u64 >> PAGE_SHIFT);
             return Ok(None);
         }
+        let (first, end) = (offset as u64 >> PAGE_SHIFT, last as u64 >> PAGE_SHIFT);
+        // The in-place series' shared/private filter, from the attributes
+        // the hole holds before it is punched.
+        self.note_gmem_invalidate_filter(fd, first, end);
         Ok(Some(self.gmem_gfn_ranges(
             &self.gmem[&fd].bindings,
-            offset as u64 >> PAGE_SHIFT,
-            last as u64 >> PAGE_SHIFT,
+            first,
+            end,
         )))
     }
 
@@ -396,8 +401,12 @@ impl Kvm {
     /// under the same lock as every other use of the table).
     pub fn kvm_gmem_take(&mut self, fd: u64) -> Result<GmemFile, KvmError> {
         self.own_gmem(fd)?;
+        self.note_gmem_invalidate_filter(fd, 0, u64::MAX);
         let file = self.gmem.remove(&fd).expect("checked above");
         registry().owners.remove(&fd);
+        // The file's own attributes go with it (only the bindings are
+        // needed to zap).
+        self.gmem_attr_file_release(fd);
         Ok(file)
     }
 
@@ -438,7 +447,7 @@ impl Kvm {
 
     /// The gfns of file pages [start, end) in each bound slot, as
     /// (as_id, start, end).
-    fn gmem_gfn_ranges(
+    pub(super) fn gmem_gfn_ranges(
         &self,
         bindings: &BTreeMap<u64, (u64, usize, u16)>,
         start: u64,

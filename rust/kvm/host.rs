@@ -147,7 +147,9 @@ impl HostProfile {
     /// 6.8 knew only the default and SW_PROTECTED types.
     pub fn supported_vm_types(&self, semantics: Semantics) -> u64 {
         match semantics {
-            Semantics::Linux618 => self.vm_types,
+            Semantics::Linux618 | Semantics::GmemInplace | Semantics::GmemInplaceV5 => {
+                self.vm_types
+            }
             Semantics::Linux68 | Semantics::V11 => {
                 self.vm_types & ((1 << KVM_X86_DEFAULT_VM) | (1 << KVM_X86_SW_PROTECTED_VM))
             }

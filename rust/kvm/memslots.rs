@@ -245,7 +245,9 @@ fn access_ok(config: &KvmConfig, addr: u64, size: u64) -> bool {
         return false;
     };
     match config.semantics {
-        Semantics::Linux618 => end <= config.host.task_size_max(),
+        Semantics::Linux618 | Semantics::GmemInplace | Semantics::GmemInplaceV5 => {
+            end <= config.host.task_size_max()
+        }
         Semantics::Linux68 | Semantics::V11 => end < 1 << 63,
     }
 }

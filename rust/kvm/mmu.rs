@@ -46,6 +46,10 @@ impl Kvm {
     /// kvm_mem_is_private().
     #[inline]
     fn mem_is_private(&self, gfn: u64) -> bool {
+        // gmem in-place: the attribute of the guest_memfd page bound to gfn.
+        if self.config.semantics.is_gmem_inplace() {
+            return self.kvm_gmem_is_private_gfn(gfn);
+        }
         self.store_read().get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0
     }
 
@@ -352,6 +356,7 @@ impl Kvm {
         let level = self.max_level(as_id, i, gfn, private)?;
         let (_, removed) = self.roots[as_id].map(gfn, level)?;
         self.account_removed(removed);
+        self.gmem_note_faulted(as_id, gfn);
         Ok(Some(level))
     }
 
@@ -392,6 +397,11 @@ impl Kvm {
         let mut max_level = KVM_MAX_HUGEPAGE_LEVEL;
         if from_gmem {
             max_level = max_level.min(max_level_for_order(self.config.guest_memfd_max_order));
+        }
+        // gmem in-place: guest_memfd hands out PAGE_SIZE folios only in
+        // this series (huge pages come later), shared or private.
+        if self.config.semantics.is_gmem_inplace() && slot.guest_memfd.is_some() {
+            return Ok(PG_LEVEL_4K);
         }
         // Dirty logging needs 4K granularity.
         if max_level == PG_LEVEL_4K || slot.flags & KVM_MEM_LOG_DIRTY_PAGES != 0 {

@@ -27,6 +27,7 @@
 
 pub mod attributes;
 pub mod caps;
+pub mod gmem_attributes;
 pub mod guest_memfd;
 pub mod host;
 pub mod invalidate;
@@ -133,6 +134,22 @@ pub enum Semantics {
     /// KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES. Only the Python driver runs it
     /// (the ordering lives between steps).
     V11,
+    /// The guest_memfd in-place conversion series, v8 (June 2026): per-file
+    /// attributes and KVM_SET_MEMORY_ATTRIBUTES2 (gmem_attributes.rs).
+    GmemInplace,
+    /// The same series at v5 (April 2026): with content modes.
+    GmemInplaceV5,
+}
+
+impl Semantics {
+    /// A kernel after 6.8: 6.18, and the in-place series, which is built on
+    /// it.
+    pub fn after_6_8(self) -> bool {
+        matches!(
+            self,
+            Semantics::Linux618 | Semantics::GmemInplace | Semantics::GmemInplaceV5
+        )
+    }
 }
 
 /// What the VM was created with (KVM_CREATE_VM and the Vm's options).
@@ -158,7 +175,9 @@ pub struct KvmConfig {
 impl KvmConfig {
     /// kvm_supported_mem_attributes().
     pub fn supported_attributes(&self) -> u64 {
-        if self.has_private_mem {
+        // gmem in-place: kvm_supported_vm_mem_attributes() is 0, PRIVATE
+        // lives in guest_memfd (gmem_attributes.rs).
+        if self.has_private_mem && !self.semantics.is_gmem_inplace() {
             KVM_MEMORY_ATTRIBUTE_PRIVATE
         } else {
             0
@@ -178,7 +197,7 @@ impl KvmConfig {
 
     /// Is this a kernel after 6.8 (the 6.18 rules)?
     pub fn is_618(&self) -> bool {
-        self.semantics == Semantics::Linux618
+        self.semantics.after_6_8()
     }
 
     /// kvm_arch_has_readonly_mem(): not with protected state.
@@ -334,6 +353,8 @@ pub struct Kvm {
     warned: Vec<KvmWarning>,
     /// Reused by whole operations for their memslot-clipped ranges.
     scratch: Vec<GfnRange>,
+    /// Per-guest_memfd attributes (the in-place conversion series).
+    pub inplace: gmem_attributes::InplaceState,
 }
 
 impl fmt::Debug for Kvm {
@@ -422,6 +443,7 @@ impl Kvm {
             warnings: Vec::new(),
             warned: Vec::new(),
             scratch: Vec::new(),
+            inplace: Default::default(),
         })
     }
 

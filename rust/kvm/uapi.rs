@@ -91,6 +91,32 @@ pub const EFBIG: i32 = 27;
 pub const ESPIPE: i32 = 29;
 pub const EOPNOTSUPP: i32 = 95;
 
+// --- guest_memfd in-place conversion series (googleprodkernel/linux-cc,
+// guest_memfd-inplace-conversion-v8, June 2026; v5's content modes) ---
+
+/// _IOWR(KVMIO, 0xd2, struct kvm_memory_attributes2), on the guest_memfd fd.
+pub const KVM_SET_MEMORY_ATTRIBUTES2: u64 = 0xC080_AED2;
+/// sizeof(struct kvm_memory_attributes2): offset, size, attributes, flags,
+/// error_offset, reserved[11].
+pub const KVM_MEMORY_ATTRIBUTES2_SIZE: u64 = 128;
+/// v8 (and v7): the attributes KVM_SET_MEMORY_ATTRIBUTES2 takes on a
+/// guest_memfd; 0 when per-file attributes are off.
+pub const KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: u32 = 250;
+/// v5's number for the same capability (249), and v5's capability for the
+/// supported content-mode flags (250, reused by v8 for the one above).
+pub const KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES_V5: u32 = 249;
+pub const KVM_CAP_MEMORY_ATTRIBUTES2_FLAGS: u32 = 250;
+/// v5 content modes (flags of KVM_SET_MEMORY_ATTRIBUTES2); v7 and v8 take
+/// no flags.
+pub const KVM_SET_MEMORY_ATTRIBUTES2_MODE_UNSPECIFIED: u64 = 0;
+pub const KVM_SET_MEMORY_ATTRIBUTES2_ZERO: u64 = 1 << 0;
+pub const KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE: u64 = 1 << 1;
+/// enum kvm_gfn_range_filter: which mappings an invalidation zaps.
+pub const KVM_FILTER_SHARED: u64 = 1 << 0;
+pub const KVM_FILTER_PRIVATE: u64 = 1 << 1;
+
+pub const EAGAIN: i32 = 11;
+
 /// Every public constant above by name, for the binding layer.
 pub const ALL: &[(&str, u64)] = &[
     ("PAGE_SHIFT", PAGE_SHIFT as u64),
@@ -161,4 +187,33 @@ pub const ALL: &[(&str, u64)] = &[
     ("KVM_X86_TDX_VM", KVM_X86_TDX_VM),
     ("FALLOC_FL_KEEP_SIZE", FALLOC_FL_KEEP_SIZE),
     ("FALLOC_FL_PUNCH_HOLE", FALLOC_FL_PUNCH_HOLE),
+    // guest_memfd in-place conversion
+    ("KVM_SET_MEMORY_ATTRIBUTES2", KVM_SET_MEMORY_ATTRIBUTES2),
+    ("KVM_MEMORY_ATTRIBUTES2_SIZE", KVM_MEMORY_ATTRIBUTES2_SIZE),
+    (
+        "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES",
+        KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES as u64,
+    ),
+    (
+        "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES_V5",
+        KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES_V5 as u64,
+    ),
+    (
+        "KVM_CAP_MEMORY_ATTRIBUTES2_FLAGS",
+        KVM_CAP_MEMORY_ATTRIBUTES2_FLAGS as u64,
+    ),
+    (
+        "KVM_SET_MEMORY_ATTRIBUTES2_MODE_UNSPECIFIED",
+        KVM_SET_MEMORY_ATTRIBUTES2_MODE_UNSPECIFIED,
+    ),
+    (
+        "KVM_SET_MEMORY_ATTRIBUTES2_ZERO",
+        KVM_SET_MEMORY_ATTRIBUTES2_ZERO,
+    ),
+    (
+        "KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE",
+        KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE,
+    ),
+    ("KVM_FILTER_SHARED", KVM_FILTER_SHARED),
+    ("KVM_FILTER_PRIVATE", KVM_FILTER_PRIVATE),
 ];

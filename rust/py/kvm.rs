@@ -83,9 +83,12 @@ fn semantics_arg(semantics: &str) -> PyResult<Semantics> {
         "6.18" => Semantics::Linux618,
         "6.8" => Semantics::Linux68,
         "v11" => Semantics::V11,
+        "gmem-inplace" => Semantics::GmemInplace,
+        "gmem-inplace-v5" => Semantics::GmemInplaceV5,
         other => {
             return Err(PyValueError::new_err(format!(
-                "semantics must be '6.18', '6.8' or 'v11', got {other:?}"
+                "semantics must be '6.18', '6.8', 'v11', 'gmem-inplace' or 'gmem-inplace-v5', \
+                 got {other:?}"
             )))
         }
     })
@@ -141,10 +144,13 @@ fn strerror(errno: i32) -> &'static str {
         4 => "Interrupted system call",
         5 => "Input/output error",
         9 => "Bad file descriptor",
+        11 => "Resource temporarily unavailable",
         12 => "Cannot allocate memory",
         14 => "Bad address",
         17 => "File exists",
+        19 => "No such device",
         22 => "Invalid argument",
+        25 => "Inappropriate ioctl for device",
         27 => "File too large",
         95 => "Operation not supported",
         _ => "Unknown error",
@@ -287,7 +293,7 @@ fn gfn_range(r: Memslot5) -> GfnRange {
 impl PyKvm {
     /// The core's data, waiting with the GIL released if a long native
     /// operation holds it.
-    fn core(&self, py: Python<'_>) -> MutexGuard<'_, Kvm> {
+    pub(super) fn core(&self, py: Python<'_>) -> MutexGuard<'_, Kvm> {
         // Every core operation validates before it mutates, so a poisoned
         // mutex still guards a consistent VM.
         loop {
@@ -306,7 +312,7 @@ impl PyKvm {
     /// Runs `f` on the core, then reports the WARN_ON_ONCEs it raised as
     /// `memattr.locks.KvmWarning`s (after the data mutex is dropped: a
     /// warning filter may run Python code).
-    fn step<R: Send>(
+    pub(super) fn step<R: Send>(
         &self,
         py: Python<'_>,
         f: impl FnOnce(&mut Kvm) -> Result<R, KvmError> + Send,
@@ -354,7 +360,7 @@ impl PyKvm {
 
     /// Runs a whole operation under slots_lock and mmu_lock (taken in that
     /// order, as native acquisitions); None if this thread holds either.
-    fn locked_op<R: Send>(
+    pub(super) fn locked_op<R: Send>(
         &self,
         py: Python<'_>,
         detach: bool,
@@ -391,7 +397,7 @@ impl PyKvm {
     }
 }
 
-fn emit_warnings(py: Python<'_>, warnings: &[crate::kvm::KvmWarning]) -> PyResult<()> {
+pub(super) fn emit_warnings(py: Python<'_>, warnings: &[crate::kvm::KvmWarning]) -> PyResult<()> {
     if warnings.is_empty() {
         return Ok(());
     }
@@ -443,8 +449,10 @@ impl PyKvm {
         };
         let order = u64_arg(guest_memfd_max_order, "guest_memfd_max_order")?;
         let order = u32::try_from(order).unwrap_or(u32::MAX);
-        let core = Kvm::with_host(host, vm_type, semantics, shared, per_page, limit, order)
+        let mut core = Kvm::with_host(host, vm_type, semantics, shared, per_page, limit, order)
             .map_err(|e| to_pyerr(py, e))?;
+        // gmem in-place: each guest_memfd's attributes in the VM's kind of store.
+        core.inplace.store_kind = super::stores::store_kind(store);
         Ok(Self {
             core: Mutex::new(core),
             slots_lock: Arc::new(ModelLock::new("slots_lock")),
@@ -1268,7 +1276,7 @@ impl PyKvm {
 impl PyKvm {
     /// A whole operation under the VM's locks: True when it ran (its error,
     /// if any, raised), False if this thread holds a modelled lock.
-    fn whole(
+    pub(super) fn whole(
         &self,
         py: Python<'_>,
         detach: bool,

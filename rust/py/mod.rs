@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 mod args;
+mod gmem;
 mod hugepage;
 mod kvm;
 mod stores;
@@ -67,5 +68,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     stores::register(m)?;
     hugepage::register(m)?;
     kvm::register(m)?;
+    gmem::register(m)?;
     Ok(())
 }

@@ -15,6 +15,7 @@ use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError
 use pyo3::prelude::*;
 use pyo3::types::{PyIterator, PyList};
 
+use crate::mapletree;
 use crate::rangetree;
 use crate::store::{AttrStore, StoreError};
 use crate::xarray;
@@ -389,6 +390,27 @@ store_class!(
     "The kernel's per-page xarray: one entry per page in 64-slot nodes."
 );
 
+store_class!(
+    MapleTree,
+    mapletree::MapleTree,
+    "MapleTree",
+    false,
+    "The kernel's maple tree as the guest_memfd in-place series uses it: 256-byte nodes of 16 \
+     slots, equal neighbours merged."
+);
+
+/// The kind of store `obj` is (RangeTree unless it is one of the others).
+pub(crate) fn store_kind(obj: &Bound<'_, PyAny>) -> crate::kvm::gmem_attributes::StoreKind {
+    use crate::kvm::gmem_attributes::StoreKind;
+    if obj.cast::<XArray>().is_ok() {
+        StoreKind::XArray
+    } else if obj.cast::<MapleTree>().is_ok() {
+        StoreKind::MapleTree
+    } else {
+        StoreKind::RangeTree
+    }
+}
+
 /// Read access to the store inside a `RangeTree` or `XArray` object, for
 /// other bindings (the MMU's hugepage tracking).
 pub(crate) fn with_store<R>(
@@ -400,6 +422,10 @@ pub(crate) fn with_store<R>(
         return Ok(f(&*guard));
     }
     if let Ok(x) = obj.cast::<XArray>() {
+        let guard = read(&x.get().inner);
+        return Ok(f(&*guard));
+    }
+    if let Ok(x) = obj.cast::<MapleTree>() {
         let guard = read(&x.get().inner);
         return Ok(f(&*guard));
     }
@@ -418,6 +444,9 @@ pub(crate) fn shared_store(obj: &Bound<'_, PyAny>) -> PyResult<(crate::kvm::Shar
     if let Ok(x) = obj.cast::<XArray>() {
         return Ok((x.get().inner.clone(), true));
     }
+    if let Ok(x) = obj.cast::<MapleTree>() {
+        return Ok((x.get().inner.clone(), false));
+    }
     Err(PyTypeError::new_err(format!(
         "store must be a RangeTree or an XArray, not {}",
         obj.get_type().name()?
@@ -427,5 +456,6 @@ pub(crate) fn shared_store(obj: &Bound<'_, PyAny>) -> PyResult<(crate::kvm::Shar
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RangeTree>()?;
     m.add_class::<XArray>()?;
+    m.add_class::<MapleTree>()?;
     Ok(())
 }
