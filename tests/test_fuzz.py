@@ -258,6 +258,10 @@ def test_fuzz_replay_one_record(kind, gpa, size, attributes, arg, flags, aux):
         vm = Vm(tr.vm_type, store="rangetree", **tr.meta["vm_kwargs"])
         res = t.replay(tr, vm, engine=engine, keep_results=True)
         results.append(int(res.results[-1]))
+    if kind == t.OP_CREATE_GUEST_MEMFD and min(results) >= 0:
+        # A new fd: numbers come from the process-wide fd table, so two
+        # VMs get different ones (found by the long run).
+        return
     assert results[0] == results[1]
     del rows
 
