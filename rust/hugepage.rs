@@ -71,6 +71,10 @@ impl fmt::Display for HugepageError {
                 f,
                 "gfn range [{start:#x}, {end:#x}) is empty or not inside the memslot"
             ),
+            HugepageError::Store(StoreError::OutOfMemory {
+                needed,
+                limit: None,
+            }) => write!(f, "out of memory: cannot allocate {needed} bytes of tracking state"),
             HugepageError::Store(e) => write!(f, "attribute store: {e}"),
         }
     }

@@ -284,37 +284,9 @@ impl XArray {
         }
     }
 
-    /// Present entries (reserved ones included) of `[start, end)` as runs
-    /// `(start, end, entry)`, for undoing a store that is stopped part way.
-    /// Fails, before anything changes, if the list cannot be allocated.
-    fn snapshot(&self, start: u64, end: u64) -> Result<Vec<(u64, u64, Option<u64>)>, StoreError> {
-        let mut runs: Vec<(u64, u64, Option<u64>)> = Vec::new();
-        let mut failed = false;
-        self.walk(start, end, &mut |index, entry| {
-            if let Some(r) = runs.last_mut() {
-                if r.1 == index && r.2 == entry {
-                    r.1 = index + 1;
-                    return true;
-                }
-            }
-            if runs.try_reserve(1).is_err() {
-                failed = true;
-                return false;
-            }
-            runs.push((index, index + 1, entry));
-            true
-        });
-        if failed {
-            return Err(StoreError::OutOfMemory {
-                needed: runs.len().saturating_mul(2 * 24),
-                limit: None,
-            });
-        }
-        Ok(runs)
-    }
-
-    /// Puts `[start, stop)` back as `snapshot` had it (every index there
-    /// holds a value now, so this allocates no node).
+    /// Puts `[start, stop)` back as `snapshot` (runs of the entries that
+    /// were present, reserved ones as None) had it; every index there holds
+    /// a value now, so this allocates no node.
     fn restore(&mut self, start: u64, stop: u64, snapshot: &[(u64, u64, Option<u64>)]) {
         let mut runs = snapshot.iter().peekable();
         for index in start..stop {
@@ -322,10 +294,9 @@ impl XArray {
                 runs.next();
             }
             match runs.peek() {
-                Some(&&(a, _, entry)) if a <= index => match entry {
-                    Some(v) => self.store_entry(index, Entry::Value(v)),
-                    None => self.store_entry(index, Entry::Zero),
-                },
+                Some(&&(a, _, entry)) if a <= index => {
+                    self.store_entry(index, entry.map_or(Entry::Zero, Entry::Value));
+                }
                 _ => {
                     self.erase_entry(index);
                 }
@@ -454,17 +425,18 @@ impl XArray {
     }
 
     /// `xas_store()` of a non-NULL entry: expand, create the path, store.
-    fn store_entry(&mut self, index: u64, entry: Entry) {
+    /// Returns what the slot held (None: NULL).
+    fn store_entry(&mut self, index: u64, entry: Entry) -> Option<Entry> {
         let mut shift = self.expand(index);
         if shift == 0 {
             // Index 0 with no node above it: the entry lives in the head.
-            let old = self.head;
-            self.account(old_head_entry(old), Some(entry));
+            let old = old_head_entry(self.head);
+            self.account(old, Some(entry));
             self.head = match entry {
                 Entry::Value(v) => Head::Value(v),
                 Entry::Zero => Head::Zero,
             };
-            return;
+            return old;
         }
         // Descend, allocating missing nodes (`xas_create`).
         let mut id = match self.head {
@@ -502,7 +474,7 @@ impl XArray {
                     }
                 }
                 self.account(old, Some(entry));
-                return;
+                return old;
             }
             let bit = 1u64 << off;
             if self.nodes[id as usize].present & bit != 0 {
@@ -807,24 +779,41 @@ impl AttrStore for XArray {
             return Ok(());
         }
         self.prepare_nodes(start, end, None)?;
-        // A long store can be interrupted; what it stored is then put back.
-        let snapshot = if end - start >= crate::interrupt::CHECK_EVERY && crate::interrupt::armed()
-        {
-            Some(self.snapshot(start, end)?)
-        } else {
-            None
-        };
+        // A long store can be interrupted: it then puts back what it
+        // overwrote, which it notes as it goes (runs of the old present
+        // entries) only when it can be interrupted at all.
+        let armed = end - start >= crate::interrupt::CHECK_EVERY && crate::interrupt::armed();
+        let mut undo: Vec<(u64, u64, Option<u64>)> = Vec::new();
         for index in start..end {
-            if (index - start) % crate::interrupt::CHECK_EVERY == 0
-                && index != start
-                && crate::interrupt::pending()
-            {
-                if let Some(snap) = &snapshot {
-                    self.restore(start, index, snap);
+            if armed {
+                if (index - start) % crate::interrupt::CHECK_EVERY == 0
+                    && index != start
+                    && crate::interrupt::pending()
+                {
+                    self.restore(start, index, &undo);
                     return Err(StoreError::Interrupted);
                 }
+                if undo.len() == undo.capacity() && undo.try_reserve(undo.len().max(64)).is_err() {
+                    self.restore(start, index, &undo);
+                    return Err(StoreError::OutOfMemory {
+                        needed: undo.len().saturating_mul(2 * 24),
+                        limit: None,
+                    });
+                }
             }
-            self.store_entry(index, Entry::Value(value));
+            let old = self.store_entry(index, Entry::Value(value));
+            if armed {
+                if let Some(old) = old {
+                    let e = match old {
+                        Entry::Value(v) => Some(v),
+                        Entry::Zero => None,
+                    };
+                    match undo.last_mut() {
+                        Some(r) if r.1 == index && r.2 == e => r.1 = index + 1,
+                        _ => undo.push((index, index + 1, e)),
+                    }
+                }
+            }
         }
         Ok(())
     }

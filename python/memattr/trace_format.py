@@ -300,11 +300,8 @@ def check_phases(phases: Any, n: int, where: str) -> None:
             )
         if end < start:
             raise TraceFormatError(f"{where} phases[{i}] ({name!r}) ends at {end}, before its start {start}")
-        if end > n:
-            raise TraceFormatError(
-                f"{where} phases[{i}] ({name!r}) ends at record {end}, past the {n} records"
-            )
         pos = end
+    # Also catches a phase past the records: ends never go back.
     if phases and pos != n:
         raise TraceFormatError(f"{where} phases end at record {pos}, but the trace has {n} records")
 
