@@ -517,3 +517,15 @@ def test_import_qemu_reports_skipped_lines(tmp_path, capsys):
     assert "skipped 1 lines without" in out and "1 malformed event lines" in out and "line 3" in out
     code = cli.main(["import-qemu", str(log), "-o", str(tmp_path / "q.trace"), "--guest", "4G", "--strict"])
     assert code == 2 and "line 3: malformed" in capsys.readouterr().out
+
+
+def test_recorder_passes_reads_of_later_apis_and_refuses_their_changes():
+    """The host profile and the in-place series' inspection pass through a
+    Recorder; the series' state changes (no trace operation holds them) are
+    refused, not silently unrecorded."""
+    rec = _rec()
+    assert rec.host == rec.vm.host
+    assert rec.inplace_stats == rec.vm.inplace_stats
+    for name in ("guest_memfd_pin", "guest_memfd_set_memory_attributes", "guest_memfd_write", "finalize_vm"):
+        with pytest.raises(t.UnrecordableCall, match=name):
+            getattr(rec, name)
