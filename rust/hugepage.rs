@@ -196,6 +196,14 @@ impl IntervalSet {
         self.len += (end - start) - present;
     }
 
+    /// Adds one key the caller knows is absent (one tree update, no count).
+    pub fn insert_absent(&mut self, key: u64) {
+        debug_assert!(!self.contains(key));
+        // A valid range: the tree cannot refuse it.
+        let _ = self.tree.set_range(key, key + 1, 1);
+        self.len += 1;
+    }
+
     /// Removes `[start, end)`; returns how many keys were removed.
     pub fn remove(&mut self, start: u64, end: u64) -> u64 {
         if start >= end || self.len == 0 {
@@ -982,7 +990,8 @@ impl Stage2Map {
             removed[(l - 1) as usize] =
                 self.leaves[(l - 1) as usize].remove(first >> s, (last >> s) + 1);
         }
-        self.leaves[(level - 1) as usize].insert(frame, frame + 1);
+        // Checked absent above: no count needed.
+        self.leaves[(level - 1) as usize].insert_absent(frame);
         Ok((true, removed))
     }
 
