@@ -13,9 +13,10 @@ input at a time, each under a 20 s alarm. Counted per target:
   parses into other operations, two stores or two engines disagreeing, a
   store differing from a per-page dict, state changed by a failing call);
 - tracebacks: an exception outside the documented ones;
-- accepted: mutated binary traces that parse (the binary form carries no
-  checksum, so a flipped byte inside a record is a different valid trace:
-  reported, not counted as wrong).
+- accepted: inputs a target reports as accepted without counting them as
+  wrong (none since binary format v2: a mutated binary trace that loads as
+  a different valid trace, through the whole-file or the streaming reader,
+  is counted as wrong, since v2's CRC-32s must refuse it).
 
 Prints one line per target and a JSON summary.
 """
@@ -61,8 +62,11 @@ def _setup() -> dict[str, Any]:
 
 
 def t_binary(rng: random.Random, env: dict[str, Any]) -> str | None:
+    import tempfile
+
     import numpy as np
 
+    from memattr import stream
     from memattr import trace as t
     from memattr.trace_binary import parse_binary
 
@@ -71,12 +75,34 @@ def t_binary(rng: random.Random, env: dict[str, Any]) -> str | None:
         data[rng.randrange(len(data))] = rng.randrange(256)
     if rng.random() < 0.3:
         data = data[: rng.randrange(len(data) + 1)]
+    good = env["good"]
+
+    def differs(tr: t.Trace) -> bool:
+        strip = lambda m: {k: v for k, v in m.items() if k != "phases"}  # noqa: E731
+        return not (np.array_equal(tr.ops, good.ops) and strip(tr.meta) == strip(good.meta))
+
+    wrong = []
+    # The whole-file reader.
     try:
         tr = parse_binary(bytes(data))
+        tr.validate()
+        if differs(tr):
+            wrong.append("whole")
     except t.TraceFormatError:
-        return None
-    tr.validate()
-    return None if np.array_equal(tr.ops, env["good"].ops) and tr.meta == env["good"].meta else "accepted"
+        pass
+    # The streaming reader, every record read (one pass).
+    with tempfile.NamedTemporaryFile(suffix=".trace") as f:
+        f.write(bytes(data))
+        f.flush()
+        try:
+            st = stream.open_trace(f.name)
+            chunks = [ops for _, ops in st.chunks()]
+            tr = t.Trace(np.concatenate(chunks) if chunks else t.empty_ops(), st.meta)
+            if differs(tr):
+                wrong.append("streaming")
+        except t.TraceFormatError:
+            pass
+    return f"wrong:mutated binary trace loads as a different valid trace ({', '.join(wrong)})" if wrong else None
 
 
 def t_text(rng: random.Random, env: dict[str, Any]) -> str | None:
@@ -146,11 +172,13 @@ def t_meta(rng: random.Random, env: dict[str, Any]) -> str | None:
         blob = json.dumps(meta).encode()
     except (ValueError, TypeError):
         return None
-    import struct
+    import zlib
 
-    pad = (-len(blob)) % 8
-    data = struct.pack("<8sHHIQ", b"MEMATTRT", 1, t.OP_DTYPE.itemsize, len(blob) + pad, good.ops.size)
-    data += blob + b" " * pad + good.ops.tobytes()
+    from memattr.trace_binary import pack_header
+
+    blob += b" " * ((-len(blob)) % 8)
+    records = good.ops.tobytes()
+    data = pack_header(blob, good.ops.size, zlib.crc32(records)) + blob + records
     try:
         tr = parse_binary(data)
     except t.TraceFormatError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,16 +13,42 @@ import numpy as np
 
 from memattr import trace as t
 from memattr import workloads as w
+from memattr.trace_binary import pack_header
 
 
 def good_trace() -> t.Trace:
     return w.make("boot-and-churn", "1G")
 
 
-def _binary_with_meta(tr: t.Trace, meta_bytes: bytes) -> bytes:
+def _binary_with_meta(tr: t.Trace, meta_bytes: bytes, version: int = 2) -> bytes:
+    """A binary trace with these metadata bytes, its checksums right (v2),
+    so the reader's other checks are what must refuse it."""
     pad = (-len(meta_bytes)) % 8
-    head = struct.pack("<8sHHIQ", b"MEMATTRT", 1, t.OP_DTYPE.itemsize, len(meta_bytes) + pad, tr.ops.size)
-    return head + meta_bytes + b" " * pad + tr.ops.tobytes()
+    meta_bytes += b" " * pad
+    records = tr.ops.tobytes()
+    if version == 1:
+        head = struct.pack("<8sHHIQ", b"MEMATTRT", 1, t.OP_DTYPE.itemsize, len(meta_bytes), tr.ops.size)
+    else:
+        head = pack_header(meta_bytes, tr.ops.size, zlib.crc32(records))
+    return head + meta_bytes + records
+
+
+def flip(data: bytes, pos: int, bit: int = 1) -> bytes:
+    b = bytearray(data)
+    b[pos] ^= bit
+    return bytes(b)
+
+
+def record_byte(tr: t.Trace, i: int = 5) -> int:
+    """Offset, in the records, of a byte of record ``i``'s gpa whose flip
+    (bit 0 of byte 3: 16 MiB) leaves a valid, different record."""
+    return i * t.OP_DTYPE.itemsize + 3
+
+
+def meta_byte(data: bytes) -> int:
+    """Offset of a byte of the metadata whose change keeps it valid JSON
+    (a letter of the trace's name)."""
+    return data.index(b'"name":"') + len(b'"name":"')
 
 
 def _with_meta(tr: t.Trace, **changes: object) -> bytes:
@@ -50,6 +77,11 @@ def bad_files(tmp: Path) -> dict[str, Path]:
         "short-header": data[:10],
         "truncated-records": data[:-7],
         "extra-bytes": data + b"\0" * 48,
+        # v2's checksums: damage the other checks cannot see.
+        "record-byte-flipped": flip(data, len(data) - n * t.OP_DTYPE.itemsize + record_byte(tr)),
+        "meta-byte-flipped": flip(data, meta_byte(data)),
+        "records-crc-damaged": flip(data, 24),
+        "truncated-one-record": data[: -t.OP_DTYPE.itemsize],
         "meta-not-json": _binary_with_meta(tr, b"{not json"),
         "meta-not-object": _binary_with_meta(tr, b"[1, 2]"),
         "meta-deeply-nested": _binary_with_meta(tr, b"[" * 100_000 + b"]" * 100_000),

@@ -62,7 +62,7 @@ def test_every_bad_file_fails_in_one_line(files, cmd, capsys, tmp_path):
 def test_bad_files_through_the_real_command_print_no_traceback(files, tmp_path):
     """The same through ``python -m memattr`` for a few classes: nothing
     on stderr but the one line, exit 2."""
-    for name in ("phases-to-2**62", "meta-deeply-nested", "text-arrow-only", "vm-kwargs-v11"):
+    for name in ("phases-to-2**62", "meta-deeply-nested", "text-arrow-only", "vm-kwargs-v11", "record-byte-flipped"):
         r = subprocess.run(
             [sys.executable, "-m", "memattr", "run", str(files[name]), "--no-progress"],
             capture_output=True,

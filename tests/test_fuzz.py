@@ -72,6 +72,9 @@ def test_fuzz_parse_binary(edits, cut):
     except t.TraceFormatError:
         return
     tr.validate()  # what parses is valid
+    # ... and, since v2's checksums, is the trace that was written: a
+    # mutation that loads as a different valid trace is a failure.
+    assert np.array_equal(tr.ops, _GOOD.ops) and tr.meta == _GOOD.meta
 
 
 @fuzz

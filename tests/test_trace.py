@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -65,12 +66,12 @@ def test_binary_is_compact_and_documented_layout(tmp_path):
     path = tmp_path / "x.trace"
     t.write_binary(tr, path)
     data = path.read_bytes()
-    magic, version, rec, meta_len, count = struct.unpack_from("<8sHHIQ", data)
-    assert (magic, version, rec, count) == (b"MEMATTRT", 1, 40, len(tr))
-    assert meta_len % 8 == 0 and len(data) == 24 + meta_len + 40 * len(tr)
-    json.loads(data[24 : 24 + meta_len])
+    magic, version, rec, meta_len, count, _, _ = struct.unpack_from("<8sHHIQII", data)
+    assert (magic, version, rec, count) == (b"MEMATTRT", 2, 40, len(tr))
+    assert meta_len % 8 == 0 and len(data) == 32 + meta_len + 40 * len(tr)
+    json.loads(data[32 : 32 + meta_len])
     # first record: create_guest_memfd, kind at byte 36 of the record
-    rec0 = data[24 + meta_len : 24 + meta_len + 40]
+    rec0 = data[32 + meta_len : 32 + meta_len + 40]
     assert rec0[36] == t.OP_CREATE_GUEST_MEMFD
 
 
@@ -110,7 +111,17 @@ def binary_bytes(tr: t.Trace) -> bytearray:
 
 
 def body_offset(data: bytes) -> int:
-    return 24 + struct.unpack_from("<I", data, 12)[0]
+    return 32 + struct.unpack_from("<I", data, 12)[0]  # v2: header of 32 bytes
+
+
+def reseal(data: bytearray) -> bytes:
+    """``data`` (a v2 binary trace, damaged on purpose) with its two CRCs
+    recomputed, so the reader's other checks are the ones tested."""
+    from memattr.trace_binary import pack_header
+
+    count = struct.unpack_from("<Q", data, 16)[0]
+    body = body_offset(data)
+    return pack_header(bytes(data[32:body]), count, zlib.crc32(data[body:])) + bytes(data[32:])
 
 
 def test_bad_binary_magic(tmp_path):
@@ -145,9 +156,11 @@ def test_bad_binary_header_fields():
 
 def test_bad_binary_metadata():
     data = binary_bytes(small_trace())
-    data[24] = ord("!")
-    with pytest.raises(t.TraceFormatError, match="byte offset 24: bad metadata JSON"):
+    data[32] = ord("!")
+    with pytest.raises(t.TraceFormatError, match="byte offset 28: header checksum mismatch"):
         t.parse_binary(bytes(data))
+    with pytest.raises(t.TraceFormatError, match="byte offset 32: bad metadata JSON"):
+        t.parse_binary(reseal(data))
     tr = small_trace()
     tr.meta["regions"] = [[1, 2]]
     buf = io.BytesIO()
@@ -175,8 +188,10 @@ def test_bad_binary_record_names_record_and_offset(field_offset, value, match):
     body = body_offset(data)
     i = 10  # a set or fault record past the setup
     data[body + i * 40 + field_offset] = value
-    with pytest.raises(t.TraceFormatError, match=rf"record {i} at byte offset {body + i * 40}: {match}"):
+    with pytest.raises(t.TraceFormatError, match="records checksum mismatch"):
         t.parse_binary(bytes(data))
+    with pytest.raises(t.TraceFormatError, match=rf"record {i} at byte offset {body + i * 40}: {match}"):
+        t.parse_binary(reseal(data))
 
 
 def test_bad_fault_record():

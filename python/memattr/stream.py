@@ -25,16 +25,15 @@ slices each further into ``chunk``-sized parts.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from memattr.trace_binary import _HEADER, MAGIC, VERSION
+from memattr.trace_binary import MAGIC, pack_header, padded_meta, read_header
 from memattr.trace_format import (
     OP_DTYPE,
     Trace,
@@ -135,41 +134,13 @@ def as_stream(trace: Trace | TraceStream) -> TraceStream:
 # binary files, chunk by chunk
 
 
-def _read_header(f: Any, name: str) -> tuple[dict[str, Any], int, int]:
-    """(metadata, record count, byte offset of the records)."""
-    head = f.read(_HEADER.size)
-    if len(head) < _HEADER.size:
-        raise TraceFormatError(f"{name}: byte offset 0: file too short for a trace header")
-    magic, version, rec_size, meta_len, count = _HEADER.unpack(head)
-    if magic != MAGIC:
-        raise TraceFormatError(f"{name}: byte offset 0: bad magic {magic!r} (want {MAGIC!r})")
-    if version != VERSION:
-        raise TraceFormatError(f"{name}: byte offset 8: unsupported version {version}")
-    if rec_size != OP_DTYPE.itemsize:
-        raise TraceFormatError(f"{name}: byte offset 10: record size {rec_size}, want {OP_DTYPE.itemsize}")
-    raw = f.read(meta_len)
-    if meta_len % 8 or len(raw) != meta_len:
-        raise TraceFormatError(f"{name}: byte offset 12: bad metadata length {meta_len}")
-    try:
-        meta = json.loads(raw.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TraceFormatError(f"{name}: byte offset {_HEADER.size}: bad metadata JSON: {e}") from None
-    meta = check_meta(meta, f"{name}: byte offset {_HEADER.size}")
-    body = _HEADER.size + meta_len
-    size = os.fstat(f.fileno()).st_size
-    want = count * OP_DTYPE.itemsize
-    if size - body != want:
-        raise TraceFormatError(
-            f"{name}: byte offset {body}: header says {count} records ({want} bytes), "
-            f"file has {size - body} bytes of records"
-        )
-    return meta, count, body
-
-
 def open_trace(path: str | os.PathLike[str]) -> TraceStream:
     """A trace file as a stream: a binary trace is read ``GENERATE_CHUNK``
-    records at a time (its header is checked now, each chunk as it is
-    read); any other file is read whole (:func:`memattr.trace.read`)."""
+    records at a time (its header and metadata are checked now, each chunk
+    as it is read, and the records' CRC-32 (v2) at the end of every pass:
+    a damaged file raises TraceFormatError before the pass ends, so nothing
+    that consumes the stream to its end reports numbers from it); any other
+    file is read whole (:func:`memattr.trace.read`)."""
     from memattr.trace_io import read
 
     name = display_name(path)
@@ -177,20 +148,34 @@ def open_trace(path: str | os.PathLike[str]) -> TraceStream:
         if not f.read(len(MAGIC)).startswith(MAGIC):
             return TraceStream.from_trace(read(path))
         f.seek(0)
-        meta, count, body = _read_header(f, name)
-    # The same rule as a trace read whole: the phases tile the records.
+        h = read_header(f, name, os.fstat(f.fileno()).st_size)
+    meta, count, body = h.meta, h.count, h.body
+    # The same rule as a trace read whole: the phases tile the records, so
+    # reading the phases in order reads every record once, in order, which
+    # is what the running CRC needs.
     check_phases(meta.get("phases", []), count, name)
     phases = [(str(n), int(a), int(b)) for n, a, b in meta.get("phases", [])] or [("all", 0, count)]
     meta = {k: v for k, v in meta.items() if k != "phases"}
 
     def source() -> Iterator[tuple[str, np.ndarray]]:
+        crc = 0
         with open(path, "rb") as f:
+            f.seek(body)
             for phase, a, b in phases:
                 for lo in range(a, b, GENERATE_CHUNK):
                     n = min(b, lo + GENERATE_CHUNK) - lo
-                    f.seek(body + lo * OP_DTYPE.itemsize)
                     data = f.read(n * OP_DTYPE.itemsize)
+                    if len(data) != n * OP_DTYPE.itemsize:
+                        raise TraceFormatError(
+                            f"{name}: record {lo + len(data) // OP_DTYPE.itemsize} at byte offset "
+                            f"{body + lo * OP_DTYPE.itemsize + len(data)}: the file ends early "
+                            "(changed since it was opened?)"
+                        )
+                    crc = zlib.crc32(data, crc)
                     yield phase, np.frombuffer(data, dtype=OP_DTYPE, count=n).copy()
+            if f.read(1):
+                raise TraceFormatError(f"{name}: byte offset {f.tell() - 1}: bytes after the last record")
+        h.check_records_crc(crc, name)
 
     return TraceStream(meta, source, sum(b - a for _, a, b in phases))
 
@@ -201,31 +186,34 @@ _META_RESERVE = 1 << 16
 
 
 def write(stream: TraceStream | Trace, path: str | os.PathLike[str]) -> int:
-    """Writes a binary trace chunk by chunk; returns the record count. The
-    header (count, phases) is rewritten once the stream has ended."""
+    """Writes a binary trace (v2) chunk by chunk; returns the record count.
+    The header (count, phases, the records' CRC-32 summed chunk by chunk,
+    the header's CRC-32) is rewritten once the stream has ended."""
     stream = as_stream(stream)
     meta = dict(stream.meta)
-    first = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
-    room = len(first) + _META_RESERVE
+    room = len(padded_meta(meta)) + _META_RESERVE
     room += (-room) % 8
     phases: list[list[Any]] = []
     count = 0
+    crc = 0
     with open(path, "wb") as f:
-        f.write(b"\0" * (_HEADER.size + room))
+        f.write(b"\0" * (len(pack_header(b"", 0, 0)) + room))
         for phase, ops in stream.chunks():
             if phases and phases[-1][0] == phase:
                 phases[-1][2] += ops.size
             else:
                 phases.append([phase, count, count + ops.size])
-            f.write(np.ascontiguousarray(ops).tobytes())
+            data = np.ascontiguousarray(ops).tobytes()
+            crc = zlib.crc32(data, crc)
+            f.write(data)
             count += ops.size
         meta["phases"] = phases
-        text = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+        text = padded_meta(meta, room)
         if len(text) > room:
             raise ValueError(f"{display_name(path)}: {len(phases)} phases do not fit the header's reserve")
         f.seek(0)
-        f.write(struct.pack("<8sHHIQ", MAGIC, VERSION, OP_DTYPE.itemsize, room, count))
-        f.write(text + b" " * (room - len(text)))
+        f.write(pack_header(text, count, crc))
+        f.write(text)
     return count
 
 
