@@ -397,6 +397,29 @@ impl PyKvm {
     }
 }
 
+/// struct kvm_userspace_memory_region2 from the binding's arguments (the
+/// one integer rule per field, errors naming it).
+#[allow(clippy::too_many_arguments)]
+fn region_arg(
+    slot: &Bound<'_, PyAny>,
+    flags: &Bound<'_, PyAny>,
+    guest_phys_addr: &Bound<'_, PyAny>,
+    memory_size: &Bound<'_, PyAny>,
+    userspace_addr: &Bound<'_, PyAny>,
+    guest_memfd: &Bound<'_, PyAny>,
+    guest_memfd_offset: &Bound<'_, PyAny>,
+) -> PyResult<UserspaceMemoryRegion> {
+    Ok(UserspaceMemoryRegion {
+        slot: u32_arg(slot, "slot")?,
+        flags: u32_arg(flags, "flags")?,
+        guest_phys_addr: u64_arg(guest_phys_addr, "guest_phys_addr")?,
+        memory_size: u64_arg(memory_size, "memory_size")?,
+        userspace_addr: u64_arg(userspace_addr, "userspace_addr")?,
+        guest_memfd: u32_arg(guest_memfd, "guest_memfd")?,
+        guest_memfd_offset: u64_arg(guest_memfd_offset, "guest_memfd_offset")?,
+    })
+}
+
 pub(super) fn emit_warnings(py: Python<'_>, warnings: &[crate::kvm::KvmWarning]) -> PyResult<()> {
     if warnings.is_empty() {
         return Ok(());
@@ -652,15 +675,15 @@ impl PyKvm {
         guest_memfd_offset: &Bound<'_, PyAny>,
         v1: bool,
     ) -> PyResult<bool> {
-        let mem = UserspaceMemoryRegion {
-            slot: u32_arg(slot, "slot")?,
-            flags: u32_arg(flags, "flags")?,
-            guest_phys_addr: u64_arg(guest_phys_addr, "guest_phys_addr")?,
-            memory_size: u64_arg(memory_size, "memory_size")?,
-            userspace_addr: u64_arg(userspace_addr, "userspace_addr")?,
-            guest_memfd: u32_arg(guest_memfd, "guest_memfd")?,
-            guest_memfd_offset: u64_arg(guest_memfd_offset, "guest_memfd_offset")?,
-        };
+        let mem = region_arg(
+            slot,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+            guest_memfd,
+            guest_memfd_offset,
+        )?;
         self.whole(py, false, move |k| k.kvm_set_memory_region(&mem, v1))
     }
 
@@ -765,15 +788,15 @@ impl PyKvm {
         guest_memfd_offset: &Bound<'_, PyAny>,
         v1: bool,
     ) -> PyResult<()> {
-        let mem = UserspaceMemoryRegion {
-            slot: u32_arg(slot, "slot")?,
-            flags: u32_arg(flags, "flags")?,
-            guest_phys_addr: u64_arg(guest_phys_addr, "guest_phys_addr")?,
-            memory_size: u64_arg(memory_size, "memory_size")?,
-            userspace_addr: u64_arg(userspace_addr, "userspace_addr")?,
-            guest_memfd: u32_arg(guest_memfd, "guest_memfd")?,
-            guest_memfd_offset: u64_arg(guest_memfd_offset, "guest_memfd_offset")?,
-        };
+        let mem = region_arg(
+            slot,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+            guest_memfd,
+            guest_memfd_offset,
+        )?;
         self.step(py, move |k| k.kvm_set_memory_region(&mem, v1))
     }
 
