@@ -357,12 +357,9 @@ def run_config(config: Config) -> dict[str, Any]:
     :func:`memattr.report.compare_rows` joins the parts of one size."""
     trace = make_trace(config)
     if config.api == "inplace":
-        out = run_inplace(trace, config.store, vm_kwargs=dict(config.vm_kwargs))
-        out["part"] = config.parts
-        out["guest"] = config.guest
-        out["seed"] = config.seed
-        out["config"] = dataclasses.asdict(config)
-        return out
+        ip = run_inplace(trace, config.store, vm_kwargs=dict(config.vm_kwargs))
+        ip.update(part=config.parts, guest=config.guest, seed=config.seed, config=dataclasses.asdict(config))
+        return ip
     if config.parts == "store-only":
         out: dict[str, Any] = {"workload": trace.name, "store": config.store}
     else:
