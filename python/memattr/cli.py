@@ -205,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare on a trace file (one size: the trace's guest) instead of a workload",
     )
     c.add_argument("--sizes", type=_sizes, default=_sizes(DEFAULT_SIZES), help=f"guest sizes (default {DEFAULT_SIZES})")
+    c.add_argument(
+        "--api",
+        choices=("vm", "both"),
+        default="vm",
+        help="vm: the per-VM API on rangetree and xarray (default); both: also the same conversions in place "
+        "(KVM_SET_MEMORY_ATTRIBUTES2 on each guest_memfd, per-file maple tree; the per-VM runs punch the "
+        "guest_memfd hole after each conversion to shared, as QEMU does, the in-place run does not)",
+    )
     c.add_argument("--xarray-max", type=_size, default=None, help="largest guest for xarray (default: auto)")
     c.add_argument(
         "--time-budget",
@@ -396,8 +404,22 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     xa_limit, xa_why = _xarray_plan(args, console)
     trace_path = os.path.abspath(args.trace) if args.trace else ""
 
+    inplace = args.api == "both"
+    if inplace and not args.trace:
+        # Per VM, QEMU discards the shared copy's guest_memfd page after a
+        # conversion to shared (the private and shared pages are distinct);
+        # in place the same page serves both, so no hole is punched.
+        params = tuple(sorted({**dict(params), "discard": True}.items()))
+    ip_params = tuple((k, v) for k, v in params if k != "discard")
+
     def cfg(size: int, store: str, parts: str = "both") -> sweep.Config:
         return sweep.Config(args.workload, size, store, args.seed, params, vmk, args.engine, parts, trace_path)
+
+    def ip_cfg(size: int) -> sweep.Config:
+        return sweep.Config(
+            args.workload, size, "mapletree", args.seed, ip_params if not args.trace else params, vmk,
+            "python", "vm", trace_path, api="inplace",
+        )
 
     def per_page(size: int) -> list[sweep.Config]:
         # xarray's Vm replay and store-only replay are the long
@@ -405,6 +427,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         return [cfg(size, "xarray", "vm"), cfg(size, "xarray", "store-only")]
 
     rt_configs = [cfg(s, "rangetree") for s in sorted(sizes, reverse=True)]  # longest first
+    if inplace:
+        rt_configs = [c for s in sorted(sizes, reverse=True) for c in (ip_cfg(s), cfg(s, "rangetree"))]
     xa_sizes = [s for s in sizes if s <= xa_limit]
     skipped: dict[int, str] = {s: xa_why for s in sizes if s > xa_limit}
     first = per_page(xa_sizes[0]) if xa_sizes else []
@@ -415,7 +439,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         # xarray runs one size at a time, smallest first; the
         # next size goes only if its predicted time (this run's time scaled
         # by size, the store's cost being per page) fits the budget.
-        if c.store != "xarray" or c.parts == "store-only":
+        if c.store != "xarray" or c.parts == "store-only" or c.api != "vm":
             return []
         later = [s for s in xa_sizes if s > c.guest]
         if not later:
@@ -437,7 +461,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
 
     console.print(
         f"[bold]memattr compare[/]: {name} on guests of "
-        f"{', '.join(format_size(s) for s in sizes)}; rangetree at every size, "
+        f"{', '.join(format_size(s) for s in sizes)}; rangetree{' and in place (mapletree)' if inplace else ''} at every size, "
         f"xarray up to {format_size(xa_limit) if xa_limit else 'none'}; "
         f"{args.jobs} parallel job(s)"
     )
@@ -466,21 +490,25 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     rows = report.compare_rows(res.results)
     engines = sorted({r["engine"] for r in res.results if "engine" in r})
     title = (
-        f"{name}: rangetree vs xarray (seed {args.seed}, "
+        f"{name}: {'per-VM xarray vs in place (per-file maple) vs rangetree' if inplace else 'rangetree vs xarray'} (seed {args.seed}, "
         f"{'/'.join(engines) or args.engine} engine, {args.jobs} jobs, {wall:.0f} s wall)"
     )
     console.print(report.compare_table(rows, title))
     for s in sorted(skipped):
         console.print(f"xarray skipped at {format_size(s)}: {skipped[s]}")
+    if inplace:
+        for line in report.vmm_changes(rows):
+            console.print(line, highlight=False, soft_wrap=True)
     for f in failures:
         console.print(f"[red]failed[/]: {escape(f)}", highlight=False, soft_wrap=True)
     unexpected = []
     for r in res.results:
-        label = f"{r['workload']} {format_size(r['guest'])} {r['store']}"
+        label = f"{r['workload']} {format_size(r['guest'])} {r['store']}{' in place' if r.get('api') == 'inplace' else ''}"
         if "replay" in r and report_errors(console, label, r["replay"], expected_too=False):
-            unexpected.append(f"{r['workload']} {format_size(r['guest'])} {r['store']}")
+            unexpected.append(label)
     payload = {
         "command": "compare",
+        "api": args.api,
         "executor": describe(args),
         "workload": name,
         "trace": trace_path or None,

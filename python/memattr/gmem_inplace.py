@@ -201,6 +201,12 @@ class InPlaceVmm:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.vm, name)
 
+    @property
+    def store(self) -> GuestMemfdAttributes:
+        """The attributes in place, read through the memslots (what the
+        replayer samples for memory, and what attribute_bytes() counts)."""
+        return GuestMemfdAttributes(self.vm)
+
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         start, end = address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT
         covered = 0
@@ -217,4 +223,55 @@ class InPlaceVmm:
         self.unbacked_pages += max(0, end - start - covered)
 
 
-__all__ = ["GuestMemfdInplaceMixin", "InPlaceVmm", "retry_set_memory_attributes"]
+class GuestMemfdAttributes:
+    """A read-only view of a Vm's per-file attributes in guest physical
+    terms: ``memory_bytes()`` / ``entry_count()`` add up every guest_memfd
+    file's store, ``get(gfn)`` and ``count_pages(start, end, mask, value)``
+    read the file page each gfn's memslot binds (0, shared, where no
+    guest_memfd backs the gfn). It reads the core's state, decides nothing."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+
+    def memory_bytes(self) -> int:
+        return sum(self.vm.guest_memfd_store_usage(f[0])[0] for f in self.vm.guest_memfds())
+
+    def entry_count(self) -> int:
+        return sum(self.vm.guest_memfd_store_usage(f[0])[1] for f in self.vm.guest_memfds())
+
+    def get(self, gfn: int) -> int:
+        slot = self.vm.memslots.find(0, gfn)
+        if slot is None or slot.gmem is None:
+            return 0
+        off = slot.guest_memfd_offset + ((gfn - slot.base_gfn) << PAGE_SHIFT)
+        return self.vm.guest_memfd_get_attributes(slot.gmem, off)
+
+    def count_pages(self, start: int, end: int, mask: int, value: int) -> int:
+        """gfns in [start, end) whose attributes & mask == value."""
+        runs_of: dict[int, list[tuple[int, int, int]]] = {}
+        n = 0
+        backed = 0
+        for slot in self.vm.memslots.in_range(0, start, end):
+            if slot.gmem is None:
+                continue
+            s, e = max(start, slot.base_gfn), min(end, slot.end_gfn)
+            first = (slot.guest_memfd_offset >> PAGE_SHIFT) + (s - slot.base_gfn)
+            last = first + (e - s)
+            if slot.gmem not in runs_of:
+                runs_of[slot.gmem] = self.vm.guest_memfd_attributes(slot.gmem)
+            covered = 0
+            for rs, re_, attrs in runs_of[slot.gmem]:
+                lo, hi = max(rs, first), min(re_, last)
+                if lo < hi:
+                    covered += hi - lo
+                    if attrs & mask == value:
+                        n += hi - lo
+            if value == 0:  # pages of the file no run lists hold 0
+                n += (last - first) - covered
+            backed += e - s
+        if value == 0:
+            n += (end - start) - backed
+        return n
+
+
+__all__ = ["GuestMemfdAttributes", "GuestMemfdInplaceMixin", "InPlaceVmm", "retry_set_memory_attributes"]

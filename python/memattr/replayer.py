@@ -23,6 +23,7 @@ from memattr.trace_format import (
     OP_CREATE_GUEST_MEMFD,
     OP_FAULT,
     OP_GUEST_MEMFD_CLOSE,
+    OP_GUEST_MEMFD_SET_MEMORY_ATTRIBUTES2,
     OP_GUEST_MEMFD_FALLOCATE,
     OP_NAMES,
     OP_SET_MEMORY_ATTRIBUTES,
@@ -322,6 +323,13 @@ class _Replayer:
         if kind == OP_GUEST_MEMFD_FALLOCATE:
             try:
                 vm.guest_memfd_fallocate(self.fd_map.get(attributes, attributes), arg, s64(gpa), s64(size))
+                return 0
+            except OSError as e:
+                return self.fail(e)
+        if kind == OP_GUEST_MEMFD_SET_MEMORY_ATTRIBUTES2:
+            self.res.sets += 1
+            try:
+                vm.guest_memfd_set_memory_attributes(self.fd_map.get(attributes, attributes), gpa, size, arg, aux)
                 return 0
             except OSError as e:
                 return self.fail(e)

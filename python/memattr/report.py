@@ -15,7 +15,14 @@ from memattr.units import GiB, format_size
 # they are shown; this caption says once what they are.
 STORES = ("rangetree", "xarray")
 STORES_CAPTION = "rangetree = runs of equal attributes in a B+ tree; xarray = the kernel's per-page store (its model)"
-STORE_COLOR = {"rangetree": "#1f77b4", "xarray": "#d62728"}
+STORE_COLOR = {"rangetree": "#1f77b4", "xarray": "#d62728", "inplace": "#2ca02c"}
+# `compare --api both`: the third column, the in-place series' per-file
+# maple tree driven through KVM_SET_MEMORY_ATTRIBUTES2.
+INPLACE = "inplace"
+INPLACE_CAPTION = (
+    "; inplace = the guest_memfd in-place series (KVM_SET_MEMORY_ATTRIBUTES2 per file, "
+    "maple tree store, upstream's choice), memory summed over the files"
+)
 
 
 def human_bytes(n: float) -> str:
@@ -106,7 +113,8 @@ def _by_size(results: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Any
     replay and the store-only replay, run separately) joined into one."""
     out: dict[int, dict[str, dict[str, Any]]] = {}
     for r in results:
-        entry = out.setdefault(int(r["guest"]), {}).setdefault(r["store"], {})
+        key = INPLACE if r.get("api") == "inplace" else r["store"]
+        entry = out.setdefault(int(r["guest"]), {}).setdefault(key, {})
         if r.get("part") == "store-only":
             entry["store_only"] = r["store_only"]
         else:
@@ -122,8 +130,10 @@ def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # Vm columns.
         rt, xa = ((r if r and "seconds" in r else None) for r in (runs.get("rangetree"), runs.get("xarray")))
         row: dict[str, Any] = {"guest": guest, "operations": (rt or xa or {}).get("operations", 0)}
-        for name, r in (("rangetree", rt), ("xarray", xa)):
+        ip = runs.get(INPLACE) if runs.get(INPLACE, {}).get("seconds") is not None else None
+        for name, r in (("rangetree", rt), ("xarray", xa), (INPLACE, ip)):
             if r:
+                st = r.get("stats", {})
                 row[name] = {
                     "seconds": r["seconds"],
                     "cpu_seconds": r["cpu_seconds"],
@@ -131,7 +141,16 @@ def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "memory_bytes": r["memory_bytes"],
                     "peak_memory_bytes": r["peak_memory_bytes"],
                     "memory_per_gib": r["memory_bytes"] / (guest / GiB),
+                    # what the kernel does for it: pages zapped from the
+                    # MMU, TLB flushes, guest_memfd holes the VMM punched
+                    "zapped_pages": int(sum(st.get("zapped_pages", {}).values())),
+                    "tlb_flushes": int(st.get("tlb_flushes", 0)),
+                    "holes_punched": int(st.get("gmem_holes_punched", 0)),
+                    "engine": r.get("engine", "python"),
                 }
+                if name == INPLACE:
+                    row[name]["store"] = r["store"]
+                    row[name]["gmem_calls"] = int(r.get("gmem_calls", 0))
         if rt and xa and rt["seconds"] > 0:
             row["throughput_ratio"] = xa["seconds"] / rt["seconds"]
             if rt["cpu_seconds"] > 0:
@@ -147,6 +166,8 @@ def compare_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def compare_table(rows: list[dict[str, Any]], title: str) -> Table:
+    if any(INPLACE in r for r in rows):
+        return _three_way_table(rows, title)
     t = Table(title=title, title_justify="left", caption=STORES_CAPTION, caption_justify="left")
     t.add_column("guest", justify="right", style="bold")
     t.add_column("ops", justify="right")
@@ -172,6 +193,66 @@ def compare_table(rows: list[dict[str, Any]], title: str) -> Table:
         cells.append(f"{row['memory_ratio']:,.0f}x" if "memory_ratio" in row else "-")
         t.add_row(*cells)
     return t
+
+
+def _three_way_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """`compare --api both`: one line per guest size and contender."""
+    t = Table(title=title, title_justify="left", caption=STORES_CAPTION + INPLACE_CAPTION, caption_justify="left")
+    for name, right in (
+        ("guest", True), ("API / store", False), ("time", True), ("ops/s", True), ("attr memory", True),
+        ("peak", True), ("zapped pages", True), ("TLB flushes", True), ("holes punched", True),
+    ):
+        t.add_column(name, justify="right" if right else "left")
+    labels = {
+        "xarray": "per-VM xarray",
+        "rangetree": "per-VM rangetree",
+        INPLACE: "in place, per-file maple",
+    }
+    for row in rows:
+        first = True
+        for key in ("xarray", INPLACE, "rangetree"):
+            r = row.get(key)
+            label = labels[key]
+            if key == INPLACE and r and r.get("store") != "mapletree":
+                label = f"in place, per-file {r.get('store')}"
+            size = format_size(row["guest"]) if first else ""
+            first = False
+            if not r:
+                t.add_row(size, label, "skipped" if key == "xarray" else "-", *["-"] * 6)
+                continue
+            t.add_row(
+                size, f"{label} ({r['engine']})", f"{r['seconds']:.2f} s", human_rate(r["ops_per_second"]),
+                human_bytes(r["memory_bytes"]), human_bytes(r["peak_memory_bytes"]),
+                f"{r['zapped_pages']:,}", f"{r['tlb_flushes']:,}", f"{r['holes_punched']:,}",
+            )
+        t.add_section()
+    return t
+
+
+def vmm_changes(rows: list[dict[str, Any]]) -> list[str]:
+    """What moving to the in-place API changes for a VMM, from the
+    measured rows of `compare --api both`."""
+    out = [
+        "[bold]What changes for a VMM in place[/]: it converts with KVM_SET_MEMORY_ATTRIBUTES2 on the "
+        "guest_memfd fd (file offsets, one call per memslot piece) instead of KVM_SET_MEMORY_ATTRIBUTES "
+        "on the VM fd; the same pages serve shared and private (mmap the guest_memfd, host access to a "
+        "private page is SIGBUS), so there is no separate shared memory and no discard: no hole "
+        "punched after a conversion to shared; a page in use (pinned) makes the call fail with EAGAIN "
+        "and error_offset, to retry after dropping the reference."
+    ]
+    for row in rows:
+        ip, per_vm = row.get(INPLACE), row.get("xarray") or row.get("rangetree")
+        if not ip or not per_vm:
+            continue
+        ref = "xarray" if "xarray" in row else "rangetree"
+        out.append(
+            f"  {format_size(row['guest'])}: holes punched {per_vm['holes_punched']:,} per VM -> "
+            f"{ip['holes_punched']:,} in place; attribute memory {human_bytes(per_vm['memory_bytes'])} ({ref}) -> "
+            f"{human_bytes(ip['memory_bytes'])}; zapped pages {per_vm['zapped_pages']:,} -> {ip['zapped_pages']:,}; "
+            f"TLB flushes {per_vm['tlb_flushes']:,} -> {ip['tlb_flushes']:,}; "
+            f"{ip.get('gmem_calls', 0):,} guest_memfd calls"
+        )
+    return out
 
 
 def write_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
@@ -207,9 +288,9 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], title: str) -
 
     fig, (ax_t, ax_s, ax_m) = plt.subplots(1, 3, figsize=(16, 5.2), constrained_layout=True)
     sizes = [r["guest"] for r in rows]
-    for store in STORES:
+    for store in (*STORES, INPLACE):
         color = STORE_COLOR[store]
-        label = store
+        label = "in place (per-file maple)" if store == INPLACE else store
         pts = [(r["guest"], r[store]) for r in rows if store in r]
         if not pts:
             continue
@@ -263,8 +344,8 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], title: str) -
     ax_s.set_ylabel("ranges per second (higher is better)")
     ax_s.set_title("the data structure alone (batch replay, no Vm)")
     ax_m.set_ylabel("store memory (lower is better)")
-    lo = min([1.0] + [max(1, r[s]["memory_bytes"]) for r in rows for s in STORES if s in r])
-    hi = max([1024.0] + [r[s]["peak_memory_bytes"] for r in rows for s in STORES if s in r])
+    lo = min([1.0] + [max(1, r[s]["memory_bytes"]) for r in rows for s in (*STORES, INPLACE) if s in r])
+    hi = max([1024.0] + [r[s]["peak_memory_bytes"] for r in rows for s in (*STORES, INPLACE) if s in r])
     ticks = [32.0**k for k in range(0, 9) if lo / 32 <= 32.0**k <= hi * 32]
     ax_m.yaxis.set_major_locator(FixedLocator(ticks))
     ax_m.yaxis.set_major_formatter(FuncFormatter(_bytes_tick))

@@ -68,6 +68,14 @@ RUN_STORES = (*STORES, "mapletree")
 
 
 PARTS = ("both", "vm", "store-only")
+# Which API a run drives: "vm" (KVM_SET_MEMORY_ATTRIBUTES on the VM, the
+# per-VM store of 6.8/6.18) or "inplace" (the same conversions issued as
+# KVM_SET_MEMORY_ATTRIBUTES2 on each guest_memfd by
+# memattr.gmem_inplace.InPlaceVmm, attributes kept per file).
+APIS = ("vm", "inplace")
+# The in-place series' semantics `compare --api both` runs (upstream's newest
+# revision followed; see README).
+INPLACE_SEMANTICS = "gmem-inplace"
 
 
 @dataclass(frozen=True)
@@ -86,8 +94,13 @@ class Config:
     # "vm" or "store-only" (so the two can run in parallel).
     parts: str = "both"
     trace_path: str = ""  # a trace file to run instead of the workload
+    api: str = "vm"  # one of APIS
 
     def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise ValueError(f"api must be one of {APIS}, got {self.api!r}")
+        if self.api == "inplace" and self.parts != "vm":
+            raise ValueError("an in-place run has only its Vm part (parts='vm'): the store-only replay is the per-VM one")
         if self.parts not in PARTS:
             raise ValueError(f"parts must be one of {PARTS}, got {self.parts!r}")
         if self.engine not in trace_mod.ENGINES:
@@ -101,7 +114,8 @@ class Config:
 
     def label(self) -> str:
         part = "" if self.parts == "both" else f" ({self.parts})"
-        return f"{self.workload} {format_size(self.guest)} {self.store}{part}"
+        api = " in place" if self.api == "inplace" else ""
+        return f"{self.workload} {format_size(self.guest)} {self.store}{api}{part}"
 
 
 def make_trace(config: Config) -> TraceStream:
@@ -229,6 +243,72 @@ def run_trace(
     return out
 
 
+def run_inplace(
+    trace: trace_mod.Trace | TraceStream,
+    store: str = "mapletree",
+    *,
+    vm_kwargs: dict[str, Any] | None = None,
+    semantics: str = INPLACE_SEMANTICS,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`run_trace` through the in-place API: a fresh ``Vm(...,
+    semantics=semantics)`` driven by :class:`memattr.gmem_inplace.InPlaceVmm`
+    (each per-VM conversion of the trace issued as KVM_SET_MEMORY_ATTRIBUTES2
+    on the guest_memfd behind it; per call, the Python engine). The memory
+    reported is the attributes' memory: every guest_memfd file's store,
+    sampled as run_trace samples the per-VM one. Same keys as run_trace,
+    plus ``"api": "inplace"``, ``"semantics"``, ``"gmem_calls"`` and
+    ``"unbacked_pages"`` (conversions no guest_memfd backs: nothing to set
+    in place)."""
+    from memattr.gmem_inplace import InPlaceVmm
+    from memattr.vm import Vm
+
+    if store not in RUN_STORES:
+        raise ValueError(f"store must be one of {RUN_STORES}, got {store!r}")
+    kwargs = dict(trace.meta.get("vm_kwargs", {}))
+    kwargs.update(vm_kwargs or {})
+    kwargs["semantics"] = semantics
+    vm = Vm(trace.vm_type, store=store, **kwargs)  # type: ignore[arg-type]  # checked above
+    target = InPlaceVmm(vm)
+    res = trace_mod.replay(trace, target, progress=progress, engine="python")
+    files = target.store
+    ranges = _ram_ranges(trace)
+    return {
+        "workload": trace.name,
+        "store": store,
+        "api": "inplace",
+        "semantics": semantics,
+        "engine": res.engine,
+        "guest": trace_guest_size(trace),
+        "operations": res.ops,
+        "seconds": res.seconds,
+        "cpu_seconds": res.cpu_seconds,
+        "generate_seconds": res.source_seconds,
+        "ops_per_second": res.ops / res.seconds if res.seconds > 0 else float("inf"),
+        "memory_bytes": int(files.memory_bytes()),
+        "peak_memory_bytes": max(res.peak_memory, int(files.memory_bytes())),
+        "entry_count": int(files.entry_count()),
+        "phase_seconds": res.phase_seconds,
+        "phase_memory_bytes": res.phase_memory,
+        "replay": {
+            "sets": res.sets,
+            "faults": res.faults,
+            "fault_exits": res.fault_exits,
+            "implicit_conversions": res.implicit_conversions,
+            "errors": res.errors,
+            "expected_errors": res.expected_errors,
+            "unexpected_errors": res.unexpected_errors,
+        },
+        "stats": vm.stats.as_dict(),
+        "inplace_stats": vm.inplace_stats,
+        "gmem_calls": target.gmem_calls,
+        "unbacked_pages": target.unbacked_pages,
+        **attribute_bytes(files, ranges),
+        "hugepages": hugepage_coverage(vm.stats.mapped),
+        "max_rss_bytes": max_rss_bytes(),
+    }
+
+
 def run_store_only(trace: trace_mod.Trace | TraceStream, store: str) -> dict[str, Any]:
     """The data structure alone: the trace's attribute changes applied to a
     fresh bare store through its batch entry point (no Vm, no MMU, no
@@ -276,6 +356,10 @@ def run_config(config: Config) -> dict[str, Any]:
     of them (``config.parts``; the result's ``"part"`` says which).
     :func:`memattr.report.compare_rows` joins the parts of one size."""
     trace = make_trace(config)
+    if config.api == "inplace":
+        ip = run_inplace(trace, config.store, vm_kwargs=dict(config.vm_kwargs))
+        ip.update(part=config.parts, guest=config.guest, seed=config.seed, config=dataclasses.asdict(config))
+        return ip
     if config.parts == "store-only":
         out: dict[str, Any] = {"workload": trace.name, "store": config.store}
     else:

@@ -40,6 +40,14 @@ Operations (``kind``):
 ``OP_GUEST_MEMFD_CLOSE`` (5)
     ``vm.guest_memfd_close(fd=attributes)``; gpa, size and arg 0; result 0
     or ``-errno``.
+``OP_GUEST_MEMFD_SET_MEMORY_ATTRIBUTES2`` (6)
+    KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd (the in-place conversion
+    series): ``vm.guest_memfd_set_memory_attributes(fd=attributes,
+    offset=gpa, size, attributes=arg, flags=aux)``: the fd where
+    ``OP_GUEST_MEMFD_FALLOCATE`` keeps it (32 bits, through the same fd
+    map), the attributes in ``arg``, the series' flags (content modes) in
+    the 16-bit ``aux``; result 0 or ``-errno``. The native batch stops at
+    it: it runs per call.
 
 ``result`` is :data:`RESULT_NONE` where nothing was recorded (generated
 workloads).
@@ -72,6 +80,7 @@ OP_CREATE_GUEST_MEMFD = 2
 OP_SET_USER_MEMORY_REGION = 3
 OP_GUEST_MEMFD_FALLOCATE = 4
 OP_GUEST_MEMFD_CLOSE = 5
+OP_GUEST_MEMFD_SET_MEMORY_ATTRIBUTES2 = 6
 OP_NAMES: dict[int, str] = {
     OP_SET_MEMORY_ATTRIBUTES: "set_memory_attributes",
     OP_FAULT: "fault",
@@ -79,6 +88,7 @@ OP_NAMES: dict[int, str] = {
     OP_SET_USER_MEMORY_REGION: "set_user_memory_region",
     OP_GUEST_MEMFD_FALLOCATE: "guest_memfd_fallocate",
     OP_GUEST_MEMFD_CLOSE: "guest_memfd_close",
+    OP_GUEST_MEMFD_SET_MEMORY_ATTRIBUTES2: "guest_memfd_set_memory_attributes2",
 }
 
 FLAG_PRIVATE = 1 << 0
@@ -260,7 +270,7 @@ def validate_records(ops: np.ndarray, meta: dict[str, Any], where: Callable[[int
     bad = (kind == OP_GUEST_MEMFD_CLOSE) & ((ops["gpa"] != 0) | (ops["size"] != 0) | (ops["arg"] != 0))
     if bad.any():
         fail(bad, "guest_memfd_close operations must have gpa, size and arg 0")
-    is_fd = (kind == OP_GUEST_MEMFD_FALLOCATE) | (kind == OP_GUEST_MEMFD_CLOSE)
+    is_fd = (kind == OP_GUEST_MEMFD_FALLOCATE) | (kind == OP_GUEST_MEMFD_CLOSE) | (kind == OP_GUEST_MEMFD_SET_MEMORY_ATTRIBUTES2)
     bad = is_fd & (ops["attributes"] > np.uint64(U32_MAX))
     if bad.any():
         fail(bad, "a guest_memfd fd must fit in 32 bits")
@@ -273,9 +283,9 @@ def validate_records(ops: np.ndarray, meta: dict[str, Any], where: Callable[[int
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         fail(bad, f"regions index {int(ops['aux'][i])} out of range ({nregions} regions)")
-    bad = ~is_region & (ops["aux"] != 0)
+    bad = ~is_region & (kind != OP_GUEST_MEMFD_SET_MEMORY_ATTRIBUTES2) & (ops["aux"] != 0)
     if bad.any():
-        fail(bad, "aux is only defined for set_user_memory_region operations")
+        fail(bad, "aux is only defined for set_user_memory_region and guest_memfd_set_memory_attributes2 operations")
     # The memslot flags field is a __u32 in kvm_userspace_memory_region2.
     bad = is_region & (ops["attributes"] > np.uint64(U32_MAX))
     if bad.any():
@@ -304,6 +314,11 @@ def check_phases(phases: Any, n: int, where: str) -> None:
     # Also catches a phase past the records: ends never go back.
     if phases and pos != n:
         raise TraceFormatError(f"{where} phases end at record {pos}, but the trace has {n} records")
+
+
+# Vm(semantics=...): memattr.vm.Semantics (a trace of the in-place API
+# names the series' revision it was recorded on).
+_SEMANTICS = ("6.18", "6.8", "v11", "gmem-inplace", "gmem-inplace-v5")
 
 
 def check_meta(meta: Any, where: str) -> dict[str, Any]:
@@ -377,7 +392,10 @@ def _is_int(x: Any) -> bool:
 # own checks stay the rule, these only keep a bad file from reaching it as
 # a TypeError in the middle of a run.
 _VM_KWARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "semantics": (lambda v: v in ("6.8", "v11"), "'6.8' or 'v11'"),
+    "semantics": (
+        lambda v: v in _SEMANTICS,
+        " or ".join(repr(x) for x in ("6.18", "6.8", "v11", "gmem-inplace", "gmem-inplace-v5")),
+    ),
     "attr_memory_limit": (lambda v: v is None or (_is_int(v) and 0 <= v <= U64_MAX), "null or an integer in [0, 2**64)"),
     "guest_memfd_max_order": (lambda v: _is_int(v) and 0 <= v <= 63, "an integer in [0, 63]"),
     "lockdep": (lambda v: isinstance(v, bool), "true or false"),

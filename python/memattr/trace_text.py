@@ -48,6 +48,7 @@ from memattr.trace_format import (
     OP_FAULT,
     OP_GUEST_MEMFD_CLOSE,
     OP_GUEST_MEMFD_FALLOCATE,
+    OP_GUEST_MEMFD_SET_MEMORY_ATTRIBUTES2,
     OP_SET_MEMORY_ATTRIBUTES,
     OP_SET_USER_MEMORY_REGION,
     RESULT_NONE,
@@ -123,6 +124,11 @@ def _op_lines(trace: Trace) -> Iterator[str]:
             )
         elif kind == OP_GUEST_MEMFD_CLOSE:
             line = f"guest_memfd_close fd={attributes}"
+        elif kind == OP_GUEST_MEMFD_SET_MEMORY_ATTRIBUTES2:
+            line = (
+                f"guest_memfd_set_memory_attributes2 fd={attributes} offset={gpa:#x} size={size:#x} "
+                f"attributes={arg:#x} flags={aux:#x}"
+            )
         else:
             slot, uaddr, gmem = regions[aux]
             line = (
@@ -150,6 +156,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "set_user_memory_region": ("slot", "gpa", "size", "uaddr", "flags", "guest_memfd", "offset"),
     "guest_memfd_fallocate": ("fd", "mode", "offset", "len"),
     "guest_memfd_close": ("fd",),
+    "guest_memfd_set_memory_attributes2": ("fd", "offset", "size", "attributes", "flags"),
 }
 _OPTIONAL = {"flags"}
 
@@ -294,6 +301,10 @@ def _parse_op_line(line: str, regions: list[list[int]]) -> tuple[int, int, int, 
         offset = _parse_int(args["offset"], S64_MIN, S64_MAX, "offset") & U64_MAX
         length = _parse_int(args["len"], S64_MIN, S64_MAX, "len") & U64_MAX
         return (OP_GUEST_MEMFD_FALLOCATE, offset, length, fd, mode, result, 0, 0)
+    if op == "guest_memfd_set_memory_attributes2":
+        fd = _parse_int(args["fd"], 0, U32_MAX, "fd")
+        flags = _parse_int(args.get("flags", "0"), 0, 0xFFFF, "flags")
+        return (OP_GUEST_MEMFD_SET_MEMORY_ATTRIBUTES2, u64("offset"), u64("size"), fd, u64("attributes"), result, 0, flags)
     if op == "guest_memfd_close":
         return (OP_GUEST_MEMFD_CLOSE, 0, 0, _parse_int(args["fd"], 0, U32_MAX, "fd"), 0, result, 0, 0)
     if len(regions) > 0xFFFF:
