@@ -387,7 +387,8 @@ fn split_invalidation_halves_lose_an_update_when_interleaved() {
     k.kvm_mmu_invalidate_end_write(set_read).unwrap();
     assert_eq!((k.inval.in_progress, k.inval.seq), (0, 1));
     assert!(k.take_warnings().is_empty());
-    k.kvm_mmu_unmap_gfn_range(0, 0, 8).unwrap();
+    k.kvm_mmu_unmap_gfn_range(0, 0, 8, KVM_FILTER_SHARED | KVM_FILTER_PRIVATE)
+        .unwrap();
     assert_eq!(
         k.take_warnings(),
         vec![KvmWarning::RangeAddOutsideInvalidation]
@@ -688,10 +689,10 @@ fn impossible_sets_and_double_close_agree_on_both_stores() {
         assert!(!k.set_memory_attributes(0, 1 << 63, 0, 0).unwrap());
         assert_eq!(k.store().entry_count(), 0);
         let fd = k.kvm_gmem_create(1 << 21, 0).unwrap();
-        let file = k.kvm_gmem_take(fd).unwrap();
+        let (file, filter) = k.kvm_gmem_take(fd).unwrap();
         assert_eq!(errno(k.kvm_gmem_take(fd)), EBADF);
         assert_eq!(errno(k.kvm_gmem_release(fd)), EBADF);
-        k.kvm_gmem_release_file(file).unwrap();
+        k.kvm_gmem_release_file(file, filter).unwrap();
         assert_eq!(k.counters.gmem_closed, 1);
     }
 }
