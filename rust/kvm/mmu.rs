@@ -85,8 +85,13 @@ impl Kvm {
     }
 
     /// kvm_unmap_gfn_range() for a kvm_gfn_range whose attr_filter names
-    /// the kinds of leaves to zap (the TDP MMU skips the roots of the other
-    /// kind): only guest_memfd's invalidation narrows it (6.18).
+    /// the kinds of leaves to zap: only guest_memfd's invalidation narrows
+    /// it (6.18). kvm_tdp_mmu_unmap_gfn_range() turns the filter into root
+    /// types (kvm_gfn_range_filter_to_root_types): a VM without a mirror
+    /// root (every type but TDX) has its private and shared leaves in the
+    /// one direct root, which is walked whatever the filter; a TDX VM walks
+    /// the mirror root (private leaves) for KVM_FILTER_PRIVATE and the
+    /// direct root (shared leaves) for KVM_FILTER_SHARED.
     pub fn kvm_unmap_gfn_range_filtered(
         &mut self,
         as_id: usize,
@@ -94,8 +99,18 @@ impl Kvm {
         end: u64,
         attr_filter: u64,
     ) -> Result<bool, KvmError> {
+        let attr_filter = if self.kvm_has_mirrored_tdp() {
+            attr_filter
+        } else {
+            KVM_FILTER_SHARED | KVM_FILTER_PRIVATE
+        };
         let removed = self.roots[as_id].zap_filtered(start, end, attr_filter)?;
         Ok(self.account_removed(removed))
+    }
+
+    /// kvm_has_mirrored_tdp(): private leaves live in a root of their own.
+    pub fn kvm_has_mirrored_tdp(&self) -> bool {
+        self.config.vm_type == KVM_X86_TDX_VM
     }
 
     /// kvm_mmu_unmap_gfn_range(), an invalidation's handler (mmu_lock held,
