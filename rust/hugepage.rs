@@ -944,6 +944,11 @@ pub struct Stage2Map {
     /// invalidation filtered to one kind (kvm_gfn_range.attr_filter, 6.18)
     /// zaps only those.
     private: [IntervalSet; 3],
+    /// Whether `private` is left out: only a VM with a mirror root (TDX)
+    /// can tell the kinds apart when zapping; any other VM's one direct
+    /// root holds both, and skipping the bookkeeping keeps its faults and
+    /// zaps as cheap as before.
+    untracked_kinds: bool,
 }
 
 use crate::kvm::uapi::{KVM_FILTER_PRIVATE, KVM_FILTER_SHARED};
@@ -954,6 +959,16 @@ pub type LevelCounts = [u64; 3];
 impl Stage2Map {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A root that does not record which kind of fault installed each leaf
+    /// (every leaf counts as shared; [`Self::zap_filtered`] then only
+    /// makes sense with both kinds).
+    pub fn without_kinds() -> Self {
+        Self {
+            untracked_kinds: true,
+            ..Self::default()
+        }
     }
 
     /// The level of the leaf mapping `gfn`, if any.
@@ -978,6 +993,7 @@ impl Stage2Map {
         if gfn >= GFN_LIMIT {
             return Err(HugepageError::GfnBeyondGpaSpace { gfn });
         }
+        let private = private && !self.untracked_kinds;
         let shift = hpage_gfn_shift(level);
         let frame = gfn >> shift;
         let idx = (level - 1) as usize;

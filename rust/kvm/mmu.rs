@@ -526,7 +526,8 @@ impl Kvm {
     }
 
     /// Whether the leaf mapping `gfn` in `as_id` was installed by a private
-    /// fault (None: unmapped).
+    /// fault (None: unmapped). Only a VM with a mirror root (TDX) records
+    /// it; any other VM's leaves all answer false.
     pub fn mapped_private(&self, as_id: usize, gfn: u64) -> Option<bool> {
         self.roots.get(as_id)?.mapped_private(gfn)
     }

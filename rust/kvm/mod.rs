@@ -434,7 +434,17 @@ impl Kvm {
             },
             store,
             memslots: Memslots::new(nr_as),
-            roots: (0..nr_as).map(|_| Stage2Map::new()).collect(),
+            // Only TDX's mirror root keeps private leaves apart
+            // (kvm_has_mirrored_tdp).
+            roots: (0..nr_as)
+                .map(|_| {
+                    if vm_type == KVM_X86_TDX_VM {
+                        Stage2Map::new()
+                    } else {
+                        Stage2Map::without_kinds()
+                    }
+                })
+                .collect(),
             gmem: BTreeMap::new(),
             inval: MmuInvalidation::default(),
             counters: Counters::default(),
