@@ -141,3 +141,11 @@ def test_tdx_private_file_keeps_shared_mappings():
     vm.guest_memfd_fallocate(fd, PUNCH, 0, 2 * PG)
     assert vm._kvm.mapped_private(0, 0) is None
     assert vm._kvm.mapped_private(0, 1) is False
+
+
+@pytest.mark.parametrize(("semantics", "fixed"), [("6.18", True), ("6.8", False), ("v11", False)])
+def test_straddling_hugepage_fix_follows_the_semantics(semantics, fixed):
+    # "Prevent installing hugepages when mem attributes are changing"
+    # (April 2025, Cc stable) came after 6.8.y's end of life.
+    vm = m.Vm(m.KVM_X86_SW_PROTECTED_VM, semantics=semantics)  # type: ignore[arg-type]
+    assert vm.mmu.invalidate_straddling_hugepages is fixed

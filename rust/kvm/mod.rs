@@ -430,6 +430,9 @@ impl Kvm {
             config,
             mmu: MmuParams {
                 host_mapping_level: host.max_page_level,
+                // The straddling-hugepage fix (April 2025, Cc stable) came
+                // after 6.8.y's end of life: no 6.8 (or v11) kernel has it.
+                invalidate_straddling_hugepages: semantics.after_6_8(),
                 ..MmuParams::default()
             },
             store,
