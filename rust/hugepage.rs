@@ -947,7 +947,19 @@ pub const GFN_LIMIT: u64 = 1 << (64 - 12);
 pub struct Stage2Map {
     /// Index 0: 4K, 1: 2M, 2: 1G.
     leaves: [IntervalSet; 3],
+    /// The subset of `leaves` a private fault installed (TDX keeps them in
+    /// the mirror root, apart from the shared ones in the direct root): an
+    /// invalidation filtered to one kind (kvm_gfn_range.attr_filter, 6.18)
+    /// zaps only those.
+    private: [IntervalSet; 3],
+    /// Whether `private` is left out: only a VM with a mirror root (TDX)
+    /// can tell the kinds apart when zapping; any other VM's one direct
+    /// root holds both, and skipping the bookkeeping keeps its faults and
+    /// zaps as cheap as before.
+    untracked_kinds: bool,
 }
+
+use crate::kvm::uapi::{KVM_FILTER_PRIVATE, KVM_FILTER_SHARED};
 
 /// Per-level counts (index 0 = 4K, 1 = 2M, 2 = 1G).
 pub type LevelCounts = [u64; 3];
@@ -955,6 +967,16 @@ pub type LevelCounts = [u64; 3];
 impl Stage2Map {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A root that does not record which kind of fault installed each leaf
+    /// (every leaf counts as shared; [`Self::zap_filtered`] then only
+    /// makes sense with both kinds).
+    pub fn without_kinds() -> Self {
+        Self {
+            untracked_kinds: true,
+            ..Self::default()
+        }
     }
 
     /// The level of the leaf mapping `gfn`, if any.
@@ -969,16 +991,30 @@ impl Stage2Map {
     /// the TDP MMU does. Returns whether a new leaf was installed (false:
     /// the same leaf was already present, a spurious fault) and the leaves
     /// it removed per level.
-    pub fn map(&mut self, gfn: u64, level: u8) -> Result<(bool, LevelCounts), HugepageError> {
+    pub fn map(
+        &mut self,
+        gfn: u64,
+        level: u8,
+        private: bool,
+    ) -> Result<(bool, LevelCounts), HugepageError> {
         check_level(level, PG_LEVEL_4K, PG_LEVEL_1G)?;
         if gfn >= GFN_LIMIT {
             return Err(HugepageError::GfnBeyondGpaSpace { gfn });
         }
+        let private = private && !self.untracked_kinds;
         let shift = hpage_gfn_shift(level);
         let frame = gfn >> shift;
+        let idx = (level - 1) as usize;
         let mut removed = [0u64; 3];
-        if self.leaves[(level - 1) as usize].contains(frame) {
-            return Ok((false, removed));
+        if self.leaves[idx].contains(frame) {
+            // The same leaf: spurious if the kind matches; otherwise the
+            // fault of the other kind installs its own (the kernel's other
+            // root), which the model keeps as the leaf's kind.
+            if self.private[idx].contains(frame) == private {
+                return Ok((false, removed));
+            }
+            self.set_kind(idx, frame, frame + 1, private);
+            return Ok((true, removed));
         }
         let first = frame << shift;
         let last = first + (pages_per_hpage(level) - 1);
@@ -987,12 +1023,30 @@ impl Stage2Map {
                 continue;
             }
             let s = hpage_gfn_shift(l);
-            removed[(l - 1) as usize] =
-                self.leaves[(l - 1) as usize].remove(first >> s, (last >> s) + 1);
+            let li = (l - 1) as usize;
+            removed[li] = self.leaves[li].remove(first >> s, (last >> s) + 1);
+            self.private[li].remove(first >> s, (last >> s) + 1);
         }
         // Checked absent above: no count needed.
-        self.leaves[(level - 1) as usize].insert_absent(frame);
+        self.leaves[idx].insert_absent(frame);
+        self.set_kind(idx, frame, frame + 1, private);
         Ok((true, removed))
+    }
+
+    fn set_kind(&mut self, idx: usize, start: u64, end: u64, private: bool) {
+        if private {
+            self.private[idx].insert(start, end);
+        } else {
+            // remove() is a no-op on an empty set (shared-only VMs).
+            self.private[idx].remove(start, end);
+        }
+    }
+
+    /// Whether the leaf mapping `gfn` was installed by a private fault
+    /// (None: unmapped).
+    pub fn mapped_private(&self, gfn: u64) -> Option<bool> {
+        let l = self.mapped_level(gfn)?;
+        Some(self.private[(l - 1) as usize].contains(gfn >> hpage_gfn_shift(l)))
     }
 
     /// kvm_unmap_gfn_range() on this root: removes every leaf intersecting
@@ -1005,8 +1059,56 @@ impl Stage2Map {
         let mut removed = [0u64; 3];
         for l in PG_LEVEL_4K..=PG_LEVEL_1G {
             let s = hpage_gfn_shift(l);
-            removed[(l - 1) as usize] =
-                self.leaves[(l - 1) as usize].remove(start >> s, ((end - 1) >> s) + 1);
+            let li = (l - 1) as usize;
+            removed[li] = self.leaves[li].remove(start >> s, ((end - 1) >> s) + 1);
+            self.private[li].remove(start >> s, ((end - 1) >> s) + 1);
+        }
+        Ok(removed)
+    }
+
+    /// [`Self::zap`] limited to the leaves of the kinds in `attr_filter`
+    /// (KVM_FILTER_SHARED / KVM_FILTER_PRIVATE): the TDP MMU walks only the
+    /// roots the filter names (kvm_tdp_mmu_unmap_gfn_range with
+    /// kvm_gfn_range.attr_filter). Both kinds is [`Self::zap`].
+    pub fn zap_filtered(
+        &mut self,
+        start: u64,
+        end: u64,
+        attr_filter: u64,
+    ) -> Result<LevelCounts, HugepageError> {
+        let both = KVM_FILTER_SHARED | KVM_FILTER_PRIVATE;
+        if attr_filter & both == both {
+            return self.zap(start, end);
+        }
+        if start >= end {
+            return Err(HugepageError::RangeOutsideSlot { start, end });
+        }
+        let mut removed = [0u64; 3];
+        if attr_filter & both == 0 {
+            return Ok(removed);
+        }
+        for l in PG_LEVEL_4K..=PG_LEVEL_1G {
+            let s = hpage_gfn_shift(l);
+            let li = (l - 1) as usize;
+            let (a, b) = (start >> s, ((end - 1) >> s) + 1);
+            if attr_filter & KVM_FILTER_PRIVATE != 0 {
+                for (fs, fe) in self.private[li].runs_in(a, b) {
+                    removed[li] += self.leaves[li].remove(fs, fe);
+                    self.private[li].remove(fs, fe);
+                }
+            } else if self.private[li].is_empty() {
+                removed[li] = self.leaves[li].remove(a, b);
+            } else {
+                // Shared: the leaves of the range less the private ones.
+                for (fs, fe) in self.leaves[li].runs_in(a, b) {
+                    let mut at = fs;
+                    for (ps, pe) in self.private[li].runs_in(fs, fe) {
+                        removed[li] += self.leaves[li].remove(at, ps);
+                        at = pe;
+                    }
+                    removed[li] += self.leaves[li].remove(at, fe);
+                }
+            }
         }
         Ok(removed)
     }
@@ -1024,11 +1126,18 @@ impl Stage2Map {
             let shift = hpage_gfn_shift(level);
             let idx = (level - 1) as usize;
             let frames = self.leaves[idx].runs_in(start >> shift, ((end - 1) >> shift) + 1);
+            let private = self.private[idx].runs_in(start >> shift, ((end - 1) >> shift) + 1);
             for (fs, fe) in frames {
                 split[idx] += self.leaves[idx].remove(fs, fe);
                 // Frames of a level never reach past the gpa space, so the
                 // gfns fit.
                 self.leaves[0].insert(fs << shift, fe << shift);
+                // The 4K leaves keep their huge leaf's kind.
+                self.private[0].remove(fs << shift, fe << shift);
+            }
+            for (fs, fe) in private {
+                self.private[idx].remove(fs, fe);
+                self.private[0].insert(fs << shift, fe << shift);
             }
         }
         Ok(split)
@@ -1036,6 +1145,9 @@ impl Stage2Map {
 
     /// Removes every leaf (kvm_mmu_zap_all_fast on this root).
     pub fn zap_all(&mut self) -> LevelCounts {
+        for p in &mut self.private {
+            p.clear();
+        }
         [
             self.leaves[0].clear(),
             self.leaves[1].clear(),
@@ -1412,11 +1524,11 @@ mod tests {
     #[test]
     fn stage2_split_huge_pages_keeps_every_gfn_mapped() {
         let mut m = Stage2Map::new();
-        m.map(0, PG_LEVEL_1G).unwrap();
-        m.map(G1 + M2, PG_LEVEL_2M).unwrap();
-        m.map(G1 + 5 * M2, PG_LEVEL_2M).unwrap();
-        m.map(G1 + 7, PG_LEVEL_4K).unwrap();
-        m.map(3 * G1, PG_LEVEL_1G).unwrap();
+        m.map(0, PG_LEVEL_1G, false).unwrap();
+        m.map(G1 + M2, PG_LEVEL_2M, false).unwrap();
+        m.map(G1 + 5 * M2, PG_LEVEL_2M, false).unwrap();
+        m.map(G1 + 7, PG_LEVEL_4K, false).unwrap();
+        m.map(3 * G1, PG_LEVEL_1G, false).unwrap();
         // Touches the first 1G leaf and the first 2M leaf only.
         assert_eq!(m.split_huge_pages(G1 - 1, G1 + M2 + 1), Ok([0, 1, 1]));
         assert_eq!(m.counts(), [G1 + M2 + 1, 1, 1]);
@@ -1433,35 +1545,35 @@ mod tests {
     #[test]
     fn stage2_map_and_zap() {
         let mut m = Stage2Map::new();
-        assert_eq!(m.map(5, 1).unwrap(), (true, [0, 0, 0]));
-        assert_eq!(m.map(5, 1).unwrap(), (false, [0, 0, 0]));
-        assert!(m.map(600, 1).unwrap().0);
+        assert_eq!(m.map(5, 1, false).unwrap(), (true, [0, 0, 0]));
+        assert_eq!(m.map(5, 1, false).unwrap(), (false, [0, 0, 0]));
+        assert!(m.map(600, 1, false).unwrap().0);
         assert_eq!(m.mapped_level(5), Some(1));
         // A 2M leaf over 4K leaves replaces them.
-        assert_eq!(m.map(7, 2).unwrap(), (true, [1, 0, 0]));
+        assert_eq!(m.map(7, 2, false).unwrap(), (true, [1, 0, 0]));
         assert_eq!(m.counts(), [1, 1, 0]);
         assert_eq!(m.mapped_level(0), Some(2));
         // A zap of one page inside the 2M leaf removes it whole.
         assert_eq!(m.zap(100, 101).unwrap(), [0, 1, 0]);
         assert_eq!(m.counts(), [1, 0, 0]);
-        assert_eq!(m.map(G1 + 3, 3).unwrap(), (true, [0, 0, 0]));
+        assert_eq!(m.map(G1 + 3, 3, false).unwrap(), (true, [0, 0, 0]));
         // A 4K fault under a 1G leaf splits it (zaps the 1G leaf).
-        assert_eq!(m.map(G1 + 3, 1).unwrap(), (true, [0, 0, 1]));
+        assert_eq!(m.map(G1 + 3, 1, false).unwrap(), (true, [0, 0, 1]));
         assert_eq!(m.runs(1).unwrap(), vec![(600, 601), (G1 + 3, G1 + 4)]);
         assert_eq!(m.zap_all(), [2, 0, 0]);
         assert!(m.zap(3, 3).is_err());
-        assert!(m.map(0, 4).is_err());
+        assert!(m.map(0, 4, false).is_err());
         // The last page of the gpa space; nothing beyond.
-        assert!(m.map(GFN_LIMIT - 1, 1).unwrap().0);
-        assert!(m.map(GFN_LIMIT - 1, 3).unwrap().0);
+        assert!(m.map(GFN_LIMIT - 1, 1, false).unwrap().0);
+        assert!(m.map(GFN_LIMIT - 1, 3, false).unwrap().0);
         assert_eq!(m.runs(3).unwrap(), vec![(GFN_LIMIT - G1, GFN_LIMIT)]);
         assert_eq!(m.zap(u64::MAX - 1, u64::MAX).unwrap(), [0, 0, 0]);
         assert_eq!(m.zap(GFN_LIMIT - 1, u64::MAX).unwrap(), [0, 0, 1]);
         assert_eq!(
-            m.map(GFN_LIMIT, 1),
+            m.map(GFN_LIMIT, 1, false),
             Err(HugepageError::GfnBeyondGpaSpace { gfn: GFN_LIMIT })
         );
-        assert!(m.map(u64::MAX, 1).is_err());
+        assert!(m.map(u64::MAX, 1, false).is_err());
         assert_eq!(m.mapped_level(u64::MAX), None);
     }
 

@@ -78,9 +78,11 @@ def filemap_invalidate_lock(vm: Vm, fd: int) -> InvalidateLock:
     return lock
 
 
-def kvm_gmem_invalidate_begin(vm: Vm, ranges: GfnRanges) -> None:
+def kvm_gmem_invalidate_begin(vm: Vm, ranges: GfnRanges, attr_filter: int = 3) -> None:
     """mmu_lock, begin(), kvm_mmu_invalidate_range_add() and the zap per
-    bound range, one flush; nothing (no lock) if no slot is bound."""
+    bound range of the mappings `attr_filter` names (the core's
+    kvm_gmem_get_invalidate_filter()), one flush; nothing (no lock) if no
+    slot is bound."""
     if not ranges:
         return
     kvm = vm._kvm
@@ -91,7 +93,7 @@ def kvm_gmem_invalidate_begin(vm: Vm, ranges: GfnRanges) -> None:
             for as_id, start, end in ranges:
                 if sched.hook is not None:
                     sched.hook(sched.STEP, "kvm_mmu_unmap_gfn_range")
-                if kvm.mmu_unmap_gfn_range(as_id, start, end):
+                if kvm.mmu_unmap_gfn_range(as_id, start, end, attr_filter):
                     flush = True
         except BaseException:
             # As the core's whole operation: never leave faults blocked
@@ -112,7 +114,10 @@ def kvm_gmem_invalidate_end(vm: Vm, ranges: GfnRanges) -> None:
 
 def kvm_gmem_punch_hole(vm: Vm, fd: int, offset: int, length: int, ranges: GfnRanges) -> None:
     with filemap_invalidate_lock(vm, fd):
-        kvm_gmem_invalidate_begin(vm, ranges)
+        attr_filter = vm._kvm.gmem_invalidate_filter(
+            fd, offset >> 12, (offset + length) >> 12
+        )
+        kvm_gmem_invalidate_begin(vm, ranges, attr_filter)
         vm._kvm.truncate_inode_pages_range(fd, offset, length)
         kvm_gmem_invalidate_end(vm, ranges)
     vm._kvm.note_gmem_hole_punched()
@@ -133,8 +138,10 @@ def kvm_gmem_release(vm: Vm, fd: int) -> None:
     with vm.slots_lock, filemap_invalidate_lock(vm, fd):
         if sched.hook is not None:
             sched.hook(sched.STEP, "kvm_gmem_release")
+        # Read while the file still exists (detach takes it).
+        attr_filter = vm._kvm.gmem_invalidate_filter(fd, 0, 2**64 - 1)
         ranges = vm._kvm.gmem_release_detach(fd)
-        kvm_gmem_invalidate_begin(vm, ranges)
+        kvm_gmem_invalidate_begin(vm, ranges, attr_filter)
         kvm_gmem_invalidate_end(vm, ranges)
     vm._kvm.note_gmem_closed()
 

@@ -418,8 +418,9 @@ impl Kvm {
     }
 
     /// kvm_gmem_get_invalidate_filter() (v8): shared and/or private, from
-    /// the attributes the file pages [start, end) have now; counted.
-    pub(super) fn note_gmem_invalidate_filter(&mut self, fd: u64, start: u64, end: u64) -> u64 {
+    /// the attributes the file pages [start, end) have now; 0 if `fd` is
+    /// not a file of the series.
+    pub(super) fn gmem_inplace_invalidate_filter(&self, fd: u64, start: u64, end: u64) -> u64 {
         let Some(f) = self.inplace.files.get(&fd) else {
             return 0;
         };
@@ -434,10 +435,19 @@ impl Kvm {
                 };
             });
         }
-        let c = &mut self.inplace.counters;
-        c.invalidations += 1;
-        c.filter_shared += (filter & KVM_FILTER_SHARED != 0) as u64;
-        c.filter_private += (filter & KVM_FILTER_PRIVATE != 0) as u64;
+        filter
+    }
+
+    /// The invalidation filter of file pages [start, end)
+    /// ([`Self::kvm_gmem_get_invalidate_filter`]), counted by the series.
+    pub(super) fn note_gmem_invalidate_filter(&mut self, fd: u64, start: u64, end: u64) -> u64 {
+        let filter = self.kvm_gmem_get_invalidate_filter(fd, start, end);
+        if self.inplace.files.contains_key(&fd) {
+            let c = &mut self.inplace.counters;
+            c.invalidations += 1;
+            c.filter_shared += (filter & KVM_FILTER_SHARED != 0) as u64;
+            c.filter_private += (filter & KVM_FILTER_PRIVATE != 0) as u64;
+        }
         filter
     }
 
@@ -665,11 +675,9 @@ impl Kvm {
             let mut flush = false;
             for &(as_id, s, e) in &ranges {
                 self.kvm_mmu_invalidate_range_add(s, e);
-                // The model's one root per address space holds both kinds:
-                // the filter names which the kernel walks (direct or mirror
-                // roots); every mapping in the range has one of its kinds.
-                debug_assert!(filter != 0);
-                match self.kvm_unmap_gfn_range(as_id, s, e) {
+                // The filter names the kinds of mappings zapped (direct or
+                // mirror roots).
+                match self.kvm_unmap_gfn_range_filtered(as_id, s, e, filter) {
                     Ok(f) => flush |= f,
                     Err(err) => {
                         let _ = self.kvm_mmu_invalidate_end();

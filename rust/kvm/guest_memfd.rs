@@ -284,7 +284,13 @@ impl Kvm {
         let Some(ranges) = self.kvm_gmem_fallocate_checks(fd, mode, offset, length)? else {
             return Ok(());
         };
-        self.kvm_gmem_invalidate(&ranges)?;
+        // The checks passed: the hole is page aligned inside loff_t.
+        let (first, end) = (
+            offset as u64 >> PAGE_SHIFT,
+            (offset as u64 + length as u64) >> PAGE_SHIFT,
+        );
+        let filter = self.kvm_gmem_get_invalidate_filter(fd, first, end);
+        self.kvm_gmem_invalidate(&ranges, filter)?;
         self.truncate_inode_pages_range(fd, offset as u64, length as u64);
         self.note_gmem_hole_punched();
         Ok(())
@@ -389,8 +395,8 @@ impl Kvm {
     /// every mapping through it is zapped as for a hole over the whole
     /// file, and the bindings go. The memslots stay; the fd is free.
     pub fn kvm_gmem_release(&mut self, fd: u64) -> Result<(), KvmError> {
-        let file = self.kvm_gmem_take(fd)?;
-        self.kvm_gmem_release_file(file)
+        let (file, filter) = self.kvm_gmem_take(fd)?;
+        self.kvm_gmem_release_file(file, filter)
     }
 
     /// close(2)'s first step, the one that decides who closes: the fd
@@ -399,22 +405,24 @@ impl Kvm {
     /// EBADF, however the rest of the release is interleaved (a driver
     /// running the release step by step takes the file with this first,
     /// under the same lock as every other use of the table).
-    pub fn kvm_gmem_take(&mut self, fd: u64) -> Result<GmemFile, KvmError> {
+    /// Also returns the release's invalidation filter, read while the file
+    /// (and the series' attributes) still exist.
+    pub fn kvm_gmem_take(&mut self, fd: u64) -> Result<(GmemFile, u64), KvmError> {
         self.own_gmem(fd)?;
-        self.note_gmem_invalidate_filter(fd, 0, u64::MAX);
+        let filter = self.note_gmem_invalidate_filter(fd, 0, u64::MAX);
         let file = self.gmem.remove(&fd).expect("checked above");
         registry().owners.remove(&fd);
         // The file's own attributes go with it (only the bindings are
         // needed to zap).
         self.gmem_attr_file_release(fd);
-        Ok(file)
+        Ok((file, filter))
     }
 
     /// The rest of kvm_gmem_release() for a file [`Self::kvm_gmem_take`]
     /// took: unbind, zap, count.
-    pub fn kvm_gmem_release_file(&mut self, file: GmemFile) -> Result<(), KvmError> {
+    pub fn kvm_gmem_release_file(&mut self, file: GmemFile, filter: u64) -> Result<(), KvmError> {
         let ranges = self.kvm_gmem_unbind_file(&file);
-        self.kvm_gmem_invalidate(&ranges)?;
+        self.kvm_gmem_invalidate(&ranges, filter)?;
         self.note_gmem_closed();
         Ok(())
     }
@@ -424,7 +432,7 @@ impl Kvm {
     /// bound slot loses it; returns the gfn ranges of the whole file, to
     /// invalidate as for a hole.
     pub fn kvm_gmem_release_detach(&mut self, fd: u64) -> Result<Vec<(usize, u64, u64)>, KvmError> {
-        let file = self.kvm_gmem_take(fd)?;
+        let (file, _) = self.kvm_gmem_take(fd)?;
         Ok(self.kvm_gmem_unbind_file(&file))
     }
 
@@ -469,9 +477,14 @@ impl Kvm {
     }
 
     /// kvm_gmem_invalidate_begin() and _end() around a truncation, over the
-    /// bound gfn ranges: for each, kvm_mmu_unmap_gfn_range() (add, then zap;
-    /// private and shared mappings alike in 6.8).
-    fn kvm_gmem_invalidate(&mut self, ranges: &[(usize, u64, u64)]) -> Result<(), KvmError> {
+    /// bound gfn ranges: for each, kvm_mmu_unmap_gfn_range() (add, then zap
+    /// the mappings of the kinds in `attr_filter`, from
+    /// [`Self::kvm_gmem_get_invalidate_filter`]).
+    fn kvm_gmem_invalidate(
+        &mut self,
+        ranges: &[(usize, u64, u64)],
+        attr_filter: u64,
+    ) -> Result<(), KvmError> {
         if ranges.is_empty() {
             return Ok(());
         }
@@ -479,7 +492,7 @@ impl Kvm {
         self.kvm_mmu_invalidate_begin();
         let mut flush = false;
         for &(as_id, s, e) in ranges {
-            match self.kvm_mmu_unmap_gfn_range(as_id, s, e) {
+            match self.kvm_mmu_unmap_gfn_range(as_id, s, e, attr_filter) {
                 Ok(f) => flush |= f,
                 Err(err) => {
                     // Never leave faults blocked behind a half-done
@@ -494,6 +507,25 @@ impl Kvm {
         }
         self.note_mmu_lock();
         self.kvm_mmu_invalidate_end()
+    }
+
+    /// kvm_gmem_get_invalidate_filter(): which kinds of mappings a hole
+    /// punch or release of file pages [start, end) zaps. 6.18: shared ones
+    /// for a file created GUEST_MEMFD_FLAG_INIT_SHARED, else private ones
+    /// (kvm_gmem_invalidate_begin passes it as kvm_gfn_range.attr_filter);
+    /// the in-place series: the kinds the range's attributes hold now. 6.8
+    /// (and v11) had no filter: both kinds.
+    pub fn kvm_gmem_get_invalidate_filter(&self, fd: u64, start: u64, end: u64) -> u64 {
+        if self.config.semantics.is_gmem_inplace() {
+            return self.gmem_inplace_invalidate_filter(fd, start, end);
+        }
+        if !self.config.semantics.after_6_8() {
+            return KVM_FILTER_SHARED | KVM_FILTER_PRIVATE;
+        }
+        match self.gmem.get(&fd) {
+            Some(f) if f.flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 => KVM_FILTER_SHARED,
+            _ => KVM_FILTER_PRIVATE,
+        }
     }
 
     /// The open guest_memfd file and byte offset backing `gpa` in address

@@ -81,8 +81,36 @@ impl Kvm {
         start: u64,
         end: u64,
     ) -> Result<bool, KvmError> {
-        let removed = self.roots[as_id].zap(start, end)?;
+        self.kvm_unmap_gfn_range_filtered(as_id, start, end, KVM_FILTER_SHARED | KVM_FILTER_PRIVATE)
+    }
+
+    /// kvm_unmap_gfn_range() for a kvm_gfn_range whose attr_filter names
+    /// the kinds of leaves to zap: only guest_memfd's invalidation narrows
+    /// it (6.18). kvm_tdp_mmu_unmap_gfn_range() turns the filter into root
+    /// types (kvm_gfn_range_filter_to_root_types): a VM without a mirror
+    /// root (every type but TDX) has its private and shared leaves in the
+    /// one direct root, which is walked whatever the filter; a TDX VM walks
+    /// the mirror root (private leaves) for KVM_FILTER_PRIVATE and the
+    /// direct root (shared leaves) for KVM_FILTER_SHARED.
+    pub fn kvm_unmap_gfn_range_filtered(
+        &mut self,
+        as_id: usize,
+        start: u64,
+        end: u64,
+        attr_filter: u64,
+    ) -> Result<bool, KvmError> {
+        let attr_filter = if self.kvm_has_mirrored_tdp() {
+            attr_filter
+        } else {
+            KVM_FILTER_SHARED | KVM_FILTER_PRIVATE
+        };
+        let removed = self.roots[as_id].zap_filtered(start, end, attr_filter)?;
         Ok(self.account_removed(removed))
+    }
+
+    /// kvm_has_mirrored_tdp(): private leaves live in a root of their own.
+    pub fn kvm_has_mirrored_tdp(&self) -> bool {
+        self.config.vm_type == KVM_X86_TDX_VM
     }
 
     /// kvm_mmu_unmap_gfn_range(), an invalidation's handler (mmu_lock held,
@@ -93,9 +121,10 @@ impl Kvm {
         as_id: usize,
         start: u64,
         end: u64,
+        attr_filter: u64,
     ) -> Result<bool, KvmError> {
         self.kvm_mmu_invalidate_range_add(start, end);
-        self.kvm_unmap_gfn_range(as_id, start, end)
+        self.kvm_unmap_gfn_range_filtered(as_id, start, end, attr_filter)
     }
 
     fn warn_once(&mut self, w: KvmWarning) {
@@ -354,7 +383,7 @@ impl Kvm {
             return Ok(None);
         };
         let level = self.max_level(as_id, i, gfn, private)?;
-        let (_, removed) = self.roots[as_id].map(gfn, level)?;
+        let (_, removed) = self.roots[as_id].map(gfn, level, private)?;
         self.account_removed(removed);
         self.gmem_note_faulted(as_id, gfn);
         Ok(Some(level))
@@ -494,6 +523,13 @@ impl Kvm {
             .get(as_id)
             .and_then(|r| r.mapped_level(gfn))
             .unwrap_or(0)
+    }
+
+    /// Whether the leaf mapping `gfn` in `as_id` was installed by a private
+    /// fault (None: unmapped). Only a VM with a mirror root (TDX) records
+    /// it; any other VM's leaves all answer false.
+    pub fn mapped_private(&self, as_id: usize, gfn: u64) -> Option<bool> {
+        self.roots.get(as_id)?.mapped_private(gfn)
     }
 
     /// The leaves of `level` (1, 2 or 3) in `as_id` as gfn runs.

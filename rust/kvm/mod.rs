@@ -430,11 +430,24 @@ impl Kvm {
             config,
             mmu: MmuParams {
                 host_mapping_level: host.max_page_level,
+                // The straddling-hugepage fix (April 2025, Cc stable) came
+                // after 6.8.y's end of life: no 6.8 (or v11) kernel has it.
+                invalidate_straddling_hugepages: semantics.after_6_8(),
                 ..MmuParams::default()
             },
             store,
             memslots: Memslots::new(nr_as),
-            roots: (0..nr_as).map(|_| Stage2Map::new()).collect(),
+            // Only TDX's mirror root keeps private leaves apart
+            // (kvm_has_mirrored_tdp).
+            roots: (0..nr_as)
+                .map(|_| {
+                    if vm_type == KVM_X86_TDX_VM {
+                        Stage2Map::new()
+                    } else {
+                        Stage2Map::without_kinds()
+                    }
+                })
+                .collect(),
             gmem: BTreeMap::new(),
             inval: MmuInvalidation::default(),
             counters: Counters::default(),

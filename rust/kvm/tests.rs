@@ -387,7 +387,8 @@ fn split_invalidation_halves_lose_an_update_when_interleaved() {
     k.kvm_mmu_invalidate_end_write(set_read).unwrap();
     assert_eq!((k.inval.in_progress, k.inval.seq), (0, 1));
     assert!(k.take_warnings().is_empty());
-    k.kvm_mmu_unmap_gfn_range(0, 0, 8).unwrap();
+    k.kvm_mmu_unmap_gfn_range(0, 0, 8, KVM_FILTER_SHARED | KVM_FILTER_PRIVATE)
+        .unwrap();
     assert_eq!(
         k.take_warnings(),
         vec![KvmWarning::RangeAddOutsideInvalidation]
@@ -688,10 +689,143 @@ fn impossible_sets_and_double_close_agree_on_both_stores() {
         assert!(!k.set_memory_attributes(0, 1 << 63, 0, 0).unwrap());
         assert_eq!(k.store().entry_count(), 0);
         let fd = k.kvm_gmem_create(1 << 21, 0).unwrap();
-        let file = k.kvm_gmem_take(fd).unwrap();
+        let (file, filter) = k.kvm_gmem_take(fd).unwrap();
         assert_eq!(errno(k.kvm_gmem_take(fd)), EBADF);
         assert_eq!(errno(k.kvm_gmem_release(fd)), EBADF);
-        k.kvm_gmem_release_file(file).unwrap();
+        k.kvm_gmem_release_file(file, filter).unwrap();
         assert_eq!(k.counters.gmem_closed, 1);
+    }
+}
+
+/// kvm_gmem_get_invalidate_filter() applied (6.18): a hole punch and a
+/// release zap only the kind of mappings the filter names, in the root
+/// that holds them; checked against a per-page oracle of (mapped, kind).
+mod gmem_invalidate_filter {
+    use super::*;
+    use crate::hugepage::{PG_LEVEL_2M, PG_LEVEL_4K};
+
+    const NPAGES: u64 = 64;
+
+    fn tdx_host() -> HostProfile {
+        HostProfile {
+            vendor: CpuVendor::Intel,
+            vm_types: (1 << KVM_X86_DEFAULT_VM)
+                | (1 << KVM_X86_SW_PROTECTED_VM)
+                | (1 << KVM_X86_TDX_VM),
+            ..HostProfile::default()
+        }
+    }
+
+    /// A VM of `vm_type` with one private guest_memfd of NPAGES bound at
+    /// gfn 0 (4K folios: every leaf is 4K), userspace memory for shared
+    /// faults; the odd pages shared, the even ones private, each faulted
+    /// with its kind.
+    fn faulted(vm_type: u64, sem: Semantics) -> (Kvm, u64, Vec<Option<bool>>) {
+        let mut k = Kvm::with_host(
+            tdx_host(),
+            vm_type,
+            sem,
+            Arc::new(RwLock::new(RangeTree::new())),
+            false,
+            None,
+            0,
+        )
+        .unwrap();
+        let fd = k.kvm_gmem_create(NPAGES << PAGE_SHIFT, 0).unwrap();
+        k.kvm_set_memory_region(
+            &region(
+                0,
+                KVM_MEM_GUEST_MEMFD,
+                0,
+                NPAGES << PAGE_SHIFT,
+                0x7f00_0000_0000,
+                fd,
+            ),
+            false,
+        )
+        .unwrap();
+        k.set_memory_attributes(0, NPAGES << PAGE_SHIFT, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
+            .unwrap();
+        let mut oracle = vec![None; NPAGES as usize];
+        for g in 0..NPAGES {
+            if g % 2 == 1 {
+                k.set_memory_attributes(g << PAGE_SHIFT, PAGE_SIZE, 0, 0)
+                    .unwrap();
+            }
+        }
+        for g in 0..NPAGES {
+            let private = g % 2 == 0;
+            assert_eq!(k.fault(g << PAGE_SHIFT, private, 0).unwrap(), 1);
+            oracle[g as usize] = Some(private);
+        }
+        (k, fd, oracle)
+    }
+
+    fn check(k: &Kvm, oracle: &[Option<bool>]) {
+        for (g, want) in oracle.iter().enumerate() {
+            // Only the mirror root (TDX) records the kind.
+            let want = want.map(|p| p && k.kvm_has_mirrored_tdp());
+            assert_eq!(k.mapped_private(0, g as u64), want, "gfn {g}");
+        }
+    }
+
+    #[test]
+    fn punch_and_release_zap_only_the_filtered_kind() {
+        for vm_type in [KVM_X86_TDX_VM, KVM_X86_SW_PROTECTED_VM] {
+            for sem in [Semantics::Linux618, Semantics::Linux68] {
+                if vm_type == KVM_X86_TDX_VM && sem == Semantics::Linux68 {
+                    continue; // no TDX VMs in 6.8
+                }
+                let (mut k, fd, mut oracle) = faulted(vm_type, sem);
+                // Only TDX keeps private leaves in a root of their own;
+                // there a private file's invalidation leaves the shared ones.
+                let only_private = vm_type == KVM_X86_TDX_VM;
+                let (s, e) = (8u64, 24u64);
+                k.kvm_gmem_fallocate(
+                    fd,
+                    FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                    (s << PAGE_SHIFT) as i64,
+                    ((e - s) << PAGE_SHIFT) as i64,
+                )
+                .unwrap();
+                for g in s..e {
+                    if !only_private || oracle[g as usize] == Some(true) {
+                        oracle[g as usize] = None;
+                    }
+                }
+                check(&k, &oracle);
+                k.kvm_gmem_release(fd).unwrap();
+                for o in oracle.iter_mut() {
+                    if !only_private || *o == Some(true) {
+                        *o = None;
+                    }
+                }
+                check(&k, &oracle);
+                // A conversion (kvm_vm_set_mem_attributes) zaps both kinds.
+                k.set_memory_attributes(0, NPAGES << PAGE_SHIFT, 0, 0)
+                    .unwrap();
+                check(&k, &vec![None; NPAGES as usize]);
+            }
+        }
+    }
+
+    #[test]
+    fn split_keeps_each_leaf_kind_and_filtered_zap_of_huge_leaves() {
+        let mut m = Stage2Map::new();
+        m.map(0, PG_LEVEL_2M, true).unwrap();
+        m.map(512, PG_LEVEL_2M, false).unwrap();
+        m.map(1024, PG_LEVEL_4K, true).unwrap();
+        m.split_huge_pages(0, 1024).unwrap();
+        assert_eq!(m.mapped_private(5), Some(true));
+        assert_eq!(m.mapped_private(600), Some(false));
+        m.map(1025, PG_LEVEL_4K, false).unwrap();
+        // Shared only: the shared 4K leaves of [0, 2048) go, private stay.
+        let removed = m.zap_filtered(0, 2048, KVM_FILTER_SHARED).unwrap();
+        assert_eq!(removed, [513, 0, 0]);
+        assert_eq!(m.mapped_private(600), None);
+        assert_eq!(m.mapped_private(1024), Some(true));
+        let removed = m.zap_filtered(0, 2048, KVM_FILTER_PRIVATE).unwrap();
+        assert_eq!(removed, [513, 0, 0]);
+        assert_eq!(m.counts(), [0, 0, 0]);
     }
 }

@@ -307,14 +307,18 @@ impl PyStage2Map {
 
     /// Installs a leaf at `level` covering `gfn`; returns (installed,
     /// leaves removed per level as (4K, 2M, 1G)).
+    #[pyo3(signature = (gfn, level, private=false))]
     fn map(
         &self,
         gfn: &Bound<'_, PyAny>,
         level: &Bound<'_, PyAny>,
+        private: bool,
     ) -> PyResult<(bool, (u64, u64, u64))> {
         let gfn = u64_arg(gfn, "gfn")?;
         let level = level_arg(level, "level", 1, 3)?;
-        let (installed, removed) = lock(&self.inner).map(gfn, level).map_err(to_pyerr)?;
+        let (installed, removed) = lock(&self.inner)
+            .map(gfn, level, private)
+            .map_err(to_pyerr)?;
         Ok((installed, counts_tuple(removed)))
     }
 

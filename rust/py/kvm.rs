@@ -1068,14 +1068,33 @@ impl PyKvm {
 
     /// kvm_mmu_unmap_gfn_range() (mmu_lock held by the caller): True if a
     /// flush is due.
+    /// `attr_filter`: kvm_gfn_range.attr_filter (KVM_FILTER_SHARED |
+    /// KVM_FILTER_PRIVATE by default; guest_memfd's invalidation passes
+    /// gmem_invalidate_filter()).
+    #[pyo3(signature = (as_id, start, end, attr_filter=3))]
     fn mmu_unmap_gfn_range(
         &self,
         py: Python<'_>,
         as_id: usize,
         start: u64,
         end: u64,
+        attr_filter: u64,
     ) -> PyResult<bool> {
-        self.step(py, |k| k.kvm_mmu_unmap_gfn_range(as_id, start, end))
+        self.step(py, |k| {
+            k.kvm_mmu_unmap_gfn_range(as_id, start, end, attr_filter)
+        })
+    }
+
+    /// kvm_gmem_get_invalidate_filter() for file pages [start, end) of
+    /// `fd` (a query: nothing counted).
+    fn gmem_invalidate_filter(&self, py: Python<'_>, fd: u64, start: u64, end: u64) -> u64 {
+        self.core(py).kvm_gmem_get_invalidate_filter(fd, start, end)
+    }
+
+    /// Whether the leaf mapping `gfn` in `as_id` was installed by a
+    /// private fault (None: unmapped).
+    fn mapped_private(&self, py: Python<'_>, as_id: usize, gfn: u64) -> Option<bool> {
+        self.core(py).mapped_private(as_id, gfn)
     }
 
     /// kvm_pre_set_memory_attributes() for one range: True if a flush is due.
