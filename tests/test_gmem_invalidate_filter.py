@@ -3,8 +3,9 @@ independent numpy oracle: kvm_gmem_get_invalidate_filter() gives
 KVM_FILTER_SHARED for a GUEST_MEMFD_FLAG_INIT_SHARED file, else
 KVM_FILTER_PRIVATE; kvm_gfn_range_filter_to_root_types() makes that matter
 only for a VM with a mirror root (TDX), whose hole punch and release then
-zap only the private mappings. Other VM types, 6.8, and
-KVM_SET_MEMORY_ATTRIBUTES zap both kinds. Run through the Vm's one-call
+zap only the private mappings; KVM_SET_MEMORY_ATTRIBUTES zaps the old
+attribute's kind there ("Unmap the old attribute page", since 6.14). Other
+VM types and 6.8 zap both kinds. Run through the Vm's one-call
 path and through the step-by-step driver (python/memattr/driven.py)."""
 
 from __future__ import annotations
@@ -73,10 +74,14 @@ def scenario(vm_type: int, semantics: str, init_shared: bool, step_by_step: bool
             attrs = m.KVM_MEMORY_ATTRIBUTE_PRIVATE if rnd.random() < 0.5 else 0
             vm.set_memory_attributes(a * PG, (b - a) * PG, attrs)
             # Nothing to change: the ioctl returns early, zapping nothing;
-            # otherwise the conversion zaps the range, both kinds.
+            # otherwise the conversion zaps the range: on TDX (6.18) the
+            # old attribute's kind only, elsewhere both.
             if (o.private[a:b] != bool(attrs)).any():
                 o.private[a:b] = bool(attrs)
-                o.zap(a, b, {SHARED, PRIVATE})
+                if vm_type == m.KVM_X86_TDX_VM and semantics == "6.18":
+                    o.zap(a, b, {SHARED} if attrs else {PRIVATE})
+                else:
+                    o.zap(a, b, {SHARED, PRIVATE})
         elif op < 0.8:
             private = bool(o.private[a])
             level = vm.fault(a * PG, private=private)

@@ -91,7 +91,7 @@ class X86Mmu:
         then the arch's zap (straddling hugepages included). True if a TLB
         flush is needed."""
         self._vm.mmu_lock.assert_held("kvm_arch_pre_set_memory_attributes runs under mmu_lock")
-        return bool(self._kvm.pre_set(rng.ref))
+        return bool(self._kvm.pre_set(rng.ref, rng.attributes))
 
     def post_set_memory_attributes(self, rng: GfnRange) -> bool:
         """kvm_arch_post_set_memory_attributes(): recompute the mixed flags of

@@ -144,9 +144,13 @@ impl Kvm {
     /// invalidation even when nothing needs zapping, so faults stay away
     /// from gfns whose attributes are in flux; then the arch zaps. True if a
     /// TLB flush is needed.
-    pub fn kvm_pre_set_memory_attributes(&mut self, rng: &GfnRange) -> Result<bool, KvmError> {
+    pub fn kvm_pre_set_memory_attributes(
+        &mut self,
+        rng: &GfnRange,
+        attributes: u64,
+    ) -> Result<bool, KvmError> {
         self.kvm_mmu_invalidate_range_add(rng.start, rng.end);
-        let flush = self.kvm_arch_pre_set_memory_attributes(rng)?;
+        let flush = self.kvm_arch_pre_set_memory_attributes(rng, attributes)?;
         self.counters.pre_set_ranges += 1;
         if flush {
             self.counters.zapped_ranges += 1;
@@ -225,7 +229,7 @@ impl Kvm {
             self.kvm_mmu_invalidate_begin();
             let mut flush = false;
             for rng in ranges.iter() {
-                match self.kvm_pre_set_memory_attributes(rng) {
+                match self.kvm_pre_set_memory_attributes(rng, attributes) {
                     Ok(f) => flush |= f,
                     Err(e) => {
                         // Like the Python driver's cleanup: close the

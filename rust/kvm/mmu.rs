@@ -154,8 +154,16 @@ impl Kvm {
     /// kvm_arch_pre_set_memory_attributes(): add the straddling head and
     /// tail hugepages that are not mixed to the ongoing invalidation (see
     /// [`MmuParams::invalidate_straddling_hugepages`]), then zap the leaves
-    /// intersecting the range. True if a TLB flush is needed.
-    pub fn kvm_arch_pre_set_memory_attributes(&mut self, rng: &GfnRange) -> Result<bool, KvmError> {
+    /// intersecting the range: since the TDX MMU (Linux 6.14), only the
+    /// old attribute's mappings ("Unmap the old attribute page": shared ones
+    /// when converting to private, private ones otherwise), which on a VM
+    /// without a mirror root is every mapping anyway. True if a TLB flush is
+    /// needed.
+    pub fn kvm_arch_pre_set_memory_attributes(
+        &mut self,
+        rng: &GfnRange,
+        attributes: u64,
+    ) -> Result<bool, KvmError> {
         let slot = self.range_slot(rng)?;
         // A VM without private memory never gets here (its supported
         // attribute mask is empty) unless the store was written behind its
@@ -173,7 +181,14 @@ impl Kvm {
                 self.kvm_mmu_invalidate_range_add(s, e);
             }
         }
-        self.kvm_unmap_gfn_range(rng.as_id, rng.start, rng.end)
+        let attr_filter = if !self.config.is_618() {
+            KVM_FILTER_SHARED | KVM_FILTER_PRIVATE
+        } else if attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
+            KVM_FILTER_SHARED
+        } else {
+            KVM_FILTER_PRIVATE
+        };
+        self.kvm_unmap_gfn_range_filtered(rng.as_id, rng.start, rng.end, attr_filter)
     }
 
     /// kvm_arch_post_set_memory_attributes(): recompute the mixed flags of

@@ -769,6 +769,35 @@ mod gmem_invalidate_filter {
         }
     }
 
+    /// KVM_SET_MEMORY_ATTRIBUTES zaps the old attribute's mappings only
+    /// (6.14+, "Unmap the old attribute page"): on TDX converting the mixed
+    /// range [8, 24) to shared leaves its shared leaves and zaps the private
+    /// ones; to private, the reverse. Every other VM zaps both (one root).
+    #[test]
+    fn a_conversion_zaps_the_old_attributes_mappings_only() {
+        for vm_type in [KVM_X86_TDX_VM, KVM_X86_SW_PROTECTED_VM] {
+            for to_private in [false, true] {
+                let (mut k, _fd, mut oracle) = faulted(vm_type, Semantics::Linux618);
+                let only_old = vm_type == KVM_X86_TDX_VM;
+                let (s, e) = (8u64, 24u64);
+                let attrs = if to_private {
+                    KVM_MEMORY_ATTRIBUTE_PRIVATE
+                } else {
+                    0
+                };
+                k.set_memory_attributes(s << PAGE_SHIFT, (e - s) << PAGE_SHIFT, attrs, 0)
+                    .unwrap();
+                for g in s..e {
+                    // The old attribute is the opposite of the new one.
+                    if !only_old || oracle[g as usize] == Some(!to_private) {
+                        oracle[g as usize] = None;
+                    }
+                }
+                check(&k, &oracle);
+            }
+        }
+    }
+
     #[test]
     fn punch_and_release_zap_only_the_filtered_kind() {
         for vm_type in [KVM_X86_TDX_VM, KVM_X86_SW_PROTECTED_VM] {
@@ -801,10 +830,16 @@ mod gmem_invalidate_filter {
                     }
                 }
                 check(&k, &oracle);
-                // A conversion (kvm_vm_set_mem_attributes) zaps both kinds.
+                // A conversion to shared zaps the old (private) kind only:
+                // on TDX the shared leaves the release left stay mapped.
                 k.set_memory_attributes(0, NPAGES << PAGE_SHIFT, 0, 0)
                     .unwrap();
-                check(&k, &vec![None; NPAGES as usize]);
+                for o in oracle.iter_mut() {
+                    if !only_private || *o == Some(true) {
+                        *o = None;
+                    }
+                }
+                check(&k, &oracle);
             }
         }
     }

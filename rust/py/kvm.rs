@@ -1098,8 +1098,10 @@ impl PyKvm {
     }
 
     /// kvm_pre_set_memory_attributes() for one range: True if a flush is due.
-    fn pre_set(&self, py: Python<'_>, rng: Memslot5) -> PyResult<bool> {
-        self.step(py, |k| k.kvm_pre_set_memory_attributes(&gfn_range(rng)))
+    fn pre_set(&self, py: Python<'_>, rng: Memslot5, attributes: u64) -> PyResult<bool> {
+        self.step(py, |k| {
+            k.kvm_pre_set_memory_attributes(&gfn_range(rng), attributes)
+        })
     }
 
     fn set_store(&self, py: Python<'_>, start: u64, end: u64, attributes: u64) -> PyResult<()> {
