@@ -205,39 +205,7 @@ def run_trace(
     if recorder and engine == "native":
         raise ValueError("engine='native' cannot record: a Recorder must see every call")
     res = trace_mod.replay(trace, target, progress=progress, engine=engine)
-    stats = vm.stats.as_dict()
-    ranges = _ram_ranges(trace)
-    out: dict[str, Any] = {
-        "workload": trace.name,
-        "store": store,
-        "engine": res.engine,
-        "guest": trace_guest_size(trace),
-        "operations": res.ops,
-        "seconds": res.seconds,
-        "cpu_seconds": res.cpu_seconds,
-        "generate_seconds": res.source_seconds,
-        "ops_per_second": res.ops / res.seconds if res.seconds > 0 else float("inf"),
-        "memory_bytes": int(vm.store.memory_bytes()),
-        "peak_memory_bytes": res.peak_memory,
-        "entry_count": int(vm.store.entry_count()),
-        "phase_seconds": res.phase_seconds,
-        "phase_memory_bytes": res.phase_memory,
-        "replay": {
-            "sets": res.sets,
-            "faults": res.faults,
-            "fault_exits": res.fault_exits,
-            "implicit_conversions": res.implicit_conversions,
-            "errors": res.errors,
-            "expected_errors": res.expected_errors,
-            "unexpected_errors": res.unexpected_errors,
-        },
-        "stats": stats,
-        **attribute_bytes(vm.store, ranges),
-        "hugepages": hugepage_coverage(vm.stats.mapped),
-        # this process's peak resident memory so far (getrusage), all of it:
-        # the store, the Vm, the records in flight, the interpreter
-        "max_rss_bytes": max_rss_bytes(),
-    }
+    out = _replay_result(trace, store, res, vm, vm.store, res.peak_memory)
     if recorder:
         out["trace"] = target.trace()
     return out
@@ -272,12 +240,25 @@ def run_inplace(
     target = InPlaceVmm(vm)
     res = trace_mod.replay(trace, target, progress=progress, engine="python")
     files = target.store
-    ranges = _ram_ranges(trace)
+    out = _replay_result(trace, store, res, vm, files, max(res.peak_memory, int(files.memory_bytes())))
+    out.update(
+        api="inplace",
+        semantics=semantics,
+        inplace_stats=vm.inplace_stats,
+        gmem_calls=target.gmem_calls,
+        unbacked_pages=target.unbacked_pages,
+    )
+    return out
+
+
+def _replay_result(
+    trace: trace_mod.Trace | TraceStream, store: str, res: Any, vm: Any, attrs: Any, peak: int
+) -> dict[str, Any]:
+    """The JSON-able result of one replay (see :func:`run_trace`): ``attrs``
+    is the attribute store measured (the Vm's, or the in-place files')."""
     return {
         "workload": trace.name,
         "store": store,
-        "api": "inplace",
-        "semantics": semantics,
         "engine": res.engine,
         "guest": trace_guest_size(trace),
         "operations": res.ops,
@@ -285,9 +266,9 @@ def run_inplace(
         "cpu_seconds": res.cpu_seconds,
         "generate_seconds": res.source_seconds,
         "ops_per_second": res.ops / res.seconds if res.seconds > 0 else float("inf"),
-        "memory_bytes": int(files.memory_bytes()),
-        "peak_memory_bytes": max(res.peak_memory, int(files.memory_bytes())),
-        "entry_count": int(files.entry_count()),
+        "memory_bytes": int(attrs.memory_bytes()),
+        "peak_memory_bytes": peak,
+        "entry_count": int(attrs.entry_count()),
         "phase_seconds": res.phase_seconds,
         "phase_memory_bytes": res.phase_memory,
         "replay": {
@@ -300,11 +281,10 @@ def run_inplace(
             "unexpected_errors": res.unexpected_errors,
         },
         "stats": vm.stats.as_dict(),
-        "inplace_stats": vm.inplace_stats,
-        "gmem_calls": target.gmem_calls,
-        "unbacked_pages": target.unbacked_pages,
-        **attribute_bytes(files, ranges),
+        **attribute_bytes(attrs, _ram_ranges(trace)),
         "hugepages": hugepage_coverage(vm.stats.mapped),
+        # this process's peak resident memory so far (getrusage), all of it:
+        # the store, the Vm, the records in flight, the interpreter
         "max_rss_bytes": max_rss_bytes(),
     }
 
