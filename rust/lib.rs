@@ -11,6 +11,7 @@ pub mod kvm;
 pub mod locks;
 pub mod mapletree;
 pub mod rangetree;
+pub mod stage2;
 pub mod store;
 pub mod xarray;
 

@@ -1,0 +1,881 @@
+//! The simulated TDP page table: one address space's leaf mappings, kept
+//! the way the TDP MMU keeps them, as a radix tree of 512-entry tables.
+//!
+//! ```text
+//!   gfn:  [51 ......... 18][17 ..... 9][8 ...... 0]
+//!          1G frame (key)   2M index    4K index
+//!
+//!   puds: { 1G frame -> Pud }             (hashed: only frames ever mapped)
+//!            │
+//!            ├── huge: Some(kind)         a 1G leaf; the pmds are all None
+//!            └── pmds[512]
+//!                  ├── None
+//!                  ├── Leaf { private }   a 2M leaf
+//!                  └── Table ──> Pte { present: 512 bits, private: 512 bits }
+//!                                         4K leaves
+//! ```
+//!
+//! Why a page table and not runs: the fault path installs one leaf and the
+//! conversion path zaps a few, on every operation. In a radix tree each is
+//! a hash of the 1G frame and two array indexes, where a run store costs a
+//! B+ tree descent per level; and the cost of a zap is the mapped tables it
+//! visits, as in the kernel, which fault-ins have already paid for. Each
+//! PUD keeps its own leaf counts, so a zap covering a whole 1G frame drops
+//! it without visiting its tables.
+//!
+//! A gfn is mapped by at most one leaf: installing a leaf removes every
+//! leaf of another level under or over it.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::hugepage::{HugepageError, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K};
+use crate::kvm::uapi::{KVM_FILTER_PRIVATE, KVM_FILTER_SHARED};
+
+/// One past the largest gfn whose gpa fits in 64 bits.
+pub const GFN_LIMIT: u64 = 1 << (64 - 12);
+
+/// Per-level counts (index 0 = 4K, 1 = 2M, 2 = 1G).
+pub type LevelCounts = [u64; 3];
+
+/// Entries per table, and the gfn bits one table level resolves.
+const PTRS: usize = 512;
+const PTE_BITS: u32 = 9;
+const PUD_SHIFT: u32 = 2 * PTE_BITS;
+const WORDS: usize = PTRS / 64;
+
+/// Hashes a 1G frame number: one multiply, the high bits folded down so
+/// both the bucket index (low bits) and the control byte (top bits) vary.
+#[derive(Default, Clone, Copy)]
+struct FrameHasher(u64);
+
+impl Hasher for FrameHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b) ^ self.0.rotate_left(8));
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, x: u64) {
+        let h = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = h ^ (h >> 29);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type PudMap = HashMap<u64, Pud, BuildHasherDefault<FrameHasher>>;
+
+/// Which leaves a zap removes: both kinds, or the ones a filtered
+/// invalidation names (kvm_gfn_range.attr_filter, 6.18).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kinds {
+    Both,
+    Shared,
+    Private,
+}
+
+impl Kinds {
+    #[inline]
+    fn matches(self, private: bool) -> bool {
+        match self {
+            Kinds::Both => true,
+            Kinds::Shared => !private,
+            Kinds::Private => private,
+        }
+    }
+}
+
+/// A last-level table: which of its 512 gfns have a 4K leaf, and which of
+/// those a private fault installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pte {
+    present: [u64; WORDS],
+    private: [u64; WORDS],
+    count: u32,
+}
+
+impl Pte {
+    fn empty() -> Self {
+        Self {
+            present: [0; WORDS],
+            private: [0; WORDS],
+            count: 0,
+        }
+    }
+
+    /// The table a split of a 2M leaf of this kind leaves behind.
+    fn full(private: bool) -> Self {
+        Self {
+            present: [u64::MAX; WORDS],
+            private: [if private { u64::MAX } else { 0 }; WORDS],
+            count: PTRS as u32,
+        }
+    }
+
+    #[inline]
+    fn bit(&self, i: usize) -> (bool, bool) {
+        let m = 1u64 << (i % 64);
+        (self.present[i / 64] & m != 0, self.private[i / 64] & m != 0)
+    }
+
+    #[inline]
+    fn set(&mut self, i: usize, private: bool) {
+        let (w, m) = (i / 64, 1u64 << (i % 64));
+        if self.present[w] & m == 0 {
+            self.present[w] |= m;
+            self.count += 1;
+        }
+        if private {
+            self.private[w] |= m;
+        } else {
+            self.private[w] &= !m;
+        }
+    }
+
+    /// Removes the leaves of entries `[s, e)` (0 <= s < e <= 512) that
+    /// `kinds` names; returns how many.
+    fn clear(&mut self, s: usize, e: usize, kinds: Kinds) -> u32 {
+        let mut n = 0;
+        for w in s / 64..=(e - 1) / 64 {
+            let lo = if w == s / 64 { s % 64 } else { 0 };
+            let hi = if w == (e - 1) / 64 {
+                (e - 1) % 64 + 1
+            } else {
+                64
+            };
+            let span = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            let sel = span
+                & match kinds {
+                    Kinds::Both => self.present[w],
+                    Kinds::Shared => self.present[w] & !self.private[w],
+                    Kinds::Private => self.private[w],
+                };
+            n += sel.count_ones();
+            self.present[w] &= !sel;
+            self.private[w] &= !sel;
+        }
+        self.count -= n;
+        n
+    }
+}
+
+/// A 2M entry of a PUD's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pmd {
+    None,
+    Leaf { private: bool },
+    Table(Box<Pte>),
+}
+
+/// The 1G entry of one 1G frame: a 1G leaf, or a table of 512 2M entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pud {
+    /// Some(kind): a 1G leaf maps the frame (every pmd is then None).
+    huge: Option<bool>,
+    pmds: Box<[Pmd]>,
+    leaves_2m: u32,
+    leaves_4k: u32,
+    tables: u32,
+}
+
+impl Pud {
+    fn new() -> Self {
+        Self {
+            huge: None,
+            pmds: vec![Pmd::None; PTRS].into_boxed_slice(),
+            leaves_2m: 0,
+            leaves_4k: 0,
+            tables: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.huge.is_none() && self.leaves_2m == 0 && self.tables == 0
+    }
+
+    /// Drops every 2M and 4K leaf below; returns how many per level.
+    fn clear_pmds(&mut self) -> LevelCounts {
+        let removed = [u64::from(self.leaves_4k), u64::from(self.leaves_2m), 0];
+        if self.leaves_2m != 0 || self.tables != 0 {
+            self.pmds.iter_mut().for_each(|p| *p = Pmd::None);
+        }
+        self.leaves_2m = 0;
+        self.leaves_4k = 0;
+        self.tables = 0;
+        removed
+    }
+
+    /// Zaps the leaves of `kinds` over local gfns `[s, e)` of this frame
+    /// (0 <= s < e <= 2^18); a huge leaf touching the range goes whole.
+    fn zap(&mut self, s: u64, e: u64, kinds: Kinds, removed: &mut LevelCounts) {
+        if let Some(private) = self.huge {
+            if kinds.matches(private) {
+                self.huge = None;
+                removed[2] += 1;
+            }
+            return;
+        }
+        if s == 0 && e == 1 << PUD_SHIFT && kinds == Kinds::Both {
+            let r = self.clear_pmds();
+            removed[0] += r[0];
+            removed[1] += r[1];
+            return;
+        }
+        let (first, last) = ((s >> PTE_BITS) as usize, ((e - 1) >> PTE_BITS) as usize);
+        for i in first..=last {
+            match &mut self.pmds[i] {
+                Pmd::None => {}
+                Pmd::Leaf { private } => {
+                    if kinds.matches(*private) {
+                        self.pmds[i] = Pmd::None;
+                        self.leaves_2m -= 1;
+                        removed[1] += 1;
+                    }
+                }
+                Pmd::Table(t) => {
+                    let lo = if i == first { (s as usize) % PTRS } else { 0 };
+                    let hi = if i == last {
+                        ((e - 1) as usize) % PTRS + 1
+                    } else {
+                        PTRS
+                    };
+                    let n = t.clear(lo, hi, kinds);
+                    self.leaves_4k -= n;
+                    removed[0] += u64::from(n);
+                    if t.count == 0 {
+                        self.pmds[i] = Pmd::None;
+                        self.tables -= 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Leaf mappings of one address space's TDP root (see the module's
+/// picture). A gfn is mapped by at most one leaf.
+#[derive(Debug, Clone, Default)]
+pub struct Stage2Map {
+    puds: PudMap,
+    /// Live leaves per level.
+    counts: LevelCounts,
+    /// Whether leaf kinds are left out: only a VM with a mirror root (TDX)
+    /// can tell the kinds apart when zapping; any other VM's one direct
+    /// root holds both, so every leaf counts as shared.
+    untracked_kinds: bool,
+}
+
+impl PartialEq for Stage2Map {
+    fn eq(&self, other: &Self) -> bool {
+        self.counts == other.counts
+            && self.untracked_kinds == other.untracked_kinds
+            && self.puds == other.puds
+    }
+}
+
+impl Eq for Stage2Map {}
+
+fn check_level(level: u8) -> Result<(), HugepageError> {
+    if (PG_LEVEL_4K..=PG_LEVEL_1G).contains(&level) {
+        Ok(())
+    } else {
+        Err(HugepageError::InvalidLevel {
+            level,
+            min: PG_LEVEL_4K,
+            max: PG_LEVEL_1G,
+        })
+    }
+}
+
+impl Stage2Map {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A root that does not record which kind of fault installed each leaf
+    /// (every leaf counts as shared; [`Self::zap_filtered`] then only
+    /// makes sense with both kinds).
+    pub fn without_kinds() -> Self {
+        Self {
+            untracked_kinds: true,
+            ..Self::default()
+        }
+    }
+
+    /// The level and kind (private?) of the leaf mapping `gfn`, if any.
+    #[inline]
+    fn leaf(&self, gfn: u64) -> Option<(u8, bool)> {
+        let pud = self.puds.get(&(gfn >> PUD_SHIFT))?;
+        if let Some(private) = pud.huge {
+            return Some((PG_LEVEL_1G, private));
+        }
+        match &pud.pmds[(gfn >> PTE_BITS) as usize % PTRS] {
+            Pmd::None => None,
+            Pmd::Leaf { private } => Some((PG_LEVEL_2M, *private)),
+            Pmd::Table(t) => match t.bit(gfn as usize % PTRS) {
+                (true, private) => Some((PG_LEVEL_4K, private)),
+                (false, _) => None,
+            },
+        }
+    }
+
+    /// The level of the leaf mapping `gfn`, if any.
+    #[inline]
+    pub fn mapped_level(&self, gfn: u64) -> Option<u8> {
+        self.leaf(gfn).map(|(l, _)| l)
+    }
+
+    /// Whether the leaf mapping `gfn` was installed by a private fault
+    /// (None: unmapped).
+    pub fn mapped_private(&self, gfn: u64) -> Option<bool> {
+        self.leaf(gfn).map(|(_, p)| p)
+    }
+
+    /// Installs a leaf at `level` covering `gfn`. Smaller leaves under it
+    /// are replaced (the page table below is freed), and a bigger leaf
+    /// covering `gfn` is zapped first (split to install the smaller one), as
+    /// the TDP MMU does. Returns whether a new leaf was installed (false:
+    /// the same leaf was already present, a spurious fault) and the leaves
+    /// it removed per level.
+    ///
+    /// The same leaf with the other kind: the fault of the other kind
+    /// installs its own (the kernel's other root), which the model keeps
+    /// as the leaf's kind.
+    pub fn map(
+        &mut self,
+        gfn: u64,
+        level: u8,
+        private: bool,
+    ) -> Result<(bool, LevelCounts), HugepageError> {
+        check_level(level)?;
+        if gfn >= GFN_LIMIT {
+            return Err(HugepageError::GfnBeyondGpaSpace { gfn });
+        }
+        let private = private && !self.untracked_kinds;
+        let pud = self.puds.entry(gfn >> PUD_SHIFT).or_insert_with(Pud::new);
+        let mut removed = [0u64; 3];
+        let i = (gfn >> PTE_BITS) as usize % PTRS;
+        match level {
+            PG_LEVEL_1G => {
+                if let Some(kind) = pud.huge {
+                    pud.huge = Some(private);
+                    return Ok((kind != private, removed));
+                }
+                removed = pud.clear_pmds();
+                pud.huge = Some(private);
+            }
+            PG_LEVEL_2M => {
+                if pud.huge.take().is_some() {
+                    removed[2] = 1;
+                }
+                match &mut pud.pmds[i] {
+                    Pmd::Leaf { private: kind } => {
+                        let changed = *kind != private;
+                        *kind = private;
+                        return Ok((changed, removed));
+                    }
+                    Pmd::Table(t) => {
+                        removed[0] = u64::from(t.count);
+                        pud.leaves_4k -= t.count;
+                        pud.tables -= 1;
+                    }
+                    Pmd::None => {}
+                }
+                pud.pmds[i] = Pmd::Leaf { private };
+                pud.leaves_2m += 1;
+            }
+            _ => {
+                if pud.huge.take().is_some() {
+                    removed[2] = 1;
+                }
+                let slot = &mut pud.pmds[i];
+                match slot {
+                    Pmd::Table(_) => {}
+                    Pmd::Leaf { .. } => {
+                        removed[1] = 1;
+                        pud.leaves_2m -= 1;
+                        *slot = Pmd::Table(Box::new(Pte::empty()));
+                        pud.tables += 1;
+                    }
+                    Pmd::None => {
+                        *slot = Pmd::Table(Box::new(Pte::empty()));
+                        pud.tables += 1;
+                    }
+                }
+                let Pmd::Table(t) = slot else { unreachable!() };
+                let bit = gfn as usize % PTRS;
+                if let (true, kind) = t.bit(bit) {
+                    t.set(bit, private);
+                    return Ok((kind != private, removed));
+                }
+                t.set(bit, private);
+                pud.leaves_4k += 1;
+            }
+        }
+        for (c, r) in self.counts.iter_mut().zip(removed) {
+            *c -= r;
+        }
+        self.counts[(level - 1) as usize] += 1;
+        Ok((true, removed))
+    }
+
+    /// Runs `f` on every PUD of the 1G frames `[f0, f1]` that exists, and
+    /// drops the ones left empty. Visits whichever is fewer: the frames of
+    /// the range or the PUDs of the root.
+    fn for_puds_in(&mut self, f0: u64, f1: u64, mut f: impl FnMut(u64, &mut Pud)) {
+        if (f1 - f0) < self.puds.len() as u64 {
+            for frame in f0..=f1 {
+                if let Some(p) = self.puds.get_mut(&frame) {
+                    f(frame, p);
+                    if p.is_empty() {
+                        self.puds.remove(&frame);
+                    }
+                }
+            }
+        } else {
+            self.puds.retain(|&frame, p| {
+                if (f0..=f1).contains(&frame) {
+                    f(frame, p);
+                    !p.is_empty()
+                } else {
+                    true
+                }
+            });
+        }
+    }
+
+    fn zap_kinds(&mut self, start: u64, end: u64, kinds: Kinds) -> LevelCounts {
+        let mut removed = [0u64; 3];
+        let end = end.min(GFN_LIMIT);
+        if start >= end {
+            return removed;
+        }
+        self.for_puds_in(start >> PUD_SHIFT, (end - 1) >> PUD_SHIFT, |frame, pud| {
+            let base = frame << PUD_SHIFT;
+            let s = start.max(base) - base;
+            let e = end.min(base + (1 << PUD_SHIFT)) - base;
+            pud.zap(s, e, kinds, &mut removed);
+        });
+        for (c, r) in self.counts.iter_mut().zip(removed) {
+            *c -= r;
+        }
+        removed
+    }
+
+    /// kvm_unmap_gfn_range() on this root: removes every leaf intersecting
+    /// `[start, end)`; a huge leaf straddling the range goes whole. Returns
+    /// the leaves removed per level.
+    pub fn zap(&mut self, start: u64, end: u64) -> Result<LevelCounts, HugepageError> {
+        if start >= end {
+            return Err(HugepageError::RangeOutsideSlot { start, end });
+        }
+        Ok(self.zap_kinds(start, end, Kinds::Both))
+    }
+
+    /// [`Self::zap`] limited to the leaves of the kinds in `attr_filter`
+    /// (KVM_FILTER_SHARED / KVM_FILTER_PRIVATE): the TDP MMU walks only the
+    /// roots the filter names (kvm_tdp_mmu_unmap_gfn_range with
+    /// kvm_gfn_range.attr_filter). Both kinds is [`Self::zap`].
+    pub fn zap_filtered(
+        &mut self,
+        start: u64,
+        end: u64,
+        attr_filter: u64,
+    ) -> Result<LevelCounts, HugepageError> {
+        if start >= end {
+            return Err(HugepageError::RangeOutsideSlot { start, end });
+        }
+        let kinds = match (
+            attr_filter & KVM_FILTER_SHARED != 0,
+            attr_filter & KVM_FILTER_PRIVATE != 0,
+        ) {
+            (true, true) => Kinds::Both,
+            (true, false) => Kinds::Shared,
+            (false, true) => Kinds::Private,
+            (false, false) => return Ok([0; 3]),
+        };
+        Ok(self.zap_kinds(start, end, kinds))
+    }
+
+    /// kvm_tdp_mmu_try_split_huge_pages() down to 4K: every 2M and 1G leaf
+    /// intersecting `[start, end)` becomes the 4K leaves mapping the same
+    /// gfns, of the same kind (the translation is unchanged, so no flush).
+    /// Returns the huge leaves split per level (the 4K count is always 0).
+    pub fn split_huge_pages(&mut self, start: u64, end: u64) -> Result<LevelCounts, HugepageError> {
+        if start >= end {
+            return Err(HugepageError::RangeOutsideSlot { start, end });
+        }
+        let mut split = [0u64; 3];
+        let end = end.min(GFN_LIMIT);
+        if start >= end {
+            return Ok(split);
+        }
+        self.for_puds_in(start >> PUD_SHIFT, (end - 1) >> PUD_SHIFT, |frame, pud| {
+            if let Some(private) = pud.huge.take() {
+                split[2] += 1;
+                for p in pud.pmds.iter_mut() {
+                    *p = Pmd::Table(Box::new(Pte::full(private)));
+                }
+                pud.tables = PTRS as u32;
+                pud.leaves_4k = (PTRS * PTRS) as u32;
+                return;
+            }
+            let base = frame << PUD_SHIFT;
+            let s = start.max(base) - base;
+            let e = end.min(base + (1 << PUD_SHIFT)) - base;
+            for i in (s >> PTE_BITS) as usize..=((e - 1) >> PTE_BITS) as usize {
+                if let Pmd::Leaf { private } = pud.pmds[i] {
+                    pud.pmds[i] = Pmd::Table(Box::new(Pte::full(private)));
+                    pud.leaves_2m -= 1;
+                    pud.leaves_4k += PTRS as u32;
+                    pud.tables += 1;
+                    split[1] += 1;
+                }
+            }
+        });
+        self.counts[0] += (split[1] + split[2] * PTRS as u64) * PTRS as u64;
+        self.counts[1] -= split[1];
+        self.counts[2] -= split[2];
+        Ok(split)
+    }
+
+    /// Removes every leaf (kvm_mmu_zap_all_fast on this root).
+    pub fn zap_all(&mut self) -> LevelCounts {
+        self.puds.clear();
+        std::mem::take(&mut self.counts)
+    }
+
+    /// Live leaves per level.
+    pub fn counts(&self) -> LevelCounts {
+        self.counts
+    }
+
+    /// The leaves of `level` as runs of frame numbers (`gfn >> shift`), in
+    /// order.
+    pub fn frame_runs(&self, level: u8) -> Result<Vec<(u64, u64)>, HugepageError> {
+        check_level(level)?;
+        let mut frames: Vec<u64> = self.puds.keys().copied().collect();
+        frames.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |s: u64, e: u64| match out.last_mut() {
+            Some((_, last)) if *last == s => *last = e,
+            _ => out.push((s, e)),
+        };
+        for frame in frames {
+            let pud = &self.puds[&frame];
+            match level {
+                PG_LEVEL_1G => {
+                    if pud.huge.is_some() {
+                        push(frame, frame + 1);
+                    }
+                }
+                PG_LEVEL_2M => {
+                    for (i, p) in pud.pmds.iter().enumerate() {
+                        if let Pmd::Leaf { .. } = p {
+                            let f = (frame << PTE_BITS) + i as u64;
+                            push(f, f + 1);
+                        }
+                    }
+                }
+                _ => {
+                    for (i, p) in pud.pmds.iter().enumerate() {
+                        let Pmd::Table(t) = p else { continue };
+                        let table = (frame << PUD_SHIFT) + ((i as u64) << PTE_BITS);
+                        for (w, &bits) in t.present.iter().enumerate() {
+                            let mut bits = bits;
+                            let mut at = 0u32;
+                            while bits != 0 {
+                                let zeros = bits.trailing_zeros();
+                                bits = bits.checked_shr(zeros).unwrap_or(0);
+                                at += zeros;
+                                let ones = (!bits).trailing_zeros();
+                                let g = table + (w as u64) * 64 + u64::from(at);
+                                push(g, g + u64::from(ones));
+                                bits = bits.checked_shr(ones).unwrap_or(0);
+                                at += ones;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The leaves of `level` as runs of gfns `[start, end)`.
+    pub fn runs(&self, level: u8) -> Result<Vec<(u64, u64)>, HugepageError> {
+        let s = crate::hugepage::hpage_gfn_shift(level.clamp(PG_LEVEL_4K, PG_LEVEL_1G));
+        Ok(self
+            .frame_runs(level)?
+            .into_iter()
+            .map(|(a, b)| (a << s, b << s))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    const M2: u64 = 512;
+    const G1: u64 = 512 * 512;
+
+    #[test]
+    fn split_huge_pages_keeps_every_gfn_mapped() {
+        let mut m = Stage2Map::new();
+        m.map(0, PG_LEVEL_1G, false).unwrap();
+        m.map(G1 + M2, PG_LEVEL_2M, false).unwrap();
+        m.map(G1 + 5 * M2, PG_LEVEL_2M, false).unwrap();
+        m.map(G1 + 7, PG_LEVEL_4K, false).unwrap();
+        m.map(3 * G1, PG_LEVEL_1G, false).unwrap();
+        // Touches the first 1G leaf and the first 2M leaf only.
+        assert_eq!(m.split_huge_pages(G1 - 1, G1 + M2 + 1), Ok([0, 1, 1]));
+        assert_eq!(m.counts(), [G1 + M2 + 1, 1, 1]);
+        assert_eq!(
+            m.runs(PG_LEVEL_4K).unwrap(),
+            vec![(0, G1), (G1 + 7, G1 + 8), (G1 + M2, G1 + 2 * M2)]
+        );
+        assert_eq!(m.mapped_level(G1 + 5 * M2), Some(PG_LEVEL_2M));
+        assert_eq!(m.split_huge_pages(0, u64::MAX >> 12), Ok([0, 1, 1]));
+        assert_eq!(m.counts(), [2 * G1 + 2 * M2 + 1, 0, 0]);
+        assert!(m.split_huge_pages(5, 5).is_err());
+    }
+
+    #[test]
+    fn map_and_zap() {
+        let mut m = Stage2Map::new();
+        assert_eq!(m.map(5, 1, false).unwrap(), (true, [0, 0, 0]));
+        assert_eq!(m.map(5, 1, false).unwrap(), (false, [0, 0, 0]));
+        assert!(m.map(600, 1, false).unwrap().0);
+        assert_eq!(m.mapped_level(5), Some(1));
+        // A 2M leaf over 4K leaves replaces them.
+        assert_eq!(m.map(7, 2, false).unwrap(), (true, [1, 0, 0]));
+        assert_eq!(m.counts(), [1, 1, 0]);
+        assert_eq!(m.mapped_level(0), Some(2));
+        // A zap of one page inside the 2M leaf removes it whole.
+        assert_eq!(m.zap(100, 101).unwrap(), [0, 1, 0]);
+        assert_eq!(m.counts(), [1, 0, 0]);
+        assert_eq!(m.map(G1 + 3, 3, false).unwrap(), (true, [0, 0, 0]));
+        // A 4K fault under a 1G leaf splits it (zaps the 1G leaf).
+        assert_eq!(m.map(G1 + 3, 1, false).unwrap(), (true, [0, 0, 1]));
+        assert_eq!(m.runs(1).unwrap(), vec![(600, 601), (G1 + 3, G1 + 4)]);
+        assert_eq!(m.zap_all(), [2, 0, 0]);
+        assert!(m.zap(3, 3).is_err());
+        assert!(m.map(0, 4, false).is_err());
+        // The last page of the gpa space; nothing beyond.
+        assert!(m.map(GFN_LIMIT - 1, 1, false).unwrap().0);
+        assert!(m.map(GFN_LIMIT - 1, 3, false).unwrap().0);
+        assert_eq!(m.runs(3).unwrap(), vec![(GFN_LIMIT - G1, GFN_LIMIT)]);
+        assert_eq!(m.zap(u64::MAX - 1, u64::MAX).unwrap(), [0, 0, 0]);
+        assert_eq!(m.zap(GFN_LIMIT - 1, u64::MAX).unwrap(), [0, 0, 1]);
+        assert_eq!(
+            m.map(GFN_LIMIT, 1, false),
+            Err(HugepageError::GfnBeyondGpaSpace { gfn: GFN_LIMIT })
+        );
+        assert!(m.map(u64::MAX, 1, false).is_err());
+        assert_eq!(m.mapped_level(u64::MAX), None);
+    }
+
+    #[test]
+    fn split_keeps_each_leaf_kind_and_filtered_zap_of_huge_leaves() {
+        let mut m = Stage2Map::new();
+        m.map(0, PG_LEVEL_2M, true).unwrap();
+        m.map(512, PG_LEVEL_2M, false).unwrap();
+        m.map(1024, PG_LEVEL_4K, true).unwrap();
+        m.split_huge_pages(0, 1024).unwrap();
+        assert_eq!(m.mapped_private(5), Some(true));
+        assert_eq!(m.mapped_private(600), Some(false));
+        m.map(1025, PG_LEVEL_4K, false).unwrap();
+        // Shared only: the shared 4K leaves of [0, 2048) go, private stay.
+        let removed = m.zap_filtered(0, 2048, KVM_FILTER_SHARED).unwrap();
+        assert_eq!(removed, [513, 0, 0]);
+        assert_eq!(m.mapped_private(600), None);
+        assert_eq!(m.mapped_private(1024), Some(true));
+        let removed = m.zap_filtered(0, 2048, KVM_FILTER_PRIVATE).unwrap();
+        assert_eq!(removed, [513, 0, 0]);
+        assert_eq!(m.counts(), [0, 0, 0]);
+        assert!(m.puds.is_empty(), "empty tables are freed");
+    }
+
+    // --- against a per-gfn oracle --------------------------------------------
+
+    /// The oracle: for each mapped gfn, the leaf that maps it as (level,
+    /// frame, private). Every rule restated over single gfns, in a span
+    /// small enough to enumerate.
+    #[derive(Default)]
+    struct Oracle {
+        gfns: BTreeMap<u64, (u8, u64, bool)>,
+    }
+
+    impl Oracle {
+        fn leaf_gfns(level: u8, frame: u64) -> std::ops::Range<u64> {
+            let s = (level as u32 - 1) * 9;
+            (frame << s)..((frame + 1) << s)
+        }
+
+        /// The distinct leaves (level, frame) that map any gfn of [s, e).
+        fn leaves_in(&self, s: u64, e: u64) -> Vec<(u8, u64, bool)> {
+            let mut v: Vec<_> = self.gfns.range(s..e).map(|(_, &l)| l).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+
+        fn remove_leaf(&mut self, level: u8, frame: u64, removed: &mut LevelCounts) {
+            for g in Self::leaf_gfns(level, frame) {
+                self.gfns.remove(&g);
+            }
+            removed[(level - 1) as usize] += 1;
+        }
+
+        fn map(&mut self, gfn: u64, level: u8, private: bool) -> (bool, LevelCounts) {
+            let frame = gfn >> ((level as u32 - 1) * 9);
+            let mut removed = [0; 3];
+            let r = Self::leaf_gfns(level, frame);
+            match self.gfns.get(&gfn) {
+                Some(&(l, f, p)) if l == level && f == frame => {
+                    for g in r {
+                        self.gfns.insert(g, (level, frame, private));
+                    }
+                    return (p != private, removed);
+                }
+                _ => {}
+            }
+            for (l, f, _) in self.leaves_in(r.start, r.end) {
+                self.remove_leaf(l, f, &mut removed);
+            }
+            // A bigger leaf covering gfn that does not lie inside r.
+            if let Some(&(l, f, _)) = self.gfns.get(&gfn) {
+                self.remove_leaf(l, f, &mut removed);
+            }
+            for g in r {
+                self.gfns.insert(g, (level, frame, private));
+            }
+            (true, removed)
+        }
+
+        fn zap(&mut self, s: u64, e: u64, kinds: Kinds) -> LevelCounts {
+            let mut removed = [0; 3];
+            for (l, f, p) in self.leaves_in(s, e) {
+                if kinds.matches(p) {
+                    self.remove_leaf(l, f, &mut removed);
+                }
+            }
+            removed
+        }
+
+        fn split(&mut self, s: u64, e: u64) -> LevelCounts {
+            let mut split = [0; 3];
+            for (l, f, p) in self.leaves_in(s, e) {
+                if l > PG_LEVEL_4K {
+                    split[(l - 1) as usize] += 1;
+                    for g in Self::leaf_gfns(l, f) {
+                        self.gfns.insert(g, (PG_LEVEL_4K, g, p));
+                    }
+                }
+            }
+            split
+        }
+
+        fn counts(&self) -> LevelCounts {
+            let mut c = [0; 3];
+            let mut leaves: Vec<_> = self.gfns.values().map(|&(l, f, _)| (l, f)).collect();
+            leaves.dedup();
+            for (l, _) in leaves {
+                c[(l - 1) as usize] += 1;
+            }
+            c
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Map(u64, u8, bool),
+        Zap(u64, u64, u8),
+        Split(u64, u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Two 1G frames, so 1G leaves, whole-frame zaps and both PUD walks
+        // (by range and by entry) all happen.
+        let span = 2 * G1;
+        prop_oneof![
+            4 => (0..span, prop_oneof![4 => Just(1u8), 2 => Just(2u8), 1 => Just(3u8)], any::<bool>())
+                .prop_map(|(g, l, p)| Op::Map(g, l, p)),
+            2 => (0..span, prop_oneof![1u64..4, 1u64..1100, Just(G1), 1u64..span], 0u8..4)
+                .prop_map(|(s, n, f)| Op::Zap(s, s + n, f)),
+            1 => (0..span, 1u64..G1).prop_map(|(s, n)| Op::Split(s, s + n)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn equals_a_per_gfn_oracle(ops in proptest::collection::vec(op(), 1..40)) {
+            let mut m = Stage2Map::new();
+            let mut o = Oracle::default();
+            for op in ops {
+                match op {
+                    Op::Map(g, l, p) => prop_assert_eq!(m.map(g, l, p).unwrap(), o.map(g, l, p)),
+                    Op::Zap(s, e, f) => {
+                        let kinds = match f {
+                            0 => Kinds::Both,
+                            1 => Kinds::Shared,
+                            2 => Kinds::Private,
+                            _ => {
+                                prop_assert_eq!(m.zap_filtered(s, e, 0).unwrap(), [0; 3]);
+                                continue;
+                            }
+                        };
+                        let filter = match kinds {
+                            Kinds::Both => KVM_FILTER_SHARED | KVM_FILTER_PRIVATE,
+                            Kinds::Shared => KVM_FILTER_SHARED,
+                            Kinds::Private => KVM_FILTER_PRIVATE,
+                        };
+                        prop_assert_eq!(m.zap_filtered(s, e, filter).unwrap(), o.zap(s, e, kinds));
+                    }
+                    Op::Split(s, e) => prop_assert_eq!(m.split_huge_pages(s, e).unwrap(), o.split(s, e)),
+                }
+                prop_assert_eq!(m.counts(), o.counts());
+            }
+            // Every gfn answers like the oracle, and the runs agree.
+            for g in (0..2 * G1).step_by(97).chain([0, M2 - 1, M2, G1 - 1, G1, 2 * G1 - 1]) {
+                let want = o.gfns.get(&g).map(|&(l, _, p)| (l, p));
+                prop_assert_eq!(m.leaf(g), want, "gfn {:#x}", g);
+            }
+            for level in 1..=3u8 {
+                let mut want: Vec<(u64, u64)> = Vec::new();
+                let mut leaves: Vec<u64> = o.gfns.values().filter(|v| v.0 == level).map(|v| v.1).collect();
+                leaves.dedup();
+                for f in leaves {
+                    match want.last_mut() {
+                        Some((_, e)) if *e == f => *e = f + 1,
+                        _ => want.push((f, f + 1)),
+                    }
+                }
+                prop_assert_eq!(m.frame_runs(level).unwrap(), want);
+            }
+        }
+    }
+
+    #[test]
+    fn untracked_kinds_count_every_leaf_as_shared() {
+        let mut m = Stage2Map::without_kinds();
+        m.map(3, PG_LEVEL_4K, true).unwrap();
+        assert_eq!(m.mapped_private(3), Some(false));
+        // The same leaf from a "private" fault is spurious here.
+        assert_eq!(m.map(3, PG_LEVEL_4K, true).unwrap(), (false, [0; 3]));
+        assert_eq!(m.zap_filtered(0, 8, KVM_FILTER_PRIVATE).unwrap(), [0; 3]);
+        assert_eq!(m.zap_filtered(0, 8, KVM_FILTER_SHARED).unwrap(), [1, 0, 0]);
+    }
+}
