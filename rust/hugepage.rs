@@ -21,7 +21,7 @@
 
 use std::fmt;
 
-use crate::rangetree::RangeTree;
+use crate::framehash::{for_each_in, FrameMap};
 use crate::store::{AttrStore, StoreError};
 
 /// x86 page-table levels as KVM numbers them (`PG_LEVEL_*`).
@@ -118,30 +118,59 @@ fn check_level(level: u8, min: u8, max: u8) -> Result<(), HugepageError> {
 // A set of u64 kept as disjoint, non-adjacent half-open runs.
 // ---------------------------------------------------------------------------
 
-/// Disjoint, coalesced `[start, end)` runs of u64 keys: a [`RangeTree`]
-/// holding 1 for the keys in the set (its B+ tree is faster than a
-/// `BTreeMap` of runs for the point queries the MMU model makes per fault).
+/// A set of hugepage numbers, as 512-bit blocks kept only where a key is
+/// set (a hash of the block number, then a bit).
+///
+/// ```text
+///   key:  [63 ........ 9][8 ... 0]
+///          block (hashed)  bit
+/// ```
+///
+/// The mixed flags are few (at most two hugepages per attribute run and
+/// level: the ones an attribute boundary falls inside) but asked about on
+/// every fault and conversion, so a point query must be cheap: a hash and
+/// a bit test. A range removal visits only the blocks that exist, so
+/// clearing the flags under a conversion of a whole slot costs what is
+/// set, not the slot's size.
 #[derive(Clone, Default)]
-pub struct IntervalSet {
-    tree: RangeTree,
+pub struct SparseBitmap {
+    blocks: FrameMap<[u64; 8]>,
     len: u64,
 }
 
-impl fmt::Debug for IntervalSet {
+const BLOCK_SHIFT: u32 = 9;
+const BLOCK_KEYS: u64 = 1 << BLOCK_SHIFT;
+
+/// The bits `[lo, hi)` of word `w` of a block (0 <= lo < hi <= 512).
+#[inline]
+fn word_mask(w: usize, lo: u64, hi: u64) -> u64 {
+    let (ws, we) = (w as u64 * 64, w as u64 * 64 + 64);
+    if hi <= ws || lo >= we {
+        return 0;
+    }
+    let (a, b) = (lo.max(ws) - ws, hi.min(we) - ws);
+    if b - a == 64 {
+        u64::MAX
+    } else {
+        ((1u64 << (b - a)) - 1) << a
+    }
+}
+
+impl fmt::Debug for SparseBitmap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.runs()).finish()
     }
 }
 
-impl PartialEq for IntervalSet {
+impl PartialEq for SparseBitmap {
     fn eq(&self, other: &Self) -> bool {
-        self.len == other.len && self.runs().eq(other.runs())
+        self.len == other.len && self.blocks == other.blocks
     }
 }
 
-impl Eq for IntervalSet {}
+impl Eq for SparseBitmap {}
 
-impl IntervalSet {
+impl SparseBitmap {
     pub fn new() -> Self {
         Self::default()
     }
@@ -155,103 +184,134 @@ impl IntervalSet {
         self.len == 0
     }
 
-    /// Number of stored runs.
-    pub fn run_count(&self) -> usize {
-        self.tree.entry_count()
-    }
-
-    // The empty checks below skip a tree descent: many sets (the 1G leaves,
-    // the mixed flags of a uniform slot) stay empty for a whole run.
+    #[inline]
     pub fn contains(&self, key: u64) -> bool {
-        self.len != 0 && self.tree.get(key) != 0
-    }
-
-    /// True if any key of `[start, end)` is in the set.
-    pub fn intersects(&self, start: u64, end: u64) -> bool {
         self.len != 0
-            && start < end
-            && !self.tree.has_value(start, end, 0, u64::MAX).unwrap_or(true)
+            && self
+                .blocks
+                .get(&(key >> BLOCK_SHIFT))
+                .is_some_and(|b| b[(key % BLOCK_KEYS / 64) as usize] >> (key % 64) & 1 != 0)
     }
 
-    /// Keys of `[start, end)` in the set (`start < end`).
-    fn count(&self, start: u64, end: u64) -> u64 {
-        if end - start == 1 {
-            // One key (a 4K leaf, one hugepage's flag): a point lookup.
-            return self.tree.get(start);
-        }
-        self.tree.count_pages(start, end, 1, u64::MAX).unwrap_or(0)
+    /// Adds `key`; returns whether it was absent.
+    pub fn insert(&mut self, key: u64) -> bool {
+        let b = self.blocks.entry(key >> BLOCK_SHIFT).or_insert([0; 8]);
+        let (w, m) = ((key % BLOCK_KEYS / 64) as usize, 1u64 << (key % 64));
+        let absent = b[w] & m == 0;
+        b[w] |= m;
+        self.len += absent as u64;
+        absent
     }
 
-    /// Adds `[start, end)`, merging with touching runs.
-    pub fn insert(&mut self, start: u64, end: u64) {
-        if start >= end {
-            return;
-        }
-        let present = self.count(start, end);
-        if present == end - start {
-            return;
-        }
-        // A valid range: the tree cannot refuse it.
-        let _ = self.tree.set_range(start, end, 1);
-        self.len += (end - start) - present;
-    }
-
-    /// Adds one key the caller knows is absent (one tree update, no count).
-    pub fn insert_absent(&mut self, key: u64) {
-        debug_assert!(!self.contains(key));
-        // A valid range: the tree cannot refuse it.
-        let _ = self.tree.set_range(key, key + 1, 1);
-        self.len += 1;
-    }
-
-    /// Removes `[start, end)`; returns how many keys were removed.
-    pub fn remove(&mut self, start: u64, end: u64) -> u64 {
-        if start >= end || self.len == 0 {
-            return 0;
-        }
-        let present = self.count(start, end);
-        if present != 0 {
-            let _ = self.tree.set_range(start, end, 0);
-            self.len -= present;
+    /// Removes `key`; returns whether it was present.
+    pub fn remove(&mut self, key: u64) -> bool {
+        let Some(b) = self.blocks.get_mut(&(key >> BLOCK_SHIFT)) else {
+            return false;
+        };
+        let (w, m) = ((key % BLOCK_KEYS / 64) as usize, 1u64 << (key % 64));
+        let present = b[w] & m != 0;
+        b[w] &= !m;
+        if present {
+            self.len -= 1;
+            if b.iter().all(|&x| x == 0) {
+                self.blocks.remove(&(key >> BLOCK_SHIFT));
+            }
         }
         present
     }
 
-    /// Removes every key; returns how many there were.
-    pub fn clear(&mut self) -> u64 {
-        let n = self.len;
-        self.tree = RangeTree::new();
-        self.len = 0;
-        n
+    /// Adds the keys `[start, end)` (a block at a time, so only for ranges
+    /// of keys that are to be set anyway).
+    pub fn insert_range(&mut self, start: u64, end: u64) {
+        let mut block = start >> BLOCK_SHIFT;
+        while start < end && block <= (end - 1) >> BLOCK_SHIFT {
+            let base = block << BLOCK_SHIFT;
+            let (lo, hi) = (start.max(base) - base, (end - base).min(BLOCK_KEYS));
+            let b = self.blocks.entry(block).or_insert([0; 8]);
+            for (w, word) in b.iter_mut().enumerate() {
+                let m = word_mask(w, lo, hi);
+                self.len += u64::from((m & !*word).count_ones());
+                *word |= m;
+            }
+            block += 1;
+        }
     }
 
-    /// The parts of runs that lie in `[start, end)`, in order.
-    pub fn runs_in(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        if start < end {
-            let _ = self.tree.for_each_run(start, end, &mut |s, e, v| {
-                if v != 0 {
-                    out.push((s, e));
+    /// Removes the keys of `[start, end)`; returns how many were set.
+    pub fn remove_range(&mut self, start: u64, end: u64) -> u64 {
+        if start >= end || self.len == 0 {
+            return 0;
+        }
+        let mut removed = 0u64;
+        for_each_in(
+            &mut self.blocks,
+            start >> BLOCK_SHIFT,
+            (end - 1) >> BLOCK_SHIFT,
+            |block, b| {
+                let base = block << BLOCK_SHIFT;
+                let (lo, hi) = (start.max(base) - base, (end - base).min(BLOCK_KEYS));
+                for (w, word) in b.iter_mut().enumerate() {
+                    let m = word_mask(w, lo, hi) & *word;
+                    removed += u64::from(m.count_ones());
+                    *word &= !m;
                 }
-            });
+                b.iter().any(|&x| x != 0)
+            },
+        );
+        self.len -= removed;
+        removed
+    }
+
+    /// True if any key of `[start, end)` is in the set.
+    pub fn intersects(&self, start: u64, end: u64) -> bool {
+        if start >= end || self.len == 0 {
+            return false;
+        }
+        let (first, last) = (start >> BLOCK_SHIFT, (end - 1) >> BLOCK_SHIFT);
+        let hit = |block: u64, b: &[u64; 8]| {
+            let base = block << BLOCK_SHIFT;
+            let (lo, hi) = (start.max(base) - base, (end - base).min(BLOCK_KEYS));
+            b.iter()
+                .enumerate()
+                .any(|(w, &word)| word & word_mask(w, lo, hi) != 0)
+        };
+        if last - first < self.blocks.len() as u64 {
+            (first..=last).any(|k| self.blocks.get(&k).is_some_and(|b| hit(k, b)))
+        } else {
+            self.blocks
+                .iter()
+                .any(|(&k, b)| (first..=last).contains(&k) && hit(k, b))
+        }
+    }
+
+    /// The keys as runs `[start, end)`, in order.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut keys: Vec<u64> = self.blocks.keys().copied().collect();
+        keys.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for block in keys {
+            for (w, &word) in self.blocks[&block].iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let at = bits.trailing_zeros();
+                    let ones = (!(bits >> at)).trailing_zeros();
+                    let k = (block << BLOCK_SHIFT) + w as u64 * 64 + u64::from(at);
+                    match out.last_mut() {
+                        Some((_, e)) if *e == k => *e = k + u64::from(ones),
+                        _ => out.push((k, k + u64::from(ones))),
+                    }
+                    bits &= !word_mask(0, u64::from(at), u64::from(at + ones));
+                }
+            }
         }
         out
     }
 
-    /// The runs, in order.
-    pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let mut out = Vec::with_capacity(self.run_count());
-        let _ = self.tree.for_each_run(0, u64::MAX, &mut |s, e, v| {
-            if v != 0 {
-                out.push((s, e));
-            }
-        });
-        out.into_iter()
-    }
-
-    /// The tree's footprint.
+    /// The blocks' footprint (hashbrown: the entries plus a control byte
+    /// each, over its capacity).
     pub fn memory_bytes(&self) -> usize {
-        self.tree.memory_bytes() + std::mem::size_of::<Self>()
+        std::mem::size_of::<Self>()
+            + self.blocks.capacity() * (std::mem::size_of::<(u64, [u64; 8])>() + 1)
     }
 }
 
@@ -733,7 +793,7 @@ struct LevelRuns {
     /// gpa/hva incongruent: every hugepage of the slot disallowed.
     all_disallowed: bool,
     /// Hugepage numbers with KVM_LPAGE_MIXED_FLAG set.
-    mixed: IntervalSet,
+    mixed: SparseBitmap,
 }
 
 /// Hugepage tracking kept as runs: costs scale with the number of
@@ -757,7 +817,7 @@ impl RangeTracker {
             head_disallowed: slot.head_misaligned(level),
             tail_disallowed: slot.tail_misaligned(level),
             all_disallowed: slot.incongruent(level),
-            mixed: IntervalSet::new(),
+            mixed: SparseBitmap::new(),
         };
         Self {
             slot,
@@ -784,16 +844,16 @@ impl MixedFlags for RangeTracker {
         let shift = hpage_gfn_shift(level);
         self.lvl_mut(level)
             .mixed
-            .remove(first >> shift, end >> shift);
+            .remove_range(first >> shift, end >> shift);
     }
 
     fn set_mixed(&mut self, gfn: u64, level: u8, mixed: bool) {
         let hp = gfn >> hpage_gfn_shift(level);
         let set = &mut self.lvl_mut(level).mixed;
         if mixed {
-            set.insert(hp, hp + 1);
+            set.insert(hp);
         } else {
-            set.remove(hp, hp + 1);
+            set.remove(hp);
         }
     }
 
@@ -873,14 +933,14 @@ impl HugepageTracker for RangeTracker {
                 prev = Some(v);
             })?;
             let set = &mut next.lvl_mut(level).mixed;
-            set.remove(first >> shift, end >> shift);
+            set.remove_range(first >> shift, end >> shift);
             let mut i = 0;
             while i < mixed.len() {
                 let mut j = i + 1;
                 while j < mixed.len() && mixed[j] == mixed[j - 1] + 1 {
                     j += 1;
                 }
-                set.insert(mixed[i], mixed[j - 1] + 1);
+                set.insert_range(mixed[i], mixed[j - 1] + 1);
                 i = j;
             }
         }
@@ -921,7 +981,7 @@ impl HugepageTracker for RangeTracker {
 
     fn mixed_runs(&self, level: u8) -> Result<Vec<(u64, u64)>, HugepageError> {
         check_level(level, PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL)?;
-        Ok(self.lvl(level).mixed.runs().collect())
+        Ok(self.lvl(level).mixed.runs())
     }
 
     fn memory_bytes(&self) -> usize {
@@ -1109,26 +1169,29 @@ mod tests {
     }
 
     #[test]
-    fn interval_set_basics() {
-        let mut s = IntervalSet::new();
-        s.insert(10, 20);
-        s.insert(20, 30);
-        s.insert(5, 7);
-        assert_eq!(s.runs().collect::<Vec<_>>(), vec![(5, 7), (10, 30)]);
+    fn sparse_bitmap_basics() {
+        let mut s = SparseBitmap::new();
+        s.insert_range(10, 20);
+        s.insert_range(20, 30);
+        s.insert_range(5, 7);
+        assert_eq!(s.runs(), vec![(5, 7), (10, 30)]);
         assert_eq!(s.len(), 22);
         assert!(s.contains(29) && !s.contains(30) && !s.contains(7));
         assert!(s.intersects(6, 11) && !s.intersects(7, 10));
-        assert_eq!(s.remove(12, 15), 3);
-        assert_eq!(
-            s.runs().collect::<Vec<_>>(),
-            vec![(5, 7), (10, 12), (15, 30)]
-        );
-        assert_eq!(s.remove(0, 100), 19);
+        assert_eq!(s.remove_range(12, 15), 3);
+        assert_eq!(s.runs(), vec![(5, 7), (10, 12), (15, 30)]);
+        assert_eq!(s.remove_range(0, 100), 19);
         assert!(s.is_empty());
-        s.insert(0, u64::MAX);
-        assert_eq!(s.remove(1, 2), 1);
-        assert_eq!(s.run_count(), 2);
-        assert_eq!(s.clear(), u64::MAX - 1);
+        assert!(s.blocks.is_empty(), "empty blocks are freed");
+        // The last 2M hugepage numbers (gfn >> 9), across a block boundary.
+        let top = u64::MAX >> 9;
+        s.insert_range(top - 600, top);
+        assert!(s.insert(top));
+        assert!(!s.insert(top));
+        assert_eq!(s.runs(), vec![(top - 600, top + 1)]);
+        assert!(s.intersects(0, u64::MAX));
+        assert!(s.remove(top));
+        assert_eq!(s.remove_range(0, u64::MAX), 600);
     }
 
     #[test]
@@ -1300,26 +1363,38 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(500))]
         #[test]
-        fn interval_set_equals_a_set_of_keys(
-            ops in prop::collection::vec((any::<bool>(), 0u64..200, 0u64..40), 1..60),
+        fn sparse_bitmap_equals_a_set_of_keys(
+            ops in prop::collection::vec((0u8..4, 0u64..1400, 0u64..700), 1..60),
         ) {
-            let mut s = IntervalSet::new();
+            let mut s = SparseBitmap::new();
             let mut oracle = std::collections::BTreeSet::new();
-            for (insert, start, len) in ops {
+            for (op, start, len) in ops {
                 let end = start + len;
-                if insert {
-                    s.insert(start, end);
-                    oracle.extend(start..end);
-                } else {
-                    let want = oracle.range(start..end).count() as u64;
-                    prop_assert_eq!(s.remove(start, end), want);
-                    for k in start..end {
-                        oracle.remove(&k);
+                match op {
+                    0 => {
+                        s.insert_range(start, end);
+                        oracle.extend(start..end);
+                    }
+                    1 => {
+                        let want = oracle.range(start..end).count() as u64;
+                        prop_assert_eq!(s.remove_range(start, end), want);
+                        for k in start..end {
+                            oracle.remove(&k);
+                        }
+                    }
+                    2 => {
+                        prop_assert_eq!(s.insert(start), oracle.insert(start));
+                        prop_assert_eq!(s.remove(end), oracle.remove(&end));
+                    }
+                    _ => {
+                        let want = oracle.range(start..end).next().is_some();
+                        prop_assert_eq!(s.intersects(start, end), want);
+                        prop_assert_eq!(s.contains(start), oracle.contains(&start));
                     }
                 }
                 prop_assert_eq!(s.len(), oracle.len() as u64);
                 // Runs are disjoint, non-adjacent and hold exactly the keys.
-                let runs: Vec<_> = s.runs().collect();
+                let runs = s.runs();
                 for w in runs.windows(2) {
                     prop_assert!(w[0].1 < w[1].0);
                 }

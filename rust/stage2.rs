@@ -26,9 +26,7 @@
 //! A gfn is mapped by at most one leaf: installing a leaf removes every
 //! leaf of another level under or over it.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
+use crate::framehash::{for_each_in, FrameMap};
 use crate::hugepage::{HugepageError, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K};
 use crate::kvm::uapi::{KVM_FILTER_PRIVATE, KVM_FILTER_SHARED};
 
@@ -44,30 +42,7 @@ const PTE_BITS: u32 = 9;
 const PUD_SHIFT: u32 = 2 * PTE_BITS;
 const WORDS: usize = PTRS / 64;
 
-/// Hashes a 1G frame number: one multiply, the high bits folded down so
-/// both the bucket index (low bits) and the control byte (top bits) vary.
-#[derive(Default, Clone, Copy)]
-struct FrameHasher(u64);
-
-impl Hasher for FrameHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b) ^ self.0.rotate_left(8));
-        }
-    }
-    #[inline]
-    fn write_u64(&mut self, x: u64) {
-        let h = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.0 = h ^ (h >> 29);
-    }
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type PudMap = HashMap<u64, Pud, BuildHasherDefault<FrameHasher>>;
+type PudMap = FrameMap<Pud>;
 
 /// Which leaves a zap removes: both kinds, or the ones a filtered
 /// invalidation names (kvm_gfn_range.attr_filter, 6.18).
@@ -428,28 +403,12 @@ impl Stage2Map {
     }
 
     /// Runs `f` on every PUD of the 1G frames `[f0, f1]` that exists, and
-    /// drops the ones left empty. Visits whichever is fewer: the frames of
-    /// the range or the PUDs of the root.
+    /// frees the ones left empty.
     fn for_puds_in(&mut self, f0: u64, f1: u64, mut f: impl FnMut(u64, &mut Pud)) {
-        if (f1 - f0) < self.puds.len() as u64 {
-            for frame in f0..=f1 {
-                if let Some(p) = self.puds.get_mut(&frame) {
-                    f(frame, p);
-                    if p.is_empty() {
-                        self.puds.remove(&frame);
-                    }
-                }
-            }
-        } else {
-            self.puds.retain(|&frame, p| {
-                if (f0..=f1).contains(&frame) {
-                    f(frame, p);
-                    !p.is_empty()
-                } else {
-                    true
-                }
-            });
-        }
+        for_each_in(&mut self.puds, f0, f1, |frame, p| {
+            f(frame, p);
+            !p.is_empty()
+        });
     }
 
     fn zap_kinds(&mut self, start: u64, end: u64, kinds: Kinds) -> LevelCounts {
