@@ -646,24 +646,20 @@ mod tests {
     }
 
     #[test]
-    fn split_keeps_each_leaf_kind_and_filtered_zap_of_huge_leaves() {
+    fn empty_tables_are_freed() {
         let mut m = Stage2Map::new();
-        m.map(0, PG_LEVEL_2M, true).unwrap();
-        m.map(512, PG_LEVEL_2M, false).unwrap();
-        m.map(1024, PG_LEVEL_4K, true).unwrap();
-        m.split_huge_pages(0, 1024).unwrap();
-        assert_eq!(m.mapped_private(5), Some(true));
-        assert_eq!(m.mapped_private(600), Some(false));
-        m.map(1025, PG_LEVEL_4K, false).unwrap();
-        // Shared only: the shared 4K leaves of [0, 2048) go, private stay.
-        let removed = m.zap_filtered(0, 2048, KVM_FILTER_SHARED).unwrap();
-        assert_eq!(removed, [513, 0, 0]);
-        assert_eq!(m.mapped_private(600), None);
-        assert_eq!(m.mapped_private(1024), Some(true));
-        let removed = m.zap_filtered(0, 2048, KVM_FILTER_PRIVATE).unwrap();
-        assert_eq!(removed, [513, 0, 0]);
-        assert_eq!(m.counts(), [0, 0, 0]);
-        assert!(m.puds.is_empty(), "empty tables are freed");
+        m.map(5, PG_LEVEL_4K, true).unwrap();
+        m.map(G1 + 600, PG_LEVEL_2M, false).unwrap();
+        assert_eq!(m.puds.len(), 2);
+        assert_eq!(
+            m.zap_filtered(0, 2 * G1, KVM_FILTER_SHARED).unwrap(),
+            [0, 1, 0]
+        );
+        assert_eq!(m.puds.len(), 1);
+        assert_eq!(m.zap(0, 1).unwrap(), [0, 0, 0]);
+        assert_eq!(m.zap(5, 6).unwrap(), [1, 0, 0]);
+        assert!(m.puds.is_empty());
+        assert_eq!(m, Stage2Map::new());
     }
 
     // --- against a per-gfn oracle --------------------------------------------
