@@ -13,7 +13,8 @@
 //! * [`LpageInfoTracker`]: the kernel's layout and algorithm, literally: one
 //!   counter per hugepage, post-set loops over every hugepage of the range.
 //!   It is the reference and the faithful per-page baseline.
-//! * [`RangeTracker`]: the same state kept as runs of hugepage numbers, so a
+//! * [`RangeTracker`]: the same state kept sparse (only the set mixed flags,
+//!   in a [`SparseBitmap`], and three flags per level for the rest), so a
 //!   post-set pass over a 1 TiB range is a handful of range operations
 //!   (`O(log n + runs)`) instead of a loop over 512k hugepages.
 //!

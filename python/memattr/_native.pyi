@@ -113,16 +113,18 @@ class _HugepageTracker:
         """Bytes of tracking state."""
 
 class RangeHugepageTracker(_HugepageTracker):
-    """Tracking kept as runs of hugepage numbers: a post-set pass costs
-    O(log n + runs), whatever the size of the range."""
+    """Tracking that keeps only the mixed flags that are set (a sparse
+    bitmap of hugepage numbers): a post-set pass costs O(log n + runs),
+    whatever the size of the range."""
 
 class LpageInfoTracker(_HugepageTracker):
     """The kernel's lpage_info arrays (one word per hugepage) and its
     per-hugepage loops: the reference and the faithful baseline."""
 
 class Stage2Map:
-    """Leaf mappings of one stage-2 (TDP) root as runs per level (1 = 4K,
-    2 = 2M, 3 = 1G); a gfn is mapped by at most one leaf."""
+    """Leaf mappings of one stage-2 (TDP) root, kept as the TDP MMU's radix
+    page table (levels 1 = 4K, 2 = 2M, 3 = 1G); a gfn is mapped by at most
+    one leaf."""
     def __init__(self) -> None: ...
     def map(self, gfn: int, level: int, private: bool = False) -> tuple[bool, tuple[int, int, int]]:
         """Installs a leaf at level covering gfn, replacing smaller leaves

@@ -10,7 +10,7 @@
 //!   fault(gpa)                                      roots[as_id]
 //!   ├─ kvm_faultin_pfn()   no lock: exit? MMIO?     ┌──────────────────┐
 //!   │                      retry? -> mmu_seq        │ 4K │ 2M │ 1G     │
-//!   └─ kvm_tdp_map()       mmu_lock: stale? ──────► │ leaves as runs   │
+//!   └─ kvm_tdp_map()       mmu_lock: stale? ──────► │ radix page table │
 //!                          max level, install       └──────────────────┘
 //! ```
 

@@ -258,7 +258,7 @@ tracker_pyclass!(
     PyRangeHugepageTracker,
     "RangeHugepageTracker",
     RangeTracker,
-    "Per-memslot 2M/1G hugepage tracking kept as runs (O(log n + runs) per post-set)."
+    "Per-memslot 2M/1G hugepage tracking keeping only the set mixed flags (O(log n + runs) per post-set)."
 );
 
 tracker_pyclass!(
@@ -268,7 +268,7 @@ tracker_pyclass!(
     "The kernel's lpage_info arrays and per-hugepage post-set loop (the reference)."
 );
 
-/// Leaf mappings of one address space's stage-2 root, as runs per level.
+/// Leaf mappings of one address space's stage-2 root (rust/stage2.rs).
 #[pyclass(name = "Stage2Map", module = "memattr._native", frozen)]
 pub struct PyStage2Map {
     pub(crate) inner: Mutex<Stage2Map>,
