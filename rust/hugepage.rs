@@ -196,7 +196,12 @@ impl SparseBitmap {
 
     /// Adds `key`; returns whether it was absent.
     pub fn insert(&mut self, key: u64) -> bool {
-        let b = self.blocks.entry(key >> BLOCK_SHIFT).or_insert([0; 8]);
+        // A lookup first: re-flagging a hugepage already mixed is the
+        // common case, and a plain lookup is cheaper than an entry.
+        let b = match self.blocks.get_mut(&(key >> BLOCK_SHIFT)) {
+            Some(b) => b,
+            None => self.blocks.entry(key >> BLOCK_SHIFT).or_insert([0; 8]),
+        };
         let (w, m) = ((key % BLOCK_KEYS / 64) as usize, 1u64 << (key % 64));
         let absent = b[w] & m == 0;
         b[w] |= m;
@@ -269,6 +274,11 @@ impl SparseBitmap {
             return false;
         }
         let (first, last) = (start >> BLOCK_SHIFT, (end - 1) >> BLOCK_SHIFT);
+        if first == last && start % BLOCK_KEYS == 0 && end - start == BLOCK_KEYS {
+            // One whole block (the 2M flags under one 1G hugepage): blocks
+            // are freed when they empty, so it is set iff it exists.
+            return self.blocks.contains_key(&first);
+        }
         let hit = |block: u64, b: &[u64; 8]| {
             let base = block << BLOCK_SHIFT;
             let (lo, hi) = (start.max(base) - base, (end - base).min(BLOCK_KEYS));
