@@ -1194,6 +1194,13 @@ mod tests {
         assert_eq!(s.remove_range(0, 100), 19);
         assert!(s.is_empty());
         assert!(s.blocks.is_empty(), "empty blocks are freed");
+        // A block emptied key by key answers a whole-block query as empty
+        // while another block is set.
+        s.insert(5);
+        s.insert(600);
+        s.remove(5);
+        assert!(!s.intersects(0, 512) && s.intersects(512, 1024));
+        assert_eq!(s.remove_range(0, 1024), 1);
         // The last 2M hugepage numbers (gfn >> 9), across a block boundary.
         let top = u64::MAX >> 9;
         s.insert_range(top - 600, top);
