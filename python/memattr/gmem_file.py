@@ -24,10 +24,12 @@ class GuestMemfdStat(NamedTuple):
 
 class GuestMemfdMapping:
     """A MAP_SHARED mapping of the first ``length`` bytes of a guest_memfd.
-    Reads and writes go page by page through the kernel's fault handler:
-    past the end of the file, or on a page that is not shared, they raise
-    ``memattr.GuestMemfdSigbus``. Indexes outside the mapping raise
-    IndexError, as ``mmap.mmap`` does."""
+    Reads and writes go page by page through the kernel's fault handler
+    (the core's one path, as ``vm.guest_memfd_read/write``): past the end of
+    the file, or on a page that is not shared, they raise
+    ``memattr.GuestMemfdSigbus``, and a write keeps the pages it stored
+    before that page. Indexes outside the mapping raise IndexError, as
+    ``mmap.mmap`` does."""
 
     def __init__(self, kvm: Kvm, fd: int, length: int) -> None:
         self._kvm = kvm

@@ -15,7 +15,9 @@ this module only adapts arguments and calls it:
   EAGAIN + error_offset path and a VMM's retry loop can be driven.
 - ``vm.guest_memfd_read(fd, offset, length)`` / ``guest_memfd_write(fd,
   offset, data)``: host access through the file's mmap
-  (GUEST_MEMFD_FLAG_MMAP); a private page raises ``GuestMemfdSigbus``.
+  (GUEST_MEMFD_FLAG_MMAP); a private page raises ``GuestMemfdSigbus``. The
+  same core path as ``vm.guest_memfd_mmap()``'s mapping, under every
+  semantics (rust/kvm/gmem_mmap.rs).
 - ``vm.finalize_vm()``: the SNP/TDX launch finish that ends v5's PRESERVE.
 """
 
@@ -46,11 +48,8 @@ class GuestMemfdInplaceMixin:
         reserved: tuple[int, ...] = (0,) * 11,
     ) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES2 on guest_memfd ``fd`` (see the module)."""
-        words = [_args.uint("reserved", r) for r in reserved]
-        if len(words) != 11:
-            raise ValueError(f"reserved must hold 11 words, got {len(words)}")
         done = _native.gmem_set_memory_attributes2(
-            self._kvm, fd, offset, size, attributes, flags, words
+            self._kvm, fd, offset, size, attributes, flags, reserved
         )
         if not done:
             self._lock_conflict()
@@ -92,59 +91,46 @@ class GuestMemfdInplaceMixin:
         aligned), as pin_user_pages() on the file's mmap would. EFAULT if a
         page is private or past the end (GUP's fault gets SIGBUS), ENODEV
         without GUEST_MEMFD_FLAG_MMAP; nothing pinned on failure."""
-        _native.gmem_pin(
-            self._kvm, _args.uint("fd", fd), _args.uint("offset", offset),
-            _args.uint("npages", npages),
-        )
+        _native.gmem_pin(self._kvm, fd, offset, npages)
 
     def guest_memfd_unpin(self, fd: int, offset: int, npages: int = 1) -> None:
         """unpin_user_pages(): drop one pin per page (ValueError if a page
         holds none)."""
-        _native.gmem_unpin(
-            self._kvm, _args.uint("fd", fd), _args.uint("offset", offset),
-            _args.uint("npages", npages),
-        )
+        _native.gmem_unpin(self._kvm, fd, offset, npages)
 
     def guest_memfd_read(self, fd: int, offset: int, length: int) -> bytes:
-        """A host read through the file's mmap (GuestMemfdSigbus on a
-        private page or past the end; ENODEV without GUEST_MEMFD_FLAG_MMAP)."""
-        return bytes(
-            _native.gmem_read(
-                self._kvm, _args.uint("fd", fd), _args.uint("offset", offset),
-                _args.uint("length", length),
-            )
-        )
+        """A host read through the file's mmap, as ``vm.guest_memfd_mmap()``'s
+        mapping reads (the same core path, rust/kvm/gmem_mmap.rs):
+        GuestMemfdSigbus where the kernel sends SIGBUS (past the end; a page
+        that is not shared: private under the series, any page of a 6.18 file
+        without INIT_SHARED); ENODEV without GUEST_MEMFD_FLAG_MMAP."""
+        return bytes(self._kvm.guest_memfd_user_read(fd, offset, length))
 
     def guest_memfd_write(self, fd: int, offset: int, data: bytes) -> None:
-        """A host write through the file's mmap (as guest_memfd_read)."""
-        _native.gmem_write(
-            self._kvm, _args.uint("fd", fd), _args.uint("offset", offset), bytes(data)
-        )
+        """A host write through the file's mmap (as guest_memfd_read): page
+        by page, so the pages before a SIGBUS keep what was written."""
+        self._kvm.guest_memfd_user_write(fd, offset, bytes(data))
 
     def guest_memfd_attributes(self, fd: int) -> list[tuple[int, int, int]]:
         """The file's attributes as runs of pages (start, end, attributes)."""
-        return list(_native.gmem_attribute_runs(self._kvm, _args.uint("fd", fd)))
+        return list(_native.gmem_attribute_runs(self._kvm, fd))
 
     def guest_memfd_get_attributes(self, fd: int, offset: int) -> int:
         """The attributes of the file page holding byte ``offset``."""
-        return int(
-            _native.gmem_get_attributes(
-                self._kvm, _args.uint("fd", fd), _args.uint("offset", offset) >> PAGE_SHIFT
-            )
-        )
+        return int(_native.gmem_get_attributes(self._kvm, fd, offset))
 
     def guest_memfd_allocated(self, fd: int) -> list[tuple[int, int]]:
         """Runs of pages that have a folio (allocated by fallocate, faults,
         host access or pins; gone with a hole)."""
-        return list(_native.gmem_allocated_runs(self._kvm, _args.uint("fd", fd)))
+        return list(_native.gmem_allocated_runs(self._kvm, fd))
 
     def guest_memfd_pinned(self, fd: int) -> list[tuple[int, int]]:
         """(page, extra references) of the file's pinned pages."""
-        return list(_native.gmem_pinned_pages(self._kvm, _args.uint("fd", fd)))
+        return list(_native.gmem_pinned_pages(self._kvm, fd))
 
     def guest_memfd_store_usage(self, fd: int) -> tuple[int, int]:
         """(bytes, entries) of the file's attribute store."""
-        b, n = _native.gmem_store_usage(self._kvm, _args.uint("fd", fd))
+        b, n = _native.gmem_store_usage(self._kvm, fd)
         return int(b), int(n)
 
     def finalize_vm(self) -> None:

@@ -101,34 +101,17 @@ impl From<KvmError> for SetAttributes2Error {
     }
 }
 
-/// A host access through the file's mmap that the kernel answers with
-/// SIGBUS (a private page, or a page past the end of the file).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sigbus {
-    pub offset: u64,
-    pub private: bool,
-}
-
 /// The state of one guest_memfd inode under these semantics.
 pub struct GmemAttrFile {
     /// gi->attributes: page -> attributes (0 shared, PRIVATE private).
     pub attributes: FileStore,
     pub npages: u64,
     pub flags: u64,
-    /// Pages with a folio in the page cache (value 1).
-    allocated: RangeTree,
     /// Pages whose folio has an elevated refcount: page -> extra refs.
     pins: BTreeMap<u64, u64>,
     /// Extra refs on folios truncated away since (they no longer block a
     /// conversion: the refcount check looks at the page cache).
     orphan_pins: BTreeMap<u64, u64>,
-    /// Written contents of allocated pages (an allocated page not here
-    /// reads as its scramble, or zeros).
-    contents: BTreeMap<u64, Box<[u8]>>,
-    /// Pages whose contents a content mode scrambled: page -> seed (0: none).
-    scrambled: RangeTree,
-    /// Pages the host has in its page tables through mmap (value 1).
-    user_mapped: RangeTree,
 }
 
 impl std::fmt::Debug for GmemAttrFile {
@@ -140,77 +123,10 @@ impl std::fmt::Debug for GmemAttrFile {
     }
 }
 
-fn mark(tree: &mut RangeTree, start: u64, end: u64, value: u64) {
-    if start < end {
-        // RangeTree::set_range fails only for an empty range.
-        let _ = tree.set_range(start, end, value);
-    }
-}
-
 impl GmemAttrFile {
     fn is_private(&self, page: u64) -> bool {
         self.attributes.get(page) & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0
     }
-
-    fn allocate(&mut self, start: u64, end: u64) {
-        mark(&mut self.allocated, start, end, 1);
-    }
-
-    /// Every allocated page of [start, end), in order.
-    fn allocated_pages(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        if start < end {
-            let _ = self.allocated.for_each_run(start, end, &mut |s, e, v| {
-                if v != 0 {
-                    out.push((s, e));
-                }
-            });
-        }
-        out
-    }
-
-    /// Replaces the contents of the allocated pages of [start, end): zeros
-    /// (`seed` 0) or the scramble of `seed`, marked per run so the cost
-    /// follows runs and written pages, not the range's size. The number of
-    /// pages.
-    fn refill(&mut self, start: u64, end: u64, seed: u64) -> u64 {
-        let mut n = 0;
-        for (s, e) in self.allocated_pages(start, end) {
-            let written: Vec<u64> = self.contents.range(s..e).map(|(&k, _)| k).collect();
-            for k in written {
-                self.contents.remove(&k);
-            }
-            mark(&mut self.scrambled, s, e, seed);
-            n += e - s;
-        }
-        n
-    }
-
-    /// The bytes of `page` (written, scrambled, or zeros).
-    fn page_data(&self, page: u64) -> std::borrow::Cow<'_, [u8]> {
-        if let Some(d) = self.contents.get(&page) {
-            return std::borrow::Cow::Borrowed(d);
-        }
-        match self.scrambled.get(page) {
-            0 => std::borrow::Cow::Owned(vec![0; PAGE_SIZE as usize]),
-            seed => std::borrow::Cow::Owned(scramble(seed, page)),
-        }
-    }
-}
-
-/// A page's scrambled bytes for `seed`: splitmix64 of (seed, page, word),
-/// different for every seed.
-fn scramble(seed: u64, page: u64) -> Vec<u8> {
-    (0..PAGE_SIZE / 8)
-        .flat_map(|w| {
-            let mut z = seed
-                .wrapping_add(page.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-                .wrapping_add(w);
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            (z ^ (z >> 31)).to_le_bytes()
-        })
-        .collect()
 }
 
 /// What KVM_SET_MEMORY_ATTRIBUTES2 and the file operations did.
@@ -332,7 +248,7 @@ impl Kvm {
         let vm_type = self.config.vm_type;
         // A new nonzero seed per scramble: contents differ every time.
         let seed = self.inplace.scramble.wrapping_add(0x9E37_79B9_7F4A_7C15) | 1;
-        let Some(f) = self.inplace.files.get_mut(&fd) else {
+        let Some(f) = self.gmem.get_mut(&fd).map(|f| &mut f.cache) else {
             return;
         };
         match mode {
@@ -370,12 +286,8 @@ impl Kvm {
                 attributes,
                 npages,
                 flags,
-                allocated: RangeTree::new(),
                 pins: BTreeMap::new(),
                 orphan_pins: BTreeMap::new(),
-                contents: BTreeMap::new(),
-                scrambled: RangeTree::new(),
-                user_mapped: RangeTree::new(),
             },
         );
     }
@@ -385,16 +297,10 @@ impl Kvm {
         self.inplace.files.remove(&fd);
     }
 
-    /// fallocate() without PUNCH_HOLE: folios for [start, end).
-    pub(super) fn gmem_attr_allocate(&mut self, fd: u64, start: u64, end: u64) {
-        if let Some(f) = self.inplace.files.get_mut(&fd) {
-            mark(&mut f.allocated, start, end.min(f.npages), 1);
-        }
-    }
-
-    /// Truncation (PUNCH_HOLE): the folios, their contents and host
-    /// mappings go; shared/private stays (the series' "truncation does not
-    /// change shared/private status").
+    /// Truncation (PUNCH_HOLE), after the page cache lost the folios
+    /// (GmemPageCache::truncate): their pins leave the page cache with
+    /// them; shared/private stays (the series' "truncation does not change
+    /// shared/private status").
     pub(super) fn gmem_attr_truncate(&mut self, fd: u64, start: u64, end: u64) {
         let Some(f) = self.inplace.files.get_mut(&fd) else {
             return;
@@ -402,13 +308,6 @@ impl Kvm {
         let end = end.min(f.npages);
         if start >= end {
             return;
-        }
-        mark(&mut f.allocated, start, end, 0);
-        mark(&mut f.scrambled, start, end, 0);
-        mark(&mut f.user_mapped, start, end, 0);
-        let gone: Vec<u64> = f.contents.range(start..end).map(|(&k, _)| k).collect();
-        for k in gone {
-            f.contents.remove(&k);
         }
         let pinned: Vec<(u64, u64)> = f.pins.range(start..end).map(|(&k, &v)| (k, v)).collect();
         for (k, v) in pinned {
@@ -459,13 +358,21 @@ impl Kvm {
         Some((fd, slot.gmem_pgoff() + gfn - slot.base_gfn))
     }
 
+    /// The per-file attribute of page `page` of `fd`: private? (false for a
+    /// file the series does not track).
+    pub(super) fn kvm_gmem_is_private_page(&self, fd: u64, page: u64) -> bool {
+        self.inplace
+            .files
+            .get(&fd)
+            .is_some_and(|f| f.is_private(page))
+    }
+
     /// kvm_mem_is_private() with per-file attributes (the series'
     /// kvm_gmem_is_private): the attribute of the bound file page; a gfn
     /// without a guest_memfd is shared.
     pub(super) fn kvm_gmem_is_private_gfn(&self, gfn: u64) -> bool {
         self.gmem_page_of_gfn(gfn)
-            .and_then(|(fd, page)| self.inplace.files.get(&fd).map(|f| f.is_private(page)))
-            .unwrap_or(false)
+            .is_some_and(|(fd, page)| self.kvm_gmem_is_private_page(fd, page))
     }
 
     /// A fault that mapped `gfn` from guest_memfd (kvm_gmem_get_pfn)
@@ -475,8 +382,8 @@ impl Kvm {
             return;
         }
         if let Some((fd, page)) = self.gmem_page_of_gfn(gfn) {
-            if let Some(f) = self.inplace.files.get_mut(&fd) {
-                f.allocate(page, page + 1);
+            if let Some(f) = self.gmem.get_mut(&fd) {
+                f.cache.allocate(page, page + 1);
             }
         }
     }
@@ -643,14 +550,8 @@ impl Kvm {
         if to_private {
             // unmap_mapping_pages(): the host loses its mappings first, so
             // only transient references can remain...
-            let mut unmapped = 0;
-            let _ = file.user_mapped.for_each_run(start, end, &mut |s, e, v| {
-                if v != 0 {
-                    unmapped += e - s;
-                }
-            });
-            mark(&mut file.user_mapped, start, end, 0);
-            self.inplace.counters.user_unmapped_pages += unmapped;
+            let cache = &mut self.gmem.get_mut(&fd).expect("checked").cache;
+            self.inplace.counters.user_unmapped_pages += cache.unmap_user(start, end);
             // ...then kvm_gmem_is_safe_for_conversion(): a folio in the page
             // cache with more references than guest_memfd's is in use.
             if let Some((&page, _)) = file.pins.range(start..end).find(|(_, &n)| n > 0) {
@@ -708,113 +609,17 @@ impl Kvm {
         Ok(())
     }
 
-    // --- host access through mmap, and page references ------------------------------
-
-    /// The file for a host access: ENODEV if it cannot be mmapped
-    /// (kvm_gmem_mmap without GUEST_MEMFD_FLAG_MMAP).
-    fn gmem_mmap_file(&self, fd: u64) -> Result<&GmemAttrFile, KvmError> {
-        let f = self.gmem_attr_file(fd)?;
-        if f.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
-            return fail(
-                ENODEV,
-                format!("guest_memfd {fd} was created without GUEST_MEMFD_FLAG_MMAP"),
-            );
-        }
-        Ok(f)
-    }
-
-    /// kvm_gmem_fault_user_mapping() for every page of [offset, offset +
-    /// len): SIGBUS past the end of the file or on a private page, else the
-    /// page is allocated and mapped. Checks every page before changing any.
-    fn gmem_user_fault(
-        &mut self,
-        fd: u64,
-        offset: u64,
-        len: u64,
-    ) -> Result<Result<(), Sigbus>, KvmError> {
-        let f = self.gmem_mmap_file(fd)?;
-        let end = offset.saturating_add(len.max(1));
-        let (first, last) = (offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT);
-        let bad = (first..=last).find(|&p| p >= f.npages || f.is_private(p));
-        if let Some(page) = bad {
-            let private = page < f.npages;
-            self.inplace.counters.sigbus += 1;
-            return Ok(Err(Sigbus {
-                offset: (page << PAGE_SHIFT).max(offset),
-                private,
-            }));
-        }
-        let f = self.inplace.files.get_mut(&fd).expect("checked");
-        f.allocate(first, last + 1);
-        mark(&mut f.user_mapped, first, last + 1, 1);
-        Ok(Ok(()))
-    }
-
-    /// A host read of `len` bytes at `offset` through the file's mmap.
-    pub fn guest_memfd_read(
-        &mut self,
-        fd: u64,
-        offset: u64,
-        len: u64,
-    ) -> Result<Result<Vec<u8>, Sigbus>, KvmError> {
-        if len > 1 << 30 {
-            return Err(KvmError::Argument(format!(
-                "length must be <= 1 GiB, got {len:#x}"
-            )));
-        }
-        if let Err(s) = self.gmem_user_fault(fd, offset, len)? {
-            return Ok(Err(s));
-        }
-        let f = &self.inplace.files[&fd];
-        let mut out = Vec::with_capacity(len as usize);
-        let mut pos = offset;
-        while pos < offset + len {
-            let page = pos >> PAGE_SHIFT;
-            let in_page = (pos & (PAGE_SIZE - 1)) as usize;
-            let n = ((PAGE_SIZE as usize - in_page) as u64).min(offset + len - pos) as usize;
-            out.extend_from_slice(&f.page_data(page)[in_page..in_page + n]);
-            pos += n as u64;
-        }
-        Ok(Ok(out))
-    }
-
-    /// A host write of `data` at `offset` through the file's mmap.
-    pub fn guest_memfd_write(
-        &mut self,
-        fd: u64,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<Result<(), Sigbus>, KvmError> {
-        if let Err(s) = self.gmem_user_fault(fd, offset, data.len() as u64)? {
-            return Ok(Err(s));
-        }
-        let f = self.inplace.files.get_mut(&fd).expect("checked");
-        let mut pos = offset;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let page = pos >> PAGE_SHIFT;
-            let in_page = (pos & (PAGE_SIZE - 1)) as usize;
-            let n = (PAGE_SIZE as usize - in_page).min(rest.len());
-            if !f.contents.contains_key(&page) {
-                let d = f.page_data(page).into_owned().into_boxed_slice();
-                f.contents.insert(page, d);
-                mark(&mut f.scrambled, page, page + 1, 0);
-            }
-            let d = f.contents.get_mut(&page).expect("inserted");
-            d[in_page..in_page + n].copy_from_slice(&rest[..n]);
-            rest = &rest[n..];
-            pos += n as u64;
-        }
-        Ok(Ok(()))
-    }
+    // --- page references ---------------------------------------------------------------
 
     /// pin_user_pages() on `npages` pages of the file's mmap from `offset`
     /// (GUP, an IOMMU mapping, in-flight I/O): each page's folio gets an
-    /// elevated refcount until unpinned. GUP faults the pages in, so a
-    /// private page (or one past the end) fails the pin with EFAULT, and
-    /// nothing is pinned.
+    /// elevated refcount until unpinned. GUP faults the pages in, in order,
+    /// through the one fault rule (gmem_mmap.rs); a private page (or one
+    /// past the end) gets SIGBUS there, which GUP returns as EFAULT: no
+    /// page is pinned (the pages before it stay faulted in, as after GUP).
     pub fn guest_memfd_pin(&mut self, fd: u64, offset: u64, npages: u64) -> Result<(), KvmError> {
-        let f = self.gmem_mmap_file(fd)?;
+        self.gmem_attr_file(fd)?;
+        self.kvm_gmem_mmap(fd, true)?;
         if offset & (PAGE_SIZE - 1) != 0 || npages == 0 || npages > MAX_PIN_PAGES {
             return Err(KvmError::Argument(format!(
                 "offset {offset:#x} must be page aligned and npages in 1..={MAX_PIN_PAGES}, \
@@ -822,19 +627,25 @@ impl Kvm {
             )));
         }
         let first = offset >> PAGE_SHIFT;
-        let end = first.saturating_add(npages);
-        if end > f.npages {
-            return fail(EFAULT, "pin past the end of the file: SIGBUS in GUP");
-        }
-        if let Some(s) = (first..end).find(|&p| f.is_private(p)) {
-            return fail(
-                EFAULT,
-                format!("page {s:#x} is private: GUP's fault gets SIGBUS"),
-            );
+        let end = first + npages;
+        for p in first..end {
+            match self.kvm_gmem_fault_user_mapping(fd, p << PAGE_SHIFT) {
+                Ok(()) => {}
+                Err(KvmError::Sigbus { private, .. }) => {
+                    let why = if private {
+                        "is private"
+                    } else {
+                        "is past the end of the file"
+                    };
+                    return fail(
+                        EFAULT,
+                        format!("page {p:#x} {why}: GUP's fault gets SIGBUS"),
+                    );
+                }
+                Err(e) => return Err(e),
+            }
         }
         let f = self.inplace.files.get_mut(&fd).expect("checked");
-        f.allocate(first, end);
-        mark(&mut f.user_mapped, first, end, 1);
         for p in first..end {
             *f.pins.entry(p).or_insert(0) += 1;
         }
@@ -906,7 +717,7 @@ impl Kvm {
     /// The file's allocated pages as runs.
     pub fn gmem_allocated_runs(&self, fd: u64) -> Result<Vec<(u64, u64)>, KvmError> {
         let f = self.gmem_attr_file(fd)?;
-        Ok(f.allocated_pages(0, f.npages))
+        Ok(self.gmem[&fd].cache.allocated_pages(0, f.npages))
     }
 
     /// Bytes and entries of the file's attribute store.

@@ -332,37 +332,42 @@ fn host_access_to_private_pages_is_sigbus() {
         StoreKind::RangeTree,
     );
     let fd = bound(&mut k, 0, 4, true);
-    k.guest_memfd_write(fd, 100, b"hello").unwrap().unwrap();
+    k.kvm_gmem_user_write(fd, 100, b"hello").unwrap();
     set(&mut k, fd, 0, 1, P).unwrap();
     assert_eq!(k.inplace.counters.user_unmapped_pages, 1);
+    let sigbus = |offset, private| KvmError::Sigbus {
+        fd,
+        offset,
+        private,
+    };
+    assert_eq!(k.kvm_gmem_user_read(fd, 0, 8), Err(sigbus(0, true)));
     assert_eq!(
-        k.guest_memfd_read(fd, 0, 8).unwrap(),
-        Err(Sigbus {
-            offset: 0,
-            private: true
-        })
+        k.kvm_gmem_user_write(fd, 4000, &[1; 200]),
+        Err(sigbus(4000, true))
     );
     assert_eq!(
-        k.guest_memfd_write(fd, 4000, &[1; 200]).unwrap(),
-        Err(Sigbus {
-            offset: 4000,
-            private: true
-        })
+        k.kvm_gmem_user_read(fd, 4 << PAGE_SHIFT, 1),
+        Err(sigbus(4 << PAGE_SHIFT, false))
     );
-    assert_eq!(
-        k.guest_memfd_read(fd, 4 << PAGE_SHIFT, 1).unwrap(),
-        Err(Sigbus {
-            offset: 4 << PAGE_SHIFT,
-            private: false
-        })
-    );
+    assert_eq!(k.inplace.counters.sigbus, 3);
     set(&mut k, fd, 0, 1, 0).unwrap();
     // v8 promises nothing about contents; the model keeps them.
-    assert_eq!(k.guest_memfd_read(fd, 100, 5).unwrap().unwrap(), b"hello");
+    assert_eq!(k.kvm_gmem_user_read(fd, 100, 5).unwrap(), b"hello");
+    // A write that reaches a private page stores the pages before it
+    // (page by page, as a memcpy through the mapping) and nothing after.
+    set(&mut k, fd, 2, 1, P).unwrap();
+    let data = vec![9u8; 3 * PAGE_SIZE as usize];
+    assert_eq!(
+        k.kvm_gmem_user_write(fd, PAGE_SIZE + 8, &data),
+        Err(sigbus(2 * PAGE_SIZE, true))
+    );
+    assert_eq!(k.kvm_gmem_user_read(fd, PAGE_SIZE + 7, 2).unwrap(), [0, 9]);
+    assert_eq!(k.kvm_gmem_user_read(fd, 2 * PAGE_SIZE - 1, 1).unwrap(), [9]);
+    assert_eq!(k.kvm_gmem_user_read(fd, 3 * PAGE_SIZE, 1).unwrap(), [0]);
     // Without GUEST_MEMFD_FLAG_MMAP there is no mapping at all.
     let nommap = k.kvm_gmem_create(4 << PAGE_SHIFT, 0).unwrap();
     assert_eq!(
-        k.guest_memfd_read(nommap, 0, 1).unwrap_err().errno(),
+        k.kvm_gmem_user_read(nommap, 0, 1).unwrap_err().errno(),
         ENODEV
     );
 }
@@ -394,20 +399,20 @@ fn v5_content_modes_follow_the_vm_type() {
     assert_eq!(errno_of(with(&mut k, fd, 0, 0, z | pr)), (EINVAL, None));
     assert_eq!(errno_of(with(&mut k, fd, 0, 0, 4)), (EINVAL, None));
     assert_eq!(errno_of(with(&mut k, fd, 0, P, z)), (EOPNOTSUPP, Some(0)));
-    k.guest_memfd_write(fd, 0, b"beef").unwrap().unwrap();
+    k.kvm_gmem_user_write(fd, 0, b"beef").unwrap();
     with(&mut k, fd, 0, P, pr).unwrap();
     with(&mut k, fd, 0, 0, pr).unwrap();
-    assert_eq!(k.guest_memfd_read(fd, 0, 4).unwrap().unwrap(), b"beef");
+    assert_eq!(k.kvm_gmem_user_read(fd, 0, 4).unwrap(), b"beef");
     with(&mut k, fd, 0, P, 0).unwrap();
     with(&mut k, fd, 0, 0, 0).unwrap();
-    assert_ne!(k.guest_memfd_read(fd, 0, 4).unwrap().unwrap(), b"beef");
+    assert_ne!(k.kvm_gmem_user_read(fd, 0, 4).unwrap(), b"beef");
     with(&mut k, fd, 0, P, pr).unwrap();
     with(&mut k, fd, 0, 0, z).unwrap();
-    assert_eq!(k.guest_memfd_read(fd, 0, 4).unwrap().unwrap(), [0; 4]);
+    assert_eq!(k.kvm_gmem_user_read(fd, 0, 4).unwrap(), [0; 4]);
     // The mode applies even when nothing converts.
-    k.guest_memfd_write(fd, 0, b"beef").unwrap().unwrap();
+    k.kvm_gmem_user_write(fd, 0, b"beef").unwrap();
     with(&mut k, fd, 0, 0, z).unwrap();
-    assert_eq!(k.guest_memfd_read(fd, 0, 4).unwrap().unwrap(), [0; 4]);
+    assert_eq!(k.kvm_gmem_user_read(fd, 0, 4).unwrap(), [0; 4]);
     // SNP and TDX: PRESERVE only to private and only before finalize.
     for t in [KVM_X86_SNP_VM, KVM_X86_TDX_VM] {
         let mut k = vm(t, Semantics::GmemInplaceV5, StoreKind::XArray);

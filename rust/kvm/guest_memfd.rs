@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use super::gmem_mmap::GmemPageCache;
 use super::*;
 
 /// The first simulated fd.
@@ -63,16 +64,16 @@ fn fd_is_open(fd: u64) -> bool {
 }
 
 /// One guest_memfd file of this VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct GmemFile {
     pub fd: u64,
     pub size: u64,
     pub flags: u64,
     /// gmem->bindings: first file page -> (end page, as_id, slot id).
     pub bindings: BTreeMap<u64, (u64, usize, u16)>,
-    /// What the host wrote through a mapping, by file page; a page not
-    /// here reads as zero (a fresh folio is cleared before use).
-    pub pages: BTreeMap<u64, Box<[u8]>>,
+    /// The file's page cache: folios, their contents, the host's
+    /// mappings (gmem_mmap.rs; the one content store, every semantics).
+    pub cache: GmemPageCache,
 }
 
 impl GmemFile {
@@ -145,7 +146,7 @@ fn vfs_fallocate_mode_618(mode: u64) -> Result<(), KvmError> {
 
 impl Kvm {
     /// This VM's open guest_memfd `fd`, or EBADF.
-    fn own_gmem(&self, fd: u64) -> Result<&GmemFile, KvmError> {
+    pub(super) fn own_gmem(&self, fd: u64) -> Result<&GmemFile, KvmError> {
         match self.gmem.get(&fd) {
             Some(f) => Ok(f),
             None => fail(EBADF, format!("fd {fd} is not a guest_memfd of this VM")),
@@ -196,7 +197,7 @@ impl Kvm {
                 size,
                 flags,
                 bindings: BTreeMap::new(),
-                pages: BTreeMap::new(),
+                cache: GmemPageCache::default(),
             },
         );
         self.gmem_attr_file_create(fd, size, flags);
@@ -306,10 +307,7 @@ impl Kvm {
             offset.saturating_add(length) >> PAGE_SHIFT,
         );
         if let Some(f) = self.gmem.get_mut(&fd) {
-            let gone: Vec<u64> = f.pages.range(first..end).map(|(&p, _)| p).collect();
-            for p in gone {
-                f.pages.remove(&p);
-            }
+            f.cache.truncate(first, end);
         }
         self.gmem_attr_truncate(fd, first, end);
     }
@@ -369,9 +367,11 @@ impl Kvm {
                     format!("allocation past the file's size {file_size:#x}"),
                 );
             }
-            // kvm_gmem_allocate(): folios for the range (the in-place
-            // series keeps track of them).
-            self.gmem_attr_allocate(fd, offset as u64 >> PAGE_SHIFT, last as u64 >> PAGE_SHIFT);
+            // kvm_gmem_allocate(): folios for the range.
+            if let Some(f) = self.gmem.get_mut(&fd) {
+                f.cache
+                    .allocate(offset as u64 >> PAGE_SHIFT, last as u64 >> PAGE_SHIFT);
+            }
             return Ok(None);
         }
         let (first, end) = (offset as u64 >> PAGE_SHIFT, last as u64 >> PAGE_SHIFT);
@@ -630,77 +630,6 @@ impl Kvm {
         }
         if !shared {
             return fail(EINVAL, "guest_memfd can only be mapped MAP_SHARED");
-        }
-        Ok(())
-    }
-
-    /// kvm_gmem_fault_user_mapping(): may the host fault in file byte
-    /// `offset`? SIGBUS past the end of the file, and for every page of a
-    /// file that does not start shared (6.18 has no per-page conversion
-    /// of guest_memfd, so only GUEST_MEMFD_FLAG_INIT_SHARED pages are
-    /// shared).
-    pub fn kvm_gmem_fault_user_mapping(&self, fd: u64, offset: u64) -> Result<(), KvmError> {
-        let f = self.own_gmem(fd)?;
-        if offset >= f.size || f.flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 {
-            return Err(KvmError::Sigbus { fd, offset });
-        }
-        Ok(())
-    }
-
-    /// A host read of `len` bytes at file byte `offset` through a mapping:
-    /// page by page, each faulted in first (a SIGBUS stops the read).
-    pub fn kvm_gmem_user_read(&self, fd: u64, offset: u64, len: u64) -> Result<Vec<u8>, KvmError> {
-        let mut out = Vec::with_capacity(len.min(1 << 20) as usize);
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| KvmError::Argument("offset + len wraps".into()))?;
-        let mut at = offset;
-        while at < end {
-            self.kvm_gmem_fault_user_mapping(fd, at)?;
-            let page = at >> PAGE_SHIFT;
-            let upto = end.min((page + 1) << PAGE_SHIFT);
-            let (lo, hi) = (
-                (at & (PAGE_SIZE - 1)) as usize,
-                (upto - (page << PAGE_SHIFT)) as usize,
-            );
-            match self.gmem[&fd].pages.get(&page) {
-                Some(data) => out.extend_from_slice(&data[lo..hi]),
-                None => out.resize(out.len() + (hi - lo), 0),
-            }
-            at = upto;
-        }
-        Ok(out)
-    }
-
-    /// A host write of `data` at file byte `offset` through a mapping:
-    /// page by page, each faulted in first; the pages before a SIGBUS
-    /// keep what was written, as with the real memcpy.
-    pub fn kvm_gmem_user_write(
-        &mut self,
-        fd: u64,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), KvmError> {
-        let end = offset
-            .checked_add(data.len() as u64)
-            .ok_or_else(|| KvmError::Argument("offset + len wraps".into()))?;
-        let mut at = offset;
-        while at < end {
-            self.kvm_gmem_fault_user_mapping(fd, at)?;
-            let page = at >> PAGE_SHIFT;
-            let upto = end.min((page + 1) << PAGE_SHIFT);
-            let (lo, hi) = (
-                (at & (PAGE_SIZE - 1)) as usize,
-                (upto - (page << PAGE_SHIFT)) as usize,
-            );
-            let src = &data[(at - offset) as usize..(upto - offset) as usize];
-            let f = self.gmem.get_mut(&fd).expect("checked by the fault");
-            let buf = f
-                .pages
-                .entry(page)
-                .or_insert_with(|| vec![0u8; PAGE_SIZE as usize].into_boxed_slice());
-            buf[lo..hi].copy_from_slice(src);
-            at = upto;
         }
         Ok(())
     }

@@ -28,6 +28,7 @@
 pub mod attributes;
 pub mod caps;
 pub mod gmem_attributes;
+pub mod gmem_mmap;
 pub mod guest_memfd;
 pub mod host;
 pub mod invalidate;
@@ -63,8 +64,9 @@ pub enum KvmError {
     MemoryFault { gpa: u64, size: u64, flags: u64 },
     /// A host access through a guest_memfd mapping that the kernel answers
     /// with SIGBUS (kvm_gmem_fault_user_mapping: past the file's end, or a
-    /// page that is not shared): byte `offset` of guest_memfd `fd`.
-    Sigbus { fd: u64, offset: u64 },
+    /// page that is not shared): byte `offset` of guest_memfd `fd`;
+    /// `private` for a page the in-place series holds private.
+    Sigbus { fd: u64, offset: u64, private: bool },
     /// An argument of the model's own API (not a uapi field) is out of
     /// range: an address space, a level, a slot to inspect.
     Argument(String),
@@ -91,9 +93,18 @@ impl fmt::Display for KvmError {
                 f,
                 "KVM_EXIT_MEMORY_FAULT: gpa {gpa:#x} size {size:#x} flags {flags:#x}"
             ),
-            KvmError::Sigbus { fd, offset } => write!(
+            KvmError::Sigbus {
+                fd,
+                offset,
+                private,
+            } => write!(
                 f,
-                "SIGBUS: guest_memfd {fd} offset {offset:#x} cannot be faulted in by the host"
+                "SIGBUS: guest_memfd {fd} offset {offset:#x} {}",
+                if *private {
+                    "is a private page"
+                } else {
+                    "cannot be faulted in by the host"
+                }
             ),
             KvmError::Bug(why) => write!(f, "KVM_BUG_ON: {why}"),
         }

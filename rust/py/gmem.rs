@@ -4,24 +4,14 @@
 //! adapted here; no rule lives here.
 
 use pyo3::exceptions::PyOSError;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::PyDict;
 
 use super::args::u64_arg;
 use super::kvm::{emit_warnings, to_pyerr, PyKvm};
-use crate::kvm::gmem_attributes::{KvmMemoryAttributes2, Sigbus};
-
-/// memattr.errors.GuestMemfdSigbus(fd, offset, private).
-fn sigbus(py: Python<'_>, fd: u64, s: Sigbus) -> PyErr {
-    match py
-        .import("memattr.errors")
-        .and_then(|m| m.getattr("GuestMemfdSigbus"))
-        .and_then(|c| c.call1((fd, s.offset, s.private)))
-    {
-        Ok(exc) => PyErr::from_value(exc),
-        Err(err) => err,
-    }
-}
+use crate::kvm::gmem_attributes::KvmMemoryAttributes2;
+use crate::kvm::PAGE_SHIFT;
 
 /// KVM_SET_MEMORY_ATTRIBUTES2 on guest_memfd `fd`, under the VM's locks.
 /// Returns False if this thread holds one of them. Raises OSError with the
@@ -37,7 +27,7 @@ fn gmem_set_memory_attributes2(
     size: &Bound<'_, PyAny>,
     attributes: &Bound<'_, PyAny>,
     flags: &Bound<'_, PyAny>,
-    reserved: Vec<u64>,
+    reserved: &Bound<'_, PyAny>,
 ) -> PyResult<bool> {
     let fd = u64_arg(fd, "fd")?;
     let mut a = KvmMemoryAttributes2 {
@@ -47,8 +37,16 @@ fn gmem_set_memory_attributes2(
         flags: u64_arg(flags, "flags")?,
         reserved: [0; 11],
     };
-    for (dst, src) in a.reserved.iter_mut().zip(reserved) {
-        *dst = src;
+    let words: Vec<Bound<'_, PyAny>> = reserved.try_iter()?.collect::<PyResult<_>>()?;
+    if words.len() != a.reserved.len() {
+        return Err(PyValueError::new_err(format!(
+            "reserved must hold {} words, got {}",
+            a.reserved.len(),
+            words.len()
+        )));
+    }
+    for (dst, w) in a.reserved.iter_mut().zip(&words) {
+        *dst = u64_arg(w, "reserved")?;
     }
     let detach = a.size >= 1 << 30;
     let Some((r, warnings)) =
@@ -76,10 +74,12 @@ fn gmem_set_memory_attributes2(
 fn gmem_pin(
     py: Python<'_>,
     kvm: PyRef<'_, PyKvm>,
-    fd: u64,
-    offset: u64,
-    npages: u64,
+    fd: &Bound<'_, PyAny>,
+    offset: &Bound<'_, PyAny>,
+    npages: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
+    let (fd, offset) = (u64_arg(fd, "fd")?, u64_arg(offset, "offset")?);
+    let npages = u64_arg(npages, "npages")?;
     kvm.step(py, |k| k.guest_memfd_pin(fd, offset, npages))
 }
 
@@ -88,41 +88,13 @@ fn gmem_pin(
 fn gmem_unpin(
     py: Python<'_>,
     kvm: PyRef<'_, PyKvm>,
-    fd: u64,
-    offset: u64,
-    npages: u64,
+    fd: &Bound<'_, PyAny>,
+    offset: &Bound<'_, PyAny>,
+    npages: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
+    let (fd, offset) = (u64_arg(fd, "fd")?, u64_arg(offset, "offset")?);
+    let npages = u64_arg(npages, "npages")?;
     kvm.step(py, |k| k.guest_memfd_unpin(fd, offset, npages))
-}
-
-/// A host read through the file's mmap; GuestMemfdSigbus on a private page.
-#[pyfunction]
-fn gmem_read<'py>(
-    py: Python<'py>,
-    kvm: PyRef<'_, PyKvm>,
-    fd: u64,
-    offset: u64,
-    length: u64,
-) -> PyResult<Bound<'py, PyBytes>> {
-    match kvm.step(py, |k| k.guest_memfd_read(fd, offset, length))? {
-        Ok(data) => Ok(PyBytes::new(py, &data)),
-        Err(s) => Err(sigbus(py, fd, s)),
-    }
-}
-
-/// A host write through the file's mmap; GuestMemfdSigbus on a private page.
-#[pyfunction]
-fn gmem_write(
-    py: Python<'_>,
-    kvm: PyRef<'_, PyKvm>,
-    fd: u64,
-    offset: u64,
-    data: Vec<u8>,
-) -> PyResult<()> {
-    match kvm.step(py, |k| k.guest_memfd_write(fd, offset, &data))? {
-        Ok(()) => Ok(()),
-        Err(s) => Err(sigbus(py, fd, s)),
-    }
 }
 
 /// The file's attributes as [(start_page, end_page, attributes)].
@@ -130,15 +102,22 @@ fn gmem_write(
 fn gmem_attribute_runs(
     py: Python<'_>,
     kvm: PyRef<'_, PyKvm>,
-    fd: u64,
+    fd: &Bound<'_, PyAny>,
 ) -> PyResult<Vec<(u64, u64, u64)>> {
+    let fd = u64_arg(fd, "fd")?;
     kvm.step(py, |k| k.gmem_attribute_runs(fd))
 }
 
-/// The attribute of one file page.
+/// The attribute of the file page holding byte `offset`.
 #[pyfunction]
-fn gmem_get_attributes(py: Python<'_>, kvm: PyRef<'_, PyKvm>, fd: u64, page: u64) -> PyResult<u64> {
-    kvm.step(py, |k| k.kvm_gmem_get_attributes(fd, page))
+fn gmem_get_attributes(
+    py: Python<'_>,
+    kvm: PyRef<'_, PyKvm>,
+    fd: &Bound<'_, PyAny>,
+    offset: &Bound<'_, PyAny>,
+) -> PyResult<u64> {
+    let (fd, offset) = (u64_arg(fd, "fd")?, u64_arg(offset, "offset")?);
+    kvm.step(py, |k| k.kvm_gmem_get_attributes(fd, offset >> PAGE_SHIFT))
 }
 
 /// The file's allocated pages as [(start_page, end_page)].
@@ -146,20 +125,31 @@ fn gmem_get_attributes(py: Python<'_>, kvm: PyRef<'_, PyKvm>, fd: u64, page: u64
 fn gmem_allocated_runs(
     py: Python<'_>,
     kvm: PyRef<'_, PyKvm>,
-    fd: u64,
+    fd: &Bound<'_, PyAny>,
 ) -> PyResult<Vec<(u64, u64)>> {
+    let fd = u64_arg(fd, "fd")?;
     kvm.step(py, |k| k.gmem_allocated_runs(fd))
 }
 
 /// (bytes, entries) of the file's attribute store.
 #[pyfunction]
-fn gmem_store_usage(py: Python<'_>, kvm: PyRef<'_, PyKvm>, fd: u64) -> PyResult<(usize, usize)> {
+fn gmem_store_usage(
+    py: Python<'_>,
+    kvm: PyRef<'_, PyKvm>,
+    fd: &Bound<'_, PyAny>,
+) -> PyResult<(usize, usize)> {
+    let fd = u64_arg(fd, "fd")?;
     kvm.step(py, |k| k.gmem_store_usage(fd))
 }
 
 /// Pinned pages [(page, references)].
 #[pyfunction]
-fn gmem_pinned_pages(py: Python<'_>, kvm: PyRef<'_, PyKvm>, fd: u64) -> PyResult<Vec<(u64, u64)>> {
+fn gmem_pinned_pages(
+    py: Python<'_>,
+    kvm: PyRef<'_, PyKvm>,
+    fd: &Bound<'_, PyAny>,
+) -> PyResult<Vec<(u64, u64)>> {
+    let fd = u64_arg(fd, "fd")?;
     kvm.step(py, |k| k.gmem_pinned_pages(fd))
 }
 
@@ -200,8 +190,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gmem_set_memory_attributes2, m)?)?;
     m.add_function(wrap_pyfunction!(gmem_pin, m)?)?;
     m.add_function(wrap_pyfunction!(gmem_unpin, m)?)?;
-    m.add_function(wrap_pyfunction!(gmem_read, m)?)?;
-    m.add_function(wrap_pyfunction!(gmem_write, m)?)?;
     m.add_function(wrap_pyfunction!(gmem_attribute_runs, m)?)?;
     m.add_function(wrap_pyfunction!(gmem_get_attributes, m)?)?;
     m.add_function(wrap_pyfunction!(gmem_allocated_runs, m)?)?;

@@ -174,10 +174,14 @@ pub(crate) fn to_pyerr(py: Python<'_>, e: KvmError) -> PyErr {
                 Err(err) => err,
             }
         }
-        KvmError::Sigbus { fd, offset } => match py
+        KvmError::Sigbus {
+            fd,
+            offset,
+            private,
+        } => match py
             .import("memattr.errors")
             .and_then(|m| m.getattr("GuestMemfdSigbus"))
-            .and_then(|c| c.call1((fd, offset)))
+            .and_then(|c| c.call1((fd, offset, private)))
         {
             Ok(exc) => PyErr::from_value(exc),
             Err(err) => err,
