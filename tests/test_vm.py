@@ -529,3 +529,67 @@ def test_gfn_range_walk_covers_every_address_space() -> None:
         ranges[0].start = 5  # type: ignore[misc]
     assert ranges[0] == GfnRange(ranges[0].slot, 0x100, 0x200, 7, True)
     assert ranges[0].npages == 0x100
+
+
+# --- the set's one entry: whole in the core, or the Python driver ---------------
+
+
+def test_set_entry_runs_whole_natively_or_through_the_driver() -> None:
+    """The bound entry runs the ioctl whole in the core when it may, and the
+    step-by-step driver otherwise (a hook, a lock this thread holds), with
+    the same result and counters either way."""
+    whole, driven = make_vm(), make_vm()
+    seen: list[GfnRange] = []
+    driven.on_unmap(lambda rng: seen.append(rng) or False)
+    for vm in (whole, driven):
+        vm.set_memory_attributes(0x200000, 0x3000, P)
+        vm.set_memory_attributes(0x201000, 0x1000, 0)
+    assert len(seen) == 2, "the hooked VM went through the driver"
+    for gfn in range(0x1FF, 0x205):
+        assert whole.get_memory_attributes(gfn) == driven.get_memory_attributes(gfn)
+    assert whole.stats.mmu_lock_acquisitions == driven.stats.mmu_lock_acquisitions
+    # A lock this thread holds: the core declines, the driver runs (and its
+    # lock checker sees the recursion the kernel would deadlock on).
+    with whole.slots_lock:
+        with pytest.raises(RuntimeError):
+            whole.set_memory_attributes(0x200000, 0x1000, 0)
+    assert whole.get_memory_attributes(0x200) == P
+
+
+def test_set_entry_keeps_a_subclass_override_and_frees_the_vm() -> None:
+    import gc
+    import weakref
+
+    calls: list[tuple[int, int, int]] = []
+
+    class Logged(m.Vm):
+        def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+            calls.append((address, size, attributes))
+            super().set_memory_attributes(address, size, attributes, flags)
+
+    vm = Logged(uapi.KVM_X86_SW_PROTECTED_VM, "rangetree")
+    vm.set_memory_attributes(0, 4096, P)
+    assert calls == [(0, 4096, P)]
+    assert vm.get_memory_attributes(0) == P
+    # The core holds its driver weakly (a strong reference from Rust would be
+    # a cycle the garbage collector cannot see): the Vm is still freed.
+    plain = make_vm()
+    ref = weakref.ref(plain)
+    del plain
+    gc.collect()
+    assert ref() is None
+
+
+def test_set_entry_arguments_follow_the_one_integer_rule() -> None:
+    vm = make_vm()
+    for bad, exc in ((None, TypeError), (True, TypeError), (-1, ValueError), (1 << 64, ValueError)):
+        with pytest.raises(exc, match="flags"):
+            vm.set_memory_attributes(0, 4096, P, bad)  # type: ignore[arg-type]
+        with pytest.raises(exc, match="flags"):
+            vm.set_memory_attributes(0, 4096, P, flags=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        vm.set_memory_attributes(0, 4096)  # type: ignore[call-arg]
+    assert vm.get_memory_attributes(0) == 0 and vm.stats.mmu_lock_acquisitions == 0
+    # Keywords work as the documented signature names them.
+    vm.set_memory_attributes(address=0, size=4096, attributes=P, flags=0)
+    assert vm.get_memory_attributes(0) == P

@@ -340,7 +340,7 @@ class Execution:
         stacks: dict[str, list[str]] = {}
         pruned = False
         total = 0
-        sched.hook = self._point
+        sched.set_hook(self._point)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always")
@@ -421,7 +421,7 @@ class Execution:
                     st.go.release()
             for t in threads:
                 t.join(timeout=10)
-            sched.hook = None
+            sched.set_hook(None)
         return RunResult(
             choices=choices,
             bug=self._bug,

@@ -33,4 +33,16 @@ MAPPED = "mapped"
 
 hook: Callable[[str, object], None] | None = None
 
-__all__ = ["ACQUIRE", "MAPPED", "RELEASE", "RETRY", "STEP", "hook"]
+
+def set_hook(fn: Callable[[str, object], None] | None) -> None:
+    """Sets (or, with None, clears) the scheduler hook, and tells the core:
+    while a hook is set, no KVM_SET_MEMORY_ATTRIBUTES runs whole natively,
+    so every step reaches the hook."""
+    global hook
+    from memattr import _native
+
+    hook = fn
+    _native.set_sched_hooked(fn is not None)
+
+
+__all__ = ["ACQUIRE", "MAPPED", "RELEASE", "RETRY", "STEP", "hook", "set_hook"]

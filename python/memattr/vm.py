@@ -43,6 +43,7 @@ Either way ``stats.failed_calls`` counts the call.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Literal, NoReturn, TypeVar
@@ -148,6 +149,14 @@ class Vm(GuestMemfdInplaceMixin):
         self._end_handler = self._end_set_invalidation
         self._v11 = semantics == "v11"
         self._native_set = not self._v11
+        self._kvm.set_native_set(self._native_set)
+        # KVM_SET_MEMORY_ATTRIBUTES is the core's own entry, bound here as
+        # the method, so a call that runs whole natively costs no Python
+        # frame; the core calls the driver below when it cannot. (A subclass
+        # that overrides the method keeps its override.)
+        self._kvm.set_set_driver(weakref.WeakMethod(self._drive_set_memory_attributes))
+        if type(self).set_memory_attributes is Vm.set_memory_attributes:
+            self.set_memory_attributes = self._kvm.set_memory_attributes_or_drive  # type: ignore[method-assign]
 
         self.mmu = X86Mmu(self)
 
@@ -342,14 +351,13 @@ class Vm(GuestMemfdInplaceMixin):
         self, address: int, size: int, attributes: int, flags: int = 0
     ) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES for [address, address + size)."""
-        # The whole call in the core when no hook, no v11 ordering and no
-        # lock held by this thread needs the driver below (the core says).
-        if (
-            self._native_set
-            and sched.hook is None
-            and self._kvm.set_memory_attributes(address, size, attributes, flags)
-        ):
-            return
+        # (Instances call the core's entry directly; see __init__.)
+        self._kvm.set_memory_attributes_or_drive(address, size, attributes, flags)
+
+    def _drive_set_memory_attributes(self, address: int, size: int, attributes: int, flags: int) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES step by step, for the core's entry when
+        the whole call cannot run natively: a hook, v11's ordering, a
+        scheduler hook, or a modelled lock this thread holds."""
         kvm = self._kvm
         # kvm_vm_ioctl_set_mem_attributes()'s checks (counted by the core).
         start, end = kvm.set_checks(address, size, attributes, flags)
@@ -454,6 +462,7 @@ class Vm(GuestMemfdInplaceMixin):
     def _hooks_changed(self) -> None:
         # Hooks are called per range from the driver: no whole native call.
         self._native_set = not (self._v11 or self._unmap_hooks or self._post_set_hooks)
+        self._kvm.set_native_set(self._native_set)
 
     def on_unmap(self, fn: H) -> H:
         """Register ``fn(GfnRange) -> bool`` for the pre-set pass (mmu_lock

@@ -19,6 +19,7 @@
 //! against it. Waiting for any of them releases the GIL (`py.detach`), since
 //! the holder may be a Python thread that needs it to finish.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use numpy::{PyReadonlyArray1, PyReadwriteArray1};
@@ -265,6 +266,34 @@ pub struct PyKvm {
     mmu_lock: Arc<ModelLock>,
     /// The Python store object sharing the core's store.
     store: Py<PyAny>,
+    /// Whether KVM_SET_MEMORY_ATTRIBUTES may run whole in the core: the Vm
+    /// clears it while hooks or v11's ordering need the Python driver.
+    native_set: AtomicBool,
+    /// The Vm's driver for the set (`weakref.WeakMethod` of it, so the core
+    /// does not keep its Vm alive): what [`PyKvm::set_memory_attributes_or_drive`]
+    /// calls when the whole call cannot run here.
+    set_driver: Mutex<Option<Py<PyAny>>>,
+}
+
+/// The set entry's `flags` (default 0), through the one integer rule.
+struct SetFlags(u64);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for SetFlags {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        u64_arg(&obj, "flags").map(SetFlags)
+    }
+}
+
+/// Set while an explorer drives threads step by step (`memattr.sched.hook`):
+/// every step must then reach Python, so no set runs whole in the core.
+static SCHED_HOOKED: AtomicBool = AtomicBool::new(false);
+
+/// `memattr.sched.set_hook()` tells the core whether a scheduler hook is set.
+#[pyfunction]
+fn set_sched_hooked(on: bool) {
+    SCHED_HOOKED.store(on, Ordering::SeqCst);
 }
 
 type Memslot5 = (usize, usize, u64, u64, u64);
@@ -295,6 +324,30 @@ fn gfn_range(r: Memslot5) -> GfnRange {
 }
 
 impl PyKvm {
+    /// KVM_SET_MEMORY_ATTRIBUTES whole in the core, the GIL released when
+    /// the range is long; false if this thread holds a modelled lock (the
+    /// Python driver must run it).
+    fn set_whole(
+        &self,
+        py: Python<'_>,
+        address: u64,
+        size: u64,
+        attributes: u64,
+        flags: u64,
+    ) -> PyResult<bool> {
+        let mode = if size >= INTERRUPTIBLE_BYTES {
+            Detach::Interruptible
+        } else if size >= DETACH_BYTES {
+            Detach::Yes
+        } else {
+            Detach::No
+        };
+        self.whole_mode(py, mode, move |k| {
+            k.set_memory_attributes(address, size, attributes, flags)
+                .map(|_| ())
+        })
+    }
+
     /// The core's data, waiting with the GIL released if a long native
     /// operation holds it.
     pub(super) fn core(&self, py: Python<'_>) -> MutexGuard<'_, Kvm> {
@@ -485,6 +538,8 @@ impl PyKvm {
             slots_lock: Arc::new(ModelLock::new("slots_lock")),
             mmu_lock: Arc::new(ModelLock::new("mmu_lock")),
             store: store.clone().unbind(),
+            native_set: AtomicBool::new(true),
+            set_driver: Mutex::new(None),
         })
     }
 
@@ -966,17 +1021,53 @@ impl PyKvm {
         let size = u64_arg(size, "size")?;
         let attributes = u64_arg(attributes, "attributes")?;
         let flags = u64_arg(flags, "flags")?;
-        let mode = if size >= INTERRUPTIBLE_BYTES {
-            Detach::Interruptible
-        } else if size >= DETACH_BYTES {
-            Detach::Yes
-        } else {
-            Detach::No
-        };
-        self.whole_mode(py, mode, move |k| {
-            k.set_memory_attributes(address, size, attributes, flags)
-                .map(|_| ())
-        })
+        self.set_whole(py, address, size, attributes, flags)
+    }
+
+    /// Whether the set may run whole in the core (no hooks, not v11).
+    fn set_native_set(&self, on: bool) {
+        self.native_set.store(on, Ordering::SeqCst);
+    }
+
+    /// The Vm's set driver, as a `weakref.WeakMethod`.
+    fn set_set_driver(&self, driver: Py<PyAny>) {
+        *self.set_driver.lock().unwrap_or_else(|e| e.into_inner()) = Some(driver);
+    }
+
+    /// `Vm.set_memory_attributes` itself (the Vm binds it as the method, so a
+    /// call costs no Python frame): the whole ioctl here when it may run
+    /// whole, else the Vm's driver, which runs it step by step.
+    #[pyo3(signature = (address, size, attributes, flags = SetFlags(0)))]
+    fn set_memory_attributes_or_drive(
+        &self,
+        py: Python<'_>,
+        address: &Bound<'_, PyAny>,
+        size: &Bound<'_, PyAny>,
+        attributes: &Bound<'_, PyAny>,
+        flags: SetFlags,
+    ) -> PyResult<()> {
+        let flags = flags.0;
+        if self.native_set.load(Ordering::Relaxed) && !SCHED_HOOKED.load(Ordering::Relaxed) {
+            let address = u64_arg(address, "address")?;
+            let size = u64_arg(size, "size")?;
+            let attributes = u64_arg(attributes, "attributes")?;
+            if self.set_whole(py, address, size, attributes, flags)? {
+                return Ok(());
+            }
+        }
+        let weak = self
+            .set_driver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|d| d.clone_ref(py))
+            .ok_or_else(|| PyRuntimeError::new_err("this Kvm has no Vm to drive the set"))?;
+        let driver = weak.call0(py)?;
+        if driver.is_none(py) {
+            return Err(PyRuntimeError::new_err("the Vm of this Kvm is gone"));
+        }
+        driver.call1(py, (address, size, attributes, flags))?;
+        Ok(())
     }
 
     // --- KVM_SET_MEMORY_ATTRIBUTES: steps for the Python driver -----------------
@@ -1364,6 +1455,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKvm>()?;
     m.add_class::<PyModelLock>()?;
     m.add_function(wrap_pyfunction!(host_profile_default, m)?)?;
+    m.add_function(wrap_pyfunction!(set_sched_hooked, m)?)?;
     m.add_function(wrap_pyfunction!(host_profile_check, m)?)?;
     m.add_function(wrap_pyfunction!(check_extension_system, m)?)?;
     m.add("UAPI", uapi_dict(m.py())?)?;
