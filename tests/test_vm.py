@@ -593,3 +593,34 @@ def test_set_entry_arguments_follow_the_one_integer_rule() -> None:
     # Keywords work as the documented signature names them.
     vm.set_memory_attributes(address=0, size=4096, attributes=P, flags=0)
     assert vm.get_memory_attributes(0) == P
+
+
+def test_fault_entry_arguments_driver_and_override() -> None:
+    """Vm.fault is the core's entry too: the same argument rules, the MMU's
+    retry loop when the fault cannot finish natively, and a subclass's
+    override kept."""
+    vm = make_vm()
+    for kw, exc in (({"gpa": None}, TypeError), ({"gpa": -1}, ValueError), ({"gpa": True}, TypeError)):
+        with pytest.raises(exc, match="gpa"):
+            vm.fault(**kw)  # type: ignore[arg-type]
+    for name in ("private", "write"):
+        for bad in (None, 1, "yes"):
+            with pytest.raises(TypeError, match=name):
+                vm.fault(0, **{name: bad})  # type: ignore[arg-type]
+    assert vm.fault(0x1000, write=True) >= 1
+    # A lock this thread holds: the core declines, the retry loop refuses.
+    with vm.mmu_lock:
+        with pytest.raises(m.LockdepError, match="mmu_lock"):
+            vm.fault(0x1000)
+
+    seen: list[int] = []
+
+    class Traced(m.Vm):
+        def fault(self, gpa: int, private: bool = False, write: bool = False) -> int:
+            seen.append(gpa)
+            return super().fault(gpa, private, write)
+
+    t = Traced(uapi.KVM_X86_SW_PROTECTED_VM, "rangetree")
+    fd = t.create_guest_memfd(1 << 21)
+    t.set_user_memory_region(0, 0, 1 << 21, flags=uapi.KVM_MEM_GUEST_MEMFD, guest_memfd=fd)
+    assert t.fault(0x2000) >= 1 and seen == [0x2000]

@@ -159,6 +159,11 @@ class Vm(GuestMemfdInplaceMixin):
             self.set_memory_attributes = self._kvm.set_memory_attributes_or_drive  # type: ignore[method-assign]
 
         self.mmu = X86Mmu(self)
+        # The same for a fault: the core's entry, and the MMU's retry loop
+        # when the fault cannot finish in one native call.
+        self._kvm.set_fault_driver(weakref.WeakMethod(self.mmu._fault_retry_loop))
+        if type(self).fault is Vm.fault:
+            self.fault = self._kvm.fault_or_drive  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return (
@@ -530,8 +535,9 @@ class Vm(GuestMemfdInplaceMixin):
     def fault(self, gpa: int, private: bool = False, write: bool = False) -> int:
         """A guest access at ``gpa``: the level it is mapped at (1 = 4K,
         2 = 2M, 3 = 1G), 0 for MMIO (a shared access outside every memslot),
-        or MemoryFault (KVM_EXIT_MEMORY_FAULT)."""
-        return self.mmu.fault(gpa, private=private, write=write)
+        or MemoryFault (KVM_EXIT_MEMORY_FAULT). (Instances call the core's
+        entry directly; see __init__.)"""
+        return int(self._kvm.fault_or_drive(gpa, private, write))
 
     def max_mapping_level(self, gfn: int) -> int:
         return self.mmu.max_mapping_level(gfn)

@@ -273,6 +273,9 @@ pub struct PyKvm {
     /// does not keep its Vm alive): what [`PyKvm::set_memory_attributes_or_drive`]
     /// calls when the whole call cannot run here.
     set_driver: Mutex<Option<Py<PyAny>>>,
+    /// The MMU's fault retry loop (a `weakref.WeakMethod`), for
+    /// [`PyKvm::fault_or_drive`] when a fault cannot finish here.
+    fault_driver: Mutex<Option<Py<PyAny>>>,
 }
 
 /// The set entry's `flags` (default 0), through the one integer rule.
@@ -284,6 +287,44 @@ impl<'a, 'py> FromPyObject<'a, 'py> for SetFlags {
     fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
         u64_arg(&obj, "flags").map(SetFlags)
     }
+}
+
+/// The fault entry's bool arguments, through the one bool rule (errors
+/// name the argument).
+macro_rules! bool_param {
+    ($name:ident, $arg:literal) => {
+        struct $name(bool);
+
+        impl<'a, 'py> FromPyObject<'a, 'py> for $name {
+            type Error = PyErr;
+
+            fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+                bool_arg(&obj, $arg).map($name)
+            }
+        }
+    };
+}
+
+bool_param!(PrivateParam, "private");
+bool_param!(WriteParam, "write");
+
+/// Calls the driver a `weakref.WeakMethod` in `slot` refers to.
+fn call_driver<'py>(
+    py: Python<'py>,
+    slot: &Mutex<Option<Py<PyAny>>>,
+    args: impl pyo3::call::PyCallArgs<'py>,
+) -> PyResult<Py<PyAny>> {
+    let weak = slot
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|d| d.clone_ref(py))
+        .ok_or_else(|| PyRuntimeError::new_err("this Kvm has no Vm to drive it"))?;
+    let driver = weak.call0(py)?;
+    if driver.is_none(py) {
+        return Err(PyRuntimeError::new_err("the Vm of this Kvm is gone"));
+    }
+    Ok(driver.call1(py, args)?)
 }
 
 /// Set while an explorer drives threads step by step (`memattr.sched.hook`):
@@ -540,6 +581,7 @@ impl PyKvm {
             store: store.clone().unbind(),
             native_set: AtomicBool::new(true),
             set_driver: Mutex::new(None),
+            fault_driver: Mutex::new(None),
         })
     }
 
@@ -1055,19 +1097,39 @@ impl PyKvm {
                 return Ok(());
             }
         }
-        let weak = self
-            .set_driver
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|d| d.clone_ref(py))
-            .ok_or_else(|| PyRuntimeError::new_err("this Kvm has no Vm to drive the set"))?;
-        let driver = weak.call0(py)?;
-        if driver.is_none(py) {
-            return Err(PyRuntimeError::new_err("the Vm of this Kvm is gone"));
-        }
-        driver.call1(py, (address, size, attributes, flags))?;
+        call_driver(py, &self.set_driver, (address, size, attributes, flags))?;
         Ok(())
+    }
+
+    /// The MMU's retry loop, as a `weakref.WeakMethod`.
+    fn set_fault_driver(&self, driver: Py<PyAny>) {
+        *self.fault_driver.lock().unwrap_or_else(|e| e.into_inner()) = Some(driver);
+    }
+
+    /// `Vm.fault` itself (bound as the method, so a fault costs no Python
+    /// frame): the whole fault here when nothing races with it, else the
+    /// MMU's retry loop (a retry is due, this thread holds a modelled lock,
+    /// or an explorer interleaves the steps). `write` is validated but, as
+    /// in the kernel's memory-fault exit, not reported.
+    #[pyo3(signature = (gpa, private = PrivateParam(false), write = WriteParam(false)))]
+    fn fault_or_drive(
+        &self,
+        py: Python<'_>,
+        gpa: &Bound<'_, PyAny>,
+        private: PrivateParam,
+        write: WriteParam,
+    ) -> PyResult<Py<PyAny>> {
+        let _ = write.0;
+        let gpa = u64_arg(gpa, "gpa")?;
+        let private = private.0;
+        let first = SCHED_HOOKED.load(Ordering::Relaxed);
+        if !first {
+            let level = self.fault(py, gpa, private, 0)?;
+            if level >= 0 {
+                return Ok(level.into_pyobject(py)?.into_any().unbind());
+            }
+        }
+        call_driver(py, &self.fault_driver, (gpa, private, 0u64, first))
     }
 
     // --- KVM_SET_MEMORY_ATTRIBUTES: steps for the Python driver -----------------
