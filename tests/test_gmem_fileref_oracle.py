@@ -300,3 +300,38 @@ def test_a_dropped_mapping_is_unmapped_and_interpreter_exit_is_quiet() -> None:
             "mp = vm.guest_memfd_mmap(fd, 4096); vm.guest_memfd_close(fd); KEEP = (vm, mp)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
+def test_the_drivens_close_and_munmap_match_the_whole_operations() -> None:
+    """The explorer's step-by-step close and munmap (memattr.driven): the
+    same core steps decide when the release runs, so both paths end in the
+    same state."""
+    from memattr import driven
+
+    def run(step_by_step: bool) -> tuple[object, ...]:
+        vm = m.Vm()
+        fd = vm.create_guest_memfd(N * PG, FLAGS)
+        vm.set_user_memory_region(0, 0, N * PG, flags=m.KVM_MEM_GUEST_MEMFD, guest_memfd=fd)
+        vm.fault(0)
+        mp = vm.guest_memfd_mmap(fd, N * PG)
+        vma = mp._vma
+        assert vma is not None
+        if step_by_step:
+            driven.kvm_gmem_release(vm, fd)
+        else:
+            vm.guest_memfd_close(fd)
+        kept = (vm.stats.gmem_closed, vm.mmu.mapped_level(0), vm.mmu_invalidate_seq)
+        if step_by_step:
+            mp._finalizer.detach()
+            mp._vma = None
+            driven.kvm_gmem_munmap(vm, vma)
+            with pytest.raises(ValueError, match="not mapped"):
+                driven.kvm_gmem_munmap(vm, vma)
+        else:
+            mp.close()
+        return kept, vm.stats.gmem_closed, vm.mmu.mapped_level(0), vm.mmu_invalidate_seq, \
+            vm.memslots.find(0, 0).gmem  # type: ignore[union-attr]
+
+    whole, driven_ = run(False), run(True)
+    assert whole == driven_
+    assert whole[0][:2] == (0, 1) and whole[1:4] == (1, 0, whole[0][2] + 1) and whole[4] is None
