@@ -333,8 +333,10 @@ class Vm(GuestMemfdInplaceMixin):
         return self.guest_memfd_file(fd).mmap(length, shared)
 
     def guest_memfds(self) -> list[tuple[int, int, int, list[tuple[int, int, int, int]]]]:
-        """This VM's open guest_memfd files: (fd, size, flags, bindings as
-        (first_page, end_page, as_id, slot id))."""
+        """This VM's guest_memfd files: (fd, size, flags, bindings as
+        (first_page, end_page, as_id, slot id)). A file whose fd was closed
+        while a mapping holds it is listed (under the fd it was created
+        with) until its last munmap."""
         return list(self._kvm.guest_memfds())
 
     # --- memory attributes ---------------------------------------------------
