@@ -138,6 +138,47 @@ class LiveVm:
             _libc.munmap(addr, length)
         return results
 
+    # A mapping that outlives the fd: the handle is the address.
+    def map_gmem(self, gfd: int, length: int) -> int:
+        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, gfd, 0)
+        if addr == ctypes.c_void_p(-1).value:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return int(addr)
+
+    def map_access(self, addr: int, off: int, n: int, data: bytes | None = None) -> str:
+        """A write of ``data`` (if given), then a read of ``n`` bytes at
+        ``off`` through the mapping, in a forked child (a fault kills only
+        the child): "ok:<hex>", SIGBUS, or "unmapped" (SIGSEGV: no mapping
+        there any more)."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                faulthandler.disable()
+                os.close(r)
+                if data is not None:
+                    ctypes.memmove(addr + off, data, len(data))
+                os.write(w, ctypes.string_at(addr + off, n))
+            finally:
+                os._exit(0)
+        os.close(w)
+        got = b""
+        while chunk := os.read(r, 1 << 16):
+            got += chunk
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            return {signal.SIGBUS: SIGBUS, signal.SIGSEGV: "unmapped"}.get(sig, f"signal {sig}")
+        return f"ok:{got.hex()}"
+
+    def munmap_gmem(self, addr: int, length: int) -> int:
+        if _libc.munmap(addr, length) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return 0
+
 
 def _live_file_op(gfd: int, op: str) -> Any:
     ops: dict[str, Callable[[], Any]] = {
@@ -228,6 +269,23 @@ class ModelVm:
                 results.append(SIGBUS)
                 break
         return results
+
+    def map_gmem(self, gfd: int, length: int) -> m.GuestMemfdMapping:
+        return self.vm.guest_memfd_mmap(gfd, length)
+
+    def map_access(self, mp: m.GuestMemfdMapping, off: int, n: int, data: bytes | None = None) -> str:
+        try:
+            if data is not None:
+                mp.write(off, data)
+            return f"ok:{mp.read(off, n).hex()}"
+        except m.GuestMemfdSigbus:
+            return SIGBUS
+        except ValueError:  # the mapping is gone (mmap.mmap's closed error)
+            return "unmapped"
+
+    def munmap_gmem(self, mp: m.GuestMemfdMapping, length: int) -> int:
+        mp.close()
+        return 0
 
 
 class ModelKvm:
@@ -483,6 +541,75 @@ def guest_memfd_file_ops(kvm: Any, step: Steps) -> None:
         step(f"flags {flags:#x} allocate", lambda gfd=gfd, size=size: vm.fallocate(gfd, KEEP_SIZE, 0, size))
         step(f"flags {flags:#x} fstat after allocate", lambda gfd=gfd: vm.file_op(gfd, "fstat"))
         vm.close_gmem(gfd)
+    vm.close()
+
+
+@scenario
+def guest_memfd_close_with_mapping(kvm: Any, step: Steps) -> None:
+    """A mapping holds the file (vma->vm_file): close(2) of the fd with a
+    live mapping frees only the fd; reads and writes through the mapping
+    keep working on the same page cache, and the release (unbinding the
+    memslots) runs at the last munmap. The memslot binding itself holds no
+    reference."""
+    vm = kvm.create_vm(0)
+    n = 4 * PAGE
+    gfd = step("create MMAP|INIT_SHARED", lambda: vm.create_guest_memfd(n, MMAP | INIT_SHARED), value=False)
+    if gfd is None:
+        return
+    step("bind slot 0", lambda: _set(vm, slot=0, gpa=0, size=n, flags=G, gfd=gfd))
+    a = step("mmap a (6 pages: two past the end)", lambda: vm.map_gmem(gfd, 6 * PAGE), value=False)
+    b = step("mmap b", lambda: vm.map_gmem(gfd, 2 * PAGE), value=False)
+    if a is None or b is None:
+        return
+    data = b"guest_memfd outlives its fd"
+    step("write through a", lambda: vm.map_access(a, PAGE - 5, len(data), data))
+    step("close the fd", lambda: vm.close_gmem(gfd))
+    # Right after the close (before anything else may reuse the number):
+    # the fd is gone for every call that takes it.
+    step("fallocate the closed fd", lambda: vm.fallocate(gfd, KEEP_SIZE | PUNCH_HOLE, 0, PAGE))
+    step("fstat the closed fd", lambda: vm.file_op(gfd, "fstat"))
+    step("bind the closed fd", lambda: _set(vm, slot=1, gpa=1 << 30, size=n, flags=G, gfd=gfd))
+    # The mapping still works, on the same page cache.
+    step("read back through a", lambda: vm.map_access(a, PAGE - 5, len(data)))
+    step("read it through b", lambda: vm.map_access(b, PAGE - 5, len(data)))
+    step("write through b", lambda: vm.map_access(b, 0, 3, b"abc"))
+    step("read that through a", lambda: vm.map_access(a, 0, 4))
+    step("a past the end of the file", lambda: vm.map_access(a, 5 * PAGE, 1))
+    # The memslot is as it was: same range again, and a new file there.
+    step("slot 0 again, same fields", lambda: _set(vm, slot=0, gpa=0, size=n, flags=G, gfd=gfd))
+    step("new slot over slot 0's gpa", lambda: _set(vm, slot=1, gpa=0, size=n))
+    gfd2 = step("create another file", lambda: vm.create_guest_memfd(n, MMAP | INIT_SHARED), value=False)
+    step("bind it elsewhere", lambda: _set(vm, slot=2, gpa=1 << 30, size=n, flags=G, gfd=gfd2))
+    step("bind it over slot 0's gpa", lambda: _set(vm, slot=3, gpa=0, size=n, flags=G, gfd=gfd2))
+    step("munmap a", lambda: vm.munmap_gmem(a, 6 * PAGE))
+    step("a after munmap", lambda: vm.map_access(a, 0, 1))
+    step("b after a's munmap", lambda: vm.map_access(b, 0, 3))
+    # The last reference: the file is released now.
+    step("munmap b", lambda: vm.munmap_gmem(b, 2 * PAGE))
+    step("b after munmap", lambda: vm.map_access(b, 0, 1))
+    step("slot 0 after the release, same fields", lambda: _set(vm, slot=0, gpa=0, size=n, flags=G, gfd=gfd2))
+    step("delete slot 0", lambda: _set(vm, slot=0, gpa=0, size=0))
+    step("delete slot 2", lambda: _set(vm, slot=2, gpa=0, size=0))
+    step("bind the other file at gpa 0", lambda: _set(vm, slot=0, gpa=0, size=n, flags=G, gfd=gfd2))
+    # Deleting the slot while only a mapping holds the file (unbind on a
+    # live, fd-less file), then the last munmap.
+    gfd3 = step("create a third file", lambda: vm.create_guest_memfd(n, MMAP | INIT_SHARED), value=False)
+    step("bind it", lambda: _set(vm, slot=4, gpa=2 << 30, size=n, flags=G, gfd=gfd3))
+    c = step("mmap c", lambda: vm.map_gmem(gfd3, n), value=False)
+    step("write through c", lambda: vm.map_access(c, 2 * PAGE, 4, b"wxyz"))
+    step("close the third fd", lambda: vm.close_gmem(gfd3))
+    step("delete its slot", lambda: _set(vm, slot=4, gpa=0, size=0))
+    step("c after the slot went", lambda: vm.map_access(c, 2 * PAGE, 4))
+    step("munmap c", lambda: vm.munmap_gmem(c, n))
+    step("c after munmap", lambda: vm.map_access(c, 0, 1))
+    # munmap first, close last: the close releases.
+    gfd4 = step("create a fourth file", lambda: vm.create_guest_memfd(n, MMAP | INIT_SHARED), value=False)
+    d = step("mmap d", lambda: vm.map_gmem(gfd4, n), value=False)
+    step("write through d", lambda: vm.map_access(d, 0, 2, b"hi"))
+    step("munmap d", lambda: vm.munmap_gmem(d, n))
+    step("fstat the fourth fd", lambda: vm.file_op(gfd4, "fstat"))
+    step("close the fourth fd", lambda: vm.close_gmem(gfd4))
+    vm.close_gmem(gfd2)
     vm.close()
 
 

@@ -26,7 +26,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING
 
-from memattr import sched
+from memattr import _native, sched
 
 if TYPE_CHECKING:
     from memattr.vm import Vm
@@ -134,13 +134,35 @@ def kvm_gmem_fallocate(vm: Vm, fd: int, mode: int, offset: int, length: int) -> 
 
 
 def kvm_gmem_release(vm: Vm, fd: int) -> None:
-    """close(2) of a guest_memfd's last reference, step by step."""
+    """close(2) of a guest_memfd, step by step: the fd goes in one core
+    step; the release follows if that was the file's last reference (a
+    live mapping keeps the file: then nothing else happens)."""
     with vm.slots_lock, filemap_invalidate_lock(vm, fd):
         if sched.hook is not None:
             sched.hook(sched.STEP, "kvm_gmem_release")
         # Read while the file still exists (detach takes it).
         attr_filter = vm._kvm.gmem_invalidate_filter(fd, 0, 2**64 - 1)
         ranges = vm._kvm.gmem_release_detach(fd)
+        if ranges is None:
+            return
+        kvm_gmem_invalidate_begin(vm, ranges, attr_filter)
+        kvm_gmem_invalidate_end(vm, ranges)
+    vm._kvm.note_gmem_closed()
+
+
+def kvm_gmem_munmap(vm: Vm, vma: int) -> None:
+    """munmap(2) of a guest_memfd mapping, step by step: the mapping's
+    reference goes in one core step; if it was the file's last, the same
+    release as close(2)'s follows (the kernel's __fput runs
+    kvm_gmem_release)."""
+    fd = _native.gmem_file_of_vma(vm._kvm, vma)  # ValueError if unmapped
+    with vm.slots_lock, filemap_invalidate_lock(vm, fd):
+        if sched.hook is not None:
+            sched.hook(sched.STEP, "kvm_gmem_release")
+        attr_filter = vm._kvm.gmem_invalidate_filter(fd, 0, 2**64 - 1)
+        ranges = _native.gmem_munmap_detach(vm._kvm, vma)
+        if ranges is None:
+            return
         kvm_gmem_invalidate_begin(vm, ranges, attr_filter)
         kvm_gmem_invalidate_end(vm, ranges)
     vm._kvm.note_gmem_closed()
@@ -175,6 +197,7 @@ __all__ = [
     "kvm_gmem_fallocate",
     "kvm_gmem_invalidate_begin",
     "kvm_gmem_invalidate_end",
+    "kvm_gmem_munmap",
     "kvm_gmem_punch_hole",
     "kvm_gmem_release",
     "kvm_set_memory_region",

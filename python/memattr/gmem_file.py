@@ -6,7 +6,11 @@ file-like face."""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
+
+from memattr import _native, sched
 
 if TYPE_CHECKING:
     from memattr._native import Kvm
@@ -22,6 +26,20 @@ class GuestMemfdStat(NamedTuple):
     st_nlink: int
 
 
+def _munmap_at_gc(munmap: Callable[[int], bool], vma: int) -> None:
+    """A mapping object dropped without close(): munmap it, quietly (a
+    finalizer must not raise). Not under the interleaving explorer: its
+    actors hold the model's locks across scheduling points, and a
+    finalizer may run anywhere; there the mapping stays, as a process's
+    mapping that is never unmapped."""
+    if sched.hook is not None:
+        return
+    try:
+        munmap(vma)
+    except Exception:  # noqa: BLE001 - a finalizer reports nothing
+        pass
+
+
 class GuestMemfdMapping:
     """A MAP_SHARED mapping of the first ``length`` bytes of a guest_memfd.
     Reads and writes go page by page through the kernel's fault handler
@@ -29,12 +47,52 @@ class GuestMemfdMapping:
     the file, or on a page that is not shared, they raise
     ``memattr.GuestMemfdSigbus``, and a write keeps the pages it stored
     before that page. Indexes outside the mapping raise IndexError, as
-    ``mmap.mmap`` does."""
+    ``mmap.mmap`` does.
 
-    def __init__(self, kvm: Kvm, fd: int, length: int) -> None:
+    The mapping holds a reference on the file (vma->vm_file): closing the
+    fd leaves the mapping working on the same page cache, and the file is
+    released (its memslots unbound) only when its last mapping goes.
+    ``close()`` (or ``munmap()``, or leaving a ``with`` block, or dropping
+    the last reference to the object) unmaps it; after that every access
+    raises ValueError, as ``mmap.mmap`` does once closed."""
+
+    def __init__(self, kvm: Kvm, fd: int, length: int, vma: int,
+                 munmap: Callable[[int], bool] | None = None) -> None:
         self._kvm = kvm
         self.fd = fd
         self.length = length
+        self._vma: int | None = vma
+        unmap = munmap if munmap is not None else (lambda v: _native.gmem_munmap(kvm, v))
+        self._munmap = unmap
+        # Holds neither the mapping nor itself: only what munmap needs.
+        self._finalizer = weakref.finalize(self, _munmap_at_gc, unmap, vma)
+        self._finalizer.atexit = False
+
+    @property
+    def closed(self) -> bool:
+        return self._vma is None
+
+    def _live(self) -> int:
+        if self._vma is None:
+            raise ValueError("mmap closed or invalid")
+        return self._vma
+
+    def close(self) -> None:
+        """munmap(2): the mapping's reference on the file goes (the file's
+        release if it was the last one). A second close does nothing."""
+        if self._vma is None:
+            return
+        vma, self._vma = self._vma, None
+        self._finalizer.detach()
+        self._munmap(vma)
+
+    munmap = close
+
+    def __enter__(self) -> GuestMemfdMapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return self.length
@@ -44,12 +102,14 @@ class GuestMemfdMapping:
             raise IndexError(f"[{offset}, {offset + n}) is outside the mapping of {self.length} bytes")
 
     def read(self, offset: int, n: int) -> bytes:
+        vma = self._live()
         self._span(offset, n)
-        return self._kvm.guest_memfd_user_read(self.fd, offset, n)
+        return _native.gmem_vma_read(self._kvm, vma, offset, n)
 
     def write(self, offset: int, data: bytes) -> None:
+        vma = self._live()
         self._span(offset, len(data))
-        self._kvm.guest_memfd_user_write(self.fd, offset, bytes(data))
+        _native.gmem_vma_write(self._kvm, vma, offset, bytes(data))
 
     def __getitem__(self, offset: int) -> int:
         return self.read(offset, 1)[0]
@@ -61,9 +121,10 @@ class GuestMemfdMapping:
 class GuestMemfdFile:
     """A guest_memfd fd of a Vm, as a file."""
 
-    def __init__(self, kvm: Kvm, fd: int) -> None:
+    def __init__(self, kvm: Kvm, fd: int, munmap: Callable[[int], bool] | None = None) -> None:
         self._kvm = kvm
         self.fd = fd
+        self._munmap = munmap
 
     def _op(self, op: str) -> None:
         self._kvm.guest_memfd_file_op(self.fd, op)
@@ -103,11 +164,12 @@ class GuestMemfdFile:
 
     def mmap(self, length: int, shared: bool = True) -> GuestMemfdMapping:
         """mmap(2) at offset 0: OSError(ENODEV) without
-        GUEST_MEMFD_FLAG_MMAP, OSError(EINVAL) unless ``shared``."""
+        GUEST_MEMFD_FLAG_MMAP, OSError(EINVAL) unless ``shared``. The
+        mapping holds a reference on the file until it is closed."""
         if length <= 0:
             raise ValueError(f"length must be > 0, got {length}")
-        self._kvm.guest_memfd_mmap(self.fd, shared)
-        return GuestMemfdMapping(self._kvm, self.fd, length)
+        vma = _native.gmem_mmap(self._kvm, self.fd, shared)
+        return GuestMemfdMapping(self._kvm, self.fd, length, vma, self._munmap)
 
 
 __all__ = ["GuestMemfdFile", "GuestMemfdMapping", "GuestMemfdStat"]

@@ -300,12 +300,14 @@ class Vm(GuestMemfdInplaceMixin):
             self._lock_conflict()
 
     def guest_memfd_close(self, fd: int) -> None:
-        """close(2) of the last reference to a guest_memfd
-        (kvm_gmem_release): every bound memslot loses the file (private
-        faults there now exit), every mapping through it is zapped as for a
-        hole over the whole file, and the bindings go. The memslots stay;
-        the fd number is free. EBADF if ``fd`` is not an open guest_memfd of
-        this VM."""
+        """close(2) of a guest_memfd: the fd number is free. If the fd held
+        the file's last reference, the file is released (kvm_gmem_release):
+        every bound memslot loses the file (private faults there now exit),
+        every mapping through it is zapped as for a hole over the whole
+        file, and the bindings go; the memslots stay. A live mapping
+        (``guest_memfd_mmap``) holds a reference too: then the release waits
+        for its munmap, and the mapping keeps working meanwhile. EBADF if
+        ``fd`` is not an open guest_memfd of this VM."""
         if sched.hook is not None:  # the explorer runs it step by step
             return driven.kvm_gmem_release(self, fd)
         if not self._kvm.guest_memfd_close(fd):
@@ -315,7 +317,18 @@ class Vm(GuestMemfdInplaceMixin):
         """guest_memfd ``fd`` as a file: its file operations' errnos,
         fstat, mmap (see memattr.gmem_file)."""
         self._kvm.guest_memfd_fstat(fd)  # EBADF unless a guest_memfd of this VM
-        return GuestMemfdFile(self._kvm, fd)
+        return GuestMemfdFile(self._kvm, fd, self._guest_memfd_munmap)
+
+    def _guest_memfd_munmap(self, vma: int) -> bool:
+        """munmap(2) of a guest_memfd mapping (its ``close()``): the
+        mapping's reference on the file goes, and the file is released
+        (as by ``guest_memfd_close``) if that was its last reference."""
+        if sched.hook is not None:  # the explorer runs it step by step
+            driven.kvm_gmem_munmap(self, vma)
+            return True
+        if not _native.gmem_munmap(self._kvm, vma):
+            self._lock_conflict()
+        return True
 
     def guest_memfd_mmap(self, fd: int, length: int, shared: bool = True) -> GuestMemfdMapping:
         """mmap(2) of the first ``length`` bytes of guest_memfd ``fd``
@@ -325,8 +338,10 @@ class Vm(GuestMemfdInplaceMixin):
         return self.guest_memfd_file(fd).mmap(length, shared)
 
     def guest_memfds(self) -> list[tuple[int, int, int, list[tuple[int, int, int, int]]]]:
-        """This VM's open guest_memfd files: (fd, size, flags, bindings as
-        (first_page, end_page, as_id, slot id))."""
+        """This VM's guest_memfd files: (fd, size, flags, bindings as
+        (first_page, end_page, as_id, slot id)). A file whose fd was closed
+        while a mapping holds it is listed (under the fd it was created
+        with) until its last munmap."""
         return list(self._kvm.guest_memfds())
 
     # --- memory attributes ---------------------------------------------------

@@ -393,6 +393,16 @@ impl Kvm {
     /// This VM's guest_memfd `fd` under these semantics: EBADF if it is not
     /// one; ENOTTY (no such ioctl on the file) under other semantics.
     fn gmem_attr_file(&self, fd: u64) -> Result<&GmemAttrFile, KvmError> {
+        let f = self.gmem_attr_file_of(fd)?;
+        // Calls through the fd: EBADF once it is closed, even while a
+        // mapping keeps the file (and these attributes) alive.
+        self.own_gmem(fd)?;
+        Ok(f)
+    }
+
+    /// The series' state of file `fd` while the file lives, whether or not
+    /// its fd is still open (what its mappings and pages reach).
+    fn gmem_attr_file_of(&self, fd: u64) -> Result<&GmemAttrFile, KvmError> {
         if !self.inplace() {
             return fail(
                 ENOTTY,
@@ -656,7 +666,9 @@ impl Kvm {
     /// current folio, else from a folio truncated since. Argument error
     /// (nothing dropped) if a page holds no pin.
     pub fn guest_memfd_unpin(&mut self, fd: u64, offset: u64, npages: u64) -> Result<(), KvmError> {
-        self.gmem_attr_file(fd)?;
+        // unpin_user_pages() takes pages, not an fd: pins taken before a
+        // close can be dropped while a mapping keeps the file.
+        self.gmem_attr_file_of(fd)?;
         let first = offset >> PAGE_SHIFT;
         let end = first.saturating_add(npages);
         let f = self.inplace.files.get_mut(&fd).expect("checked");

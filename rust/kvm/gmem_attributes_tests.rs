@@ -454,3 +454,34 @@ fn v5_content_modes_follow_the_vm_type() {
         P
     );
 }
+
+/// A mapping keeps the file and its attributes after close(2); the ioctl
+/// and pins go through the fd (EBADF), an unpin reaches the pages, the
+/// mapping still faults by the per-file attribute, and the attributes go
+/// with the file at the last munmap.
+#[test]
+fn a_mapping_keeps_the_files_attributes_after_close() {
+    let mut k = vm(
+        KVM_X86_SW_PROTECTED_VM,
+        Semantics::GmemInplace,
+        StoreKind::RangeTree,
+    );
+    let fd = bound(&mut k, 0, 8, true);
+    set(&mut k, fd, 2, 1, P).unwrap();
+    k.guest_memfd_pin(fd, 0, 1).unwrap();
+    let vma = k.mmap_new_file_vma(fd, true).unwrap();
+    k.kvm_gmem_release(fd).unwrap();
+    assert_eq!(errno_of(set(&mut k, fd, 0, 1, P)), (EBADF, None));
+    assert_eq!(k.guest_memfd_pin(fd, 0, 1).unwrap_err().errno(), EBADF);
+    k.guest_memfd_unpin(fd, 0, 1).unwrap();
+    assert_eq!(k.kvm_gmem_vma_read(vma, 4096, 2).unwrap(), [0, 0]);
+    assert!(matches!(
+        k.kvm_gmem_vma_read(vma, 2 << PAGE_SHIFT, 1),
+        Err(KvmError::Sigbus { private: true, .. })
+    ));
+    assert_eq!(k.inplace.counters.invalidations, 1); // the conversion only
+    k.kvm_gmem_munmap(vma).unwrap();
+    assert_eq!(k.counters.gmem_closed, 1);
+    assert_eq!(k.inplace.counters.invalidations, 2); // the release's
+    assert!(k.inplace.files.is_empty());
+}

@@ -180,6 +180,16 @@ fn scramble(seed: u64, page: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A host read returns at most [`MAX_USER_READ`] bytes.
+fn check_read_len(len: u64) -> Result<(), KvmError> {
+    if len > MAX_USER_READ {
+        return Err(KvmError::Argument(format!(
+            "length must be <= {MAX_USER_READ:#x}, got {len:#x}"
+        )));
+    }
+    Ok(())
+}
+
 impl Kvm {
     /// kvm_gmem_fault_user_mapping(): the host faults in file byte
     /// `offset` through a mapping. SIGBUS past the end of the file; then
@@ -189,8 +199,12 @@ impl Kvm {
     /// Otherwise the page gets a folio (kvm_gmem_get_folio) and goes into
     /// the host's page tables. The one copy of the rule: host reads and
     /// writes, and pins (GUP faults through it), all come here.
+    /// `fd` names the file (the fd it was created with): a mapping faults
+    /// on its file whether or not that fd is still open.
     pub fn kvm_gmem_fault_user_mapping(&mut self, fd: u64, offset: u64) -> Result<(), KvmError> {
-        let f = self.own_gmem(fd)?;
+        let Some(f) = self.gmem.get(&fd) else {
+            return fail(EBADF, format!("fd {fd} is not a guest_memfd of this VM"));
+        };
         let page = offset >> PAGE_SHIFT;
         let sigbus = |private| {
             Err(KvmError::Sigbus {
@@ -226,9 +240,21 @@ impl Kvm {
         fd: u64,
         offset: u64,
         len: u64,
-        mut each: impl FnMut(&mut GmemPageCache, u64, std::ops::Range<usize>, usize),
+        each: impl FnMut(&mut GmemPageCache, u64, std::ops::Range<usize>, usize),
     ) -> Result<(), KvmError> {
         self.kvm_gmem_mmap(fd, true)?;
+        self.gmem_copy_through_mapping(fd, offset, len, each)
+    }
+
+    /// The copy itself, through a mapping of file `fd` that exists (mmap
+    /// accepted it; the mapping, not the fd, keeps the file).
+    fn gmem_copy_through_mapping(
+        &mut self,
+        fd: u64,
+        offset: u64,
+        len: u64,
+        mut each: impl FnMut(&mut GmemPageCache, u64, std::ops::Range<usize>, usize),
+    ) -> Result<(), KvmError> {
         let end = offset
             .checked_add(len)
             .ok_or_else(|| KvmError::Argument("offset + length wraps".into()))?;
@@ -260,11 +286,7 @@ impl Kvm {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, KvmError> {
-        if len > MAX_USER_READ {
-            return Err(KvmError::Argument(format!(
-                "length must be <= {MAX_USER_READ:#x}, got {len:#x}"
-            )));
-        }
+        check_read_len(len)?;
         let mut out = Vec::with_capacity(len as usize);
         self.kvm_gmem_user_copy(fd, offset, len, |cache, page, r, _| {
             out.extend_from_slice(&cache.page_data(page)[r]);
@@ -282,6 +304,42 @@ impl Kvm {
         data: &[u8],
     ) -> Result<(), KvmError> {
         self.kvm_gmem_user_copy(fd, offset, data.len() as u64, |cache, page, r, done| {
+            let n = r.len();
+            cache.write(page, r.start, &data[done..done + n]);
+        })
+    }
+}
+
+impl Kvm {
+    /// A host read through live mapping `vma` ([`Self::mmap_new_file_vma`]):
+    /// the same copy as [`Self::kvm_gmem_user_read`], on the mapping's file
+    /// whether or not its fd is still open (the mapping holds the file).
+    /// Argument error if the mapping is gone.
+    pub fn kvm_gmem_vma_read(
+        &mut self,
+        vma: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, KvmError> {
+        let fd = self.gmem_file_of_vma(vma)?;
+        check_read_len(len)?;
+        let mut out = Vec::with_capacity(len as usize);
+        self.gmem_copy_through_mapping(fd, offset, len, |cache, page, r, _| {
+            out.extend_from_slice(&cache.page_data(page)[r]);
+        })?;
+        Ok(out)
+    }
+
+    /// A host write through live mapping `vma` (as
+    /// [`Self::kvm_gmem_user_write`]).
+    pub fn kvm_gmem_vma_write(
+        &mut self,
+        vma: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), KvmError> {
+        let fd = self.gmem_file_of_vma(vma)?;
+        self.gmem_copy_through_mapping(fd, offset, data.len() as u64, |cache, page, r, done| {
             let n = r.len();
             cache.write(page, r.start, &data[done..done + n]);
         })

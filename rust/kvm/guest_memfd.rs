@@ -17,7 +17,7 @@
 //! real fd, and a real fd passed as a guest_memfd is "a file, but not a
 //! guest_memfd" (EINVAL), an unused number "not open" (EBADF).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -38,6 +38,8 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     owners: BTreeMap::new(),
 });
 static NEXT_VM_ID: AtomicU64 = AtomicU64::new(1);
+/// Mapping ids (one per mmap(2) of a guest_memfd), unique in the process.
+static NEXT_VMA_ID: AtomicU64 = AtomicU64::new(1);
 
 fn registry() -> std::sync::MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
@@ -63,10 +65,21 @@ fn fd_is_open(fd: u64) -> bool {
     fd <= i32::MAX as u64 && std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_ok()
 }
 
-/// One guest_memfd file of this VM.
+/// One guest_memfd file of this VM. Its references are the kernel's
+/// struct file references: the fd table's (dropped by close(2)) and one per
+/// live mapping (vma->vm_file, taken by mmap(2), dropped by munmap(2)). A
+/// memslot binding holds none (kvm_gmem_bind() fputs at its end: "the file
+/// pins KVM, not the other way 'round"). The file is released
+/// (kvm_gmem_release) when the last reference goes.
 #[derive(Debug, Clone)]
 pub struct GmemFile {
+    /// The fd the file was created with; also the file's name in the model
+    /// (simulated fds are never reused), whether or not it is still open.
     pub fd: u64,
+    /// The fd table still holds the file (close(2) not yet called).
+    pub fd_open: bool,
+    /// The live mappings of the file (their ids): each holds a reference.
+    pub vmas: BTreeSet<u64>,
     pub size: u64,
     pub flags: u64,
     /// gmem->bindings: first file page -> (end page, as_id, slot id).
@@ -77,6 +90,11 @@ pub struct GmemFile {
 }
 
 impl GmemFile {
+    /// No reference is left: the file is released.
+    fn unreferenced(&self) -> bool {
+        !self.fd_open && self.vmas.is_empty()
+    }
+
     fn overlaps(&self, start: u64, end: u64) -> bool {
         self.bindings
             .range(..end)
@@ -148,12 +166,13 @@ impl Kvm {
     /// This VM's open guest_memfd `fd`, or EBADF.
     pub(super) fn own_gmem(&self, fd: u64) -> Result<&GmemFile, KvmError> {
         match self.gmem.get(&fd) {
-            Some(f) => Ok(f),
-            None => fail(EBADF, format!("fd {fd} is not a guest_memfd of this VM")),
+            Some(f) if f.fd_open => Ok(f),
+            _ => fail(EBADF, format!("fd {fd} is not a guest_memfd of this VM")),
         }
     }
 
-    /// This VM's open guest_memfd files, in fd order.
+    /// This VM's guest_memfd files, in fd order: those whose fd is open and
+    /// those a mapping keeps alive after close(2) (`fd_open` false).
     pub fn guest_memfds(&self) -> impl Iterator<Item = &GmemFile> {
         self.gmem.values()
     }
@@ -194,6 +213,8 @@ impl Kvm {
             fd,
             GmemFile {
                 fd,
+                fd_open: true,
+                vmas: BTreeSet::new(),
                 size,
                 flags,
                 bindings: BTreeMap::new(),
@@ -390,36 +411,52 @@ impl Kvm {
         self.counters.gmem_holes_punched += 1;
     }
 
-    /// close(2) of the last reference to a guest_memfd (kvm_gmem_release):
-    /// every bound memslot loses the file (private faults there now exit),
-    /// every mapping through it is zapped as for a hole over the whole
-    /// file, and the bindings go. The memslots stay; the fd is free.
+    /// close(2) of guest_memfd `fd`: the fd goes; if it held the file's
+    /// last reference (no mapping), the file is released
+    /// (kvm_gmem_release): every bound memslot loses the file (private
+    /// faults there now exit), every mapping of the guest through it is
+    /// zapped as for a hole over the whole file, and the bindings go. The
+    /// memslots stay; the fd is free. With a live mapping only the fd goes:
+    /// the file, its page cache and its bindings stay until the last
+    /// munmap ([`Self::remove_vma`]).
     pub fn kvm_gmem_release(&mut self, fd: u64) -> Result<(), KvmError> {
-        let (file, filter) = self.kvm_gmem_take(fd)?;
-        self.kvm_gmem_release_file(file, filter)
+        match self.kvm_gmem_take(fd)? {
+            Some((file, filter)) => self.kvm_gmem_release_file(file, filter),
+            None => Ok(()),
+        }
     }
 
     /// close(2)'s first step, the one that decides who closes: the fd
-    /// leaves the VM's table and the fd registry in one step, so of two
-    /// closes of the same fd exactly one gets the file and the other is
-    /// EBADF, however the rest of the release is interleaved (a driver
-    /// running the release step by step takes the file with this first,
-    /// under the same lock as every other use of the table).
-    /// Also returns the release's invalidation filter, read while the file
-    /// (and the series' attributes) still exist.
-    pub fn kvm_gmem_take(&mut self, fd: u64) -> Result<(GmemFile, u64), KvmError> {
+    /// leaves the fd registry and the file in one step, so of two closes of
+    /// the same fd exactly one succeeds and the other is EBADF, however the
+    /// rest of the release is interleaved (a driver running the release
+    /// step by step takes the file with this first, under the same lock as
+    /// every other use of the table). Returns the file if that was its last
+    /// reference (see [`Self::kvm_gmem_put`]), None if a mapping keeps it.
+    pub fn kvm_gmem_take(&mut self, fd: u64) -> Result<Option<(GmemFile, u64)>, KvmError> {
         self.own_gmem(fd)?;
+        registry().owners.remove(&fd);
+        self.gmem.get_mut(&fd).expect("checked above").fd_open = false;
+        Ok(self.kvm_gmem_put(fd))
+    }
+
+    /// fput(): a reference of file `fd` was dropped. If none is left, the
+    /// file leaves the VM's table and is returned with the release's
+    /// invalidation filter, read while the file (and the series'
+    /// attributes) still exist; the file's own attributes go with it (only
+    /// the bindings are needed to zap).
+    fn kvm_gmem_put(&mut self, fd: u64) -> Option<(GmemFile, u64)> {
+        if !self.gmem.get(&fd)?.unreferenced() {
+            return None;
+        }
         let filter = self.note_gmem_invalidate_filter(fd, 0, u64::MAX);
         let file = self.gmem.remove(&fd).expect("checked above");
-        registry().owners.remove(&fd);
-        // The file's own attributes go with it (only the bindings are
-        // needed to zap).
         self.gmem_attr_file_release(fd);
-        Ok((file, filter))
+        Some((file, filter))
     }
 
     /// The rest of kvm_gmem_release() for a file [`Self::kvm_gmem_take`]
-    /// took: unbind, zap, count.
+    /// or [`Self::remove_vma`] took: unbind, zap, count.
     pub fn kvm_gmem_release_file(&mut self, file: GmemFile, filter: u64) -> Result<(), KvmError> {
         let ranges = self.kvm_gmem_unbind_file(&file);
         self.kvm_gmem_invalidate(&ranges, filter)?;
@@ -427,13 +464,69 @@ impl Kvm {
         Ok(())
     }
 
-    /// kvm_gmem_release() up to its invalidation (slots_lock and the
-    /// file's invalidation lock held): the file leaves the fd table, every
-    /// bound slot loses it; returns the gfn ranges of the whole file, to
-    /// invalidate as for a hole.
-    pub fn kvm_gmem_release_detach(&mut self, fd: u64) -> Result<Vec<(usize, u64, u64)>, KvmError> {
-        let (file, _) = self.kvm_gmem_take(fd)?;
-        Ok(self.kvm_gmem_unbind_file(&file))
+    /// close(2) up to kvm_gmem_release()'s invalidation (slots_lock and the
+    /// file's invalidation lock held): the fd goes; if that released the
+    /// file, every bound slot loses it and the gfn ranges of the whole file
+    /// are returned, to invalidate as for a hole; None if a mapping keeps
+    /// the file.
+    pub fn kvm_gmem_release_detach(
+        &mut self,
+        fd: u64,
+    ) -> Result<Option<Vec<(usize, u64, u64)>>, KvmError> {
+        Ok(self
+            .kvm_gmem_take(fd)?
+            .map(|(file, _)| self.kvm_gmem_unbind_file(&file)))
+    }
+
+    /// mmap(2) of guest_memfd `fd` that kvm_gmem_mmap() accepts
+    /// (__mmap_new_file_vma): the mapping takes a reference on the file
+    /// (vma->vm_file = get_file(file)). Returns the mapping's id.
+    pub fn mmap_new_file_vma(&mut self, fd: u64, shared: bool) -> Result<u64, KvmError> {
+        self.kvm_gmem_mmap(fd, shared)?;
+        let id = NEXT_VMA_ID.fetch_add(1, Ordering::Relaxed);
+        self.gmem.get_mut(&fd).expect("checked").vmas.insert(id);
+        Ok(id)
+    }
+
+    /// The file mapping `vma` maps, or an Argument error if that mapping
+    /// is not live (munmapped, or never this VM's).
+    pub fn gmem_file_of_vma(&self, vma: u64) -> Result<u64, KvmError> {
+        self.gmem
+            .values()
+            .find(|f| f.vmas.contains(&vma))
+            .map(|f| f.fd)
+            .ok_or_else(|| KvmError::Argument(format!("mapping {vma} is not mapped")))
+    }
+
+    /// munmap(2) of mapping `vma` (remove_vma: fput(vma->vm_file)): the
+    /// mapping's reference goes; if it was the file's last, the file is
+    /// returned for [`Self::kvm_gmem_release_file`], as from
+    /// [`Self::kvm_gmem_take`]. Argument error if `vma` is not live.
+    pub fn remove_vma(&mut self, vma: u64) -> Result<Option<(GmemFile, u64)>, KvmError> {
+        let fd = self.gmem_file_of_vma(vma)?;
+        self.gmem.get_mut(&fd).expect("found").vmas.remove(&vma);
+        Ok(self.kvm_gmem_put(fd))
+    }
+
+    /// munmap(2) as a whole operation: [`Self::remove_vma`], then the
+    /// release if that was the file's last reference.
+    pub fn kvm_gmem_munmap(&mut self, vma: u64) -> Result<(), KvmError> {
+        match self.remove_vma(vma)? {
+            Some((file, filter)) => self.kvm_gmem_release_file(file, filter),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::remove_vma`] up to the release's invalidation, for the
+    /// step-by-step driver (as [`Self::kvm_gmem_release_detach`]): None if
+    /// the file lives on.
+    pub fn remove_vma_detach(
+        &mut self,
+        vma: u64,
+    ) -> Result<Option<Vec<(usize, u64, u64)>>, KvmError> {
+        Ok(self
+            .remove_vma(vma)?
+            .map(|(file, _)| self.kvm_gmem_unbind_file(&file)))
     }
 
     /// Every memslot bound to a released file loses it; the gfn ranges of
@@ -535,6 +628,8 @@ impl Kvm {
         let gfn = gpa >> PAGE_SHIFT;
         let slot = &self.memslots.address_space(0)[self.memslots.find(0, gfn)?];
         let fd = slot.guest_memfd.filter(|_| slot.gmem_open)?;
+        // A file only a mapping keeps alive has no fd to punch through.
+        self.own_gmem(fd).ok()?;
         Some((
             fd,
             ((slot.gmem_pgoff() + gfn - slot.base_gfn) << PAGE_SHIFT) | (gpa & (PAGE_SIZE - 1)),

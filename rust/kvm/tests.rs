@@ -689,7 +689,7 @@ fn impossible_sets_and_double_close_agree_on_both_stores() {
         assert!(!k.set_memory_attributes(0, 1 << 63, 0, 0).unwrap());
         assert_eq!(k.store().entry_count(), 0);
         let fd = k.kvm_gmem_create(1 << 21, 0).unwrap();
-        let (file, filter) = k.kvm_gmem_take(fd).unwrap();
+        let (file, filter) = k.kvm_gmem_take(fd).unwrap().unwrap();
         assert_eq!(errno(k.kvm_gmem_take(fd)), EBADF);
         assert_eq!(errno(k.kvm_gmem_release(fd)), EBADF);
         k.kvm_gmem_release_file(file, filter).unwrap();
@@ -863,4 +863,63 @@ mod gmem_invalidate_filter {
         assert_eq!(removed, [513, 0, 0]);
         assert_eq!(m.counts(), [0, 0, 0]);
     }
+}
+
+/// A mapping holds a reference on its guest_memfd file (vma->vm_file):
+/// close(2) with a live mapping drops only the fd; the file, its page
+/// cache, its bindings and the guest's mappings through it stay until the
+/// last munmap, which runs kvm_gmem_release() (unbind, zap, count).
+#[test]
+fn a_mapping_keeps_the_file_after_close() {
+    let mut k = vm_on(HostProfile::default(), 0, Semantics::Linux618).unwrap();
+    let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+    let fd = k.kvm_gmem_create(1 << 21, flags).unwrap();
+    k.kvm_set_memory_region(&region(0, KVM_MEM_GUEST_MEMFD, 0, 1 << 21, 0, fd), false)
+        .unwrap();
+    // A guest_memfd-only slot: the shared fault is served from the file.
+    k.fault(0, false, 0).unwrap();
+    let mapped = k.mapped();
+    assert_ne!(mapped, [0, 0, 0]);
+    let (a, b) = (
+        k.mmap_new_file_vma(fd, true).unwrap(),
+        k.mmap_new_file_vma(fd, true).unwrap(),
+    );
+    assert_eq!(errno(k.mmap_new_file_vma(fd, false)), EINVAL);
+    k.kvm_gmem_vma_write(a, 4095, &[1, 2, 3]).unwrap();
+    k.kvm_gmem_release(fd).unwrap();
+    // Only the fd went: everything on the fd is EBADF, nothing released.
+    assert_eq!(errno(k.kvm_gmem_release(fd)), EBADF);
+    assert_eq!(errno(k.kvm_gmem_fstat(fd)), EBADF);
+    assert_eq!(errno(k.kvm_gmem_fallocate(fd, 3, 0, 4096)), EBADF);
+    assert_eq!(errno(k.mmap_new_file_vma(fd, true)), EBADF);
+    assert_eq!(errno(k.kvm_gmem_user_read(fd, 0, 1)), EBADF);
+    let again = region(1, KVM_MEM_GUEST_MEMFD, 1 << 30, 1 << 21, 0, fd);
+    assert_eq!(errno(k.kvm_set_memory_region(&again, false)), EBADF);
+    assert_eq!(k.gmem_location(0), None); // no fd to punch through
+    assert!(k.memslots().at(0, 0).unwrap().gmem_open);
+    assert_eq!((k.mapped(), k.counters.gmem_closed), (mapped, 0));
+    // Both mappings still see the same page cache.
+    assert_eq!(k.kvm_gmem_vma_read(b, 4094, 5).unwrap(), [0, 1, 2, 3, 0]);
+    k.kvm_gmem_vma_write(b, 0, &[9]).unwrap();
+    k.kvm_gmem_munmap(a).unwrap();
+    assert!(matches!(
+        k.kvm_gmem_vma_read(a, 0, 1),
+        Err(KvmError::Argument(_))
+    ));
+    assert_eq!(k.kvm_gmem_vma_read(b, 0, 1).unwrap(), [9]);
+    assert_eq!(k.counters.gmem_closed, 0);
+    // The last reference: the release, as close(2) would have run it.
+    k.kvm_gmem_munmap(b).unwrap();
+    assert!(!k.memslots().at(0, 0).unwrap().gmem_open);
+    assert_eq!((k.mapped(), k.counters.gmem_closed), ([0, 0, 0], 1));
+    assert!(k.guest_memfds().next().is_none());
+    assert!(matches!(k.kvm_gmem_munmap(b), Err(KvmError::Argument(_))));
+    // Without a mapping, close releases at once (and munmap first, close
+    // last, releases at the close).
+    let fd2 = k.kvm_gmem_create(1 << 21, flags).unwrap();
+    let c = k.mmap_new_file_vma(fd2, true).unwrap();
+    k.kvm_gmem_munmap(c).unwrap();
+    assert_eq!(k.counters.gmem_closed, 1);
+    k.kvm_gmem_release(fd2).unwrap();
+    assert_eq!(k.counters.gmem_closed, 2);
 }

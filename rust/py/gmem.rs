@@ -6,7 +6,7 @@
 use pyo3::exceptions::PyOSError;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 
 use super::args::u64_arg;
 use super::kvm::{emit_warnings, to_pyerr, PyKvm};
@@ -186,7 +186,91 @@ fn gmem_counters<'py>(py: Python<'py>, kvm: PyRef<'_, PyKvm>) -> PyResult<Bound<
     Ok(d)
 }
 
+/// mmap(2) of guest_memfd `fd` (MAP_SHARED if `shared`): the checks of
+/// kvm_gmem_mmap, then the mapping takes a reference on the file. The
+/// mapping's id.
+#[pyfunction]
+fn gmem_mmap(
+    py: Python<'_>,
+    kvm: PyRef<'_, PyKvm>,
+    fd: &Bound<'_, PyAny>,
+    shared: bool,
+) -> PyResult<u64> {
+    let fd = u64_arg(fd, "fd")?;
+    kvm.step(py, |k| k.mmap_new_file_vma(fd, shared))
+}
+
+/// A host read through mapping `vma` (GuestMemfdSigbus where the kernel
+/// sends SIGBUS; ValueError once it is unmapped).
+#[pyfunction]
+fn gmem_vma_read<'py>(
+    py: Python<'py>,
+    kvm: PyRef<'_, PyKvm>,
+    vma: &Bound<'_, PyAny>,
+    offset: &Bound<'_, PyAny>,
+    length: &Bound<'_, PyAny>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let vma = u64_arg(vma, "vma")?;
+    let offset = u64_arg(offset, "offset")?;
+    let length = u64_arg(length, "length")?;
+    let data = kvm.step(py, |k| k.kvm_gmem_vma_read(vma, offset, length))?;
+    Ok(PyBytes::new(py, &data))
+}
+
+/// A host write through mapping `vma`.
+#[pyfunction]
+fn gmem_vma_write(
+    py: Python<'_>,
+    kvm: PyRef<'_, PyKvm>,
+    vma: &Bound<'_, PyAny>,
+    offset: &Bound<'_, PyAny>,
+    data: &[u8],
+) -> PyResult<()> {
+    let vma = u64_arg(vma, "vma")?;
+    let offset = u64_arg(offset, "offset")?;
+    let data = data.to_vec();
+    kvm.step(py, move |k| k.kvm_gmem_vma_write(vma, offset, &data))
+}
+
+/// munmap(2) of mapping `vma` as a whole operation (the file's release if
+/// that was its last reference); False if this thread holds a lock.
+#[pyfunction]
+fn gmem_munmap(py: Python<'_>, kvm: PyRef<'_, PyKvm>, vma: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let vma = u64_arg(vma, "vma")?;
+    kvm.whole(py, false, move |k| k.kvm_gmem_munmap(vma))
+}
+
+/// munmap(2) up to the release's invalidation, for the Python driver
+/// (slots_lock held): the whole file's gfn ranges if the file was released,
+/// else None.
+#[pyfunction]
+fn gmem_munmap_detach(
+    py: Python<'_>,
+    kvm: PyRef<'_, PyKvm>,
+    vma: &Bound<'_, PyAny>,
+) -> PyResult<Option<Vec<(usize, u64, u64)>>> {
+    let vma = u64_arg(vma, "vma")?;
+    kvm.step(py, |k| k.remove_vma_detach(vma))
+}
+
+/// The file (its creation fd) live mapping `vma` maps; ValueError if none.
+#[pyfunction]
+fn gmem_file_of_vma(
+    py: Python<'_>,
+    kvm: PyRef<'_, PyKvm>,
+    vma: &Bound<'_, PyAny>,
+) -> PyResult<u64> {
+    let vma = u64_arg(vma, "vma")?;
+    kvm.step(py, |k| k.gmem_file_of_vma(vma))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(gmem_mmap, m)?)?;
+    m.add_function(wrap_pyfunction!(gmem_vma_read, m)?)?;
+    m.add_function(wrap_pyfunction!(gmem_vma_write, m)?)?;
+    m.add_function(wrap_pyfunction!(gmem_munmap, m)?)?;
+    m.add_function(wrap_pyfunction!(gmem_munmap_detach, m)?)?;
+    m.add_function(wrap_pyfunction!(gmem_file_of_vma, m)?)?;
     m.add_function(wrap_pyfunction!(gmem_set_memory_attributes2, m)?)?;
     m.add_function(wrap_pyfunction!(gmem_pin, m)?)?;
     m.add_function(wrap_pyfunction!(gmem_unpin, m)?)?;

@@ -858,12 +858,13 @@ impl PyKvm {
     }
 
     /// kvm_gmem_release() up to its invalidation, for the Python driver
-    /// (slots_lock held): the whole file's gfn ranges.
+    /// (slots_lock held): the whole file's gfn ranges, or None if a
+    /// mapping keeps the file (only the fd went).
     fn gmem_release_detach(
         &self,
         py: Python<'_>,
         fd: &Bound<'_, PyAny>,
-    ) -> PyResult<Vec<(usize, u64, u64)>> {
+    ) -> PyResult<Option<Vec<(usize, u64, u64)>>> {
         let fd = u64_arg(fd, "fd")?;
         self.step(py, |k| k.kvm_gmem_release_detach(fd))
     }
