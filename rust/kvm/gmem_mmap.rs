@@ -229,25 +229,12 @@ impl Kvm {
         Ok(())
     }
 
-    /// A host copy of `len` bytes at file byte `offset` through the file's
-    /// MAP_SHARED mapping: EBADF / ENODEV / EINVAL as kvm_gmem_mmap() would
-    /// refuse the mapping, then page by page, each page faulted in first
-    /// and `each(cache, page, byte range in the page, bytes done)` after.
-    /// A SIGBUS stops the copy at its page (see the module comment) and is
+    /// A host copy of `len` bytes at file byte `offset` through a MAP_SHARED
+    /// mapping of file `fd` that exists (mmap accepted it; the mapping, not
+    /// the fd, keeps the file): page by page, each page faulted in first and
+    /// `each(cache, page, byte range in the page, bytes done)` after. A
+    /// SIGBUS stops the copy at its page (see the module comment) and is
     /// counted.
-    fn kvm_gmem_user_copy(
-        &mut self,
-        fd: u64,
-        offset: u64,
-        len: u64,
-        each: impl FnMut(&mut GmemPageCache, u64, std::ops::Range<usize>, usize),
-    ) -> Result<(), KvmError> {
-        self.kvm_gmem_mmap(fd, true)?;
-        self.gmem_copy_through_mapping(fd, offset, len, each)
-    }
-
-    /// The copy itself, through a mapping of file `fd` that exists (mmap
-    /// accepted it; the mapping, not the fd, keeps the file).
     fn gmem_copy_through_mapping(
         &mut self,
         fd: u64,
@@ -278,7 +265,7 @@ impl Kvm {
     }
 
     /// A host read of `len` bytes at file byte `offset` through the file's
-    /// mapping ([`Self::kvm_gmem_user_copy`]); Argument error above
+    /// mapping ([`Self::gmem_copy_through_mapping`], after the checks kvm_gmem_mmap() makes); Argument error above
     /// [`MAX_USER_READ`].
     pub fn kvm_gmem_user_read(
         &mut self,
@@ -287,15 +274,12 @@ impl Kvm {
         len: u64,
     ) -> Result<Vec<u8>, KvmError> {
         check_read_len(len)?;
-        let mut out = Vec::with_capacity(len as usize);
-        self.kvm_gmem_user_copy(fd, offset, len, |cache, page, r, _| {
-            out.extend_from_slice(&cache.page_data(page)[r]);
-        })?;
-        Ok(out)
+        self.kvm_gmem_mmap(fd, true)?;
+        self.gmem_read_through_mapping(fd, offset, len)
     }
 
     /// A host write of `data` at file byte `offset` through the file's
-    /// mapping ([`Self::kvm_gmem_user_copy`]): the pages before a SIGBUS
+    /// mapping ([`Self::gmem_copy_through_mapping`], after the checks kvm_gmem_mmap() makes): the pages before a SIGBUS
     /// keep what was written.
     pub fn kvm_gmem_user_write(
         &mut self,
@@ -303,7 +287,32 @@ impl Kvm {
         offset: u64,
         data: &[u8],
     ) -> Result<(), KvmError> {
-        self.kvm_gmem_user_copy(fd, offset, data.len() as u64, |cache, page, r, done| {
+        self.kvm_gmem_mmap(fd, true)?;
+        self.gmem_write_through_mapping(fd, offset, data)
+    }
+
+    /// The read of a copy through a mapping of `fd` that exists.
+    fn gmem_read_through_mapping(
+        &mut self,
+        fd: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, KvmError> {
+        let mut out = Vec::with_capacity(len as usize);
+        self.gmem_copy_through_mapping(fd, offset, len, |cache, page, r, _| {
+            out.extend_from_slice(&cache.page_data(page)[r]);
+        })?;
+        Ok(out)
+    }
+
+    /// The write of a copy through a mapping of `fd` that exists.
+    fn gmem_write_through_mapping(
+        &mut self,
+        fd: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), KvmError> {
+        self.gmem_copy_through_mapping(fd, offset, data.len() as u64, |cache, page, r, done| {
             let n = r.len();
             cache.write(page, r.start, &data[done..done + n]);
         })
@@ -323,11 +332,7 @@ impl Kvm {
     ) -> Result<Vec<u8>, KvmError> {
         let fd = self.gmem_file_of_vma(vma)?;
         check_read_len(len)?;
-        let mut out = Vec::with_capacity(len as usize);
-        self.gmem_copy_through_mapping(fd, offset, len, |cache, page, r, _| {
-            out.extend_from_slice(&cache.page_data(page)[r]);
-        })?;
-        Ok(out)
+        self.gmem_read_through_mapping(fd, offset, len)
     }
 
     /// A host write through live mapping `vma` (as
@@ -339,9 +344,6 @@ impl Kvm {
         data: &[u8],
     ) -> Result<(), KvmError> {
         let fd = self.gmem_file_of_vma(vma)?;
-        self.gmem_copy_through_mapping(fd, offset, data.len() as u64, |cache, page, r, done| {
-            let n = r.len();
-            cache.write(page, r.start, &data[done..done + n]);
-        })
+        self.gmem_write_through_mapping(fd, offset, data)
     }
 }
