@@ -114,22 +114,10 @@ class X86Mmu:
         A fault that races with an invalidation of its gfn retries
         (``stats.fault_retries``). ``write`` is validated but, as in the
         kernel's memory-fault exit, not reported."""
-        if type(gpa) is not int or not 0 <= gpa < 1 << 64:
-            gpa = _args.uint("gpa", gpa)
-        if private is not True and private is not False:
-            private = _args.boolean("private", private)
-        if write is not True and write is not False:
-            _args.boolean("write", write)
-        if type(as_id) is not int or as_id < 0:
-            as_id = _args.uint("as_id", as_id)
-        if sched.hook is not None:
-            # The explorer interleaves the fault's steps: no whole native fault.
-            return self._fault_retry_loop(gpa, private, as_id, first=True)
-        # The whole fault natively (the core checks the address space) when nothing races with it.
-        level = self._kvm.fault(gpa, private, as_id)
-        if level >= 0:
-            return int(level)
-        return self._fault_retry_loop(gpa, private, as_id)
+        # The core's one fault entry: it validates, runs the whole fault
+        # natively when nothing races with it, and calls _fault_retry_loop
+        # below otherwise.
+        return int(self._kvm.fault_or_drive(gpa, private, write, as_id=as_id))
 
     def _fault_retry_loop(self, gpa: int, private: bool, as_id: int, first: bool = False) -> int:
         """The vCPU's loop: fault, and on RET_PF_RETRY go back to the guest

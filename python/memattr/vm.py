@@ -148,8 +148,7 @@ class Vm(GuestMemfdInplaceMixin):
         self._begin_handler = self._begin_set_invalidation
         self._end_handler = self._end_set_invalidation
         self._v11 = semantics == "v11"
-        self._native_set = not self._v11
-        self._kvm.set_native_set(self._native_set)
+        self._kvm.set_native_set(not self._v11)
         # KVM_SET_MEMORY_ATTRIBUTES is the core's own entry, bound here as
         # the method, so a call that runs whole natively costs no Python
         # frame; the core calls the driver below when it cannot. (A subclass
@@ -481,8 +480,7 @@ class Vm(GuestMemfdInplaceMixin):
 
     def _hooks_changed(self) -> None:
         # Hooks are called per range from the driver: no whole native call.
-        self._native_set = not (self._v11 or self._unmap_hooks or self._post_set_hooks)
-        self._kvm.set_native_set(self._native_set)
+        self._kvm.set_native_set(not (self._v11 or self._unmap_hooks or self._post_set_hooks))
 
     def on_unmap(self, fn: H) -> H:
         """Register ``fn(GfnRange) -> bool`` for the pre-set pass (mmu_lock

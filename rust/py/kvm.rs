@@ -308,6 +308,20 @@ macro_rules! bool_param {
 bool_param!(PrivateParam, "private");
 bool_param!(WriteParam, "write");
 
+/// The fault entry's `as_id`, through the one integer rule (the core checks
+/// that the address space exists).
+struct AsIdParam(usize);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for AsIdParam {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        Ok(AsIdParam(
+            usize::try_from(u64_arg(&obj, "as_id")?).unwrap_or(usize::MAX),
+        ))
+    }
+}
+
 /// Calls the driver a `weakref.WeakMethod` in `slot` refers to.
 fn call_driver<'py>(
     py: Python<'py>,
@@ -387,6 +401,29 @@ impl PyKvm {
             k.set_memory_attributes(address, size, attributes, flags)
                 .map(|_| ())
         })
+    }
+
+    /// A whole fault, natively, if it can finish without waiting for an
+    /// invalidation: the level (0 for MMIO), or -1 if the Python driver's
+    /// retry loop must take over (a retry is due, or this thread holds a
+    /// modelled lock). Raises MemoryFault for an exit.
+    fn fault_whole(&self, py: Python<'_>, gpa: u64, private: bool, as_id: usize) -> PyResult<i64> {
+        if self.slots_lock.held_by_current_thread() || self.mmu_lock.held_by_current_thread() {
+            return Ok(-1);
+        }
+        let (mmu_seq, serial) =
+            match self.step(py, |k| k.kvm_faultin_pfn(gpa, private, as_id, true))? {
+                FaultIn::Retry => return Ok(-1),
+                FaultIn::Mmio => return Ok(0),
+                FaultIn::Map { mmu_seq, serial } => (mmu_seq, serial),
+            };
+        acquire(py, &self.mmu_lock, NATIVE_IDENT)?;
+        let _mmu = ModelLockGuard::adopt(&self.mmu_lock);
+        let level = self.step(py, |k| {
+            k.note_mmu_lock();
+            k.kvm_tdp_map(gpa, private, as_id, mmu_seq, serial)
+        })?;
+        Ok(level.map_or(-1, i64::from))
     }
 
     /// The core's data, waiting with the GIL released if a long native
@@ -1107,30 +1144,32 @@ impl PyKvm {
         *self.fault_driver.lock().unwrap_or_else(|e| e.into_inner()) = Some(driver);
     }
 
-    /// `Vm.fault` itself (bound as the method, so a fault costs no Python
-    /// frame): the whole fault here when nothing races with it, else the
-    /// MMU's retry loop (a retry is due, this thread holds a modelled lock,
-    /// or an explorer interleaves the steps). `write` is validated but, as
-    /// in the kernel's memory-fault exit, not reported.
-    #[pyo3(signature = (gpa, private = PrivateParam(false), write = WriteParam(false)))]
+    /// The one fault entry: `Vm.fault` itself (bound as the method, so a
+    /// fault costs no Python frame) and what `X86Mmu.fault` calls. The whole
+    /// fault here when nothing races with it, else the MMU's retry loop (a
+    /// retry is due, this thread holds a modelled lock, or an explorer
+    /// interleaves the steps). `write` is validated but, as in the kernel's
+    /// memory-fault exit, not reported.
+    #[pyo3(signature = (gpa, private = PrivateParam(false), write = WriteParam(false), *, as_id = AsIdParam(0)))]
     fn fault_or_drive(
         &self,
         py: Python<'_>,
         gpa: &Bound<'_, PyAny>,
         private: PrivateParam,
         write: WriteParam,
+        as_id: AsIdParam,
     ) -> PyResult<Py<PyAny>> {
         let _ = write.0;
         let gpa = u64_arg(gpa, "gpa")?;
-        let private = private.0;
+        let (private, as_id) = (private.0, as_id.0);
         let first = SCHED_HOOKED.load(Ordering::Relaxed);
         if !first {
-            let level = self.fault(py, gpa, private, 0)?;
+            let level = self.fault_whole(py, gpa, private, as_id)?;
             if level >= 0 {
                 return Ok(level.into_pyobject(py)?.into_any().unbind());
             }
         }
-        call_driver(py, &self.fault_driver, (gpa, private, 0u64, first))
+        call_driver(py, &self.fault_driver, (gpa, private, as_id, first))
     }
 
     // --- KVM_SET_MEMORY_ATTRIBUTES: steps for the Python driver -----------------
@@ -1288,29 +1327,6 @@ impl PyKvm {
     }
 
     // --- faults ------------------------------------------------------------------
-
-    /// A whole fault, natively, if it can finish without waiting for an
-    /// invalidation: the level (0 for MMIO), or -1 if the Python driver's
-    /// retry loop must take over (a retry is due, or this thread holds a
-    /// modelled lock). Raises MemoryFault for an exit.
-    fn fault(&self, py: Python<'_>, gpa: u64, private: bool, as_id: usize) -> PyResult<i64> {
-        if self.slots_lock.held_by_current_thread() || self.mmu_lock.held_by_current_thread() {
-            return Ok(-1);
-        }
-        let (mmu_seq, serial) =
-            match self.step(py, |k| k.kvm_faultin_pfn(gpa, private, as_id, true))? {
-                FaultIn::Retry => return Ok(-1),
-                FaultIn::Mmio => return Ok(0),
-                FaultIn::Map { mmu_seq, serial } => (mmu_seq, serial),
-            };
-        acquire(py, &self.mmu_lock, NATIVE_IDENT)?;
-        let _mmu = ModelLockGuard::adopt(&self.mmu_lock);
-        let level = self.step(py, |k| {
-            k.note_mmu_lock();
-            k.kvm_tdp_map(gpa, private, as_id, mmu_seq, serial)
-        })?;
-        Ok(level.map_or(-1, i64::from))
-    }
 
     /// kvm_faultin_pfn(): (0 retry | 1 MMIO | 2 map, mmu_seq, serial).
     fn faultin(
