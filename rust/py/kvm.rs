@@ -1087,23 +1087,6 @@ impl PyKvm {
 
     // --- KVM_SET_MEMORY_ATTRIBUTES: the whole operation ------------------------
 
-    /// The whole ioctl, natively: True when done (or raised), False if this
-    /// thread holds a modelled lock and the Python driver must run it.
-    fn set_memory_attributes(
-        &self,
-        py: Python<'_>,
-        address: &Bound<'_, PyAny>,
-        size: &Bound<'_, PyAny>,
-        attributes: &Bound<'_, PyAny>,
-        flags: &Bound<'_, PyAny>,
-    ) -> PyResult<bool> {
-        let address = u64_arg(address, "address")?;
-        let size = u64_arg(size, "size")?;
-        let attributes = u64_arg(attributes, "attributes")?;
-        let flags = u64_arg(flags, "flags")?;
-        self.set_whole(py, address, size, attributes, flags)
-    }
-
     /// Whether the set may run whole in the core (no hooks, not v11).
     fn set_native_set(&self, on: bool) {
         self.native_set.store(on, Ordering::SeqCst);
