@@ -7,10 +7,13 @@
 //!
 //!   puds: { 1G frame -> Pud }             (hashed: only frames ever mapped)
 //!            │
-//!            ├── huge: Some(kind)         a 1G leaf; the pmds are all None
-//!            └── pmds[512]
+//!            ├── huge: Some(kind)         a 1G leaf (no pmds)
+//!            ├── full: Some(kind)         all 4K leaves of one kind, a split
+//!            │                            1G leaf (no pmds until touched)
+//!            └── pmds[512]                allocated on first need
 //!                  ├── None
 //!                  ├── Leaf { private }   a 2M leaf
+//!                  ├── Full { private }   512 4K leaves of one kind (a split)
 //!                  └── Table ──> Pte { present: 512 bits, private: 512 bits }
 //!                                         4K leaves
 //! ```
@@ -146,16 +149,45 @@ impl Pte {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Pmd {
     None,
-    Leaf { private: bool },
+    Leaf {
+        private: bool,
+    },
+    /// A table whose 512 entries are all 4K leaves of one kind (what a
+    /// split leaves behind), kept without its bitmaps until one changes.
+    Full {
+        private: bool,
+    },
     Table(Box<Pte>),
 }
 
+impl Pmd {
+    /// The table of a `Full` or `Table` entry, materialized.
+    fn table_mut(&mut self) -> &mut Pte {
+        if let Pmd::Full { private } = *self {
+            *self = Pmd::Table(Box::new(Pte::full(private)));
+        }
+        match self {
+            Pmd::Table(t) => t,
+            _ => unreachable!("only called on tables"),
+        }
+    }
+}
+
 /// The 1G entry of one 1G frame: a 1G leaf, or a table of 512 2M entries.
+///
+/// Memory follows what is mapped below 1G, not what is mapped at all: a
+/// 1G leaf has no table (`pmds` empty), and the 4K leaves a split of one
+/// leaves behind are one flag (`full`) until a map or zap touches them, so
+/// a whole host mapped at 1G and then split costs a few words per 1G.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Pud {
-    /// Some(kind): a 1G leaf maps the frame (every pmd is then None).
+    /// Some(kind): a 1G leaf maps the frame (`pmds` is then empty).
     huge: Option<bool>,
-    pmds: Box<[Pmd]>,
+    /// Some(kind): every gfn of the frame has a 4K leaf of that kind
+    /// (`pmds` is then empty).
+    full: Option<bool>,
+    /// The 512 2M entries, or empty while none is needed.
+    pmds: Vec<Pmd>,
     leaves_2m: u32,
     leaves_4k: u32,
     tables: u32,
@@ -165,7 +197,8 @@ impl Pud {
     fn new() -> Self {
         Self {
             huge: None,
-            pmds: vec![Pmd::None; PTRS].into_boxed_slice(),
+            full: None,
+            pmds: Vec::new(),
             leaves_2m: 0,
             leaves_4k: 0,
             tables: 0,
@@ -173,15 +206,26 @@ impl Pud {
     }
 
     fn is_empty(&self) -> bool {
-        self.huge.is_none() && self.leaves_2m == 0 && self.tables == 0
+        self.huge.is_none() && self.full.is_none() && self.leaves_2m == 0 && self.tables == 0
+    }
+
+    /// The 2M entries, allocated (and a `full` frame spelt out as `Full`
+    /// tables) for a change below 1G.
+    fn pmds_mut(&mut self) -> &mut [Pmd] {
+        if let Some(private) = self.full.take() {
+            self.pmds = vec![Pmd::Full { private }; PTRS];
+            self.tables = PTRS as u32;
+        } else if self.pmds.is_empty() {
+            self.pmds = vec![Pmd::None; PTRS];
+        }
+        &mut self.pmds
     }
 
     /// Drops every 2M and 4K leaf below; returns how many per level.
     fn clear_pmds(&mut self) -> LevelCounts {
         let removed = [u64::from(self.leaves_4k), u64::from(self.leaves_2m), 0];
-        if self.leaves_2m != 0 || self.tables != 0 {
-            self.pmds.iter_mut().for_each(|p| *p = Pmd::None);
-        }
+        self.full = None;
+        self.pmds = Vec::new();
         self.leaves_2m = 0;
         self.leaves_4k = 0;
         self.tables = 0;
@@ -198,16 +242,47 @@ impl Pud {
             }
             return;
         }
-        if s == 0 && e == 1 << PUD_SHIFT && kinds == Kinds::Both {
+        let whole = s == 0 && e == 1 << PUD_SHIFT;
+        if let Some(private) = self.full {
+            if !kinds.matches(private) {
+                return;
+            }
+        }
+        if whole && (kinds == Kinds::Both || self.full.is_some()) {
             let r = self.clear_pmds();
             removed[0] += r[0];
             removed[1] += r[1];
             return;
         }
+        if self.full.is_none() && self.pmds.is_empty() {
+            return;
+        }
         let (first, last) = ((s >> PTE_BITS) as usize, ((e - 1) >> PTE_BITS) as usize);
+        self.pmds_mut();
         for i in first..=last {
+            if let Pmd::Full { private } = self.pmds[i] {
+                let (lo, hi) = (
+                    if i == first { (s as usize) % PTRS } else { 0 },
+                    if i == last {
+                        ((e - 1) as usize) % PTRS + 1
+                    } else {
+                        PTRS
+                    },
+                );
+                if !kinds.matches(private) {
+                    continue;
+                }
+                if lo == 0 && hi == PTRS {
+                    self.pmds[i] = Pmd::None;
+                    self.leaves_4k -= PTRS as u32;
+                    self.tables -= 1;
+                    removed[0] += PTRS as u64;
+                    continue;
+                }
+                self.pmds[i].table_mut();
+            }
             match &mut self.pmds[i] {
-                Pmd::None => {}
+                Pmd::None | Pmd::Full { .. } => {}
                 Pmd::Leaf { private } => {
                     if kinds.matches(*private) {
                         self.pmds[i] = Pmd::None;
@@ -292,9 +367,13 @@ impl Stage2Map {
         if let Some(private) = pud.huge {
             return Some((PG_LEVEL_1G, private));
         }
-        match &pud.pmds[(gfn >> PTE_BITS) as usize % PTRS] {
+        if let Some(private) = pud.full {
+            return Some((PG_LEVEL_4K, private));
+        }
+        match pud.pmds.get((gfn >> PTE_BITS) as usize % PTRS)? {
             Pmd::None => None,
             Pmd::Leaf { private } => Some((PG_LEVEL_2M, *private)),
+            Pmd::Full { private } => Some((PG_LEVEL_4K, *private)),
             Pmd::Table(t) => match t.bit(gfn as usize % PTRS) {
                 (true, private) => Some((PG_LEVEL_4K, private)),
                 (false, _) => None,
@@ -351,6 +430,7 @@ impl Stage2Map {
                 if pud.huge.take().is_some() {
                     removed[2] = 1;
                 }
+                pud.pmds_mut();
                 match &mut pud.pmds[i] {
                     Pmd::Leaf { private: kind } => {
                         let changed = *kind != private;
@@ -362,6 +442,11 @@ impl Stage2Map {
                         pud.leaves_4k -= t.count;
                         pud.tables -= 1;
                     }
+                    Pmd::Full { .. } => {
+                        removed[0] = PTRS as u64;
+                        pud.leaves_4k -= PTRS as u32;
+                        pud.tables -= 1;
+                    }
                     Pmd::None => {}
                 }
                 pud.pmds[i] = Pmd::Leaf { private };
@@ -371,9 +456,20 @@ impl Stage2Map {
                 if pud.huge.take().is_some() {
                     removed[2] = 1;
                 }
+                if pud.full == Some(private) {
+                    // Already mapped by a 4K leaf of this kind: spurious.
+                    return Ok((false, removed));
+                }
+                pud.pmds_mut();
                 let slot = &mut pud.pmds[i];
                 match slot {
                     Pmd::Table(_) => {}
+                    Pmd::Full { private: kind } => {
+                        if *kind == private {
+                            return Ok((false, removed));
+                        }
+                        slot.table_mut();
+                    }
                     Pmd::Leaf { .. } => {
                         removed[1] = 1;
                         pud.leaves_2m -= 1;
@@ -480,11 +576,11 @@ impl Stage2Map {
         self.for_puds_in(start >> PUD_SHIFT, (end - 1) >> PUD_SHIFT, |frame, pud| {
             if let Some(private) = pud.huge.take() {
                 split[2] += 1;
-                for p in pud.pmds.iter_mut() {
-                    *p = Pmd::Table(Box::new(Pte::full(private)));
-                }
-                pud.tables = PTRS as u32;
+                pud.full = Some(private);
                 pud.leaves_4k = (PTRS * PTRS) as u32;
+                return;
+            }
+            if pud.pmds.is_empty() {
                 return;
             }
             let base = frame << PUD_SHIFT;
@@ -492,7 +588,7 @@ impl Stage2Map {
             let e = end.min(base + (1 << PUD_SHIFT)) - base;
             for i in (s >> PTE_BITS) as usize..=((e - 1) >> PTE_BITS) as usize {
                 if let Pmd::Leaf { private } = pud.pmds[i] {
-                    pud.pmds[i] = Pmd::Table(Box::new(Pte::full(private)));
+                    pud.pmds[i] = Pmd::Full { private };
                     pud.leaves_2m -= 1;
                     pud.leaves_4k += PTRS as u32;
                     pud.tables += 1;
@@ -545,9 +641,19 @@ impl Stage2Map {
                     }
                 }
                 _ => {
+                    if pud.full.is_some() {
+                        push(frame << PUD_SHIFT, (frame + 1) << PUD_SHIFT);
+                    }
                     for (i, p) in pud.pmds.iter().enumerate() {
-                        let Pmd::Table(t) = p else { continue };
                         let table = (frame << PUD_SHIFT) + ((i as u64) << PTE_BITS);
+                        let t = match p {
+                            Pmd::Table(t) => t,
+                            Pmd::Full { .. } => {
+                                push(table, table + PTRS as u64);
+                                continue;
+                            }
+                            _ => continue,
+                        };
                         for (w, &bits) in t.present.iter().enumerate() {
                             let mut bits = bits;
                             let mut at = 0u32;
@@ -643,6 +749,38 @@ mod tests {
         );
         assert!(m.map(u64::MAX, 1, false).is_err());
         assert_eq!(m.mapped_level(u64::MAX), None);
+    }
+
+    #[test]
+    fn memory_follows_what_is_mapped_below_1g() {
+        // A host's worth of 1G leaves, split for dirty logging: no 2M
+        // tables until something below 1G changes.
+        let mut m = Stage2Map::new();
+        for f in 0..4096u64 {
+            m.map(f * G1, PG_LEVEL_1G, f % 2 == 0).unwrap();
+        }
+        assert!(m.puds.values().all(|p| p.pmds.is_empty()));
+        assert_eq!(m.split_huge_pages(0, 4096 * G1), Ok([0, 0, 4096]));
+        assert_eq!(m.counts(), [4096 * G1, 0, 0]);
+        assert!(m.puds.values().all(|p| p.pmds.is_empty()));
+        assert_eq!(m.mapped_private(5), Some(true));
+        // One 4K change spells out one frame's 2M entries and one table.
+        assert_eq!(m.map(G1 + 7, PG_LEVEL_4K, true).unwrap(), (true, [0, 0, 0]));
+        assert_eq!(m.puds.values().filter(|p| !p.pmds.is_empty()).count(), 1);
+        let pud = &m.puds[&1];
+        assert_eq!(
+            pud.pmds
+                .iter()
+                .filter(|p| matches!(p, Pmd::Table(_)))
+                .count(),
+            1
+        );
+        assert_eq!(m.zap(G1 + 512, G1 + 1024).unwrap(), [512, 0, 0]);
+        assert_eq!(m.counts(), [4096 * G1 - 512, 0, 0]);
+        assert_eq!(
+            m.runs(PG_LEVEL_4K).unwrap(),
+            vec![(0, G1 + 512), (G1 + 1024, 4096 * G1)]
+        );
     }
 
     #[test]
