@@ -624,3 +624,30 @@ def test_fault_entry_arguments_driver_and_override() -> None:
     fd = t.create_guest_memfd(1 << 21)
     t.set_user_memory_region(0, 0, 1 << 21, flags=uapi.KVM_MEM_GUEST_MEMFD, guest_memfd=fd)
     assert t.fault(0x2000) >= 1 and seen == [0x2000]
+
+
+def test_entries_without_a_live_driver_raise_instead_of_guessing() -> None:
+    """The core never runs a step-by-step operation itself: with no driver,
+    or a driver whose object is gone, the entry raises and changes nothing."""
+    import gc
+    import weakref
+
+    vm = make_vm()
+    kvm = vm._kvm
+
+    class Gone:
+        def drive(self, *args: object) -> None:
+            raise AssertionError("unreachable")
+
+    g = Gone()
+    kvm.set_set_driver(weakref.WeakMethod(g.drive))
+    kvm.set_fault_driver(weakref.WeakMethod(g.drive))
+    del g
+    gc.collect()
+    kvm.set_native_set(False)  # as a hook would: the set must be driven
+    with pytest.raises(RuntimeError, match="gone"):
+        vm.set_memory_attributes(0, 4096, P)
+    assert vm.get_memory_attributes(0) == 0 and vm.stats.mmu_lock_acquisitions == 0
+    with vm.mmu_lock:  # the fault must be driven (the core declines)
+        with pytest.raises(RuntimeError, match="gone"):
+            vm.fault(0x1000)
