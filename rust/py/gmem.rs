@@ -69,6 +69,19 @@ fn gmem_set_memory_attributes2(
     }
 }
 
+/// `fd`, `offset`, `npages` of a pin or unpin, through the one integer rule.
+fn pages_args(
+    fd: &Bound<'_, PyAny>,
+    offset: &Bound<'_, PyAny>,
+    npages: &Bound<'_, PyAny>,
+) -> PyResult<(u64, u64, u64)> {
+    Ok((
+        u64_arg(fd, "fd")?,
+        u64_arg(offset, "offset")?,
+        u64_arg(npages, "npages")?,
+    ))
+}
+
 /// Elevates the refcount of `npages` file pages from `offset` (GUP).
 #[pyfunction]
 fn gmem_pin(
@@ -78,8 +91,7 @@ fn gmem_pin(
     offset: &Bound<'_, PyAny>,
     npages: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let (fd, offset) = (u64_arg(fd, "fd")?, u64_arg(offset, "offset")?);
-    let npages = u64_arg(npages, "npages")?;
+    let (fd, offset, npages) = pages_args(fd, offset, npages)?;
     kvm.step(py, |k| k.guest_memfd_pin(fd, offset, npages))
 }
 
@@ -92,8 +104,7 @@ fn gmem_unpin(
     offset: &Bound<'_, PyAny>,
     npages: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let (fd, offset) = (u64_arg(fd, "fd")?, u64_arg(offset, "offset")?);
-    let npages = u64_arg(npages, "npages")?;
+    let (fd, offset, npages) = pages_args(fd, offset, npages)?;
     kvm.step(py, |k| k.guest_memfd_unpin(fd, offset, npages))
 }
 
