@@ -11,6 +11,7 @@ pub mod interrupt;
 pub mod kvm;
 pub mod locks;
 pub mod mapletree;
+pub mod prefetch;
 pub mod rangetree;
 pub mod stage2;
 pub mod store;

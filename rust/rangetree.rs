@@ -34,6 +34,7 @@ const SENTINEL: u64 = u64::MAX;
 /// Up to CAP runs, sorted by start, in struct-of-arrays form so the search
 /// touches only the starts.
 #[derive(Clone)]
+#[repr(C)] // the header first, then the keys: a prefetch of both is one span
 struct Leaf {
     len: u32,
     prev: u32,
@@ -140,22 +141,7 @@ fn count_le(keys: &[u64; CAP], k: u64) -> usize {
 /// lines a node; prefetched, the misses overlap and cost about one.
 #[inline(always)]
 fn prefetch_keys(keys: &[u64; CAP]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let p = keys.as_ptr() as *const i8;
-        const BYTES: usize = CAP * 8;
-        let mut off = 0;
-        while off < BYTES {
-            // SAFETY: a prefetch is a hint that never faults, and every
-            // address is inside `keys`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
-            off += 64;
-        }
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(BYTES - 1)) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = keys;
+    crate::prefetch::prefetch(keys);
 }
 
 /// The interior nodes and child indices from the root down to a leaf.
@@ -1131,6 +1117,20 @@ impl AttrStore for RangeTree {
         self.spare_leaves = 0;
         self.spare_inners = 0;
         Ok(())
+    }
+
+    /// Descends the interior nodes (few enough to stay in the cache) and
+    /// asks for the leaf's header and keys, reading nothing from the leaf.
+    fn prefetch(&self, gfn: u64) {
+        let mut id = self.root;
+        for _ in 0..self.height {
+            let n = &self.inners[id as usize];
+            let c = count_le(&n.keys, gfn).min(n.len as usize - 1);
+            id = n.children[c];
+        }
+        if let Some(l) = self.leaves.get(id as usize) {
+            crate::prefetch::prefetch_bytes(l as *const Leaf, std::mem::offset_of!(Leaf, ends));
+        }
     }
 
     fn has_value(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<bool, StoreError> {

@@ -381,6 +381,16 @@ impl Stage2Map {
         }
     }
 
+    /// A hint that `gfn` will be mapped or zapped soon: asks the CPU for
+    /// its 2M entry (see `crate::prefetch`). Changes nothing.
+    pub fn prefetch(&self, gfn: u64) {
+        if let Some(pud) = self.puds.get(&(gfn >> PUD_SHIFT)) {
+            if let Some(pmd) = pud.pmds.get((gfn >> PTE_BITS) as usize % PTRS) {
+                crate::prefetch::prefetch(pmd);
+            }
+        }
+    }
+
     /// The level of the leaf mapping `gfn`, if any.
     #[inline]
     pub fn mapped_level(&self, gfn: u64) -> Option<u8> {

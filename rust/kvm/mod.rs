@@ -477,6 +477,18 @@ impl Kvm {
         self.store.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A hint that an operation on `gpa` comes next: the store and the
+    /// address space 0 root ask the CPU for the memory they will read for
+    /// it (see `crate::prefetch`). Changes nothing, so a driver may call it
+    /// for any address.
+    pub fn prefetch(&self, gpa: u64) {
+        let gfn = gpa >> PAGE_SHIFT;
+        self.store_read().prefetch(gfn);
+        if let Some(root) = self.roots.first() {
+            root.prefetch(gfn);
+        }
+    }
+
     /// The store, read-locked (see [`Kvm::store`]).
     fn store_read(&self) -> RwLockReadGuard<'_, dyn AttrStore + Send + Sync + 'static> {
         self.store.read().unwrap_or_else(|e| e.into_inner())
