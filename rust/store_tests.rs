@@ -348,6 +348,10 @@ fn rangetree_deep_tree_matches_simple() {
                 _ => 1 + rng.below(8),
             };
             let v = rng.below(4);
+            // A prefetch hint at any gfn, in a tree of any shape, reads
+            // nothing it may not and changes nothing (checked below).
+            t.prefetch(s);
+            t.prefetch(rng.below(u64::MAX));
             t.set_range(s, s + len, v).unwrap();
             r.set_range(s, s + len, v).unwrap();
             let g = rng.below(span + 10);
@@ -372,6 +376,9 @@ fn rangetree_deep_tree_matches_simple() {
         t.check_invariants().unwrap();
         assert_eq!(t.entry_count(), 0);
         assert_eq!(t.depth(), 1);
+        t.prefetch(0);
+        t.prefetch(u64::MAX);
+        t.check_invariants().unwrap();
     }
 }
 
