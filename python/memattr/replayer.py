@@ -419,7 +419,10 @@ def apply_to_store(trace: Any, store: Any, chunk: int = 1 << 20) -> int:
     return total
 
 
-def _apply_chunk(ops: np.ndarray, store: Any, base: int) -> int:
+def _chunk_sets(ops: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The gfn ranges and values a chunk's applied sets store (see
+    :func:`apply_to_store`), as contiguous arrays; ``base`` is the chunk's
+    first record's index, for the error."""
     sel = (
         (ops["kind"] == OP_SET_MEMORY_ATTRIBUTES)
         & ((ops["result"] == 0) | ((ops["result"] == RESULT_NONE) & (ops["arg"] == 0)))
@@ -432,12 +435,21 @@ def _apply_chunk(ops: np.ndarray, store: Any, base: int) -> int:
     if not ok.all():
         i = base + int(np.flatnonzero(sel)[np.flatnonzero(~ok)[0]])
         raise TraceFormatError(f"record {i}: a set that would fail validation is marked as applied")
-    starts = gpa >> np.uint64(PAGE_SHIFT)
-    ends = end >> np.uint64(PAGE_SHIFT)
-    values = chosen["attributes"]
+    starts = np.ascontiguousarray(gpa >> np.uint64(PAGE_SHIFT))
+    ends = np.ascontiguousarray(end >> np.uint64(PAGE_SHIFT))
+    return starts, ends, np.ascontiguousarray(chosen["attributes"])
+
+
+def _store_sets(store: Any, starts: np.ndarray, ends: np.ndarray, values: np.ndarray) -> int:
+    """Stores the ranges, through the store's batch ``set_many`` when it has
+    one; returns how many."""
     if hasattr(store, "set_many"):
-        store.set_many(np.ascontiguousarray(starts), np.ascontiguousarray(ends), np.ascontiguousarray(values))
+        store.set_many(starts, ends, values)
     else:
         for s, e, v in zip(starts.tolist(), ends.tolist(), values.tolist()):
             store.set_range(s, e, v)
-    return int(chosen.size)
+    return int(starts.size)
+
+
+def _apply_chunk(ops: np.ndarray, store: Any, base: int) -> int:
+    return _store_sets(store, *_chunk_sets(ops, base))

@@ -297,7 +297,12 @@ macro_rules! store_class {
                 }
                 py.detach(|| {
                     let mut store = write(&self.inner);
-                    for ((&s, &e), &v) in starts.iter().zip(&ends).zip(&values) {
+                    for (i, ((&s, &e), &v)) in starts.iter().zip(&ends).zip(&values).enumerate() {
+                        // The next range's memory is asked for while this
+                        // one is stored (a hint: see crate::prefetch).
+                        if let Some(&next) = starts.get(i + 1) {
+                            store.prefetch(next);
+                        }
                         store.set_range(s, e, v)?;
                     }
                     Ok(())
