@@ -381,6 +381,18 @@ impl Stage2Map {
         }
     }
 
+    /// Bytes the page table's 2M and 4K tables occupy (the directory of 1G
+    /// frames aside): how much of it a walk may find outside the cache.
+    pub fn table_bytes(&self) -> usize {
+        self.puds
+            .values()
+            .map(|p| {
+                p.pmds.len() * std::mem::size_of::<Pmd>()
+                    + p.tables as usize * std::mem::size_of::<Pte>()
+            })
+            .sum()
+    }
+
     /// A hint that `gfn` will be mapped or zapped soon: asks the CPU for
     /// its 2M entry (see `crate::prefetch`). Changes nothing.
     pub fn prefetch(&self, gfn: u64) {
@@ -791,6 +803,21 @@ mod tests {
             m.runs(PG_LEVEL_4K).unwrap(),
             vec![(0, G1 + 512), (G1 + 1024, 4096 * G1)]
         );
+    }
+
+    #[test]
+    fn table_bytes_follow_the_tables() {
+        let mut m = Stage2Map::new();
+        assert_eq!(m.table_bytes(), 0);
+        m.map(G1, PG_LEVEL_1G, false).unwrap(); // a 1G leaf: no table below
+        assert_eq!(m.table_bytes(), 0);
+        m.map(5, PG_LEVEL_4K, true).unwrap(); // a 2M table and a 4K table
+        let one = PTRS * std::mem::size_of::<Pmd>() + std::mem::size_of::<Pte>();
+        assert_eq!(m.table_bytes(), one);
+        m.map(M2 + 1, PG_LEVEL_4K, true).unwrap(); // a second 4K table
+        assert_eq!(m.table_bytes(), one + std::mem::size_of::<Pte>());
+        m.zap(0, 2 * M2).unwrap();
+        assert_eq!(m.table_bytes(), 0);
     }
 
     #[test]

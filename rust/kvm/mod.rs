@@ -489,6 +489,13 @@ impl Kvm {
         }
     }
 
+    /// Whether [`Kvm::prefetch`] pays: only when the store and the page
+    /// tables together outgrow a core's L2 (`crate::prefetch::pays`).
+    pub fn prefetch_pays(&self) -> bool {
+        let tables: usize = self.roots.iter().map(Stage2Map::table_bytes).sum();
+        crate::prefetch::pays(self.store_read().memory_bytes() + tables)
+    }
+
     /// The store, read-locked (see [`Kvm::store`]).
     fn store_read(&self) -> RwLockReadGuard<'_, dyn AttrStore + Send + Sync + 'static> {
         self.store.read().unwrap_or_else(|e| e.into_inner())

@@ -157,9 +157,13 @@ pub fn replay(
     tally: &mut ReplayTally,
 ) -> Result<usize, KvmError> {
     assert_eq!(ops.len(), results.len(), "one result per operation");
+    let mut prefetch = false;
     for i in 0..ops.len() {
         let op = &ops.op(i);
-        if i + 1 < ops.len() {
+        if i % crate::prefetch::RECHECK == 0 {
+            prefetch = kvm.prefetch_pays();
+        }
+        if prefetch && i + 1 < ops.len() {
             // The next operation's memory is asked for now, so its misses
             // overlap this operation's work (a hint: it changes nothing).
             kvm.prefetch(ops.op(i + 1).gpa);
