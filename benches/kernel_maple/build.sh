@@ -21,7 +21,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 build=${MEMATTR_KERNEL_MAPLE_DIR:-$root/target/kernel-maple}
-tarball=/usr/src/linux-source-6.1.tar.xz
+tarball=${MEMATTR_LINUX_SOURCE_TARBALL:-/usr/src/linux-source-6.1.tar.xz}
 top=linux-source-6.1
 opt=${MEMATTR_KERNEL_MAPLE_CFLAGS:--O2 -g -fno-strict-aliasing}
 bin=$build/memattr_maple
