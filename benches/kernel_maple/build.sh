@@ -114,7 +114,8 @@ make -s -C "$harness" CFLAGS="$cflags" generated/map-shift.h generated/bit-lengt
 # shellcheck disable=SC2086 # cflags is a word list
 (cd "$harness" && gcc $cflags -c "$here/memattr_maple.c" -o "$build/memattr_maple.o") ||
     fail "memattr_maple.c did not compile (see above)"
-(cd "$harness" && gcc -o "$bin.tmp" "$build/memattr_maple.o" "${objs[@]}" -lpthread -lurcu \
+# shellcheck disable=SC2086 # opt is a word list (the sanitizers link too)
+(cd "$harness" && gcc $opt -o "$bin.tmp" "$build/memattr_maple.o" "${objs[@]}" -lpthread -lurcu \
     -Wl,--wrap=kmem_cache_alloc_lru,--wrap=kmem_cache_free,--wrap=kmem_cache_alloc_bulk,--wrap=kmem_cache_free_bulk) ||
     fail "memattr_maple did not link (see above)"
 
