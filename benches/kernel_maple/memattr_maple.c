@@ -28,10 +28,15 @@
  * Each round stores the whole stream into a fresh tree; only the store loop
  * is timed (CLOCK_MONOTONIC). One line per round on stdout:
  *
- *     round=R stores=N seconds=S stores_per_s=X nodes=K node_bytes=B
+ *     round=R stores=N seconds=S stores_per_s=X nodes=K node_bytes=B slab=harness
  *
- * nodes is the maple nodes live after the loop (the harness slab's count of
- * the maple_node cache), node_bytes sizeof(struct maple_node).
+ * nodes is the maple nodes live after the loop (the node source's count of
+ * maple_node objects handed out and not freed), node_bytes
+ * sizeof(struct maple_node). After the last round, one more line:
+ *
+ *     runs=M entries=E
+ *
+ * M runs written, from E entries in the tree (non-NULL, before merging).
  *
  * --harness-nowait keeps the harness's default of failing every allocation
  * made without __GFP_DIRECT_RECLAIM: each store that needs nodes then fails
