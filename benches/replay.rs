@@ -4,6 +4,7 @@
 //!
 //!   python benches/dump_trace.py TRACE.mtr /tmp/bac      # writes .setup and .ops
 //!   cargo bench --bench replay -- /tmp/bac [rounds]
+//!   cargo bench --bench replay -- /tmp/bac [rounds] --store-only
 //!
 //! Prints operations per second per round and the replay's tally, so two
 //! builds can be compared side by side on the same dump.
@@ -15,6 +16,7 @@ use memattr::kvm::memslots::UserspaceMemoryRegion;
 use memattr::kvm::replay::{replay, Op, ReplayTally};
 use memattr::kvm::{Kvm, Semantics, SharedStore};
 use memattr::rangetree::RangeTree;
+use memattr::store::AttrStore;
 
 /// One record of memattr.trace's OP_DTYPE (40 bytes, little endian).
 fn parse_ops(bytes: &[u8]) -> Vec<Op> {
@@ -71,6 +73,29 @@ fn setup(path: &str) -> (Kvm, Vec<(u64, u64)>) {
     (kvm.expect("a vm line"), Vec::new())
 }
 
+/// The dump's SET_MEMORY_ATTRIBUTES operations alone, through a bare
+/// RangeTree's batch entry (what `memattr.sweep.run_store_only` times).
+fn store_only(ops: &[Op], rounds: usize) {
+    let sets: Vec<&Op> = ops.iter().filter(|o| o.kind == 0 && o.size != 0).collect();
+    let starts: Vec<u64> = sets.iter().map(|o| o.gpa >> 12).collect();
+    let ends: Vec<u64> = sets.iter().map(|o| (o.gpa + o.size) >> 12).collect();
+    let values: Vec<u64> = sets.iter().map(|o| o.attributes).collect();
+    for round in 0..rounds {
+        let mut tree = RangeTree::new();
+        let t = Instant::now();
+        tree.set_many(&starts, &ends, &values)
+            .expect("valid ranges");
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "round {round}: store only, {} sets in {secs:.3} s = {:.0} sets/s ({:.0} ns/op); {} runs at the end",
+            sets.len(),
+            sets.len() as f64 / secs,
+            secs * 1e9 / sets.len() as f64,
+            tree.entry_count()
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -82,6 +107,10 @@ fn main() {
     };
     let rounds: usize = args.get(1).map_or(3, |r| r.parse().expect("rounds"));
     let ops = parse_ops(&std::fs::read(format!("{path}.ops")).expect("read .ops"));
+    if std::env::args().any(|a| a == "--store-only") {
+        store_only(&ops, rounds);
+        return;
+    }
     for round in 0..rounds {
         let (mut kvm, _) = setup(path);
         let mut results = vec![0i64; ops.len()];

@@ -128,6 +128,24 @@ pub trait AttrStore {
         Ok(n)
     }
 
+    /// `set_range(starts[i], ends[i], values[i])` for each i in order (the
+    /// slices must have the same length): the batch entry. While the store
+    /// outgrows a core's L2 it asks for the next range's memory while it
+    /// stores the current one (see `crate::prefetch`).
+    fn set_many(&mut self, starts: &[u64], ends: &[u64], values: &[u64]) -> Result<(), StoreError> {
+        let mut prefetch = false;
+        for (i, ((&s, &e), &v)) in starts.iter().zip(ends).zip(values).enumerate() {
+            if i % crate::prefetch::RECHECK == 0 {
+                prefetch = crate::prefetch::pays(self.memory_bytes());
+            }
+            if let (true, Some(&next)) = (prefetch, starts.get(i + 1)) {
+                self.prefetch(next);
+            }
+            self.set_range(s, e, v)?;
+        }
+        Ok(())
+    }
+
     /// `out[i] = get(gfns[i])`; the slices must have the same length.
     fn get_many(&self, gfns: &[u64], out: &mut [u64]) {
         for (o, &g) in out.iter_mut().zip(gfns) {

@@ -295,23 +295,8 @@ macro_rules! store_class {
                         starts[i], ends[i]
                     )));
                 }
-                py.detach(|| {
-                    let mut store = write(&self.inner);
-                    let mut prefetch = false;
-                    for (i, ((&s, &e), &v)) in starts.iter().zip(&ends).zip(&values).enumerate() {
-                        if i % crate::prefetch::RECHECK == 0 {
-                            prefetch = crate::prefetch::pays(store.memory_bytes());
-                        }
-                        // The next range's memory is asked for while this
-                        // one is stored (a hint: see crate::prefetch).
-                        if let (true, Some(&next)) = (prefetch, starts.get(i + 1)) {
-                            store.prefetch(next);
-                        }
-                        store.set_range(s, e, v)?;
-                    }
-                    Ok(())
-                })
-                .map_err(store_err)
+                py.detach(|| write(&self.inner).set_many(&starts, &ends, &values))
+                    .map_err(store_err)
             }
 
             /// Bytes the store's structure occupies.
