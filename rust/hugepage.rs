@@ -1,5 +1,5 @@
 //! Per-memslot hugepage tracking for the x86 MMU model, and the simulated
-//! stage-2 (TDP) mappings.
+//! TDP mappings.
 //!
 //! KVM keeps, per memslot and per hugepage level (2M, 1G), an array of
 //! `struct kvm_lpage_info` whose `disallow_lpage` is non-zero when the
@@ -1006,11 +1006,11 @@ impl HugepageTracker for RangeTracker {
 }
 
 // ---------------------------------------------------------------------------
-// Simulated stage-2 mappings: rust/stage2.rs (re-exported here, where the
+// Simulated TDP mappings: rust/tdp.rs (re-exported here, where the
 // MMU model has always found them).
 // ---------------------------------------------------------------------------
 
-pub use crate::stage2::{LevelCounts, Stage2Map, GFN_LIMIT};
+pub use crate::tdp::{LevelCounts, TdpPageTable, GFN_LIMIT};
 
 #[cfg(test)]
 mod tests {

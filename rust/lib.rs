@@ -13,8 +13,8 @@ pub mod locks;
 pub mod mapletree;
 pub mod prefetch;
 pub mod rangetree;
-pub mod stage2;
 pub mod store;
+pub mod tdp;
 pub mod xarray;
 
 // The BTreeMap reference store: tests only (benches/stores.rs includes the

@@ -253,7 +253,7 @@ class Oracle:
         return "map", self.level(gfn, private)
 
 
-# --- reading the model's stage-2 state through the public API ------------------
+# --- reading the model's TDP state through the public API ------------------
 
 
 def leaves(vm: memattr.Vm) -> set[tuple[int, int]]:

@@ -1,7 +1,7 @@
 """guest_memfd file references (closing the fd while a mapping lives),
 under Linux 6.18 and the in-place series, against an independent per-page
 oracle: numpy arrays of each file's bytes, attributes and the guest's
-stage-2 mappings, plus the file's references as the kernel counts them.
+TDP mappings, plus the file's references as the kernel counts them.
 
 The oracle's rules, written from the kernel (virt/kvm/guest_memfd.c,
 mm/vma.c) and not from the model:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memattr._native import LpageInfoTracker, RangeHugepageTracker, RangeTree, Stage2Map, XArray
+from memattr._native import LpageInfoTracker, RangeHugepageTracker, RangeTree, TdpPageTable, XArray
 
 M2 = 512
 G1 = 512 * 512
@@ -151,8 +151,16 @@ def test_argument_errors_name_the_argument(tracker_cls: type) -> None:
     assert t.mixed_runs(2) == [] and t.max_mapping_level(M2) == 2
 
 
-def test_stage2_map_zap_runs() -> None:
-    m = Stage2Map()
+def test_the_first_name_of_the_tdp_page_table_still_works() -> None:
+    import memattr
+
+    assert memattr.Stage2Map is memattr.TdpPageTable is TdpPageTable
+    m = memattr.Stage2Map()
+    assert m.map(5, 1, False)[0] and m.mapped_level(5) == 1
+
+
+def test_tdp_page_table_zap_runs() -> None:
+    m = TdpPageTable()
     assert m.map(5, 1) == (True, (0, 0, 0))
     assert m.map(5, 1) == (False, (0, 0, 0))  # spurious: already mapped
     assert m.map(6, 2) == (True, (1, 0, 0))  # a 2M leaf replaces the 4K below
@@ -170,8 +178,8 @@ def test_stage2_map_zap_runs() -> None:
         m.map(0, 4)
 
 
-def test_stage2_split_huge_pages_keeps_the_translation() -> None:
-    m = Stage2Map()
+def test_tdp_page_table_split_huge_pages_keeps_the_translation() -> None:
+    m = TdpPageTable()
     m.map(0, 3)
     m.map(G1 + 5, 2)
     m.map(G1 + M2, 1)

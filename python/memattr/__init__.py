@@ -19,11 +19,24 @@ from memattr.vm import Vm  # noqa: E402
 __all__ += list(_uapi.__all__)
 __all__ += ["GfnRange", "GuestMemfdSigbus", "HostProfile", "KvmBugError", "LockdepError", "Memslot", "MemoryFault", "Stats", "Vm"]
 
-# The x86 MMU model (MMU workstream): hugepage tracking, stage-2 map, faults.
-from memattr._native import LpageInfoTracker, RangeHugepageTracker, Stage2Map  # noqa: E402
+# The x86 MMU model (MMU workstream): hugepage tracking, the TDP page table, faults.
+from memattr._native import LpageInfoTracker, RangeHugepageTracker, TdpPageTable  # noqa: E402
 from memattr.mmu import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, X86Mmu  # noqa: E402
 
-__all__ += ["LpageInfoTracker", "PG_LEVEL_1G", "PG_LEVEL_2M", "PG_LEVEL_4K", "RangeHugepageTracker", "Stage2Map", "X86Mmu"]
+# The page table's first name ("stage 2" is ARM's word; x86 says TDP): the
+# same class, kept so code written against it still runs.
+Stage2Map = TdpPageTable
+
+__all__ += [
+    "LpageInfoTracker",
+    "PG_LEVEL_1G",
+    "PG_LEVEL_2M",
+    "PG_LEVEL_4K",
+    "RangeHugepageTracker",
+    "Stage2Map",
+    "TdpPageTable",
+    "X86Mmu",
+]
 
 # Workloads, traces and sweeps (WORKLOADS workstream).
 from memattr import sweep, trace, workloads  # noqa: E402

@@ -121,8 +121,8 @@ class LpageInfoTracker(_HugepageTracker):
     """The kernel's lpage_info arrays (one word per hugepage) and its
     per-hugepage loops: the reference and the faithful baseline."""
 
-class Stage2Map:
-    """Leaf mappings of one stage-2 (TDP) root, kept as the TDP MMU's radix
+class TdpPageTable:
+    """Leaf mappings of one TDP MMU root, kept as the TDP MMU's radix
     page table (levels 1 = 4K, 2 = 2M, 3 = 1G); a gfn is mapped by at most
     one leaf."""
     def __init__(self) -> None: ...

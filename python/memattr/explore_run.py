@@ -162,7 +162,7 @@ def _nargs(fn: Callable[..., Any]) -> int:
 
 
 def check_invariants(vm: Vm, mapped: dict[tuple[int, int, int], bool]) -> str | None:
-    """The model's invariants over the stage-2 mappings, against the store:
+    """The model's invariants over the TDP mappings, against the store:
     None, or what is wrong. ``mapped``: (as_id, leaf start gfn, level) ->
     the private-ness the fault that installed the leaf checked."""
     for level in (2, 3):
@@ -184,7 +184,7 @@ def check_invariants(vm: Vm, mapped: dict[tuple[int, int, int], bool]) -> str | 
         want = _P if private else 0
         if not vm.range_has_attributes(leaf, leaf + n, want, _P):
             return (
-                f"stage-2 mapping over a gfn whose attributes changed after the fault checked "
+                f"TDP mapping over a gfn whose attributes changed after the fault checked "
                 f"them: {_LEVEL_NAMES[level]} leaf [{leaf:#x}, {leaf + n:#x}) was mapped by a "
                 f"{'private' if private else 'shared'} fault, the memory is now "
                 f"{'shared' if private else 'private'} (at least in part)"

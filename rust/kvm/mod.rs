@@ -41,7 +41,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::hugepage::{HugepageError, Stage2Map};
+use crate::hugepage::{HugepageError, TdpPageTable};
 use crate::store::{AttrStore, StoreError};
 
 pub use guest_memfd::GmemFile;
@@ -349,7 +349,7 @@ pub struct Kvm {
     store: SharedStore,
     memslots: Memslots,
     /// One TDP root per address space.
-    roots: Vec<Stage2Map>,
+    roots: Vec<TdpPageTable>,
     /// This VM's open guest_memfd files, by fd.
     gmem: BTreeMap<u64, GmemFile>,
     pub inval: MmuInvalidation,
@@ -453,9 +453,9 @@ impl Kvm {
             roots: (0..nr_as)
                 .map(|_| {
                     if vm_type == KVM_X86_TDX_VM {
-                        Stage2Map::new()
+                        TdpPageTable::new()
                     } else {
-                        Stage2Map::without_kinds()
+                        TdpPageTable::without_kinds()
                     }
                 })
                 .collect(),
@@ -492,7 +492,7 @@ impl Kvm {
     /// Whether [`Kvm::prefetch`] pays: only when the store and the page
     /// tables together outgrow a core's L2 (`crate::prefetch::pays`).
     pub fn prefetch_pays(&self) -> bool {
-        let tables: usize = self.roots.iter().map(Stage2Map::table_bytes).sum();
+        let tables: usize = self.roots.iter().map(TdpPageTable::table_bytes).sum();
         crate::prefetch::pays(self.store_read().memory_bytes() + tables)
     }
 

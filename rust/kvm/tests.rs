@@ -846,7 +846,7 @@ mod gmem_invalidate_filter {
 
     #[test]
     fn split_keeps_each_leaf_kind_and_filtered_zap_of_huge_leaves() {
-        let mut m = Stage2Map::new();
+        let mut m = TdpPageTable::new();
         m.map(0, PG_LEVEL_2M, true).unwrap();
         m.map(512, PG_LEVEL_2M, false).unwrap();
         m.map(1024, PG_LEVEL_4K, true).unwrap();

@@ -1,4 +1,4 @@
-//! Bindings for the hugepage tracking and the stage-2 map model: argument
+//! Bindings for the hugepage tracking and the TDP page table model: argument
 //! conversion with errors that name the argument, error mapping, nothing
 //! else. The rules live in `crate::hugepage`.
 
@@ -11,7 +11,7 @@ use pyo3::types::{PyBool, PyInt};
 use super::stores::with_store;
 use crate::hugepage::{
     HugepageError, HugepageTracker, LevelCounts, LpageInfoTracker, RangeTracker, SlotLayout,
-    Stage2Map, KVM_MAX_HUGEPAGE_LEVEL,
+    TdpPageTable, KVM_MAX_HUGEPAGE_LEVEL,
 };
 use crate::store::StoreError;
 
@@ -268,20 +268,20 @@ tracker_pyclass!(
     "The kernel's lpage_info arrays and per-hugepage post-set loop (the reference)."
 );
 
-/// Leaf mappings of one address space's stage-2 root (rust/stage2.rs).
-#[pyclass(name = "Stage2Map", module = "memattr._native", frozen)]
-pub struct PyStage2Map {
-    pub(crate) inner: Mutex<Stage2Map>,
+/// Leaf mappings of one address space's TDP root (rust/tdp.rs).
+#[pyclass(name = "TdpPageTable", module = "memattr._native", frozen)]
+pub struct PyTdpPageTable {
+    pub(crate) inner: Mutex<TdpPageTable>,
 }
 
-impl PyStage2Map {
+impl PyTdpPageTable {
     /// `op` on `[start, end)` (u64 arguments, `start < end`), its per-level
     /// counts as a tuple.
     fn on_range(
         &self,
         start: &Bound<'_, PyAny>,
         end: &Bound<'_, PyAny>,
-        op: fn(&mut Stage2Map, u64, u64) -> Result<LevelCounts, HugepageError>,
+        op: fn(&mut TdpPageTable, u64, u64) -> Result<LevelCounts, HugepageError>,
     ) -> PyResult<(u64, u64, u64)> {
         let start = u64_arg(start, "start")?;
         let end = u64_arg(end, "end")?;
@@ -297,11 +297,11 @@ impl PyStage2Map {
 }
 
 #[pymethods]
-impl PyStage2Map {
+impl PyTdpPageTable {
     #[new]
     fn new() -> Self {
         Self {
-            inner: Mutex::new(Stage2Map::new()),
+            inner: Mutex::new(TdpPageTable::new()),
         }
     }
 
@@ -325,7 +325,7 @@ impl PyStage2Map {
     /// Removes every leaf intersecting `[start, end)` (huge leaves whole);
     /// returns the leaves removed per level.
     fn zap(&self, start: &Bound<'_, PyAny>, end: &Bound<'_, PyAny>) -> PyResult<(u64, u64, u64)> {
-        self.on_range(start, end, Stage2Map::zap)
+        self.on_range(start, end, TdpPageTable::zap)
     }
 
     /// Splits every 2M and 1G leaf intersecting `[start, end)` into 4K
@@ -335,7 +335,7 @@ impl PyStage2Map {
         start: &Bound<'_, PyAny>,
         end: &Bound<'_, PyAny>,
     ) -> PyResult<(u64, u64, u64)> {
-        self.on_range(start, end, Stage2Map::split_huge_pages)
+        self.on_range(start, end, TdpPageTable::split_huge_pages)
     }
 
     /// Removes every leaf; returns the leaves removed per level.
@@ -365,6 +365,6 @@ impl PyStage2Map {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRangeHugepageTracker>()?;
     m.add_class::<PyLpageInfoTracker>()?;
-    m.add_class::<PyStage2Map>()?;
+    m.add_class::<PyTdpPageTable>()?;
     Ok(())
 }

@@ -585,7 +585,7 @@ impl PyKvm {
     ) -> PyResult<Self> {
         let vm_type = u64_arg(vm_type, "vm_type")?;
         let (shared, per_page) = shared_store(store)?;
-        // One VM per store: the VM's hugepage tracking and stage-2 maps
+        // One VM per store: the VM's hugepage tracking and TDP page tables
         // mirror its store, so a store shared by two VMs (or passed to one
         // twice) would change under the other's feet. (The Python object
         // holds one reference, this call's `shared` another.)

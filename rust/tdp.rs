@@ -313,7 +313,7 @@ impl Pud {
 /// Leaf mappings of one address space's TDP root (see the module's
 /// picture). A gfn is mapped by at most one leaf.
 #[derive(Debug, Clone, Default)]
-pub struct Stage2Map {
+pub struct TdpPageTable {
     puds: PudMap,
     /// Live leaves per level.
     counts: LevelCounts,
@@ -323,7 +323,7 @@ pub struct Stage2Map {
     untracked_kinds: bool,
 }
 
-impl PartialEq for Stage2Map {
+impl PartialEq for TdpPageTable {
     fn eq(&self, other: &Self) -> bool {
         self.counts == other.counts
             && self.untracked_kinds == other.untracked_kinds
@@ -331,7 +331,7 @@ impl PartialEq for Stage2Map {
     }
 }
 
-impl Eq for Stage2Map {}
+impl Eq for TdpPageTable {}
 
 fn check_level(level: u8) -> Result<(), HugepageError> {
     if (PG_LEVEL_4K..=PG_LEVEL_1G).contains(&level) {
@@ -345,7 +345,7 @@ fn check_level(level: u8) -> Result<(), HugepageError> {
     }
 }
 
-impl Stage2Map {
+impl TdpPageTable {
     pub fn new() -> Self {
         Self::default()
     }
@@ -719,7 +719,7 @@ mod tests {
 
     #[test]
     fn split_huge_pages_keeps_every_gfn_mapped() {
-        let mut m = Stage2Map::new();
+        let mut m = TdpPageTable::new();
         m.map(0, PG_LEVEL_1G, false).unwrap();
         m.map(G1 + M2, PG_LEVEL_2M, false).unwrap();
         m.map(G1 + 5 * M2, PG_LEVEL_2M, false).unwrap();
@@ -740,7 +740,7 @@ mod tests {
 
     #[test]
     fn map_and_zap() {
-        let mut m = Stage2Map::new();
+        let mut m = TdpPageTable::new();
         assert_eq!(m.map(5, 1, false).unwrap(), (true, [0, 0, 0]));
         assert_eq!(m.map(5, 1, false).unwrap(), (false, [0, 0, 0]));
         assert!(m.map(600, 1, false).unwrap().0);
@@ -777,7 +777,7 @@ mod tests {
     fn memory_follows_what_is_mapped_below_1g() {
         // A host's worth of 1G leaves, split for dirty logging: no 2M
         // tables until something below 1G changes.
-        let mut m = Stage2Map::new();
+        let mut m = TdpPageTable::new();
         for f in 0..4096u64 {
             m.map(f * G1, PG_LEVEL_1G, f % 2 == 0).unwrap();
         }
@@ -807,7 +807,7 @@ mod tests {
 
     #[test]
     fn table_bytes_follow_the_tables() {
-        let mut m = Stage2Map::new();
+        let mut m = TdpPageTable::new();
         assert_eq!(m.table_bytes(), 0);
         m.map(G1, PG_LEVEL_1G, false).unwrap(); // a 1G leaf: no table below
         assert_eq!(m.table_bytes(), 0);
@@ -822,7 +822,7 @@ mod tests {
 
     #[test]
     fn empty_tables_are_freed() {
-        let mut m = Stage2Map::new();
+        let mut m = TdpPageTable::new();
         m.map(5, PG_LEVEL_4K, true).unwrap();
         m.map(G1 + 600, PG_LEVEL_2M, false).unwrap();
         assert_eq!(m.puds.len(), 2);
@@ -834,7 +834,7 @@ mod tests {
         assert_eq!(m.zap(0, 1).unwrap(), [0, 0, 0]);
         assert_eq!(m.zap(5, 6).unwrap(), [1, 0, 0]);
         assert!(m.puds.is_empty());
-        assert_eq!(m, Stage2Map::new());
+        assert_eq!(m, TdpPageTable::new());
     }
 
     // --- against a per-gfn oracle --------------------------------------------
@@ -952,7 +952,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
         fn equals_a_per_gfn_oracle(ops in proptest::collection::vec(op(), 1..40)) {
-            let mut m = Stage2Map::new();
+            let mut m = TdpPageTable::new();
             let mut o = Oracle::default();
             for op in ops {
                 // A prefetch hint changes nothing the oracle would see,
@@ -1005,7 +1005,7 @@ mod tests {
 
     #[test]
     fn untracked_kinds_count_every_leaf_as_shared() {
-        let mut m = Stage2Map::without_kinds();
+        let mut m = TdpPageTable::without_kinds();
         m.map(3, PG_LEVEL_4K, true).unwrap();
         assert_eq!(m.mapped_private(3), Some(false));
         // The same leaf from a "private" fault is spurious here.
