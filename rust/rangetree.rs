@@ -145,6 +145,7 @@ fn prefetch_keys(keys: &[u64; CAP]) {
 }
 
 /// The interior nodes and child indices from the root down to a leaf.
+#[derive(Clone, Copy)]
 struct Path {
     ids: [u32; MAX_DEPTH],
     idx: [u8; MAX_DEPTH],
@@ -174,6 +175,28 @@ impl Finger {
     }
 }
 
+/// The descent [`AttrStore::prefetch`] made for the next operation's gfn,
+/// kept so that operation's first lookup reuses it instead of descending
+/// again: the path, its leaf, and the separators bounding that leaf (every
+/// key in `[lo, hi)` descends to it). Valid until the tree's shape changes:
+/// every function that allocates, frees, splits, merges or moves nodes or
+/// separators drops it (`reshaped`); changing runs inside a leaf does not
+/// move a key to another leaf, so it keeps it.
+#[derive(Clone, Copy)]
+struct PathHint {
+    path: Path,
+    leaf: u32,
+    lo: u64,
+    hi: Option<u64>,
+}
+
+impl PathHint {
+    #[inline]
+    fn holds(&self, k: u64) -> bool {
+        self.lo <= k && self.hi.is_none_or(|hi| k < hi)
+    }
+}
+
 impl Clone for Finger {
     fn clone(&self) -> Self {
         Finger(AtomicU32::new(self.get()))
@@ -199,6 +222,11 @@ pub struct RangeTree {
     spare_leaves: usize,
     spare_inners: usize,
     finger: Finger,
+    /// The last two prefetches' descents: a batch hints the next operation
+    /// before it runs the current one, so the current one's hint is the
+    /// older of the two.
+    hints: [Option<PathHint>; 2],
+    newest_hint: usize,
 }
 
 impl Default for RangeTree {
@@ -222,7 +250,21 @@ impl RangeTree {
             spare_leaves: 0,
             spare_inners: 0,
             finger: Finger::none(),
+            hints: [None, None],
+            newest_hint: 0,
         }
+    }
+
+    /// The tree's shape changes: the kept descent may lead elsewhere now.
+    #[inline]
+    fn reshaped(&mut self) {
+        self.hints = [None, None];
+    }
+
+    /// A kept descent that leads to `k`'s leaf, if any.
+    #[inline]
+    fn hint_for(&self, k: u64) -> Option<&PathHint> {
+        self.hints.iter().flatten().find(|h| h.holds(k))
     }
 
     /// Height of the tree counting the leaf level.
@@ -231,6 +273,7 @@ impl RangeTree {
     }
 
     fn alloc_leaf(&mut self) -> u32 {
+        self.reshaped();
         self.spare_leaves = self.spare_leaves.saturating_sub(1);
         self.live_leaves += 1;
         match self.free_leaves.pop() {
@@ -246,6 +289,7 @@ impl RangeTree {
     }
 
     fn alloc_inner(&mut self) -> u32 {
+        self.reshaped();
         self.spare_inners = self.spare_inners.saturating_sub(1);
         self.live_inners += 1;
         match self.free_inners.pop() {
@@ -261,12 +305,14 @@ impl RangeTree {
     }
 
     fn free_leaf(&mut self, id: u32) {
+        self.reshaped();
         self.finger.set(NONE);
         self.live_leaves -= 1;
         self.free_leaves.push(id);
     }
 
     fn free_inner(&mut self, id: u32) {
+        self.reshaped();
         self.live_inners -= 1;
         self.free_inners.push(id);
     }
@@ -274,24 +320,47 @@ impl RangeTree {
     /// Descends towards `k`: the path, the leaf, and how many of the
     /// leaf's starts are `<= k`.
     fn find(&self, k: u64) -> (Path, u32, usize) {
+        let (path, id) = match self.hint_for(k) {
+            Some(h) => (h.path, h.leaf),
+            None => {
+                let (path, id, _, _) = self.descend(k);
+                (path, id)
+            }
+        };
+        let l = &self.leaves[id as usize];
+        prefetch_keys(&l.starts);
+        (path, id, count_le(&l.starts, k).min(l.len as usize))
+    }
+
+    /// The interior nodes and child indices from the root towards `k`, the
+    /// leaf they lead to, and the separators bounding that leaf (every key
+    /// in `[lo, hi)` descends to it; the nearest ancestor's are the
+    /// tightest).
+    #[inline]
+    fn descend(&self, k: u64) -> (Path, u32, u64, Option<u64>) {
         let mut path = Path {
             ids: [0; MAX_DEPTH],
             idx: [0; MAX_DEPTH],
             depth: 0,
         };
+        let (mut lo, mut hi) = (0, None);
         let mut id = self.root;
         for d in 0..self.height {
             let n = &self.inners[id as usize];
             prefetch_keys(&n.keys);
             let c = count_le(&n.keys, k).min(n.len as usize - 1);
+            if c > 0 {
+                lo = n.keys[c - 1];
+            }
+            if c + 1 < n.len as usize {
+                hi = Some(n.keys[c]);
+            }
             path.ids[d] = id;
             path.idx[d] = c as u8;
             id = n.children[c];
         }
         path.depth = self.height;
-        let l = &self.leaves[id as usize];
-        prefetch_keys(&l.starts);
-        (path, id, count_le(&l.starts, k).min(l.len as usize))
+        (path, id, lo, hi)
     }
 
     /// The leaf and index of the last run starting `<= k`, if any.
@@ -309,13 +378,19 @@ impl RangeTree {
                 return Some((f, count_le(&l.starts, k).min(l.len as usize) - 1));
             }
         }
-        let mut id = self.root;
-        for _ in 0..self.height {
-            let n = &self.inners[id as usize];
-            prefetch_keys(&n.keys);
-            let c = count_le(&n.keys, k).min(n.len as usize - 1);
-            id = n.children[c];
-        }
+        let id = match self.hint_for(k) {
+            Some(h) => h.leaf,
+            None => {
+                let mut id = self.root;
+                for _ in 0..self.height {
+                    let n = &self.inners[id as usize];
+                    prefetch_keys(&n.keys);
+                    let c = count_le(&n.keys, k).min(n.len as usize - 1);
+                    id = n.children[c];
+                }
+                id
+            }
+        };
         let l = &self.leaves[id as usize];
         prefetch_keys(&l.starts);
         let pos = count_le(&l.starts, k).min(l.len as usize);
@@ -406,6 +481,7 @@ impl RangeTree {
     /// Splits a leaf (full, or about to overflow), keeping `half` runs in
     /// it; returns the new right leaf.
     fn split_leaf(&mut self, path: &Path, id: u32, half: usize) -> u32 {
+        self.reshaped();
         let right = self.alloc_leaf();
         let (left_next, sep) = {
             let (l, r) = two_mut(&mut self.leaves, id, right);
@@ -431,6 +507,7 @@ impl RangeTree {
     /// Adds `child` with separator `key` right of the node reached at
     /// `depth` along `path`, splitting interior nodes up to a new root.
     fn insert_child(&mut self, path: &Path, depth: usize, key: u64, child: u32) {
+        self.reshaped();
         if depth == 0 {
             let old = self.root;
             let root = self.alloc_inner();
@@ -492,6 +569,7 @@ impl RangeTree {
     }
 
     fn rebalance_leaf(&mut self, path: &Path, id: u32) {
+        self.reshaped();
         let d = path.depth - 1;
         let p = path.ids[d];
         let ci = path.idx[d] as usize;
@@ -547,6 +625,7 @@ impl RangeTree {
     /// After the node at `path.ids[d]` lost a child: collapse a root with one
     /// child, or rebalance an interior node that fell below MIN.
     fn after_child_removed(&mut self, path: &Path, d: usize) {
+        self.reshaped();
         let id = path.ids[d];
         let len = self.inners[id as usize].len as usize;
         if d == 0 {
@@ -795,6 +874,7 @@ impl RangeTree {
     /// Applies `set_range(s, e, v)` while copying every run out in order,
     /// then bulk-loads a fresh tree from them.
     fn rebuild_with(&mut self, s: u64, e: u64, v: u64) {
+        self.reshaped();
         let mut out: Vec<(u64, u64, u64)> = Vec::with_capacity(self.runs + 2);
         let push = |out: &mut Vec<(u64, u64, u64)>, r: (u64, u64, u64)| {
             if r.0 >= r.1 || r.2 == 0 {
@@ -833,6 +913,7 @@ impl RangeTree {
     /// from ever needing more nodes than the tree had (a rebuild drops more
     /// runs than it adds), so a `reserve` made before stays sufficient.
     fn bulk_load(&mut self, runs: &[(u64, u64, u64)]) {
+        self.reshaped();
         self.clear();
         if runs.is_empty() {
             return;
@@ -1119,18 +1200,16 @@ impl AttrStore for RangeTree {
         Ok(())
     }
 
-    /// Descends the interior nodes (few enough to stay in the cache) and
-    /// asks for the leaf's header and keys, reading nothing from the leaf.
-    fn prefetch(&self, gfn: u64) {
-        let mut id = self.root;
-        for _ in 0..self.height {
-            let n = &self.inners[id as usize];
-            let c = count_le(&n.keys, gfn).min(n.len as usize - 1);
-            id = n.children[c];
-        }
-        if let Some(l) = self.leaves.get(id as usize) {
+    /// Descends the interior nodes (few enough to stay in the cache), asks
+    /// for the leaf's header and keys (reading nothing from the leaf), and
+    /// keeps the descent for the lookup that follows (`PathHint`).
+    fn prefetch(&mut self, gfn: u64) {
+        let (path, leaf, lo, hi) = self.descend(gfn);
+        if let Some(l) = self.leaves.get(leaf as usize) {
             crate::prefetch::prefetch_bytes(l as *const Leaf, std::mem::offset_of!(Leaf, ends));
         }
+        self.newest_hint ^= 1;
+        self.hints[self.newest_hint] = Some(PathHint { path, leaf, lo, hi });
     }
 
     fn has_value(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<bool, StoreError> {

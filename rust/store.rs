@@ -66,8 +66,9 @@ pub trait AttrStore {
     fn set_range(&mut self, start: u64, end: u64, value: u64) -> Result<(), StoreError>;
 
     /// A hint that `gfn` will be looked up soon: the store may ask the CPU
-    /// for the memory holding it (see `crate::prefetch`). Changes nothing.
-    fn prefetch(&self, _gfn: u64) {}
+    /// for the memory holding it (see `crate::prefetch`) and keep what it
+    /// found for that lookup. Changes no value the store holds.
+    fn prefetch(&mut self, _gfn: u64) {}
 
     /// True if every gfn in `[start, end)` has `get(gfn) & mask == value & mask`.
     fn has_value(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<bool, StoreError>;

@@ -349,12 +349,26 @@ fn rangetree_deep_tree_matches_simple() {
             };
             let v = rng.below(4);
             // A prefetch hint at any gfn, in a tree of any shape, reads
-            // nothing it may not and changes nothing (checked below).
-            t.prefetch(s);
-            t.prefetch(rng.below(u64::MAX));
+            // nothing it may not and changes no value (checked below). The
+            // descent it keeps serves the lookups that follow while the
+            // tree keeps its shape: half the time the set's own gfn is
+            // hinted last, so the set (and any split or merge it makes)
+            // starts from the kept descent.
+            let far = rng.below(u64::MAX);
+            let near = s.saturating_sub(rng.below(3));
+            if rng.below(2) == 0 {
+                t.prefetch(far);
+                t.prefetch(near);
+            } else {
+                t.prefetch(near);
+                t.prefetch(far);
+            }
             t.set_range(s, s + len, v).unwrap();
             r.set_range(s, s + len, v).unwrap();
             let g = rng.below(span + 10);
+            if rng.below(2) == 0 {
+                t.prefetch(g.saturating_sub(rng.below(40)));
+            }
             assert_eq!(t.get(g), r.get(g));
             max_depth = max_depth.max(t.depth());
             if step % 5_000 == 0 {

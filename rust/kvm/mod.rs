@@ -483,7 +483,7 @@ impl Kvm {
     /// for any address.
     pub fn prefetch(&self, gpa: u64) {
         let gfn = gpa >> PAGE_SHIFT;
-        self.store_read().prefetch(gfn);
+        self.store().prefetch(gfn);
         if let Some(root) = self.roots.first() {
             root.prefetch(gfn);
         }
