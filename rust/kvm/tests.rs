@@ -288,65 +288,107 @@ fn oracle_mixed(oracle: &[u64], first: u64, n: u64) -> bool {
     s.iter().any(|&v| v != s[0])
 }
 
+/// Runs `steps` on both stacks (run tracker and per-page tracker) against a
+/// per-page oracle of attributes, fault exits, leaf levels and mixed flags.
+/// With `hint`, the next step's gfn is hinted before each step runs, as the
+/// native replay does (hints must change nothing).
+fn check_against_per_page_oracle(steps: &[Step], hint: bool) -> Result<(), TestCaseError> {
+    // Two slots with awkward edges: [100, 1500) and [1536, 3072).
+    let slots = [(0u32, 100u64, 1400u64), (1, 3 * M2, 3 * M2)];
+    for per_page in [false, true] {
+        let mut k = vm(per_page);
+        for &(id, base, n) in &slots {
+            add_slot(&mut k, id, base, n);
+        }
+        let mut oracle = vec![0u64; (6 * M2) as usize];
+        let gfn_of = |s: &Step| match *s {
+            Step::Set(g, ..) | Step::Fault(g, _) => g,
+        };
+        for (i, step) in steps.iter().enumerate() {
+            // As the native replay does: the next operation is hinted
+            // before this one runs (the hints must change nothing).
+            if let Some(next) = steps.get(i + 1) {
+                k.prefetch(gfn_of(next) << 12);
+            }
+            match *step {
+                Step::Set(s, n, p) => {
+                    let e = (s + n).min(6 * M2);
+                    let v = if p { P } else { 0 };
+                    k.set_memory_attributes(s << 12, (e - s) << 12, v, 0)
+                        .unwrap();
+                    oracle[s as usize..e as usize].fill(v);
+                }
+                Step::Fault(g, p) => {
+                    let in_slot = slots.iter().any(|&(_, b, n)| b <= g && g < b + n);
+                    let want_exit = p != (oracle[g as usize] == P) || (!in_slot && p);
+                    let got = k.fault(g << 12, p, 0);
+                    prop_assert_eq!(got.is_err(), want_exit, "fault {} private {}", g, p);
+                    if let Ok(level) = got {
+                        prop_assert_eq!(level == 0, !in_slot);
+                    }
+                }
+            }
+            // No leaf ever covers pages with different attributes.
+            // mappings() merges adjacent leaves of a level into runs, so
+            // each run is checked leaf by leaf.
+            for level in 1..=3u64 {
+                let leaf = 1u64 << (9 * (level - 1));
+                for (s, e) in k.mappings(0, level).unwrap() {
+                    let e = e.min(6 * M2);
+                    let mut l = s;
+                    while l < e {
+                        let le = (l + leaf).min(e);
+                        prop_assert!(
+                            !oracle_mixed(&oracle, l, le - l),
+                            "leaf [{}, {}) over mixed memory",
+                            l,
+                            le
+                        );
+                        l = le;
+                    }
+                }
+            }
+        }
+        for g in 0..6 * M2 {
+            prop_assert_eq!(k.store().get(g), oracle[g as usize]);
+        }
+        for &(id, base, n) in &slots {
+            let first = base.div_ceil(M2) * M2;
+            let mut hp = first;
+            while hp + M2 <= base + n {
+                prop_assert_eq!(
+                    k.hugepage_mixed(u64::from(id), hp, 2).unwrap(),
+                    oracle_mixed(&oracle, hp, M2),
+                    "2M at {}",
+                    hp
+                );
+                hp += M2;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn small_step_strategy(limit: u64) -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0..limit, 1..16u64, any::<bool>()).prop_map(|(s, n, p)| Step::Set(s, n, p)),
+        1 => (0..limit, any::<bool>()).prop_map(|(g, p)| Step::Fault(g, p)),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn both_stacks_match_a_per_page_oracle(steps in proptest::collection::vec(step_strategy(6 * M2), 1..60)) {
-        // Two slots with awkward edges: [100, 1500) and [1536, 3072).
-        let slots = [(0u32, 100u64, 1400u64), (1, 3 * M2, 3 * M2)];
-        for per_page in [false, true] {
-            let mut k = vm(per_page);
-            for &(id, base, n) in &slots {
-                add_slot(&mut k, id, base, n);
-            }
-            let mut oracle = vec![0u64; (6 * M2) as usize];
-            for step in &steps {
-                match *step {
-                    Step::Set(s, n, p) => {
-                        let e = (s + n).min(6 * M2);
-                        let v = if p { P } else { 0 };
-                        k.set_memory_attributes(s << 12, (e - s) << 12, v, 0).unwrap();
-                        oracle[s as usize..e as usize].fill(v);
-                    }
-                    Step::Fault(g, p) => {
-                        let in_slot = slots.iter().any(|&(_, b, n)| b <= g && g < b + n);
-                        let want_exit = p != (oracle[g as usize] == P) || (!in_slot && p);
-                        let got = k.fault(g << 12, p, 0);
-                        prop_assert_eq!(got.is_err(), want_exit, "fault {} private {}", g, p);
-                        if let Ok(level) = got {
-                            prop_assert_eq!(level == 0, !in_slot);
-                        }
-                    }
-                }
-                // No leaf ever covers pages with different attributes.
-                // mappings() merges adjacent leaves of a level into runs, so
-                // each run is checked leaf by leaf.
-                for level in 1..=3u64 {
-                    let leaf = 1u64 << (9 * (level - 1));
-                    for (s, e) in k.mappings(0, level).unwrap() {
-                        let e = e.min(6 * M2);
-                        let mut l = s;
-                        while l < e {
-                            let le = (l + leaf).min(e);
-                            prop_assert!(!oracle_mixed(&oracle, l, le - l), "leaf [{}, {}) over mixed memory", l, le);
-                            l = le;
-                        }
-                    }
-                }
-            }
-            for g in 0..6 * M2 {
-                prop_assert_eq!(k.store().get(g), oracle[g as usize]);
-            }
-            for &(id, base, n) in &slots {
-                let first = base.div_ceil(M2) * M2;
-                let mut hp = first;
-                while hp + M2 <= base + n {
-                    prop_assert_eq!(k.hugepage_mixed(u64::from(id), hp, 2).unwrap(), oracle_mixed(&oracle, hp, M2), "2M at {}", hp);
-                    hp += M2;
-                }
-            }
-        }
+        check_against_per_page_oracle(&steps, false)?;
+    }
+
+    /// Many small conversions (hundreds of runs: the range tree splits and
+    /// merges nodes) with the native replay's hints: the same answers.
+    #[test]
+    fn prefetch_hints_change_nothing_under_the_vm(steps in proptest::collection::vec(small_step_strategy(6 * M2), 200..400)) {
+        check_against_per_page_oracle(&steps, true)?;
     }
 }
 
