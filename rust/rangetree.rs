@@ -34,7 +34,6 @@ const SENTINEL: u64 = u64::MAX;
 /// Up to CAP runs, sorted by start, in struct-of-arrays form so the search
 /// touches only the starts.
 #[derive(Clone)]
-#[repr(C)] // the header first, then the keys: a prefetch of both is one span
 struct Leaf {
     len: u32,
     prev: u32,
@@ -1201,12 +1200,13 @@ impl AttrStore for RangeTree {
     }
 
     /// Descends the interior nodes (few enough to stay in the cache), asks
-    /// for the leaf's header and keys (reading nothing from the leaf), and
-    /// keeps the descent for the lookup that follows (`PathHint`).
+    /// for the whole leaf (reading nothing from it: the lookup that follows
+    /// reads its keys, then the ends and values of the runs it finds), and
+    /// keeps the descent for that lookup (`PathHint`).
     fn prefetch(&mut self, gfn: u64) {
         let (path, leaf, lo, hi) = self.descend(gfn);
         if let Some(l) = self.leaves.get(leaf as usize) {
-            crate::prefetch::prefetch_bytes(l as *const Leaf, std::mem::offset_of!(Leaf, ends));
+            crate::prefetch::prefetch(l);
         }
         self.newest_hint ^= 1;
         self.hints[self.newest_hint] = Some(PathHint { path, leaf, lo, hi });
