@@ -53,3 +53,19 @@ pub fn for_each_in<V>(
         map.retain(|&key, v| !(first..=last).contains(&key) || f(key, v));
     }
 }
+
+/// True if `f` holds for an entry of `map` whose key lies in
+/// `[first, last]`; visits whichever is fewer, as [`for_each_in`].
+pub fn any_in<V>(
+    map: &FrameMap<V>,
+    first: u64,
+    last: u64,
+    mut f: impl FnMut(u64, &V) -> bool,
+) -> bool {
+    if last - first < map.len() as u64 {
+        (first..=last).any(|key| map.get(&key).is_some_and(|v| f(key, v)))
+    } else {
+        map.iter()
+            .any(|(&key, v)| (first..=last).contains(&key) && f(key, v))
+    }
+}

@@ -22,7 +22,7 @@
 
 use std::fmt;
 
-use crate::framehash::{for_each_in, FrameMap};
+use crate::framehash::{any_in, for_each_in, FrameMap};
 use crate::store::{AttrStore, StoreError};
 
 /// x86 page-table levels as KVM numbers them (`PG_LEVEL_*`).
@@ -286,13 +286,7 @@ impl SparseBitmap {
                 .enumerate()
                 .any(|(w, &word)| word & word_mask(w, lo, hi) != 0)
         };
-        if last - first < self.blocks.len() as u64 {
-            (first..=last).any(|k| self.blocks.get(&k).is_some_and(|b| hit(k, b)))
-        } else {
-            self.blocks
-                .iter()
-                .any(|(&k, b)| (first..=last).contains(&k) && hit(k, b))
-        }
+        any_in(&self.blocks, first, last, hit)
     }
 
     /// The keys as runs `[start, end)`, in order.

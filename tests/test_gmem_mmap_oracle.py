@@ -326,3 +326,20 @@ def test_bad_ints_get_the_same_errors_on_every_guest_memfd_call(bad: object, exc
     assert vm.inplace_stats["sigbus"] == 0
     with pytest.raises(ValueError, match="reserved must hold 11"):
         vm.guest_memfd_set_memory_attributes(fd, 0, PG, P, 0, (0,) * 3)
+
+
+def test_a_host_read_longer_than_the_cap_is_refused_before_allocating() -> None:
+    """A host read returns at most 1 GiB (the core's MAX_USER_READ), through
+    either face: a longer one is ValueError naming the length before any
+    buffer is allocated or page faulted in, even on a file (and a mapping)
+    big enough to hold it."""
+    vm = m.Vm(m.KVM_X86_SW_PROTECTED_VM, semantics="gmem-inplace")
+    size = 4 << 30
+    fd = vm.create_guest_memfd(size, MMAP | INIT_SHARED)
+    mapping = vm.guest_memfd_mmap(fd, size)
+    for read in (lambda n: vm.guest_memfd_read(fd, 0, n), lambda n: mapping.read(0, n)):
+        with pytest.raises(ValueError, match="length must be <= 0x40000000"):
+            read((1 << 30) + 1)
+    assert vm.guest_memfd_allocated(fd) == []
+    assert vm.guest_memfd_read(fd, 0, 2) == b"\0\0"
+    mapping.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from memattr import _native, sched
@@ -137,17 +138,7 @@ def kvm_gmem_release(vm: Vm, fd: int) -> None:
     """close(2) of a guest_memfd, step by step: the fd goes in one core
     step; the release follows if that was the file's last reference (a
     live mapping keeps the file: then nothing else happens)."""
-    with vm.slots_lock, filemap_invalidate_lock(vm, fd):
-        if sched.hook is not None:
-            sched.hook(sched.STEP, "kvm_gmem_release")
-        # Read while the file still exists (detach takes it).
-        attr_filter = vm._kvm.gmem_invalidate_filter(fd, 0, 2**64 - 1)
-        ranges = vm._kvm.gmem_release_detach(fd)
-        if ranges is None:
-            return
-        kvm_gmem_invalidate_begin(vm, ranges, attr_filter)
-        kvm_gmem_invalidate_end(vm, ranges)
-    vm._kvm.note_gmem_closed()
+    _drop_file_reference(vm, fd, lambda: vm._kvm.gmem_release_detach(fd))
 
 
 def kvm_gmem_munmap(vm: Vm, vma: int) -> None:
@@ -156,11 +147,19 @@ def kvm_gmem_munmap(vm: Vm, vma: int) -> None:
     release as close(2)'s follows (the kernel's __fput runs
     kvm_gmem_release)."""
     fd = _native.gmem_file_of_vma(vm._kvm, vma)  # ValueError if unmapped
+    _drop_file_reference(vm, fd, lambda: _native.gmem_munmap_detach(vm._kvm, vma))
+
+
+def _drop_file_reference(vm: Vm, fd: int, detach: Callable[[], list[tuple[int, int, int]] | None]) -> None:
+    """fput() of guest_memfd ``fd``'s reference that ``detach`` drops in one
+    core step (slots_lock and the file's invalidation lock held): if it was
+    the last, kvm_gmem_release()'s invalidation over the whole file."""
     with vm.slots_lock, filemap_invalidate_lock(vm, fd):
         if sched.hook is not None:
             sched.hook(sched.STEP, "kvm_gmem_release")
+        # Read while the file still exists (detach may take it).
         attr_filter = vm._kvm.gmem_invalidate_filter(fd, 0, 2**64 - 1)
-        ranges = _native.gmem_munmap_detach(vm._kvm, vma)
+        ranges = detach()
         if ranges is None:
             return
         kvm_gmem_invalidate_begin(vm, ranges, attr_filter)

@@ -26,7 +26,7 @@ class GuestMemfdStat(NamedTuple):
     st_nlink: int
 
 
-def _munmap_at_gc(munmap: Callable[[int], bool], vma: int) -> None:
+def _munmap_at_gc(munmap: Callable[[int], None], vma: int) -> None:
     """A mapping object dropped without close(): munmap it, quietly (a
     finalizer must not raise). Not under the interleaving explorer: its
     actors hold the model's locks across scheduling points, and a
@@ -56,16 +56,14 @@ class GuestMemfdMapping:
     the last reference to the object) unmaps it; after that every access
     raises ValueError, as ``mmap.mmap`` does once closed."""
 
-    def __init__(self, kvm: Kvm, fd: int, length: int, vma: int,
-                 munmap: Callable[[int], bool] | None = None) -> None:
+    def __init__(self, kvm: Kvm, fd: int, length: int, vma: int, munmap: Callable[[int], None]) -> None:
         self._kvm = kvm
         self.fd = fd
         self.length = length
         self._vma: int | None = vma
-        unmap = munmap if munmap is not None else (lambda v: _native.gmem_munmap(kvm, v))
-        self._munmap = unmap
+        self._munmap = munmap
         # Holds neither the mapping nor itself: only what munmap needs.
-        self._finalizer = weakref.finalize(self, _munmap_at_gc, unmap, vma)
+        self._finalizer = weakref.finalize(self, _munmap_at_gc, munmap, vma)
         self._finalizer.atexit = False
 
     @property
@@ -121,7 +119,7 @@ class GuestMemfdMapping:
 class GuestMemfdFile:
     """A guest_memfd fd of a Vm, as a file."""
 
-    def __init__(self, kvm: Kvm, fd: int, munmap: Callable[[int], bool] | None = None) -> None:
+    def __init__(self, kvm: Kvm, fd: int, munmap: Callable[[int], None]) -> None:
         self._kvm = kvm
         self.fd = fd
         self._munmap = munmap

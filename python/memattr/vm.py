@@ -318,16 +318,14 @@ class Vm(GuestMemfdInplaceMixin):
         self._kvm.guest_memfd_fstat(fd)  # EBADF unless a guest_memfd of this VM
         return GuestMemfdFile(self._kvm, fd, self._guest_memfd_munmap)
 
-    def _guest_memfd_munmap(self, vma: int) -> bool:
+    def _guest_memfd_munmap(self, vma: int) -> None:
         """munmap(2) of a guest_memfd mapping (its ``close()``): the
         mapping's reference on the file goes, and the file is released
         (as by ``guest_memfd_close``) if that was its last reference."""
         if sched.hook is not None:  # the explorer runs it step by step
-            driven.kvm_gmem_munmap(self, vma)
-            return True
+            return driven.kvm_gmem_munmap(self, vma)
         if not _native.gmem_munmap(self._kvm, vma):
             self._lock_conflict()
-        return True
 
     def guest_memfd_mmap(self, fd: int, length: int, shared: bool = True) -> GuestMemfdMapping:
         """mmap(2) of the first ``length`` bytes of guest_memfd ``fd``

@@ -420,10 +420,8 @@ impl Kvm {
     /// the file, its page cache and its bindings stay until the last
     /// munmap ([`Self::remove_vma`]).
     pub fn kvm_gmem_release(&mut self, fd: u64) -> Result<(), KvmError> {
-        match self.kvm_gmem_take(fd)? {
-            Some((file, filter)) => self.kvm_gmem_release_file(file, filter),
-            None => Ok(()),
-        }
+        let last = self.kvm_gmem_take(fd)?;
+        self.kvm_gmem_release_if_last(last)
     }
 
     /// close(2)'s first step, the one that decides who closes: the fd
@@ -511,7 +509,15 @@ impl Kvm {
     /// munmap(2) as a whole operation: [`Self::remove_vma`], then the
     /// release if that was the file's last reference.
     pub fn kvm_gmem_munmap(&mut self, vma: u64) -> Result<(), KvmError> {
-        match self.remove_vma(vma)? {
+        let last = self.remove_vma(vma)?;
+        self.kvm_gmem_release_if_last(last)
+    }
+
+    /// The rest of an fput() ([`Self::kvm_gmem_take`],
+    /// [`Self::remove_vma`]): the release if that reference was the file's
+    /// last.
+    fn kvm_gmem_release_if_last(&mut self, last: Option<(GmemFile, u64)>) -> Result<(), KvmError> {
+        match last {
             Some((file, filter)) => self.kvm_gmem_release_file(file, filter),
             None => Ok(()),
         }

@@ -479,8 +479,9 @@ impl Kvm {
 
     /// A hint that an operation on `gpa` comes next: the store and the
     /// address space 0 root ask the CPU for the memory they will read for
-    /// it (see `crate::prefetch`). Changes nothing, so a driver may call it
-    /// for any address.
+    /// it (see `crate::prefetch`), and the store may keep its descent for
+    /// it. No value or counter changes, so a driver may call it for any
+    /// address.
     pub fn prefetch(&self, gpa: u64) {
         let gfn = gpa >> PAGE_SHIFT;
         self.store().prefetch(gfn);
