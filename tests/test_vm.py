@@ -607,7 +607,9 @@ def test_fault_entry_arguments_driver_and_override() -> None:
         for bad in (None, 1, "yes"):
             with pytest.raises(TypeError, match=name):
                 vm.fault(0, **{name: bad})  # type: ignore[arg-type]
-    assert vm.fault(0x1000, write=True) >= 1
+    # Shared memory, uniform over the 2M hugepage [0, 2M) wholly inside the
+    # 64 MiB slot (gpa and hva congruent), no 1G hugepage in the slot: 2M.
+    assert vm.fault(0x1000, write=True) == m.PG_LEVEL_2M
     # A lock this thread holds: the core declines, the retry loop refuses.
     with vm.mmu_lock:
         with pytest.raises(m.LockdepError, match="mmu_lock"):
@@ -623,7 +625,8 @@ def test_fault_entry_arguments_driver_and_override() -> None:
     t = Traced(uapi.KVM_X86_SW_PROTECTED_VM, "rangetree")
     fd = t.create_guest_memfd(1 << 21)
     t.set_user_memory_region(0, 0, 1 << 21, flags=uapi.KVM_MEM_GUEST_MEMFD, guest_memfd=fd)
-    assert t.fault(0x2000) >= 1 and seen == [0x2000]
+    # The slot is exactly one 2M hugepage, uniform shared: 2M.
+    assert t.fault(0x2000) == m.PG_LEVEL_2M and seen == [0x2000]
 
 
 def test_entries_without_a_live_driver_raise_instead_of_guessing() -> None:
