@@ -129,5 +129,21 @@ fn main() {
             tally.fault_exits,
             tally.errors
         );
+        if round + 1 == rounds {
+            // Where a walk may miss the cache: the footprint at the end.
+            let store = kvm.shared_store().read().unwrap().memory_bytes();
+            let trackers: usize = kvm
+                .memslots()
+                .iter()
+                .map(|s| s.tracker.memory_bytes())
+                .sum();
+            let tables = kvm.table_bytes();
+            println!(
+                "footprint at the end: store {:.1} MB, page tables {:.1} MB, hugepage trackers {:.1} MB",
+                store as f64 / 1e6,
+                tables as f64 / 1e6,
+                trackers as f64 / 1e6
+            );
+        }
     }
 }

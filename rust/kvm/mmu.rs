@@ -206,7 +206,7 @@ impl Kvm {
         }
         // Disjoint fields: the store is read while the slot's tracker is
         // written.
-        let store = self.store.read().unwrap_or_else(|e| e.into_inner());
+        let store = read_store(&self.store, &self.held);
         let slot = self.memslots.at_mut(rng.as_id, rng.index).expect("checked");
         slot.tracker
             .post_set_memory_attributes(&*store, rng.start, rng.end, attributes)?;

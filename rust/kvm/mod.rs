@@ -39,6 +39,8 @@ pub mod uapi;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::hugepage::{HugepageError, TdpPageTable};
@@ -366,6 +368,79 @@ pub struct Kvm {
     scratch: Vec<GfnRange>,
     /// Per-guest_memfd attributes (the in-place conversion series).
     pub inplace: gmem_attributes::InplaceState,
+    /// The store, while a batch holds its write lock
+    /// ([`Kvm::with_store_held`]).
+    held: Option<HeldStore>,
+}
+
+/// The store a batch has write-locked once for all its operations, so each
+/// step reaches it without an atomic lock and unlock. Uncontended, those
+/// cost about as much as a cache miss, and a replayed operation took five
+/// to eight pairs of them.
+struct HeldStore(NonNull<dyn AttrStore + Send + Sync>);
+
+// SAFETY: `held` is only Some inside `Kvm::with_store_held`, whose closure
+// has the only borrow of the Kvm (`&mut`), and the write guard the pointer
+// came from lives on that call's stack until `held` is None again. No other
+// thread can reach the Kvm, or the store through its lock, meanwhile.
+unsafe impl Send for HeldStore {}
+unsafe impl Sync for HeldStore {}
+
+/// The store for writing: through the held lock, or locked for this step.
+pub(crate) enum StoreWrite<'a> {
+    Held(&'a mut (dyn AttrStore + Send + Sync + 'static)),
+    Locked(RwLockWriteGuard<'a, dyn AttrStore + Send + Sync + 'static>),
+}
+
+/// The store for reading: through the held lock, or read-locked for this
+/// step.
+pub(crate) enum StoreRead<'a> {
+    Held(&'a (dyn AttrStore + Send + Sync + 'static)),
+    Locked(RwLockReadGuard<'a, dyn AttrStore + Send + Sync + 'static>),
+}
+
+impl Deref for StoreWrite<'_> {
+    type Target = dyn AttrStore + Send + Sync + 'static;
+    #[inline]
+    fn deref(&self) -> &Self::Target {
+        match self {
+            StoreWrite::Held(s) => &**s,
+            StoreWrite::Locked(g) => &**g,
+        }
+    }
+}
+
+impl DerefMut for StoreWrite<'_> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            StoreWrite::Held(s) => &mut **s,
+            StoreWrite::Locked(g) => &mut **g,
+        }
+    }
+}
+
+impl Deref for StoreRead<'_> {
+    type Target = dyn AttrStore + Send + Sync + 'static;
+    #[inline]
+    fn deref(&self) -> &Self::Target {
+        match self {
+            StoreRead::Held(s) => *s,
+            StoreRead::Locked(g) => &**g,
+        }
+    }
+}
+
+/// The store read-locked, or through the held lock: a function of the two
+/// fields, so a step can read the store while it writes another field.
+#[inline]
+fn read_store<'a>(store: &'a SharedStore, held: &'a Option<HeldStore>) -> StoreRead<'a> {
+    match held {
+        // SAFETY: see HeldStore; shared access from `&Kvm` cannot overlap
+        // the `&mut` access `Kvm::store` gives, which needs `&mut Kvm`.
+        Some(h) => StoreRead::Held(unsafe { h.0.as_ref() }),
+        None => StoreRead::Locked(store.read().unwrap_or_else(|e| e.into_inner())),
+    }
 }
 
 impl fmt::Debug for Kvm {
@@ -468,13 +543,50 @@ impl Kvm {
             warned: Vec::new(),
             scratch: Vec::new(),
             inplace: Default::default(),
+            held: None,
         })
     }
 
-    /// The store, write-locked. A poisoned lock still holds a consistent
-    /// store: every store operation validates before it mutates.
-    fn store(&self) -> RwLockWriteGuard<'_, dyn AttrStore + Send + Sync + 'static> {
-        self.store.write().unwrap_or_else(|e| e.into_inner())
+    /// The store, write-locked (or through the lock a batch holds). A
+    /// poisoned lock still holds a consistent store: every store operation
+    /// validates before it mutates.
+    #[inline]
+    fn store(&mut self) -> StoreWrite<'_> {
+        match &mut self.held {
+            // SAFETY: see HeldStore; `&mut self` makes this the only access.
+            Some(h) => StoreWrite::Held(unsafe { h.0.as_mut() }),
+            None => StoreWrite::Locked(self.store.write().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+
+    /// Whether a [`Kvm::with_store_held`] call is running.
+    pub fn holds_store(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Runs `f` with the store's write lock taken once for all of it (a
+    /// batch of whole operations: the native replay). Every step inside
+    /// reaches the store through the held lock instead of taking it.
+    ///
+    /// `f` must not run Python: a hook that waits for the store (reading
+    /// `vm.store` from another thread) would wait for this call, which
+    /// would wait for the hook. The native replay runs with no hooks and
+    /// the GIL released. Nested calls reuse the held lock.
+    pub fn with_store_held<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        if self.held.is_some() {
+            return f(self);
+        }
+        let store = Arc::clone(&self.store);
+        let mut guard = store.write().unwrap_or_else(|e| e.into_inner());
+        self.held = Some(HeldStore(NonNull::from(&mut *guard)));
+        // `held` must be gone before the guard is, even if `f` panics.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        self.held = None;
+        drop(guard);
+        match r {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     /// A hint that an operation on `gpa` comes next: the store and the
@@ -482,7 +594,7 @@ impl Kvm {
     /// it (see `crate::prefetch`), and the store may keep its descent for
     /// it. No value or counter changes, so a driver may call it for any
     /// address.
-    pub fn prefetch(&self, gpa: u64) {
+    pub fn prefetch(&mut self, gpa: u64) {
         let gfn = gpa >> PAGE_SHIFT;
         self.store().prefetch(gfn);
         if let Some(root) = self.roots.first() {
@@ -493,13 +605,17 @@ impl Kvm {
     /// Whether [`Kvm::prefetch`] pays: only when the store and the page
     /// tables together outgrow a core's L2 (`crate::prefetch::pays`).
     pub fn prefetch_pays(&self) -> bool {
-        let tables: usize = self.roots.iter().map(TdpPageTable::table_bytes).sum();
-        crate::prefetch::pays(self.store_read().memory_bytes() + tables)
+        crate::prefetch::pays(self.store_read().memory_bytes() + self.table_bytes())
+    }
+
+    /// Bytes every root's 2M and 4K tables occupy.
+    pub fn table_bytes(&self) -> usize {
+        self.roots.iter().map(TdpPageTable::table_bytes).sum()
     }
 
     /// The store, read-locked (see [`Kvm::store`]).
-    fn store_read(&self) -> RwLockReadGuard<'_, dyn AttrStore + Send + Sync + 'static> {
-        self.store.read().unwrap_or_else(|e| e.into_inner())
+    fn store_read(&self) -> StoreRead<'_> {
+        read_store(&self.store, &self.held)
     }
 
     pub fn shared_store(&self) -> &SharedStore {

@@ -157,6 +157,17 @@ pub fn replay(
     tally: &mut ReplayTally,
 ) -> Result<usize, KvmError> {
     assert_eq!(ops.len(), results.len(), "one result per operation");
+    // Nothing in the loop runs Python, so the store's lock is taken once
+    // for the batch rather than several times per operation.
+    kvm.with_store_held(|kvm| replay_held(kvm, ops, results, tally))
+}
+
+fn replay_held(
+    kvm: &mut Kvm,
+    ops: &(impl Ops + ?Sized),
+    results: &mut [i64],
+    tally: &mut ReplayTally,
+) -> Result<usize, KvmError> {
     let mut prefetch = false;
     for i in 0..ops.len() {
         let op = &ops.op(i);

@@ -292,13 +292,32 @@ fn oracle_mixed(oracle: &[u64], first: u64, n: u64) -> bool {
 /// per-page oracle of attributes, fault exits, leaf levels and mixed flags.
 /// With `hint`, the next step's gfn is hinted before each step runs, as the
 /// native replay does (hints must change nothing).
-fn check_against_per_page_oracle(steps: &[Step], hint: bool) -> Result<(), TestCaseError> {
-    // Two slots with awkward edges: [100, 1500) and [1536, 3072).
-    let slots = [(0u32, 100u64, 1400u64), (1, 3 * M2, 3 * M2)];
+/// `hint`: the next operation is hinted before each runs, as the native
+/// replay does. `held`: every step runs inside one `with_store_held`, as a
+/// replay batch does.
+fn check_against_per_page_oracle(
+    steps: &[Step],
+    hint: bool,
+    held: bool,
+) -> Result<(), TestCaseError> {
     for per_page in [false, true] {
         let mut k = vm(per_page);
+        if held {
+            k.with_store_held(|k| check_steps(k, steps, hint))?;
+            prop_assert!(!k.holds_store());
+        } else {
+            check_steps(&mut k, steps, hint)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_steps(k: &mut Kvm, steps: &[Step], hint: bool) -> Result<(), TestCaseError> {
+    // Two slots with awkward edges: [100, 1500) and [1536, 3072).
+    let slots = [(0u32, 100u64, 1400u64), (1, 3 * M2, 3 * M2)];
+    {
         for &(id, base, n) in &slots {
-            add_slot(&mut k, id, base, n);
+            add_slot(k, id, base, n);
         }
         let mut oracle = vec![0u64; (6 * M2) as usize];
         let gfn_of = |s: &Step| match *s {
@@ -307,7 +326,7 @@ fn check_against_per_page_oracle(steps: &[Step], hint: bool) -> Result<(), TestC
         for (i, step) in steps.iter().enumerate() {
             // As the native replay does: the next operation is hinted
             // before this one runs (the hints must change nothing).
-            if let Some(next) = steps.get(i + 1) {
+            if let Some(next) = steps.get(i + 1).filter(|_| hint) {
                 k.prefetch(gfn_of(next) << 12);
             }
             match *step {
@@ -381,15 +400,60 @@ proptest! {
 
     #[test]
     fn both_stacks_match_a_per_page_oracle(steps in proptest::collection::vec(step_strategy(6 * M2), 1..60)) {
-        check_against_per_page_oracle(&steps, false)?;
+        check_against_per_page_oracle(&steps, false, false)?;
     }
 
     /// Many small conversions (hundreds of runs: the range tree splits and
     /// merges nodes) with the native replay's hints: the same answers.
     #[test]
     fn prefetch_hints_change_nothing_under_the_vm(steps in proptest::collection::vec(small_step_strategy(6 * M2), 200..400)) {
-        check_against_per_page_oracle(&steps, true)?;
+        check_against_per_page_oracle(&steps, true, false)?;
     }
+
+    /// The same steps with the store's lock held once for all of them, as
+    /// a replay batch holds it: the same answers.
+    #[test]
+    fn a_held_store_changes_nothing(steps in proptest::collection::vec(step_strategy(6 * M2), 1..60)) {
+        check_against_per_page_oracle(&steps, true, true)?;
+    }
+}
+
+/// A batch holds the store's write lock for all its operations, and for
+/// nothing after: not after it returns, and not after a panic inside.
+#[test]
+fn with_store_held_holds_the_lock_for_the_batch_only() {
+    let mut k = vm(false);
+    add_slot(&mut k, 0, 0, 4 * M2);
+    let store = Arc::clone(k.shared_store());
+    let locked = |store: &SharedStore| {
+        let s = Arc::clone(store);
+        std::thread::spawn(move || s.try_read().is_err())
+            .join()
+            .unwrap()
+    };
+    assert!(!locked(&store));
+    let seen = k.with_store_held(|k| {
+        assert!(k.holds_store());
+        k.set_memory_attributes(0, M2 << 12, P, 0).unwrap();
+        // Nested: the held lock is reused, not taken again (which would
+        // deadlock).
+        k.with_store_held(|k| k.fault(0, true, 0).unwrap());
+        locked(&store)
+    });
+    assert!(seen, "another thread could read the store during the batch");
+    assert!(!k.holds_store());
+    assert!(!locked(&store));
+    assert_eq!(store.read().unwrap().get(5), P);
+    // A panic inside: the lock is released and the pointer dropped, so
+    // the VM goes on taking the lock per step.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        k.with_store_held(|_| panic!("inside the batch"))
+    }));
+    assert!(r.is_err());
+    assert!(!k.holds_store());
+    assert!(!locked(&store));
+    k.set_memory_attributes(0, M2 << 12, 0, 0).unwrap();
+    assert_eq!(store.read().unwrap_or_else(|e| e.into_inner()).get(5), 0);
 }
 
 #[test]
