@@ -10,11 +10,12 @@
 //!            ├── huge: Some(kind)         a 1G leaf (no pmds)
 //!            ├── full: Some(kind)         all 4K leaves of one kind, a split
 //!            │                            1G leaf (no pmds until touched)
-//!            └── pmds[512]                allocated on first need
+//!            └── pmds: PmdTable           allocated on first need; 512 2M
+//!                  │                      entries as bits, 4 a entry:
 //!                  ├── None
 //!                  ├── Leaf { private }   a 2M leaf
 //!                  ├── Full { private }   512 4K leaves of one kind (a split)
-//!                  └── Table ──> Pte { present: 512 bits, private: 512 bits }
+//!                  └── Table ──> ptes[i]: Pte { present, private: 512 bits }
 //!                                         4K leaves
 //! ```
 //!
@@ -150,8 +151,8 @@ impl Pte {
     }
 }
 
-/// A 2M entry of a PUD's table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a 2M entry holds, as [`PmdTable::get`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pmd {
     None,
     Leaf {
@@ -162,37 +163,157 @@ enum Pmd {
     Full {
         private: bool,
     },
-    Table(Box<Pte>),
+    /// A 4K table with its bitmaps ([`PmdTable::pte`]).
+    Table,
 }
 
-impl Pmd {
-    /// The table of a `Full` or `Table` entry, materialized.
-    fn table_mut(&mut self) -> &mut Pte {
-        if let Pmd::Full { private } = *self {
-            *self = Pmd::Table(Box::new(Pte::full(private)));
+/// 64 2M entries, one bit each per word.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct PmdWord {
+    /// A 2M leaf.
+    leaf: u64,
+    /// A 4K table (full, or with bitmaps in `ptes`).
+    table: u64,
+    /// The table is full: 512 4K leaves of one kind, no bitmaps kept.
+    full: u64,
+    /// The kind of a leaf or a full table.
+    private: u64,
+}
+
+/// One PUD's 512 2M entries, as bits.
+///
+/// ```text
+///   words[8]:  { leaf, table, full, private }   64 entries a word, 32 bytes
+///   ptes:      { entry index -> Pte }           tables that are not full
+///
+///   entry i:   leaf   table  full   private
+///   None        0      0      0      0
+///   Leaf        1      0      0      kind
+///   Full        0      1      1      kind
+///   Table       0      1      0      0         bitmaps in ptes[i]
+/// ```
+///
+/// Why bits and not an array of entries: the fault and conversion paths
+/// read one 2M entry per operation at a random gfn. As a 16-byte enum per
+/// entry, a 1 TiB guest's 2M level was 8 MB, four times a core's L2, and
+/// that read missed the cache on most operations; as bits it is 256 bytes
+/// a PUD, 256 KB at 1 TiB. An entry's four bits share a 32-byte word
+/// group, so a lookup reads one cache line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PmdTable {
+    words: [PmdWord; WORDS],
+    ptes: FrameMap<Pte>,
+}
+
+impl PmdTable {
+    /// Every entry a full table of one kind (a split 1G leaf, spelt out).
+    fn all_full(private: bool) -> Self {
+        let word = PmdWord {
+            leaf: 0,
+            table: u64::MAX,
+            full: u64::MAX,
+            private: if private { u64::MAX } else { 0 },
+        };
+        Self {
+            words: [word; WORDS],
+            ptes: FrameMap::default(),
         }
-        match self {
-            Pmd::Table(t) => t,
-            _ => unreachable!("only called on tables"),
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> Pmd {
+        let w = &self.words[i / 64];
+        let m = 1u64 << (i % 64);
+        let private = w.private & m != 0;
+        if w.leaf & m != 0 {
+            Pmd::Leaf { private }
+        } else if w.table & m == 0 {
+            Pmd::None
+        } else if w.full & m != 0 {
+            Pmd::Full { private }
+        } else {
+            Pmd::Table
         }
+    }
+
+    /// Makes entry `i` None, a leaf or a full table (a table with bitmaps
+    /// comes from [`Self::set_table`]); drops the bitmaps it had.
+    fn set(&mut self, i: usize, to: Pmd) {
+        let m = 1u64 << (i % 64);
+        let w = &mut self.words[i / 64];
+        if w.table & m != 0 && w.full & m == 0 {
+            self.ptes.remove(&(i as u64));
+        }
+        w.leaf &= !m;
+        w.table &= !m;
+        w.full &= !m;
+        w.private &= !m;
+        match to {
+            Pmd::None => {}
+            Pmd::Leaf { private } => {
+                w.leaf |= m;
+                if private {
+                    w.private |= m;
+                }
+            }
+            Pmd::Full { private } => {
+                w.table |= m;
+                w.full |= m;
+                if private {
+                    w.private |= m;
+                }
+            }
+            Pmd::Table => unreachable!("a table's bitmaps come from set_table"),
+        }
+    }
+
+    /// Makes entry `i` a table with bitmaps `pte`.
+    fn set_table(&mut self, i: usize, pte: Pte) {
+        self.set(i, Pmd::None);
+        self.words[i / 64].table |= 1u64 << (i % 64);
+        self.ptes.insert(i as u64, pte);
+    }
+
+    /// The bitmaps of table entry `i` (a full one is spelt out first).
+    fn table_mut(&mut self, i: usize) -> &mut Pte {
+        let m = 1u64 << (i % 64);
+        let w = &mut self.words[i / 64];
+        debug_assert!(w.table & m != 0, "entry {i} is not a table");
+        if w.full & m != 0 {
+            let private = w.private & m != 0;
+            w.full &= !m;
+            w.private &= !m;
+            self.ptes.insert(i as u64, Pte::full(private));
+        }
+        self.ptes
+            .get_mut(&(i as u64))
+            .expect("a table that is not full has bitmaps")
+    }
+
+    /// The bitmaps of entry `i`, a [`Pmd::Table`].
+    #[inline]
+    fn pte(&self, i: usize) -> &Pte {
+        self.ptes
+            .get(&(i as u64))
+            .expect("a table that is not full has bitmaps")
     }
 }
 
 /// The 1G entry of one 1G frame: a 1G leaf, or a table of 512 2M entries.
 ///
 /// Memory follows what is mapped below 1G, not what is mapped at all: a
-/// 1G leaf has no table (`pmds` empty), and the 4K leaves a split of one
+/// 1G leaf has no table (`pmds` None), and the 4K leaves a split of one
 /// leaves behind are one flag (`full`) until a map or zap touches them, so
 /// a whole host mapped at 1G and then split costs a few words per 1G.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Pud {
-    /// Some(kind): a 1G leaf maps the frame (`pmds` is then empty).
+    /// Some(kind): a 1G leaf maps the frame (`pmds` is then None).
     huge: Option<bool>,
     /// Some(kind): every gfn of the frame has a 4K leaf of that kind
-    /// (`pmds` is then empty).
+    /// (`pmds` is then None).
     full: Option<bool>,
-    /// The 512 2M entries, or empty while none is needed.
-    pmds: Vec<Pmd>,
+    /// The 512 2M entries, or None while none is needed.
+    pmds: Option<Box<PmdTable>>,
     leaves_2m: u32,
     leaves_4k: u32,
     tables: u32,
@@ -203,7 +324,7 @@ impl Pud {
         Self {
             huge: None,
             full: None,
-            pmds: Vec::new(),
+            pmds: None,
             leaves_2m: 0,
             leaves_4k: 0,
             tables: 0,
@@ -216,21 +337,19 @@ impl Pud {
 
     /// The 2M entries, allocated (and a `full` frame spelt out as `Full`
     /// tables) for a change below 1G.
-    fn pmds_mut(&mut self) -> &mut [Pmd] {
+    fn pmds_mut(&mut self) -> &mut PmdTable {
         if let Some(private) = self.full.take() {
-            self.pmds = vec![Pmd::Full { private }; PTRS];
+            self.pmds = Some(Box::new(PmdTable::all_full(private)));
             self.tables = PTRS as u32;
-        } else if self.pmds.is_empty() {
-            self.pmds = vec![Pmd::None; PTRS];
         }
-        &mut self.pmds
+        self.pmds.get_or_insert_with(Default::default)
     }
 
     /// Drops every 2M and 4K leaf below; returns how many per level.
     fn clear_pmds(&mut self) -> LevelCounts {
         let removed = [u64::from(self.leaves_4k), u64::from(self.leaves_2m), 0];
         self.full = None;
-        self.pmds = Vec::new();
+        self.pmds = None;
         self.leaves_2m = 0;
         self.leaves_4k = 0;
         self.tables = 0;
@@ -259,54 +378,43 @@ impl Pud {
             removed[1] += r[1];
             return;
         }
-        if self.full.is_none() && self.pmds.is_empty() {
+        if self.full.is_none() && self.pmds.is_none() {
             return;
         }
         let (first, last) = ((s >> PTE_BITS) as usize, ((e - 1) >> PTE_BITS) as usize);
         self.pmds_mut();
+        let pmds = self.pmds.as_deref_mut().expect("allocated above");
         for i in first..=last {
-            if let Pmd::Full { private } = self.pmds[i] {
-                let (lo, hi) = (
-                    if i == first { (s as usize) % PTRS } else { 0 },
-                    if i == last {
-                        ((e - 1) as usize) % PTRS + 1
-                    } else {
-                        PTRS
-                    },
-                );
-                if !kinds.matches(private) {
-                    continue;
-                }
-                if lo == 0 && hi == PTRS {
-                    self.pmds[i] = Pmd::None;
-                    self.leaves_4k -= PTRS as u32;
-                    self.tables -= 1;
-                    removed[0] += PTRS as u64;
-                    continue;
-                }
-                self.pmds[i].table_mut();
-            }
-            match &mut self.pmds[i] {
-                Pmd::None | Pmd::Full { .. } => {}
+            let lo = if i == first { (s as usize) % PTRS } else { 0 };
+            let hi = if i == last {
+                ((e - 1) as usize) % PTRS + 1
+            } else {
+                PTRS
+            };
+            match pmds.get(i) {
+                Pmd::None => {}
                 Pmd::Leaf { private } => {
-                    if kinds.matches(*private) {
-                        self.pmds[i] = Pmd::None;
+                    if kinds.matches(private) {
+                        pmds.set(i, Pmd::None);
                         self.leaves_2m -= 1;
                         removed[1] += 1;
                     }
                 }
-                Pmd::Table(t) => {
-                    let lo = if i == first { (s as usize) % PTRS } else { 0 };
-                    let hi = if i == last {
-                        ((e - 1) as usize) % PTRS + 1
-                    } else {
-                        PTRS
-                    };
+                Pmd::Full { private } if !kinds.matches(private) => {}
+                Pmd::Full { .. } if lo == 0 && hi == PTRS => {
+                    pmds.set(i, Pmd::None);
+                    self.leaves_4k -= PTRS as u32;
+                    self.tables -= 1;
+                    removed[0] += PTRS as u64;
+                }
+                Pmd::Full { .. } | Pmd::Table => {
+                    let t = pmds.table_mut(i);
                     let n = t.clear(lo, hi, kinds);
+                    let emptied = t.count == 0;
                     self.leaves_4k -= n;
                     removed[0] += u64::from(n);
-                    if t.count == 0 {
-                        self.pmds[i] = Pmd::None;
+                    if emptied {
+                        pmds.set(i, Pmd::None);
                         self.tables -= 1;
                     }
                 }
@@ -375,11 +483,13 @@ impl TdpPageTable {
         if let Some(private) = pud.full {
             return Some((PG_LEVEL_4K, private));
         }
-        match pud.pmds.get((gfn >> PTE_BITS) as usize % PTRS)? {
+        let pmds = pud.pmds.as_deref()?;
+        let i = (gfn >> PTE_BITS) as usize % PTRS;
+        match pmds.get(i) {
             Pmd::None => None,
-            Pmd::Leaf { private } => Some((PG_LEVEL_2M, *private)),
-            Pmd::Full { private } => Some((PG_LEVEL_4K, *private)),
-            Pmd::Table(t) => match t.bit(gfn as usize % PTRS) {
+            Pmd::Leaf { private } => Some((PG_LEVEL_2M, private)),
+            Pmd::Full { private } => Some((PG_LEVEL_4K, private)),
+            Pmd::Table => match pmds.pte(i).bit(gfn as usize % PTRS) {
                 (true, private) => Some((PG_LEVEL_4K, private)),
                 (false, _) => None,
             },
@@ -391,20 +501,20 @@ impl TdpPageTable {
     pub fn table_bytes(&self) -> usize {
         self.puds
             .values()
-            .map(|p| {
-                p.pmds.len() * std::mem::size_of::<Pmd>()
-                    + p.tables as usize * std::mem::size_of::<Pte>()
-            })
+            .filter_map(|p| p.pmds.as_deref())
+            .map(|t| std::mem::size_of::<PmdTable>() + t.ptes.len() * std::mem::size_of::<Pte>())
             .sum()
     }
 
     /// A hint that `gfn` will be mapped or zapped soon: asks the CPU for
     /// its 2M entry (see `crate::prefetch`). Changes nothing.
     pub fn prefetch(&self, gfn: u64) {
-        if let Some(pud) = self.puds.get(&(gfn >> PUD_SHIFT)) {
-            if let Some(pmd) = pud.pmds.get((gfn >> PTE_BITS) as usize % PTRS) {
-                crate::prefetch::prefetch(pmd);
-            }
+        if let Some(pmds) = self
+            .puds
+            .get(&(gfn >> PUD_SHIFT))
+            .and_then(|p| p.pmds.as_deref())
+        {
+            crate::prefetch::prefetch(&pmds.words[(gfn >> PTE_BITS) as usize % PTRS / 64]);
         }
     }
 
@@ -458,15 +568,16 @@ impl TdpPageTable {
                     removed[2] = 1;
                 }
                 pud.pmds_mut();
-                match &mut pud.pmds[i] {
+                let pmds = pud.pmds.as_deref_mut().expect("allocated above");
+                match pmds.get(i) {
                     Pmd::Leaf { private: kind } => {
-                        let changed = *kind != private;
-                        *kind = private;
-                        return Ok((changed, removed));
+                        pmds.set(i, Pmd::Leaf { private });
+                        return Ok((kind != private, removed));
                     }
-                    Pmd::Table(t) => {
-                        removed[0] = u64::from(t.count);
-                        pud.leaves_4k -= t.count;
+                    Pmd::Table => {
+                        let count = pmds.pte(i).count;
+                        removed[0] = u64::from(count);
+                        pud.leaves_4k -= count;
                         pud.tables -= 1;
                     }
                     Pmd::Full { .. } => {
@@ -476,7 +587,7 @@ impl TdpPageTable {
                     }
                     Pmd::None => {}
                 }
-                pud.pmds[i] = Pmd::Leaf { private };
+                pmds.set(i, Pmd::Leaf { private });
                 pud.leaves_2m += 1;
             }
             _ => {
@@ -488,27 +599,26 @@ impl TdpPageTable {
                     return Ok((false, removed));
                 }
                 pud.pmds_mut();
-                let slot = &mut pud.pmds[i];
-                match slot {
-                    Pmd::Table(_) => {}
+                let pmds = pud.pmds.as_deref_mut().expect("allocated above");
+                match pmds.get(i) {
+                    Pmd::Table => {}
                     Pmd::Full { private: kind } => {
-                        if *kind == private {
+                        if kind == private {
                             return Ok((false, removed));
                         }
-                        slot.table_mut();
                     }
                     Pmd::Leaf { .. } => {
                         removed[1] = 1;
                         pud.leaves_2m -= 1;
-                        *slot = Pmd::Table(Box::new(Pte::empty()));
+                        pmds.set_table(i, Pte::empty());
                         pud.tables += 1;
                     }
                     Pmd::None => {
-                        *slot = Pmd::Table(Box::new(Pte::empty()));
+                        pmds.set_table(i, Pte::empty());
                         pud.tables += 1;
                     }
                 }
-                let Pmd::Table(t) = slot else { unreachable!() };
+                let t = pmds.table_mut(i);
                 let bit = gfn as usize % PTRS;
                 if let (true, kind) = t.bit(bit) {
                     t.set(bit, private);
@@ -607,15 +717,15 @@ impl TdpPageTable {
                 pud.leaves_4k = (PTRS * PTRS) as u32;
                 return;
             }
-            if pud.pmds.is_empty() {
+            let Some(pmds) = pud.pmds.as_deref_mut() else {
                 return;
-            }
+            };
             let base = frame << PUD_SHIFT;
             let s = start.max(base) - base;
             let e = end.min(base + (1 << PUD_SHIFT)) - base;
             for i in (s >> PTE_BITS) as usize..=((e - 1) >> PTE_BITS) as usize {
-                if let Pmd::Leaf { private } = pud.pmds[i] {
-                    pud.pmds[i] = Pmd::Full { private };
+                if let Pmd::Leaf { private } = pmds.get(i) {
+                    pmds.set(i, Pmd::Full { private });
                     pud.leaves_2m -= 1;
                     pud.leaves_4k += PTRS as u32;
                     pud.tables += 1;
@@ -660,8 +770,11 @@ impl TdpPageTable {
                     }
                 }
                 PG_LEVEL_2M => {
-                    for (i, p) in pud.pmds.iter().enumerate() {
-                        if let Pmd::Leaf { .. } = p {
+                    let Some(pmds) = pud.pmds.as_deref() else {
+                        continue;
+                    };
+                    for i in 0..PTRS {
+                        if let Pmd::Leaf { .. } = pmds.get(i) {
                             let f = (frame << PTE_BITS) + i as u64;
                             push(f, f + 1);
                         }
@@ -671,10 +784,13 @@ impl TdpPageTable {
                     if pud.full.is_some() {
                         push(frame << PUD_SHIFT, (frame + 1) << PUD_SHIFT);
                     }
-                    for (i, p) in pud.pmds.iter().enumerate() {
+                    let Some(pmds) = pud.pmds.as_deref() else {
+                        continue;
+                    };
+                    for i in 0..PTRS {
                         let table = (frame << PUD_SHIFT) + ((i as u64) << PTE_BITS);
-                        let t = match p {
-                            Pmd::Table(t) => t,
+                        let t = match pmds.get(i) {
+                            Pmd::Table => pmds.pte(i),
                             Pmd::Full { .. } => {
                                 push(table, table + PTRS as u64);
                                 continue;
@@ -786,22 +902,18 @@ mod tests {
         for f in 0..4096u64 {
             m.map(f * G1, PG_LEVEL_1G, f % 2 == 0).unwrap();
         }
-        assert!(m.puds.values().all(|p| p.pmds.is_empty()));
+        assert!(m.puds.values().all(|p| p.pmds.is_none()));
         assert_eq!(m.split_huge_pages(0, 4096 * G1), Ok([0, 0, 4096]));
         assert_eq!(m.counts(), [4096 * G1, 0, 0]);
-        assert!(m.puds.values().all(|p| p.pmds.is_empty()));
+        assert!(m.puds.values().all(|p| p.pmds.is_none()));
         assert_eq!(m.mapped_private(5), Some(true));
         // One 4K change spells out one frame's 2M entries and one table.
         assert_eq!(m.map(G1 + 7, PG_LEVEL_4K, true).unwrap(), (true, [0, 0, 0]));
-        assert_eq!(m.puds.values().filter(|p| !p.pmds.is_empty()).count(), 1);
-        let pud = &m.puds[&1];
-        assert_eq!(
-            pud.pmds
-                .iter()
-                .filter(|p| matches!(p, Pmd::Table(_)))
-                .count(),
-            1
-        );
+        assert_eq!(m.puds.values().filter(|p| p.pmds.is_some()).count(), 1);
+        let pmds = m.puds[&1].pmds.as_deref().unwrap();
+        assert_eq!((0..PTRS).filter(|&i| pmds.get(i) == Pmd::Table).count(), 1);
+        // The other 511 stay full tables, without bitmaps.
+        assert_eq!(pmds.ptes.len(), 1);
         assert_eq!(m.zap(G1 + 512, G1 + 1024).unwrap(), [512, 0, 0]);
         assert_eq!(m.counts(), [4096 * G1 - 512, 0, 0]);
         assert_eq!(
@@ -817,7 +929,7 @@ mod tests {
         m.map(G1, PG_LEVEL_1G, false).unwrap(); // a 1G leaf: no table below
         assert_eq!(m.table_bytes(), 0);
         m.map(5, PG_LEVEL_4K, true).unwrap(); // a 2M table and a 4K table
-        let one = PTRS * std::mem::size_of::<Pmd>() + std::mem::size_of::<Pte>();
+        let one = std::mem::size_of::<PmdTable>() + std::mem::size_of::<Pte>();
         assert_eq!(m.table_bytes(), one);
         m.map(M2 + 1, PG_LEVEL_4K, true).unwrap(); // a second 4K table
         assert_eq!(m.table_bytes(), one + std::mem::size_of::<Pte>());
