@@ -933,6 +933,12 @@ mod tests {
         assert_eq!(m.table_bytes(), one);
         m.map(M2 + 1, PG_LEVEL_4K, true).unwrap(); // a second 4K table
         assert_eq!(m.table_bytes(), one + std::mem::size_of::<Pte>());
+        // A 2M leaf over the first table, then a zap of the second's only
+        // leaf: each frees its table's bitmaps while the PUD lives on.
+        m.map(0, PG_LEVEL_2M, true).unwrap();
+        assert_eq!(m.table_bytes(), one);
+        m.zap(M2 + 1, M2 + 2).unwrap();
+        assert_eq!(m.table_bytes(), std::mem::size_of::<PmdTable>());
         m.zap(0, 2 * M2).unwrap();
         assert_eq!(m.table_bytes(), 0);
     }
