@@ -16,7 +16,10 @@
 //! deadlocking, when the calling thread already holds it (the Python side
 //! then reports the lockdep splat).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicU64, AtomicUsize,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 thread_local! {
@@ -89,7 +92,10 @@ impl ModelLock {
         let me = me();
         match self.owner.compare_exchange(0, me, SeqCst, SeqCst) {
             Ok(_) => {
-                self.ident.store(ident, SeqCst);
+                // Only for messages (see the field): a plain store, where a
+                // SeqCst one would be a second locked instruction on the
+                // hot path of every native ioctl.
+                self.ident.store(ident, Relaxed);
                 Ok(true)
             }
             Err(o) if o == me => Err(LockError::Recursive(self.name)),
@@ -140,7 +146,7 @@ impl ModelLock {
 
     /// The holder's ident, if any.
     pub fn owner_ident(&self) -> Option<u64> {
-        (self.owner.load(SeqCst) != 0).then(|| self.ident.load(SeqCst))
+        (self.owner.load(SeqCst) != 0).then(|| self.ident.load(Relaxed))
     }
 }
 

@@ -576,8 +576,13 @@ impl Kvm {
         if self.held.is_some() {
             return f(self);
         }
-        let store = Arc::clone(&self.store);
-        let mut guard = store.write().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the lock lives in `self.store`'s allocation, which this
+        // Kvm keeps alive and never replaces (the field is private and set
+        // once, in `with_host`), so it outlives the guard. The raw pointer
+        // only lets the guard coexist with the `&mut self` that `f` needs,
+        // without cloning the Arc (two more atomic operations a call).
+        let lock: &RwLock<dyn AttrStore + Send + Sync> = unsafe { &*Arc::as_ptr(&self.store) };
+        let mut guard = lock.write().unwrap_or_else(|e| e.into_inner());
         self.held = Some(HeldStore(NonNull::from(&mut *guard)));
         // `held` must be gone before the guard is, even if `f` panics.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
