@@ -200,7 +200,14 @@ impl Kvm {
         // The clipped ranges live in a buffer the VM keeps, so a replay
         // loop allocates nothing per call.
         let mut ranges = std::mem::take(&mut self.scratch);
-        let r = self.kvm_vm_set_mem_attributes(start, end, attributes, &mut ranges);
+        // No Python runs inside a whole set, so the store's lock is taken
+        // once for it rather than once per step.
+        // SAFETY: the closure only runs this Kvm's own steps.
+        let r = unsafe {
+            self.with_store_held(|k| {
+                k.kvm_vm_set_mem_attributes(start, end, attributes, &mut ranges)
+            })
+        };
         self.scratch = ranges;
         if r.is_err() {
             self.counters.failed_calls += 1;

@@ -380,9 +380,10 @@ pub struct Kvm {
 struct HeldStore(NonNull<dyn AttrStore + Send + Sync>);
 
 // SAFETY: `held` is only Some inside `Kvm::with_store_held`, whose closure
-// has the only borrow of the Kvm (`&mut`), and the write guard the pointer
-// came from lives on that call's stack until `held` is None again. No other
-// thread can reach the Kvm, or the store through its lock, meanwhile.
+// has the only borrow of the Kvm (`&mut`) and may not swap it out, and the
+// write guard the pointer came from lives on that call's stack until `held`
+// is None again. No other thread can reach the Kvm, or the store through
+// its lock, meanwhile.
 unsafe impl Send for HeldStore {}
 unsafe impl Sync for HeldStore {}
 
@@ -565,22 +566,31 @@ impl Kvm {
     }
 
     /// Runs `f` with the store's write lock taken once for all of it (a
-    /// batch of whole operations: the native replay). Every step inside
-    /// reaches the store through the held lock instead of taking it.
+    /// whole operation, or a batch of them: the native replay). Every step
+    /// inside reaches the store through the held lock instead of taking it.
+    /// Nested calls reuse the held lock.
     ///
     /// `f` must not run Python: a hook that waits for the store (reading
     /// `vm.store` from another thread) would wait for this call, which
-    /// would wait for the hook. The native replay runs with no hooks and
-    /// the GIL released. Nested calls reuse the held lock.
-    pub fn with_store_held<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+    /// would wait for the hook. Whole operations and the native replay run
+    /// no Python.
+    ///
+    /// # Safety
+    ///
+    /// `f` must not move, swap or replace `*self` (a Kvm swapped out would
+    /// keep a pointer to a store whose lock this call then releases). The
+    /// callers are this module's whole operations and replay loop, which
+    /// only call the Kvm's own methods; none is public.
+    unsafe fn with_store_held<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
         if self.held.is_some() {
             return f(self);
         }
         // SAFETY: the lock lives in `self.store`'s allocation, which this
         // Kvm keeps alive and never replaces (the field is private and set
-        // once, in `with_host`), so it outlives the guard. The raw pointer
-        // only lets the guard coexist with the `&mut self` that `f` needs,
-        // without cloning the Arc (two more atomic operations a call).
+        // once, in `with_host`; `f` may not swap the Kvm), so it outlives
+        // the guard. The raw pointer only lets the guard coexist with the
+        // `&mut self` that `f` needs, without cloning the Arc (two more
+        // atomic operations a call).
         let lock: &RwLock<dyn AttrStore + Send + Sync> = unsafe { &*Arc::as_ptr(&self.store) };
         let mut guard = lock.write().unwrap_or_else(|e| e.into_inner());
         self.held = Some(HeldStore(NonNull::from(&mut *guard)));

@@ -159,7 +159,8 @@ pub fn replay(
     assert_eq!(ops.len(), results.len(), "one result per operation");
     // Nothing in the loop runs Python, so the store's lock is taken once
     // for the batch rather than several times per operation.
-    kvm.with_store_held(|kvm| replay_held(kvm, ops, results, tally))
+    // SAFETY: the loop only runs the Kvm's own whole operations.
+    unsafe { kvm.with_store_held(|kvm| replay_held(kvm, ops, results, tally)) }
 }
 
 fn replay_held(

@@ -303,7 +303,8 @@ fn check_against_per_page_oracle(
     for per_page in [false, true] {
         let mut k = vm(per_page);
         if held {
-            k.with_store_held(|k| check_steps(k, steps, hint))?;
+            // SAFETY: the steps only call the Kvm's methods.
+            unsafe { k.with_store_held(|k| check_steps(k, steps, hint)) }?;
             prop_assert!(!k.holds_store());
         } else {
             check_steps(&mut k, steps, hint)?;
@@ -432,27 +433,33 @@ fn with_store_held_holds_the_lock_for_the_batch_only() {
             .unwrap()
     };
     assert!(!locked(&store));
-    let seen = k.with_store_held(|k| {
-        assert!(k.holds_store());
-        k.set_memory_attributes(0, M2 << 12, P, 0).unwrap();
-        // Nested: the held lock is reused, not taken again (which would
-        // deadlock).
-        k.with_store_held(|k| k.fault(0, true, 0).unwrap());
-        locked(&store)
-    });
+    // SAFETY (here and below): the closures only call the Kvm's methods.
+    let seen = unsafe {
+        k.with_store_held(|k| {
+            assert!(k.holds_store());
+            // A whole set holds the store itself: nested, the held lock is
+            // reused, not taken again (which would deadlock).
+            k.set_memory_attributes(0, M2 << 12, P, 0).unwrap();
+            k.with_store_held(|k| k.fault(0, true, 0).unwrap());
+            locked(&store)
+        })
+    };
     assert!(seen, "another thread could read the store during the batch");
     assert!(!k.holds_store());
     assert!(!locked(&store));
     assert_eq!(store.read().unwrap().get(5), P);
     // A panic inside: the lock is released and the pointer dropped, so
     // the VM goes on taking the lock per step.
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
         k.with_store_held(|_| panic!("inside the batch"))
     }));
     assert!(r.is_err());
     assert!(!k.holds_store());
     assert!(!locked(&store));
+    // A whole set holds the store for itself only.
     k.set_memory_attributes(0, M2 << 12, 0, 0).unwrap();
+    assert!(!k.holds_store());
+    assert!(!locked(&store));
     assert_eq!(store.read().unwrap_or_else(|e| e.into_inner()).get(5), 0);
 }
 

@@ -397,10 +397,8 @@ impl PyKvm {
         } else {
             Detach::No
         };
-        // No Python runs inside a whole set, so the store's lock is taken
-        // once for it rather than once per step.
         self.whole_mode(py, mode, move |k| {
-            k.with_store_held(|k| k.set_memory_attributes(address, size, attributes, flags))
+            k.set_memory_attributes(address, size, attributes, flags)
                 .map(|_| ())
         })
     }
