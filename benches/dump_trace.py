@@ -3,8 +3,11 @@
     .venv/bin/python benches/dump_trace.py TRACE.mtr /tmp/bac
 
 writes ``/tmp/bac.setup`` (the VM type, guest_memfd order, and the trace's
-leading guest_memfd and memslot operations, one per line) and
-``/tmp/bac.ops`` (the remaining records, raw OP_DTYPE bytes). Only traces
+leading guest_memfd and memslot operations, one per line),
+``/tmp/bac.ops`` (the remaining records, raw OP_DTYPE bytes) and
+``/tmp/bac.sets`` (the ranges the applied sets store, as
+``memattr.sweep.run_store_only`` selects them: start, end, value per set,
+three little-endian u64, for the harness's ``--store-only``). Only traces
 whose setup comes first and whose remaining operations the native batch
 runs (sets, faults, fallocates) can be dumped.
 """
@@ -16,6 +19,7 @@ import sys
 import numpy as np
 
 from memattr import trace_io
+from memattr.replayer import _chunk_sets
 from memattr.trace_format import (
     OP_CREATE_GUEST_MEMFD,
     OP_GUEST_MEMFD_CLOSE,
@@ -43,7 +47,9 @@ def main(src: str, out: str) -> None:
     if np.isin(rest["kind"], setup_kinds).any():
         sys.exit(f"{src}: guest_memfd or memslot operations after the first set; cannot dump")
     np.ascontiguousarray(rest).tofile(out + ".ops")
-    print(f"{i} setup operations, {len(rest)} batch operations")
+    starts, ends, values = _chunk_sets(ops, 0)
+    np.stack([starts, ends, values], axis=1).astype("<u8").tofile(out + ".sets")
+    print(f"{i} setup operations, {len(rest)} batch operations, {starts.size} applied sets")
 
 
 if __name__ == "__main__":

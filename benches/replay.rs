@@ -73,13 +73,19 @@ fn setup(path: &str) -> (Kvm, Vec<(u64, u64)>) {
     (kvm.expect("a vm line"), Vec::new())
 }
 
-/// The dump's SET_MEMORY_ATTRIBUTES operations alone, through a bare
-/// RangeTree's batch entry (what `memattr.sweep.run_store_only` times).
-fn store_only(ops: &[Op], rounds: usize) {
-    let sets: Vec<&Op> = ops.iter().filter(|o| o.kind == 0 && o.size != 0).collect();
-    let starts: Vec<u64> = sets.iter().map(|o| o.gpa >> 12).collect();
-    let ends: Vec<u64> = sets.iter().map(|o| (o.gpa + o.size) >> 12).collect();
-    let values: Vec<u64> = sets.iter().map(|o| o.attributes).collect();
+/// The dump's applied sets alone (`.sets`, which dump_trace.py selects
+/// with `memattr.sweep.run_store_only`'s own rule), through a bare
+/// RangeTree's batch entry.
+fn store_only(path: &str, rounds: usize) {
+    let bytes = std::fs::read(format!("{path}.sets"))
+        .expect("read .sets (dump the trace again with benches/dump_trace.py)");
+    assert_eq!(bytes.len() % 24, 0, "not a whole number of 24-byte sets");
+    let words: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+        .collect();
+    let column = |c: usize| -> Vec<u64> { words.iter().skip(c).step_by(3).copied().collect() };
+    let (starts, ends, values) = (column(0), column(1), column(2));
     for round in 0..rounds {
         let mut tree = RangeTree::new();
         let t = Instant::now();
@@ -88,9 +94,9 @@ fn store_only(ops: &[Op], rounds: usize) {
         let secs = t.elapsed().as_secs_f64();
         println!(
             "round {round}: store only, {} sets in {secs:.3} s = {:.0} sets/s ({:.0} ns/op); {} runs at the end",
-            sets.len(),
-            sets.len() as f64 / secs,
-            secs * 1e9 / sets.len() as f64,
+            starts.len(),
+            starts.len() as f64 / secs,
+            secs * 1e9 / starts.len() as f64,
             tree.entry_count()
         );
     }
@@ -106,11 +112,11 @@ fn main() {
         return;
     };
     let rounds: usize = args.get(1).map_or(3, |r| r.parse().expect("rounds"));
-    let ops = parse_ops(&std::fs::read(format!("{path}.ops")).expect("read .ops"));
     if std::env::args().any(|a| a == "--store-only") {
-        store_only(&ops, rounds);
+        store_only(path, rounds);
         return;
     }
+    let ops = parse_ops(&std::fs::read(format!("{path}.ops")).expect("read .ops"));
     for round in 0..rounds {
         let (mut kvm, _) = setup(path);
         let mut results = vec![0i64; ops.len()];

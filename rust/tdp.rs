@@ -225,6 +225,16 @@ impl PmdTable {
         }
     }
 
+    /// No entry is a leaf or a table.
+    fn is_empty(&self) -> bool {
+        self.words.iter().all(|w| w.leaf | w.table == 0)
+    }
+
+    /// How many entries are 2M leaves.
+    fn leaves_2m(&self) -> u32 {
+        self.words.iter().map(|w| w.leaf.count_ones()).sum()
+    }
+
     /// Where entry `i`'s bitmaps are (or would go) in `ptes`: how many
     /// entries before it are tables that are not full.
     #[inline]
@@ -258,8 +268,7 @@ impl PmdTable {
     /// comes from [`Self::set_table`]); drops the bitmaps it had.
     fn set(&mut self, i: usize, to: Pmd) {
         let m = 1u64 << (i % 64);
-        let w = &mut self.words[i / 64];
-        if w.table & m != 0 && w.full & m == 0 {
+        if self.get(i) == Pmd::Table {
             let at = self.rank(i);
             self.ptes.remove(at);
         }
@@ -332,9 +341,8 @@ struct Pud {
     full: Option<bool>,
     /// The 512 2M entries, or None while none is needed.
     pmds: Option<Box<PmdTable>>,
-    leaves_2m: u32,
+    /// 4K leaves below (the bits of `pmds` count the 2M leaves and tables).
     leaves_4k: u32,
-    tables: u32,
 }
 
 impl Pud {
@@ -343,14 +351,14 @@ impl Pud {
             huge: None,
             full: None,
             pmds: None,
-            leaves_2m: 0,
             leaves_4k: 0,
-            tables: 0,
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.huge.is_none() && self.full.is_none() && self.leaves_2m == 0 && self.tables == 0
+        self.huge.is_none()
+            && self.full.is_none()
+            && self.pmds.as_deref().is_none_or(PmdTable::is_empty)
     }
 
     /// The 2M entries, allocated (and a `full` frame spelt out as `Full`
@@ -358,19 +366,17 @@ impl Pud {
     fn pmds_mut(&mut self) -> &mut PmdTable {
         if let Some(private) = self.full.take() {
             self.pmds = Some(Box::new(PmdTable::all_full(private)));
-            self.tables = PTRS as u32;
         }
         self.pmds.get_or_insert_with(Default::default)
     }
 
     /// Drops every 2M and 4K leaf below; returns how many per level.
     fn clear_pmds(&mut self) -> LevelCounts {
-        let removed = [u64::from(self.leaves_4k), u64::from(self.leaves_2m), 0];
+        let leaves_2m = self.pmds.as_deref().map_or(0, PmdTable::leaves_2m);
+        let removed = [u64::from(self.leaves_4k), u64::from(leaves_2m), 0];
         self.full = None;
         self.pmds = None;
-        self.leaves_2m = 0;
         self.leaves_4k = 0;
-        self.tables = 0;
         removed
     }
 
@@ -414,7 +420,6 @@ impl Pud {
                 Pmd::Leaf { private } => {
                     if kinds.matches(private) {
                         pmds.set(i, Pmd::None);
-                        self.leaves_2m -= 1;
                         removed[1] += 1;
                     }
                 }
@@ -422,7 +427,6 @@ impl Pud {
                 Pmd::Full { .. } if lo == 0 && hi == PTRS => {
                     pmds.set(i, Pmd::None);
                     self.leaves_4k -= PTRS as u32;
-                    self.tables -= 1;
                     removed[0] += PTRS as u64;
                 }
                 Pmd::Full { .. } | Pmd::Table => {
@@ -433,7 +437,6 @@ impl Pud {
                     removed[0] += u64::from(n);
                     if emptied {
                         pmds.set(i, Pmd::None);
-                        self.tables -= 1;
                     }
                 }
             }
@@ -517,11 +520,16 @@ impl TdpPageTable {
     /// Bytes the page table's 2M and 4K tables occupy (the directory of 1G
     /// frames aside): how much of it a walk may find outside the cache.
     pub fn table_bytes(&self) -> usize {
+        self.table_bytes_per_pud().sum()
+    }
+
+    /// [`Self::table_bytes`], one PUD at a time (a caller that only needs
+    /// to know whether they pass a threshold can stop early).
+    pub fn table_bytes_per_pud(&self) -> impl Iterator<Item = usize> + '_ {
         self.puds
             .values()
             .filter_map(|p| p.pmds.as_deref())
             .map(|t| std::mem::size_of::<PmdTable>() + t.ptes.len() * std::mem::size_of::<Pte>())
-            .sum()
     }
 
     /// A hint that `gfn` will be mapped or zapped soon: asks the CPU for
@@ -604,17 +612,14 @@ impl TdpPageTable {
                         let count = pmds.pte(i).count;
                         removed[0] = u64::from(count);
                         pud.leaves_4k -= count;
-                        pud.tables -= 1;
                     }
                     Pmd::Full { .. } => {
                         removed[0] = PTRS as u64;
                         pud.leaves_4k -= PTRS as u32;
-                        pud.tables -= 1;
                     }
                     Pmd::None => {}
                 }
                 pmds.set(i, Pmd::Leaf { private });
-                pud.leaves_2m += 1;
             }
             _ => {
                 if pud.huge.take().is_some() {
@@ -635,14 +640,9 @@ impl TdpPageTable {
                     }
                     Pmd::Leaf { .. } => {
                         removed[1] = 1;
-                        pud.leaves_2m -= 1;
                         pmds.set_table(i, Pte::empty());
-                        pud.tables += 1;
                     }
-                    Pmd::None => {
-                        pmds.set_table(i, Pte::empty());
-                        pud.tables += 1;
-                    }
+                    Pmd::None => pmds.set_table(i, Pte::empty()),
                 }
                 let t = pmds.table_mut(i);
                 let bit = gfn as usize % PTRS;
@@ -752,9 +752,7 @@ impl TdpPageTable {
             for i in (s >> PTE_BITS) as usize..=((e - 1) >> PTE_BITS) as usize {
                 if let Pmd::Leaf { private } = pmds.get(i) {
                     pmds.set(i, Pmd::Full { private });
-                    pud.leaves_2m -= 1;
                     pud.leaves_4k += PTRS as u32;
-                    pud.tables += 1;
                     split[1] += 1;
                 }
             }

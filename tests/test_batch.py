@@ -316,3 +316,38 @@ def test_native_replay_leaves_the_trace_untouched():
     for chunk in (1, 8192):
         t.replay(trace, fresh_vm(trace, "rangetree"), engine="native", chunk=chunk)
     assert (trace.ops == before).all()
+
+
+def test_the_replay_harness_dump_holds_the_trace_and_its_applied_sets(tmp_path):
+    """benches/dump_trace.py (the input of the pure-Rust harness,
+    benches/replay.rs): the batch records as they are, and the applied sets
+    as run_store_only selects them, with one rule (replayer._chunk_sets)."""
+    import importlib.util
+    import pathlib
+
+    from memattr import trace_io
+    from memattr.trace_format import OP_DTYPE
+
+    spec = importlib.util.spec_from_file_location(
+        "dump_trace", pathlib.Path(__file__).parent.parent / "benches" / "dump_trace.py"
+    )
+    assert spec is not None and spec.loader is not None
+    dump = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dump)
+    trace = w.make("boot-and-churn", "1G", seed=3)
+    trace_io.write(trace, tmp_path / "t.mtr")
+    dump.main(str(tmp_path / "t.mtr"), str(tmp_path / "d"))
+    setup = (tmp_path / "d.setup").read_text().splitlines()
+    ops = np.fromfile(tmp_path / "d.ops", dtype=OP_DTYPE)
+    assert len(setup) - 1 + len(ops) == len(trace)
+    assert (ops == trace.ops[len(setup) - 1 :]).all()
+    sets = np.fromfile(tmp_path / "d.sets", dtype="<u8").reshape(-1, 3)
+    o = trace.ops
+    # Applied: recorded as succeeding, or unrecorded (a generated trace)
+    # with no flags, which the kernel would refuse.
+    ok = (o["result"] == 0) | ((o["result"] == t.RESULT_NONE) & (o["arg"] == 0))
+    applied = o[(o["kind"] == t.OP_SET_MEMORY_ATTRIBUTES) & ok & (o["size"] != 0)]
+    assert len(sets) == len(applied) == trace.counts()["set_memory_attributes"]
+    assert (sets[:, 0] == applied["gpa"] >> 12).all()
+    assert (sets[:, 1] == (applied["gpa"] + applied["size"]) >> 12).all()
+    assert (sets[:, 2] == applied["attributes"]).all()

@@ -620,7 +620,20 @@ impl Kvm {
     /// Whether [`Kvm::prefetch`] pays: only when the store and the page
     /// tables together outgrow a core's L2 (`crate::prefetch::pays`).
     pub fn prefetch_pays(&self) -> bool {
-        crate::prefetch::pays(self.store_read().memory_bytes() + self.table_bytes())
+        // Summed only up to the threshold: a whole host's page table has
+        // hundreds of thousands of PUDs, too many to visit on every check.
+        let mut bytes = self.store_read().memory_bytes();
+        let mut tables = self
+            .roots
+            .iter()
+            .flat_map(TdpPageTable::table_bytes_per_pud);
+        while !crate::prefetch::pays(bytes) {
+            match tables.next() {
+                Some(b) => bytes += b,
+                None => return false,
+            }
+        }
+        true
     }
 
     /// Bytes every root's 2M and 4K tables occupy.

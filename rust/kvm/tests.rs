@@ -1036,3 +1036,22 @@ fn a_mapping_keeps_the_file_after_close() {
     k.kvm_gmem_release(fd2).unwrap();
     assert_eq!(k.counters.gmem_closed, 2);
 }
+
+/// The replay's hints turn on once the store and the page tables pass a
+/// core's L2 (2 MiB), not before.
+#[test]
+fn prefetch_pays_once_the_structures_outgrow_l2() {
+    let mut k = vm(false);
+    add_slot(&mut k, 0, 0, 1 << 20);
+    assert!(!k.prefetch_pays());
+    k.fault(0, false, 0).unwrap();
+    assert!(!k.prefetch_pays());
+    // Every other page private: one run per two pages, about 150k runs,
+    // several MB of range tree leaves.
+    for g in (0..1u64 << 19).step_by(2) {
+        k.set_memory_attributes(g << PAGE_SHIFT, 1 << PAGE_SHIFT, P, 0)
+            .unwrap();
+    }
+    assert!(k.store().memory_bytes() > 2 << 20);
+    assert!(k.prefetch_pays());
+}
