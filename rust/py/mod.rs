@@ -63,8 +63,24 @@ pub(crate) fn detach_interruptible<R: Send>(
     })
 }
 
+/// The instructions this build assumes (`.cargo/config.toml`) that the CPU
+/// may lack: checked when the module loads, before any of them runs, so a
+/// CPU without them gets an ImportError saying how to rebuild instead of a
+/// SIGILL half way through a call.
+fn check_cpu_features() -> PyResult<()> {
+    #[cfg(all(target_arch = "x86_64", target_feature = "popcnt"))]
+    if !std::arch::is_x86_feature_detected!("popcnt") {
+        return Err(pyo3::exceptions::PyImportError::new_err(
+            "memattr's core was built for CPUs with POPCNT (.cargo/config.toml), \
+             and this CPU has none: rebuild it with RUSTFLAGS=\"\" pip install .",
+        ));
+    }
+    Ok(())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    check_cpu_features()?;
     stores::register(m)?;
     hugepage::register(m)?;
     kvm::register(m)?;
