@@ -194,7 +194,9 @@ impl SparseBitmap {
                 .is_some_and(|b| b[(key % BLOCK_KEYS / 64) as usize] >> (key % 64) & 1 != 0)
     }
 
-    /// Adds `key`; returns whether it was absent.
+    /// Adds `key`; returns whether it was absent. Inlined: it runs on
+    /// every conversion's post-set pass (see `RangeTree::find`).
+    #[inline(always)]
     pub fn insert(&mut self, key: u64) -> bool {
         // A lookup first: re-flagging a hugepage already mixed is the
         // common case, and a plain lookup is cheaper than an entry.
