@@ -867,6 +867,8 @@ impl MixedFlags for RangeTracker {
     /// hugepage_has_attrs() over runs. 2M: one store range query. 1G: no 2M
     /// hugepage below is flagged mixed, and no store run with a value other
     /// than `attrs` contains a 2M-aligned gfn (the gfns the kernel samples).
+    /// Inlined into its callers, as `RangeTree::find` says why.
+    #[inline(always)]
     fn hugepage_has_attrs(
         &self,
         store: &dyn AttrStore,
@@ -974,6 +976,8 @@ impl HugepageTracker for RangeTracker {
             .contains(gfn >> hpage_gfn_shift(level)))
     }
 
+    /// Inlined into the fault's level walk, as `RangeTree::find` says why.
+    #[inline(always)]
     fn disallow_lpage(&self, gfn: u64, level: u8) -> Result<bool, HugepageError> {
         check_level(level, PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL)?;
         self.slot.check_gfn(gfn)?;

@@ -325,7 +325,9 @@ impl RangeTree {
     /// Inlined, the 1 TiB boot-and-churn store-only stream takes 677
     /// instructions a set instead of 784, and the replay 1,932 an operation
     /// instead of 2,034 (`benches/bench_instructions.py`, with
-    /// `SparseBitmap::insert` and `PmdTable::table_mut` inlined too).
+    /// `SparseBitmap::insert` and `PmdTable::table_mut` inlined too); 1,854
+    /// with `has_value`, `reserve`, the range tracker's `hugepage_has_attrs`
+    /// and `disallow_lpage`, `PmdTable::set` and `Pud::pmds_mut` as well.
     #[inline(always)]
     fn find(&self, k: u64) -> (Path, u32, usize) {
         let (path, id) = match self.hint_for(k) {
@@ -1225,6 +1227,8 @@ impl AttrStore for RangeTree {
         self.hints[self.newest_hint] = Some(PathHint { path, leaf, lo, hi });
     }
 
+    /// Inlined into its callers, as [`RangeTree::find`] says why.
+    #[inline(always)]
     fn has_value(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<bool, StoreError> {
         check_range(start, end)?;
         let want = value & mask;
@@ -1270,7 +1274,9 @@ impl AttrStore for RangeTree {
     /// A set adds at most two runs (a split remnant and the new run) and
     /// may split one leaf before trying in place; each split can split every
     /// interior node above it and add a root. That many nodes are set aside
-    /// now, so the set that follows never needs more.
+    /// now, so the set that follows never needs more. Inlined into the
+    /// set path, as [`RangeTree::find`] says why.
+    #[inline(always)]
     fn reserve(&mut self, start: u64, end: u64, limit: Option<usize>) -> Result<(), StoreError> {
         check_range(start, end)?;
         let want_leaves = 3usize.max(self.spare_leaves);

@@ -265,7 +265,9 @@ impl PmdTable {
     }
 
     /// Makes entry `i` None, a leaf or a full table (a table with bitmaps
-    /// comes from [`Self::set_table`]); drops the bitmaps it had.
+    /// comes from [`Self::set_table`]); drops the bitmaps it had. Inlined
+    /// into the zap and map paths, as `RangeTree::find` says why.
+    #[inline(always)]
     fn set(&mut self, i: usize, to: Pmd) {
         let m = 1u64 << (i % 64);
         if self.get(i) == Pmd::Table {
@@ -364,7 +366,8 @@ impl Pud {
     }
 
     /// The 2M entries, allocated (and a `full` frame spelt out as `Full`
-    /// tables) for a change below 1G.
+    /// tables) for a change below 1G. Inlined, as `PmdTable::set`.
+    #[inline(always)]
     fn pmds_mut(&mut self) -> &mut PmdTable {
         if let Some(private) = self.full.take() {
             self.pmds = Some(Box::new(PmdTable::all_full(private)));
