@@ -53,8 +53,16 @@ pub fn check_range(start: u64, end: u64) -> Result<(), StoreError> {
     if start < end {
         Ok(())
     } else {
-        Err(StoreError::InvalidRange { start, end })
+        Err(invalid_range(start, end))
     }
+}
+
+/// The error half of [`check_range`], kept out of line: cold, so the
+/// optimizer lays every range method out for the valid case.
+#[cold]
+#[inline(never)]
+fn invalid_range(start: u64, end: u64) -> StoreError {
+    StoreError::InvalidRange { start, end }
 }
 
 /// A per-gfn attribute store.

@@ -86,7 +86,7 @@ impl Kvm {
             let noop = self
                 .store_read()
                 .has_value(start, end, attributes, u64::MAX)
-                .map_err(|e| KvmError::Bug(e.to_string()))?;
+                .map_err(bug)?;
             if noop {
                 self.counters.noop_conversions += 1;
                 return Ok(true);
@@ -129,7 +129,7 @@ impl Kvm {
                 fail(ENOMEM, e.to_string())
             }
             Err(StoreError::Interrupted) => fail(EINTR, "interrupted".to_string()),
-            Err(e) => Err(KvmError::Bug(e.to_string())),
+            Err(e) => Err(bug(e)),
         }
     }
 
@@ -167,8 +167,7 @@ impl Kvm {
         attributes: u64,
     ) -> Result<(), KvmError> {
         // Reserved, so it cannot fail; and it must not stop half way.
-        crate::interrupt::masked(|| self.store().set_range(start, end, attributes))
-            .map_err(|e| KvmError::Bug(e.to_string()))?;
+        crate::interrupt::masked(|| self.store().set_range(start, end, attributes)).map_err(bug)?;
         self.counters.conversions += 1;
         self.counters.pages_converted += end - start;
         Ok(())

@@ -613,7 +613,7 @@ impl Kvm {
             self.note_mmu_lock();
             self.kvm_mmu_invalidate_end().map_err(|e| (e, start))?;
         }
-        stored.map_err(|e| (KvmError::Bug(e.to_string()), start))?;
+        stored.map_err(|e| (bug(e), start))?;
         self.inplace.counters.conversions += 1;
         self.inplace.counters.pages_converted += end - start;
         Ok(())

@@ -144,7 +144,7 @@ impl Kvm {
             {
                 Ok(s)
             }
-            _ => Err(KvmError::Bug(format!(
+            _ => Err(bug(format_args!(
                 "gfn range [{:#x}, {:#x}) names a memslot that changed (slots_lock not held?)",
                 rng.start, rng.end
             ))),
@@ -411,14 +411,14 @@ impl Kvm {
     pub fn fault(&mut self, gpa: u64, private: bool, as_id: usize) -> Result<u8, KvmError> {
         match self.kvm_faultin_pfn(gpa, private, as_id, true)? {
             FaultIn::Mmio => Ok(0),
-            FaultIn::Retry => Err(KvmError::Bug(format!(
+            FaultIn::Retry => Err(bug(format_args!(
                 "fault at {gpa:#x} would retry forever: an invalidation is in progress"
             ))),
             FaultIn::Map { mmu_seq, serial } => {
                 self.note_mmu_lock();
                 match self.kvm_tdp_map(gpa, private, as_id, mmu_seq, serial)? {
                     Some(level) => Ok(level),
-                    None => Err(KvmError::Bug(format!("fault at {gpa:#x} went stale alone"))),
+                    None => Err(bug(format_args!("fault at {gpa:#x} went stale alone"))),
                 }
             }
         }

@@ -114,6 +114,12 @@ impl fmt::Display for KvmError {
 }
 
 /// `Err(KvmError::Errno { .. })` with a formatted reason.
+///
+/// Cold, as are [`bug`] and the error conversions below: a call to a cold
+/// function marks the branch that makes it unlikely, so the optimizer moves
+/// every error path out of the hot code of the set and fault paths.
+#[cold]
+#[inline(never)]
 pub(crate) fn fail<T>(errno: i32, why: impl Into<String>) -> Result<T, KvmError> {
     Err(KvmError::Errno {
         errno,
@@ -121,7 +127,16 @@ pub(crate) fn fail<T>(errno: i32, why: impl Into<String>) -> Result<T, KvmError>
     })
 }
 
+/// `KvmError::Bug` from what a step found inconsistent. Cold: see [`fail`].
+#[cold]
+#[inline(never)]
+pub(crate) fn bug(why: impl fmt::Display) -> KvmError {
+    KvmError::Bug(why.to_string())
+}
+
 impl From<HugepageError> for KvmError {
+    #[cold]
+    #[inline(never)]
     fn from(e: HugepageError) -> Self {
         match e {
             HugepageError::Store(StoreError::OutOfMemory { .. }) => KvmError::Errno {
