@@ -22,7 +22,7 @@
 
 use std::fmt;
 
-use crate::framehash::{any_in, for_each_in, FrameMap};
+use crate::frametable::FrameTable;
 use crate::store::{AttrStore, StoreError};
 
 /// x86 page-table levels as KVM numbers them (`PG_LEVEL_*`).
@@ -120,22 +120,24 @@ fn check_level(level: u8, min: u8, max: u8) -> Result<(), HugepageError> {
 // ---------------------------------------------------------------------------
 
 /// A set of hugepage numbers, as 512-bit blocks kept only where a key is
-/// set (a hash of the block number, then a bit).
+/// set (a [`FrameTable`] of the block number, then a bit).
 ///
 /// ```text
 ///   key:  [63 ........ 9][8 ... 0]
-///          block (hashed)  bit
+///          block           bit
 /// ```
 ///
 /// The mixed flags are few (at most two hugepages per attribute run and
 /// level: the ones an attribute boundary falls inside) but asked about on
-/// every fault and conversion, so a point query must be cheap: a hash and
-/// a bit test. A range removal visits only the blocks that exist, so
-/// clearing the flags under a conversion of a whole slot costs what is
-/// set, not the slot's size.
+/// every fault and conversion, so a point query must be cheap: an index
+/// and a bit test. A block of the 2M flags covers 1 GiB, so below 64 TiB
+/// the table costs a word per GiB of the highest block used, and each
+/// block 64 bytes where a flag is set. A range removal visits only the
+/// blocks in use, so clearing the flags under a conversion of a whole slot
+/// costs what is set, not the slot's size.
 #[derive(Clone, Default)]
 pub struct SparseBitmap {
-    blocks: FrameMap<[u64; 8]>,
+    blocks: FrameTable<Box<[u64; 8]>>,
     len: u64,
 }
 
@@ -190,7 +192,7 @@ impl SparseBitmap {
         self.len != 0
             && self
                 .blocks
-                .get(&(key >> BLOCK_SHIFT))
+                .get(key >> BLOCK_SHIFT)
                 .is_some_and(|b| b[(key % BLOCK_KEYS / 64) as usize] >> (key % 64) & 1 != 0)
     }
 
@@ -198,12 +200,9 @@ impl SparseBitmap {
     /// every conversion's post-set pass (see `RangeTree::find`).
     #[inline(always)]
     pub fn insert(&mut self, key: u64) -> bool {
-        // A lookup first: re-flagging a hugepage already mixed is the
-        // common case, and a plain lookup is cheaper than an entry.
-        let b = match self.blocks.get_mut(&(key >> BLOCK_SHIFT)) {
-            Some(b) => b,
-            None => self.blocks.entry(key >> BLOCK_SHIFT).or_insert([0; 8]),
-        };
+        let b = self
+            .blocks
+            .get_or_insert_with(key >> BLOCK_SHIFT, || Box::new([0; 8]));
         let (w, m) = ((key % BLOCK_KEYS / 64) as usize, 1u64 << (key % 64));
         let absent = b[w] & m == 0;
         b[w] |= m;
@@ -213,7 +212,7 @@ impl SparseBitmap {
 
     /// Removes `key`; returns whether it was present.
     pub fn remove(&mut self, key: u64) -> bool {
-        let Some(b) = self.blocks.get_mut(&(key >> BLOCK_SHIFT)) else {
+        let Some(b) = self.blocks.get_mut(key >> BLOCK_SHIFT) else {
             return false;
         };
         let (w, m) = ((key % BLOCK_KEYS / 64) as usize, 1u64 << (key % 64));
@@ -222,7 +221,7 @@ impl SparseBitmap {
         if present {
             self.len -= 1;
             if b.iter().all(|&x| x == 0) {
-                self.blocks.remove(&(key >> BLOCK_SHIFT));
+                self.blocks.remove(key >> BLOCK_SHIFT);
             }
         }
         present
@@ -235,7 +234,7 @@ impl SparseBitmap {
         while start < end && block <= (end - 1) >> BLOCK_SHIFT {
             let base = block << BLOCK_SHIFT;
             let (lo, hi) = (start.max(base) - base, (end - base).min(BLOCK_KEYS));
-            let b = self.blocks.entry(block).or_insert([0; 8]);
+            let b = self.blocks.get_or_insert_with(block, || Box::new([0; 8]));
             for (w, word) in b.iter_mut().enumerate() {
                 let m = word_mask(w, lo, hi);
                 self.len += u64::from((m & !*word).count_ones());
@@ -251,8 +250,7 @@ impl SparseBitmap {
             return 0;
         }
         let mut removed = 0u64;
-        for_each_in(
-            &mut self.blocks,
+        self.blocks.for_each_in(
             start >> BLOCK_SHIFT,
             (end - 1) >> BLOCK_SHIFT,
             |block, b| {
@@ -279,7 +277,7 @@ impl SparseBitmap {
         if first == last && start % BLOCK_KEYS == 0 && end - start == BLOCK_KEYS {
             // One whole block (the 2M flags under one 1G hugepage): blocks
             // are freed when they empty, so it is set iff it exists.
-            return self.blocks.contains_key(&first);
+            return self.blocks.contains_key(first);
         }
         let hit = |block: u64, b: &[u64; 8]| {
             let base = block << BLOCK_SHIFT;
@@ -288,16 +286,17 @@ impl SparseBitmap {
                 .enumerate()
                 .any(|(w, &word)| word & word_mask(w, lo, hi) != 0)
         };
-        any_in(&self.blocks, first, last, hit)
+        self.blocks.any_in(first, last, |block, b| hit(block, b))
     }
 
     /// The keys as runs `[start, end)`, in order.
     pub fn runs(&self) -> Vec<(u64, u64)> {
-        let mut keys: Vec<u64> = self.blocks.keys().copied().collect();
-        keys.sort_unstable();
+        let mut blocks: Vec<(u64, &[u64; 8])> =
+            self.blocks.iter().map(|(k, b)| (k, &**b)).collect();
+        blocks.sort_unstable_by_key(|&(k, _)| k);
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for block in keys {
-            for (w, &word) in self.blocks[&block].iter().enumerate() {
+        for (block, words) in blocks {
+            for (w, &word) in words.iter().enumerate() {
                 let mut bits = word;
                 while bits != 0 {
                     let at = bits.trailing_zeros();
@@ -314,11 +313,11 @@ impl SparseBitmap {
         out
     }
 
-    /// The blocks' footprint (hashbrown: the entries plus a control byte
-    /// each, over its capacity).
+    /// The table's footprint and the blocks'.
     pub fn memory_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
-            + self.blocks.capacity() * (std::mem::size_of::<(u64, [u64; 8])>() + 1)
+            + self.blocks.memory_bytes()
+            + self.blocks.len() * std::mem::size_of::<[u64; 8]>()
     }
 }
 

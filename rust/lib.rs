@@ -4,7 +4,7 @@
 //! `cargo test` covers without Python. The PyO3 layer in `py/` only adapts
 //! types and errors and is compiled only with the `python` feature.
 
-pub mod framehash;
+pub mod frametable;
 pub mod hostmem;
 pub mod hugepage;
 pub mod interrupt;

@@ -5,7 +5,7 @@
 //!   gfn:  [51 ......... 18][17 ..... 9][8 ...... 0]
 //!          1G frame (key)   2M index    4K index
 //!
-//!   puds: { 1G frame -> Pud }             (hashed: only frames ever mapped)
+//!   puds: { 1G frame -> Pud }             (a FrameTable: only frames mapped)
 //!            │
 //!            ├── huge: Some(kind)         a 1G leaf (no pmds)
 //!            ├── full: Some(kind)         all 4K leaves of one kind, a split
@@ -21,16 +21,16 @@
 //!
 //! Why a page table and not runs: the fault path installs one leaf and the
 //! conversion path zaps a few, on every operation. In a radix tree each is
-//! a hash of the 1G frame and two array indexes, where a run store costs a
-//! B+ tree descent per level; and the cost of a zap is the mapped tables it
-//! visits, as in the kernel, which fault-ins have already paid for. Each
-//! PUD keeps its own leaf counts, so a zap covering a whole 1G frame drops
-//! it without visiting its tables.
+//! three array indexes (the 1G frame's in a FrameTable), where a run store
+//! costs a B+ tree descent per level; and the cost of a zap is the mapped
+//! tables it visits, as in the kernel, which fault-ins have already paid
+//! for. Each PUD keeps its own leaf counts, so a zap covering a whole 1G
+//! frame drops it without visiting its tables.
 //!
 //! A gfn is mapped by at most one leaf: installing a leaf removes every
 //! leaf of another level under or over it.
 
-use crate::framehash::{for_each_in, FrameMap};
+use crate::frametable::FrameTable;
 use crate::hugepage::{HugepageError, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K};
 use crate::kvm::uapi::{KVM_FILTER_PRIVATE, KVM_FILTER_SHARED};
 
@@ -46,7 +46,7 @@ const PTE_BITS: u32 = 9;
 const PUD_SHIFT: u32 = 2 * PTE_BITS;
 const WORDS: usize = PTRS / 64;
 
-type PudMap = FrameMap<Pud>;
+type PudMap = FrameTable<Pud>;
 
 /// Which leaves a zap removes: both kinds, or the ones a filtered
 /// invalidation names (kvm_gfn_range.attr_filter, 6.18).
@@ -511,7 +511,7 @@ impl TdpPageTable {
     /// The level and kind (private?) of the leaf mapping `gfn`, if any.
     #[inline]
     fn leaf(&self, gfn: u64) -> Option<(u8, bool)> {
-        let pud = self.puds.get(&(gfn >> PUD_SHIFT))?;
+        let pud = self.puds.get(gfn >> PUD_SHIFT)?;
         if let Some(private) = pud.huge {
             return Some((PG_LEVEL_1G, private));
         }
@@ -556,7 +556,7 @@ impl TdpPageTable {
     pub fn prefetch(&self, gfn: u64) {
         if let Some(pmds) = self
             .puds
-            .get(&(gfn >> PUD_SHIFT))
+            .get(gfn >> PUD_SHIFT)
             .and_then(|p| p.pmds.as_deref())
         {
             let i = (gfn >> PTE_BITS) as usize % PTRS;
@@ -599,7 +599,7 @@ impl TdpPageTable {
             return Err(HugepageError::GfnBeyondGpaSpace { gfn });
         }
         let private = private && !self.untracked_kinds;
-        let pud = self.puds.entry(gfn >> PUD_SHIFT).or_insert_with(Pud::new);
+        let pud = self.puds.get_or_insert_with(gfn >> PUD_SHIFT, Pud::new);
         let mut removed = [0u64; 3];
         let i = (gfn >> PTE_BITS) as usize % PTRS;
         match level {
@@ -678,7 +678,7 @@ impl TdpPageTable {
     /// Runs `f` on every PUD of the 1G frames `[f0, f1]` that exists, and
     /// frees the ones left empty.
     fn for_puds_in(&mut self, f0: u64, f1: u64, mut f: impl FnMut(u64, &mut Pud)) {
-        for_each_in(&mut self.puds, f0, f1, |frame, p| {
+        self.puds.for_each_in(f0, f1, |frame, p| {
             f(frame, p);
             !p.is_empty()
         });
@@ -792,7 +792,7 @@ impl TdpPageTable {
     /// order.
     pub fn frame_runs(&self, level: u8) -> Result<Vec<(u64, u64)>, HugepageError> {
         check_level(level)?;
-        let mut frames: Vec<u64> = self.puds.keys().copied().collect();
+        let mut frames: Vec<u64> = self.puds.keys().collect();
         frames.sort_unstable();
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut push = |s: u64, e: u64| match out.last_mut() {
@@ -800,7 +800,9 @@ impl TdpPageTable {
             _ => out.push((s, e)),
         };
         for frame in frames {
-            let pud = &self.puds[&frame];
+            let Some(pud) = self.puds.get(frame) else {
+                continue;
+            };
             match level {
                 PG_LEVEL_1G => {
                     if pud.huge.is_some() {
@@ -948,7 +950,7 @@ mod tests {
         // One 4K change spells out one frame's 2M entries and one table.
         assert_eq!(m.map(G1 + 7, PG_LEVEL_4K, true).unwrap(), (true, [0, 0, 0]));
         assert_eq!(m.puds.values().filter(|p| p.pmds.is_some()).count(), 1);
-        let pmds = m.puds[&1].pmds.as_deref().unwrap();
+        let pmds = m.puds.get(1).unwrap().pmds.as_deref().unwrap();
         assert_eq!((0..PTRS).filter(|&i| pmds.get(i) == Pmd::Table).count(), 1);
         // The other 511 stay full tables, without bitmaps.
         assert_eq!(pmds.ptes.len(), 1);
