@@ -396,6 +396,16 @@ impl RangeTree {
             {
                 return Some((f, count_le(&l.starts, k).min(l.len as usize) - 1));
             }
+            // A key just below the leaf (the 2M re-check's first gfn, ahead
+            // of the converted one): the leaf before holds the answer if
+            // its first run starts at or before the key, since this
+            // leaf's first start is after it. One leaf read, no descent.
+            if l.len > 0 && k < l.starts[0] && l.prev != NONE {
+                let p = &self.leaves[l.prev as usize];
+                if p.len > 0 && p.starts[0] <= k {
+                    return Some((l.prev, count_le(&p.starts, k).min(p.len as usize) - 1));
+                }
+            }
         }
         let id = match self.hint_for(k) {
             Some(h) => h.leaf,
