@@ -139,6 +139,10 @@ fn check_level(level: u8, min: u8, max: u8) -> Result<(), HugepageError> {
 pub struct SparseBitmap {
     blocks: FrameTable<Box<[u64; 8]>>,
     len: u64,
+    /// The last block a removal emptied, zeroed, for the next block an
+    /// insertion needs: a hugepage flagged and cleared in turn (a page
+    /// converted back and forth) then allocates nothing.
+    spare: Option<Box<[u64; 8]>>,
 }
 
 const BLOCK_SHIFT: u32 = 9;
@@ -200,9 +204,9 @@ impl SparseBitmap {
     /// every conversion's post-set pass (see `RangeTree::find`).
     #[inline(always)]
     pub fn insert(&mut self, key: u64) -> bool {
-        let b = self
-            .blocks
-            .get_or_insert_with(key >> BLOCK_SHIFT, || Box::new([0; 8]));
+        let b = self.blocks.get_or_insert_with(key >> BLOCK_SHIFT, || {
+            self.spare.take().unwrap_or_else(|| Box::new([0; 8]))
+        });
         let (w, m) = ((key % BLOCK_KEYS / 64) as usize, 1u64 << (key % 64));
         let absent = b[w] & m == 0;
         b[w] |= m;
@@ -221,7 +225,7 @@ impl SparseBitmap {
         if present {
             self.len -= 1;
             if b.iter().all(|&x| x == 0) {
-                self.blocks.remove(key >> BLOCK_SHIFT);
+                self.spare = self.blocks.remove(key >> BLOCK_SHIFT);
             }
         }
         present
@@ -317,7 +321,7 @@ impl SparseBitmap {
     pub fn memory_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
             + self.blocks.memory_bytes()
-            + self.blocks.len() * std::mem::size_of::<[u64; 8]>()
+            + (self.blocks.len() + self.spare.is_some() as usize) * std::mem::size_of::<[u64; 8]>()
     }
 }
 
@@ -1209,6 +1213,37 @@ mod tests {
         assert!(s.intersects(0, u64::MAX));
         assert!(s.remove(top));
         assert_eq!(s.remove_range(0, u64::MAX), 600);
+    }
+
+    #[test]
+    fn a_1g_hugepage_whose_last_2m_flag_clears_is_uniform_again() {
+        // Flags in two 1 GiB blocks, so the bitmap is never empty as a
+        // whole: the 1G re-check must see that the first block emptied.
+        let (mut r, mut k) = both(0, 2 * G1, 0);
+        let mut store = OracleStore::default();
+        r.init_memory_attributes(&store).unwrap();
+        k.init_memory_attributes(&store).unwrap();
+        set(
+            &mut store,
+            &mut [&mut r, &mut k],
+            G1 + M2 + 1,
+            G1 + M2 + 2,
+            P,
+        );
+        set(&mut store, &mut [&mut r, &mut k], M2 + 3, M2 + 4, P);
+        set(&mut store, &mut [&mut r, &mut k], M2 + 3, M2 + 4, 0);
+        for t in [&r as &dyn HugepageTracker, &k] {
+            assert!(!t.test_mixed(0, PG_LEVEL_1G).unwrap());
+            assert!(t.test_mixed(G1, PG_LEVEL_1G).unwrap());
+            assert_eq!(t.max_mapping_level(M2 + 3, 3).unwrap(), PG_LEVEL_1G);
+        }
+        // And back: the block the first clear left spare is used again.
+        set(&mut store, &mut [&mut r, &mut k], 5, 6, P);
+        for t in [&r as &dyn HugepageTracker, &k] {
+            assert!(t.test_mixed(0, PG_LEVEL_2M).unwrap());
+            assert!(t.test_mixed(0, PG_LEVEL_1G).unwrap());
+        }
+        assert_same(&r, &k);
     }
 
     #[test]
