@@ -1246,11 +1246,26 @@ impl AttrStore for RangeTree {
     }
 
     /// Inlined into its callers, as [`RangeTree::find`] says why.
+    ///
+    /// A range that starts before the finger's leaf is checked from that
+    /// leaf's first run on first, and before it only if all of that
+    /// matches: the answer is the same in either order, and the part in
+    /// the leaf the operation already holds usually settles it. The post-set
+    /// pass's 2M re-check starts at the hugepage's first gfn, often in the
+    /// leaf before, which nothing prefetched: reading it first was 13% of
+    /// a 1 TiB replay's time (perf's cpu-clock samples).
     #[inline(always)]
     fn has_value(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<bool, StoreError> {
         check_range(start, end)?;
         let want = value & mask;
-        Ok(self.walk(start, end, |_, _, v| v & mask == want))
+        let matches = |_, _, v: u64| v & mask == want;
+        if let Some(l) = self.leaves.get(self.finger.get() as usize) {
+            let first = l.starts[0];
+            if l.len > 0 && start < first && first < end {
+                return Ok(self.walk(first, end, matches) && self.walk(start, first, matches));
+            }
+        }
+        Ok(self.walk(start, end, matches))
     }
 
     fn count_pages(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<u64, StoreError> {
