@@ -619,14 +619,17 @@ impl Kvm {
         }
     }
 
-    /// A hint that an operation on `gpa` comes next: the store and the
-    /// address space 0 root ask the CPU for the memory they will read for
-    /// it (see `crate::prefetch`), and the store may keep its descent for
-    /// it. No value or counter changes, so a driver may call it for any
+    /// A hint that an operation on `gpa` comes next: the store, the
+    /// address space 0 root and the hugepage tracker of the memslot holding
+    /// it ask the CPU for the memory they will read for it (see
+    /// `crate::prefetch`), and the store may keep its descent for it. No value or counter changes, so a driver may call it for any
     /// address.
     pub fn prefetch(&mut self, gpa: u64) {
         let gfn = gpa >> PAGE_SHIFT;
         self.store().prefetch(gfn);
+        if let Some(i) = self.memslots.find(0, gfn) {
+            self.memslots.address_space(0)[i].tracker.prefetch(gfn);
+        }
         if let Some(root) = self.roots.first() {
             root.prefetch(gfn);
         }
