@@ -1161,6 +1161,19 @@ mod tests {
         (RangeTracker::new(slot), LpageInfoTracker::new(slot))
     }
 
+    /// [`both`], initialised over an empty store (every page shared).
+    fn both_over_empty(
+        base: u64,
+        npages: u64,
+        uaddr: u64,
+    ) -> (RangeTracker, LpageInfoTracker, OracleStore) {
+        let (mut r, mut k) = both(base, npages, uaddr);
+        let store = OracleStore::default();
+        r.init_memory_attributes(&store).unwrap();
+        k.init_memory_attributes(&store).unwrap();
+        (r, k, store)
+    }
+
     fn assert_same(r: &RangeTracker, k: &LpageInfoTracker) {
         for level in [PG_LEVEL_2M, PG_LEVEL_1G] {
             assert_eq!(
@@ -1244,10 +1257,7 @@ mod tests {
     fn a_1g_hugepage_whose_last_2m_flag_clears_is_uniform_again() {
         // Flags in two 1 GiB blocks, so the bitmap is never empty as a
         // whole: the 1G re-check must see that the first block emptied.
-        let (mut r, mut k) = both(0, 2 * G1, 0);
-        let mut store = OracleStore::default();
-        r.init_memory_attributes(&store).unwrap();
-        k.init_memory_attributes(&store).unwrap();
+        let (mut r, mut k, mut store) = both_over_empty(0, 2 * G1, 0);
         set(
             &mut store,
             &mut [&mut r, &mut k],
@@ -1273,10 +1283,7 @@ mod tests {
 
     #[test]
     fn mixed_after_4k_conversion_then_cleared() {
-        let (mut r, mut k) = both(0, 2 * G1, 0);
-        let mut store = OracleStore::default();
-        r.init_memory_attributes(&store).unwrap();
-        k.init_memory_attributes(&store).unwrap();
+        let (mut r, mut k, mut store) = both_over_empty(0, 2 * G1, 0);
         set(&mut store, &mut [&mut r, &mut k], M2 + 3, M2 + 4, P);
         for t in [&r as &dyn HugepageTracker, &k] {
             assert!(t.test_mixed(M2, PG_LEVEL_2M).unwrap());
@@ -1313,10 +1320,7 @@ mod tests {
     #[test]
     fn misaligned_head_and_tail_never_huge() {
         // Starts 1 page into a 2M page, ends 1 page into another.
-        let (mut r, mut k) = both(M2 + 1, 3 * M2, (M2 + 1) << 12);
-        let mut store = OracleStore::default();
-        r.init_memory_attributes(&store).unwrap();
-        k.init_memory_attributes(&store).unwrap();
+        let (mut r, mut k, mut store) = both_over_empty(M2 + 1, 3 * M2, (M2 + 1) << 12);
         for t in [&r as &dyn HugepageTracker, &k] {
             assert_eq!(t.max_mapping_level(M2 + 1, 3).unwrap(), PG_LEVEL_4K);
             assert_eq!(t.max_mapping_level(2 * M2, 3).unwrap(), PG_LEVEL_2M);
@@ -1405,10 +1409,7 @@ mod tests {
     fn slot_at_top_of_gfn_space() {
         // The last hugepages of the u64 gfn space: no overflow anywhere.
         let base = u64::MAX - 3 * G1;
-        let (mut r, mut k) = both(base, 3 * G1, base << 12);
-        let mut store = OracleStore::default();
-        r.init_memory_attributes(&store).unwrap();
-        k.init_memory_attributes(&store).unwrap();
+        let (mut r, mut k, mut store) = both_over_empty(base, 3 * G1, base << 12);
         set(&mut store, &mut [&mut r, &mut k], base + 5, u64::MAX, P);
         set(&mut store, &mut [&mut r, &mut k], u64::MAX - 7, u64::MAX, 0);
         assert_same(&r, &k);
