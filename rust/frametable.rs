@@ -1,12 +1,18 @@
 //! Tables keyed by frame numbers (1G frames, blocks of hugepage numbers):
-//! the first 64 TiB of guest physical space in a vector indexed by frame,
-//! the rest hashed.
+//! a window of 2^16 keys from the table's base (64 TiB of guest physical
+//! space from the page table's gfn 0, or from a memslot's first gfn) in a
+//! vector indexed by key, the rest hashed.
 //!
 //! ```text
-//!   key < DENSE_KEYS:   dense[key]        Option<V>, the vector grown to the
-//!                                         highest such key ever used
-//!   key >= DENSE_KEYS:  sparse{key -> V}  hashed, one multiply a key
+//!   base <= key < base + DENSE_KEYS:  dense[key - base]  Option<V>, grown to
+//!                                                        the highest such key
+//!                                                        used
+//!   any other key:                    sparse{key -> V}   hashed, one multiply
 //! ```
+//!
+//! The window starts at the base, not at 0, so a table's vector costs what
+//! its own keys span: a memslot's flags high in the physical space do not
+//! pay a word for every GiB below it.
 //!
 //! Why not a hash map throughout: the fault and conversion paths look up
 //! a 1G frame in the page table and a block of mixed flags or two on
@@ -25,7 +31,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-/// Keys below this live in the vector: 2^16 1G frames, 64 TiB.
+/// Keys in the window live in the vector: 2^16 1G frames, 64 TiB.
 pub const DENSE_KEYS: u64 = 1 << 16;
 
 /// Hashes a u64 key with one multiply, the high bits folded down so both
@@ -57,6 +63,9 @@ pub type FrameMap<V> = HashMap<u64, V, BuildHasherDefault<FrameHasher>>;
 /// A map from frame numbers to `V` (see the module's picture).
 #[derive(Debug, Clone)]
 pub struct FrameTable<V> {
+    /// The window's first key.
+    base: u64,
+    /// `dense[i]` is key `base + i`.
     dense: Vec<Option<V>>,
     /// How many of `dense` are Some.
     dense_len: usize,
@@ -66,6 +75,7 @@ pub struct FrameTable<V> {
 impl<V> Default for FrameTable<V> {
     fn default() -> Self {
         Self {
+            base: 0,
             dense: Vec::new(),
             dense_len: 0,
             sparse: FrameMap::default(),
@@ -87,10 +97,26 @@ impl<V> FrameTable<V> {
         Self::default()
     }
 
+    /// A table whose window starts at `base`.
+    pub fn starting_at(base: u64) -> Self {
+        Self {
+            base,
+            ..Self::default()
+        }
+    }
+
+    /// `key`'s index in the vector, if the window holds it.
+    #[inline]
+    fn slot_of(&self, key: u64) -> Option<usize> {
+        // Not wrapping: a window at the top of the key space ends there.
+        let i = key.checked_sub(self.base)?;
+        (i < DENSE_KEYS).then_some(i as usize)
+    }
+
     #[inline]
     pub fn get(&self, key: u64) -> Option<&V> {
-        if key < DENSE_KEYS {
-            self.dense.get(key as usize)?.as_ref()
+        if let Some(i) = self.slot_of(key) {
+            self.dense.get(i)?.as_ref()
         } else {
             self.sparse.get(&key)
         }
@@ -98,8 +124,8 @@ impl<V> FrameTable<V> {
 
     #[inline]
     pub fn get_mut(&mut self, key: u64) -> Option<&mut V> {
-        if key < DENSE_KEYS {
-            self.dense.get_mut(key as usize)?.as_mut()
+        if let Some(i) = self.slot_of(key) {
+            self.dense.get_mut(i)?.as_mut()
         } else {
             self.sparse.get_mut(&key)
         }
@@ -112,8 +138,7 @@ impl<V> FrameTable<V> {
     /// The value at `key`, inserting `f()` first if there is none.
     #[inline]
     pub fn get_or_insert_with(&mut self, key: u64, f: impl FnOnce() -> V) -> &mut V {
-        if key < DENSE_KEYS {
-            let i = key as usize;
+        if let Some(i) = self.slot_of(key) {
             if i >= self.dense.len() {
                 self.dense.resize_with(i + 1, || None);
             }
@@ -128,8 +153,8 @@ impl<V> FrameTable<V> {
     }
 
     pub fn remove(&mut self, key: u64) -> Option<V> {
-        if key < DENSE_KEYS {
-            let v = self.dense.get_mut(key as usize)?.take();
+        if let Some(i) = self.slot_of(key) {
+            let v = self.dense.get_mut(i)?.take();
             self.dense_len -= v.is_some() as usize;
             v
         } else {
@@ -159,7 +184,7 @@ impl<V> FrameTable<V> {
             .dense
             .iter()
             .enumerate()
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k as u64, v)));
+            .filter_map(|(i, v)| v.as_ref().map(|v| (self.base + i as u64, v)));
         dense.chain(self.sparse.iter().map(|(&k, v)| (k, v)))
     }
 
@@ -178,33 +203,39 @@ impl<V> FrameTable<V> {
             + self.sparse.capacity() * (std::mem::size_of::<(u64, V)>() + 1)
     }
 
-    /// The keys of `[first, last]` that are in the vector and below its
-    /// length, as a half-open range.
+    /// The vector's indexes of the keys of `[first, last]` in the window
+    /// and below the vector's length, as a half-open range.
     #[inline]
     fn dense_part(&self, first: u64, last: u64) -> std::ops::Range<u64> {
-        let end = (last.min(DENSE_KEYS - 1) + 1).min(self.dense.len() as u64);
-        first.min(end)..end
+        let top = self.base.saturating_add(DENSE_KEYS - 1);
+        let (lo, hi) = (first.max(self.base), last.min(top));
+        if lo > hi {
+            return 0..0;
+        }
+        let end = (hi - self.base + 1).min(self.dense.len() as u64);
+        (lo - self.base).min(end)..end
     }
 
     /// Runs `f` on the entries whose keys lie in `[first, last]` and drops
-    /// those `f` leaves empty (`f` returns false). Below [`DENSE_KEYS`] it
-    /// visits the range's slots up to the highest one used; above, whichever
+    /// those `f` leaves empty (`f` returns false). In the window it visits
+    /// the range's slots up to the highest one used; outside it, whichever
     /// is fewer, the range's keys or the hashed entries. However wide the
     /// range, the cost is bounded by what the table holds.
     pub fn for_each_in(&mut self, first: u64, last: u64, mut f: impl FnMut(u64, &mut V) -> bool) {
-        for key in self.dense_part(first, last) {
-            let slot = &mut self.dense[key as usize];
+        for i in self.dense_part(first, last) {
+            let slot = &mut self.dense[i as usize];
             if let Some(v) = slot.as_mut() {
-                if !f(key, v) {
+                if !f(self.base + i, v) {
                     *slot = None;
                     self.dense_len -= 1;
                 }
             }
         }
-        if last < DENSE_KEYS || self.sparse.is_empty() {
+        // The hashed keys are the ones outside the window, so the range's
+        // whole span can be looked up there.
+        if self.sparse.is_empty() {
             return;
         }
-        let first = first.max(DENSE_KEYS);
         let map = &mut self.sparse;
         if last - first < map.len() as u64 {
             for key in first..=last {
@@ -222,16 +253,17 @@ impl<V> FrameTable<V> {
     /// True if `f` holds for an entry whose key lies in `[first, last]`;
     /// visits what [`Self::for_each_in`] visits.
     pub fn any_in(&self, first: u64, last: u64, mut f: impl FnMut(u64, &V) -> bool) -> bool {
-        let hit = self
-            .dense_part(first, last)
-            .any(|key| self.dense[key as usize].as_ref().is_some_and(|v| f(key, v)));
+        let hit = self.dense_part(first, last).any(|i| {
+            self.dense[i as usize]
+                .as_ref()
+                .is_some_and(|v| f(self.base + i, v))
+        });
         if hit {
             return true;
         }
-        if last < DENSE_KEYS || self.sparse.is_empty() {
+        if self.sparse.is_empty() {
             return false;
         }
-        let first = first.max(DENSE_KEYS);
         let map = &self.sparse;
         if last - first < map.len() as u64 {
             (first..=last).any(|key| map.get(&key).is_some_and(|v| f(key, v)))
@@ -247,11 +279,18 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    /// Random inserts, removals and range visits on both sides of
-    /// DENSE_KEYS, against a BTreeMap.
+    /// Random inserts, removals and range visits on both sides of each end
+    /// of the window, for windows at 0, in the middle and at the top of the
+    /// key space, against a BTreeMap.
     #[test]
     fn equals_an_ordered_map() {
-        let mut t: FrameTable<u64> = FrameTable::new();
+        for base in [0, 1 << 40, u64::MAX - DENSE_KEYS / 2] {
+            equals_an_ordered_map_from(base);
+        }
+    }
+
+    fn equals_an_ordered_map_from(base: u64) {
+        let mut t: FrameTable<u64> = FrameTable::starting_at(base);
         let mut oracle: BTreeMap<u64, u64> = BTreeMap::new();
         let mut x = 0x2545_F491_4F6C_DD1Du64;
         let mut next = || {
@@ -262,10 +301,13 @@ mod tests {
         };
         // The class from the low bits, the key from the others (so every
         // key of a class can come up).
-        let key = |r: u64| match (r % 4, r >> 2) {
+        let top = base.wrapping_add(DENSE_KEYS);
+        let key = |r: u64| match (r % 6, r >> 3) {
             (0, x) => x % 64,
-            (1, x) => DENSE_KEYS - 8 + x % 16,
+            (1, x) => top.wrapping_sub(8).wrapping_add(x % 16),
             (2, x) => u64::MAX - x % 64,
+            (3, x) => base.wrapping_sub(8).wrapping_add(x % 16),
+            (4, x) => base.wrapping_add(x % (DENSE_KEYS * 2)),
             (_, x) => x % (DENSE_KEYS * 4),
         };
         for step in 0..20_000 {
@@ -299,8 +341,15 @@ mod tests {
                     assert_eq!(t.any_in(a, b, |_, &v| v % 2 == 0), want);
                 }
             }
-            // The key just used, and the keys either side of the boundary.
-            for k in [k, DENSE_KEYS - 1, DENSE_KEYS, DENSE_KEYS + 1] {
+            // The key just used, and the keys either side of each end.
+            for k in [
+                k,
+                base.wrapping_sub(1),
+                base,
+                top.wrapping_sub(1),
+                top,
+                top.wrapping_add(1),
+            ] {
                 assert_eq!(t.get(k), oracle.get(&k), "key {k:#x}, step {step}");
             }
             if step % 1000 == 0 {
@@ -309,6 +358,7 @@ mod tests {
                 let want: Vec<(u64, u64)> = oracle.iter().map(|(&k, &v)| (k, v)).collect();
                 assert_eq!(got, want);
                 assert_eq!(t.len(), oracle.len());
+                assert!(t.dense.len() as u64 <= DENSE_KEYS);
             }
         }
     }

@@ -182,6 +182,16 @@ impl SparseBitmap {
         Self::default()
     }
 
+    /// A set whose keys start at about `first` (the first hugepage of a
+    /// memslot): its table's window starts there, so the set costs what
+    /// its own keys span, wherever the memslot sits.
+    pub fn starting_at(first: u64) -> Self {
+        Self {
+            blocks: FrameTable::starting_at(first >> BLOCK_SHIFT),
+            ..Self::default()
+        }
+    }
+
     /// Number of keys in the set.
     pub fn len(&self) -> u64 {
         self.len
@@ -840,7 +850,7 @@ impl RangeTracker {
             head_disallowed: slot.head_misaligned(level),
             tail_disallowed: slot.tail_misaligned(level),
             all_disallowed: slot.incongruent(level),
-            mixed: SparseBitmap::new(),
+            mixed: SparseBitmap::starting_at(slot.base_gfn >> hpage_gfn_shift(level)),
         };
         Self {
             slot,
@@ -1251,6 +1261,19 @@ mod tests {
         assert!(s.intersects(0, u64::MAX));
         assert!(s.remove(top));
         assert_eq!(s.remove_range(0, u64::MAX), 600);
+    }
+
+    #[test]
+    fn flags_of_a_memslot_high_in_the_address_space_cost_what_they_span() {
+        // A 2 GiB memslot 60 TiB up with one mixed 2M hugepage: its flag
+        // tables must not pay for the 60 TiB below it (a word per GiB
+        // would be 480 KB; a KVM VM may have 32,764 such memslots).
+        let base = 60 << 28;
+        let (mut r, mut k, mut store) = both_over_empty(base, 2 * G1, base << 12);
+        set(&mut store, &mut [&mut r, &mut k], base + 7, base + 8, P);
+        assert!(r.test_mixed(base, PG_LEVEL_2M).unwrap());
+        assert_same(&r, &k);
+        assert!(r.memory_bytes() < 4096, "{} bytes", r.memory_bytes());
     }
 
     #[test]

@@ -1259,13 +1259,11 @@ impl AttrStore for RangeTree {
         check_range(start, end)?;
         let want = value & mask;
         let matches = |_, _, v: u64| v & mask == want;
-        if let Some(l) = self.leaves.get(self.finger.get() as usize) {
-            let first = l.starts[0];
-            if l.len > 0 && start < first && first < end {
-                return Ok(self.walk(first, end, matches) && self.walk(start, first, matches));
-            }
-        }
-        Ok(self.walk(start, end, matches))
+        let split = match self.leaves.get(self.finger.get() as usize) {
+            Some(l) if l.len > 0 && start < l.starts[0] && l.starts[0] < end => l.starts[0],
+            _ => start,
+        };
+        Ok(self.walk(split, end, matches) && (split == start || self.walk(start, split, matches)))
     }
 
     fn count_pages(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<u64, StoreError> {

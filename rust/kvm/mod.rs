@@ -622,8 +622,8 @@ impl Kvm {
     /// A hint that an operation on `gpa` comes next: the store, the
     /// address space 0 root and the hugepage tracker of the memslot holding
     /// it ask the CPU for the memory they will read for it (see
-    /// `crate::prefetch`), and the store may keep its descent for it. No value or counter changes, so a driver may call it for any
-    /// address.
+    /// `crate::prefetch`), and the store may keep its descent for it. No
+    /// value or counter changes, so a driver may call it for any address.
     pub fn prefetch(&mut self, gpa: u64) {
         let gfn = gpa >> PAGE_SHIFT;
         self.store().prefetch(gfn);
