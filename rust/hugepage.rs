@@ -130,9 +130,10 @@ fn check_level(level: u8, min: u8, max: u8) -> Result<(), HugepageError> {
 /// The mixed flags are few (at most two hugepages per attribute run and
 /// level: the ones an attribute boundary falls inside) but asked about on
 /// every fault and conversion, so a point query must be cheap: an index
-/// and a bit test. A block of the 2M flags covers 1 GiB, so below 64 TiB
-/// the table costs a word per GiB of the highest block used, and each
-/// block 64 bytes where a flag is set. A range removal visits only the
+/// and a bit test. A block of the 2M flags covers 1 GiB, so within 64 TiB
+/// of the set's start (a memslot's first hugepage) the table costs a word
+/// per GiB from there to the highest block used, and each block 64 bytes
+/// where a flag is set. A range removal visits only the
 /// blocks in use, so clearing the flags under a conversion of a whole slot
 /// costs what is set, not the slot's size.
 #[derive(Clone, Default)]
