@@ -408,6 +408,20 @@ impl SlotLayout {
         ((gfn >> shift) - (self.base_gfn >> shift)) as usize
     }
 
+    /// `[first, end)`: the gfns of the `level` hugepages wholly inside the
+    /// slot, the only ones that can ever be mapped huge (a partial head or
+    /// tail hugepage is disallowed for good), or None if there are none.
+    pub fn whole_hugepages(&self, level: u8) -> Option<(u64, u64)> {
+        let n = pages_per_hpage(level);
+        let mut first = self.base_gfn & !(n - 1);
+        if first < self.base_gfn {
+            // A partial head; none follows it if it is the gfn space's last.
+            first = first.checked_add(n)?;
+        }
+        let end = self.end_gfn() & !(n - 1);
+        (first < end).then_some((first, end))
+    }
+
     /// The slot's first hugepage is partial (the slot starts misaligned).
     pub fn head_misaligned(&self, level: u8) -> bool {
         self.base_gfn & (pages_per_hpage(level) - 1) != 0
@@ -744,15 +758,9 @@ impl HugepageTracker for LpageInfoTracker {
         let mut next = self.clone();
         for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
             let n = pages_per_hpage(level);
-            // Only hugepages wholly inside the slot can ever be huge.
-            let mut gfn = self.slot.base_gfn & !(n - 1);
-            if gfn < self.slot.base_gfn {
-                gfn = match gfn.checked_add(n) {
-                    Some(g) => g,
-                    None => continue,
-                };
-            }
-            let end = self.slot.end_gfn() & !(n - 1);
+            let Some((mut gfn, end)) = self.slot.whole_hugepages(level) else {
+                continue;
+            };
             while gfn < end {
                 let attrs = store.get(gfn);
                 next.recheck(store, gfn, level, attrs)?;
@@ -944,17 +952,9 @@ impl HugepageTracker for RangeTracker {
         for level in PG_LEVEL_2M..=KVM_MAX_HUGEPAGE_LEVEL {
             let n = pages_per_hpage(level);
             let shift = hpage_gfn_shift(level);
-            let mut first = self.slot.base_gfn & !(n - 1);
-            if first < self.slot.base_gfn {
-                first = match first.checked_add(n) {
-                    Some(g) => g,
-                    None => continue,
-                };
-            }
-            let end = self.slot.end_gfn() & !(n - 1);
-            if first >= end {
+            let Some((first, end)) = self.slot.whole_hugepages(level) else {
                 continue;
-            }
+            };
             let mut mixed: Vec<u64> = Vec::new();
             let mut prev: Option<u64> = None;
             store.for_each_run(first, end, &mut |s, _e, v| {
