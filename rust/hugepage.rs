@@ -215,14 +215,21 @@ impl SparseBitmap {
     /// every conversion's post-set pass (see `RangeTree::find`).
     #[inline(always)]
     pub fn insert(&mut self, key: u64) -> bool {
-        let b = self.blocks.get_or_insert_with(key >> BLOCK_SHIFT, || {
-            self.spare.take().unwrap_or_else(|| Box::new([0; 8]))
-        });
+        let b = self.block_mut(key >> BLOCK_SHIFT);
         let (w, m) = ((key % BLOCK_KEYS / 64) as usize, 1u64 << (key % 64));
         let absent = b[w] & m == 0;
         b[w] |= m;
         self.len += absent as u64;
         absent
+    }
+
+    /// The block `block`, added empty if absent (the spare one if a
+    /// removal left one).
+    #[inline(always)]
+    fn block_mut(&mut self, block: u64) -> &mut [u64; 8] {
+        self.blocks.get_or_insert_with(block, || {
+            self.spare.take().unwrap_or_else(|| Box::new([0; 8]))
+        })
     }
 
     /// Removes `key`; returns whether it was present.
@@ -249,12 +256,13 @@ impl SparseBitmap {
         while start < end && block <= (end - 1) >> BLOCK_SHIFT {
             let base = block << BLOCK_SHIFT;
             let (lo, hi) = (start.max(base) - base, (end - base).min(BLOCK_KEYS));
-            let b = self.blocks.get_or_insert_with(block, || Box::new([0; 8]));
-            for (w, word) in b.iter_mut().enumerate() {
+            let mut added = 0;
+            for (w, word) in self.block_mut(block).iter_mut().enumerate() {
                 let m = word_mask(w, lo, hi);
-                self.len += u64::from((m & !*word).count_ones());
+                added += u64::from((m & !*word).count_ones());
                 *word |= m;
             }
+            self.len += added;
             block += 1;
         }
     }

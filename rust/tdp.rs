@@ -797,17 +797,14 @@ impl TdpPageTable {
     /// order.
     pub fn frame_runs(&self, level: u8) -> Result<Vec<(u64, u64)>, HugepageError> {
         check_level(level)?;
-        let mut frames: Vec<u64> = self.puds.keys().collect();
-        frames.sort_unstable();
+        let mut frames: Vec<(u64, &Pud)> = self.puds.iter().collect();
+        frames.sort_unstable_by_key(|&(frame, _)| frame);
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut push = |s: u64, e: u64| match out.last_mut() {
             Some((_, last)) if *last == s => *last = e,
             _ => out.push((s, e)),
         };
-        for frame in frames {
-            let Some(pud) = self.puds.get(frame) else {
-                continue;
-            };
+        for (frame, pud) in frames {
             match level {
                 PG_LEVEL_1G => {
                     if pud.huge.is_some() {
