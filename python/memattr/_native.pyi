@@ -150,10 +150,10 @@ class TdpPageTable:
 UAPI: dict[str, int]
 """The core's uapi constants by name (memattr.uapi holds them equal)."""
 
-_HostTuple = tuple[str, int, bool, bool, bool, bool, bool, int, int]
+_HostTuple = tuple[str, int, bool, bool, bool, bool, bool, int, int, int]
 """A host profile as plain data: (vendor, vm_types, sw_protected_vm, smm,
 generic_memory_attributes, guest_memfd, tdp, max_page_level,
-user_address_bits); memattr.HostProfile is its typed face."""
+user_address_bits, maxphyaddr); memattr.HostProfile is its typed face."""
 
 def host_profile_default() -> _HostTuple:
     """The default host profile (rust/kvm/host.rs)."""

@@ -31,9 +31,15 @@ from memattr.uapi import (
     KVM_CAP_VM_TYPES,
     KVM_CHECK_EXTENSION,
     KVM_CREATE_VM,
+    KVM_SET_USER_MEMORY_REGION,
+    PAGE_SIZE,
+    kvm_userspace_memory_region,
 )
 
 _VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
+
+HostTuple = tuple[str, int, bool, bool, bool, bool, bool, int, int, int]
+"""A profile's fields as the core takes them (name aside)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +60,9 @@ class HostProfile:
       (1 = 4K, 2 = 2M, 3 = 1G);
     - ``user_address_bits``: 47 (4-level paging) or 56 (LA57): where
       access_ok() stops;
+    - ``maxphyaddr``: kvm_host.maxphyaddr, the CPU's physical address
+      width (CPUID 0x80000008, 36 to 52 bits): with TDP, no memslot may
+      reach past it (kvm_mmu_max_gfn()); 52, x86's widest, if not given;
     - ``name``: what this profile is (not used by any rule).
     """
 
@@ -66,6 +75,7 @@ class HostProfile:
     tdp: bool
     max_page_level: int
     user_address_bits: int
+    maxphyaddr: int = 52
     name: str = dataclasses.field(default="custom", compare=False)
 
     DEFAULT_NAME: ClassVar[str] = "opensuse-tumbleweed-6.18-amd-snp"
@@ -74,7 +84,7 @@ class HostProfile:
         # The core says whether a real host can look like this.
         _native.host_profile_check(self.as_tuple())
 
-    def as_tuple(self) -> tuple[str, int, bool, bool, bool, bool, bool, int, int]:
+    def as_tuple(self) -> HostTuple:
         """The plain data the core takes."""
         return (
             self.vendor,
@@ -86,10 +96,11 @@ class HostProfile:
             self.tdp,
             self.max_page_level,
             self.user_address_bits,
+            self.maxphyaddr,
         )
 
     @classmethod
-    def from_tuple(cls, t: tuple[str, int, bool, bool, bool, bool, bool, int, int], name: str = "custom") -> HostProfile:
+    def from_tuple(cls, t: HostTuple, name: str = "custom") -> HostProfile:
         return cls(*t, name=name)
 
     @classmethod
@@ -99,7 +110,7 @@ class HostProfile:
         CONFIG_KVM_SW_PROTECTED_VM=y, CONFIG_KVM_SMM=y) at Linux 6.18 on an
         AMD EPYC 9004 (Genoa) with SEV-SNP enabled, NPT on, 1G pages,
         5-level paging (56-bit user addresses). VM types: default,
-        SW_PROTECTED, SEV, SEV-ES, SNP."""
+        SW_PROTECTED, SEV, SEV-ES, SNP; 52 bits of physical address."""
         return _default_profile()
 
     @classmethod
@@ -107,13 +118,17 @@ class HostProfile:
         """A named profile: ``"default"`` (see :meth:`default`) or
         ``"intel-tdx"``: Linux 6.18 with CONFIG_KVM_INTEL_TDX=y,
         CONFIG_KVM_SW_PROTECTED_VM=y, CONFIG_KVM_SMM=y on a Sapphire Rapids
-        with TDX enabled (kvm_intel.tdx=1), EPT on, 1G pages: VM types
-        default, SW_PROTECTED and TDX."""
+        with TDX enabled (kvm_intel.tdx=1), EPT on, 1G pages, 46 bits of
+        physical address: VM types default, SW_PROTECTED and TDX."""
         if name in ("default", cls.DEFAULT_NAME):
             return cls.default()
         if name == "intel-tdx":
             return dataclasses.replace(
-                cls.default(), vendor="intel", vm_types=(1 << 0) | (1 << 1) | (1 << 5), name="intel-tdx-6.18"
+                cls.default(),
+                vendor="intel",
+                vm_types=(1 << 0) | (1 << 1) | (1 << 5),
+                maxphyaddr=46,
+                name="intel-tdx-6.18",
             )
         raise ValueError(f"no host profile named {name!r} (known: 'default', 'intel-tdx')")
 
@@ -150,6 +165,7 @@ class HostProfile:
                     continue
                 os.close(vm)
                 vm_types |= 1 << t
+            max_gpa_bits = _probe_max_gpa_bits(fd)
         finally:
             os.close(fd)
         config = read_kernel_config()
@@ -163,6 +179,11 @@ class HostProfile:
         tdp = caps[KVM_CAP_PRE_FAULT_MEMORY] == 1 or _module_param_on("kvm_amd", "npt") or _module_param_on(
             "kvm_intel", "ept"
         )
+        # With TDP the kernel's own limit is the CPU's MAXPHYADDR, which
+        # /proc/cpuinfo may understate (SME and MKTME take bits from it);
+        # without, the limit is 52 whatever the CPU, so cpuinfo's width is
+        # kept (no rule reads it then).
+        maxphyaddr = max_gpa_bits if tdp and max_gpa_bits is not None else _cpuinfo_phys_bits(cpu)
         return cls(
             vendor=_VENDORS.get(cpu.get("vendor_id", ""), "other"),
             vm_types=vm_types,
@@ -175,6 +196,7 @@ class HostProfile:
             tdp=tdp,
             max_page_level=3 if "pdpe1gb" in cpu.get("flags", "").split() else 2,
             user_address_bits=56 if "la57" in cpu.get("flags", "").split() else 47,
+            maxphyaddr=maxphyaddr,
             name=f"probed: Linux {platform.release()}",
         )
 
@@ -211,6 +233,43 @@ def _cpuinfo() -> dict[str, str]:
     return out
 
 
+def _cpuinfo_phys_bits(cpu: dict[str, str]) -> int:
+    """The physical address width /proc/cpuinfo reports ("address sizes:
+    46 bits physical, ..."), within x86's 36 to 52; 52 if it says none."""
+    words = cpu.get("address sizes", "").split()
+    if len(words) >= 2 and words[1] == "bits" and words[0].isdigit():
+        return min(max(int(words[0]), 36), 52)
+    return 52
+
+
+def _probe_max_gpa_bits(kvm_fd: int) -> int | None:
+    """How many bits of guest-physical address this kernel's memslots may
+    span (kvm_mmu_max_gfn()), found by asking it: the widest b for which a
+    one-page memslot ending at 2^b is accepted, on a scratch VM. None if
+    the kernel takes none (or no VM can be made)."""
+    try:
+        vm = fcntl.ioctl(kvm_fd, KVM_CREATE_VM, 0)
+    except OSError:
+        return None
+    try:
+        for bits in range(52, 35, -1):
+            region = kvm_userspace_memory_region(
+                slot=0, guest_phys_addr=(1 << bits) - PAGE_SIZE, memory_size=PAGE_SIZE, userspace_addr=1 << 30
+            )
+            try:
+                fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, region)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    return None
+                continue
+            region.memory_size = 0  # delete it again
+            fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, region)
+            return bits
+        return None
+    finally:
+        os.close(vm)
+
+
 def _module_param_on(module: str, param: str) -> bool:
     try:
         with open(f"/sys/module/{module}/parameters/{param}") as f:
@@ -219,7 +278,7 @@ def _module_param_on(module: str, param: str) -> bool:
         return False
 
 
-def _host_tuple(host: Any) -> tuple[str, int, bool, bool, bool, bool, bool, int, int] | None:
+def _host_tuple(host: Any) -> HostTuple | None:
     if host is None:
         return None
     if not isinstance(host, HostProfile):

@@ -61,6 +61,11 @@ pub struct HostProfile {
     /// Bits of user virtual address: 47 with 4-level paging, 56 with LA57.
     /// access_ok() accepts ranges ending at or below TASK_SIZE_MAX.
     pub user_address_bits: u8,
+    /// kvm_host.maxphyaddr: the CPU's physical address width as CPUID
+    /// 0x80000008 reports it (not /proc/cpuinfo's, which SME and MKTME
+    /// reduce). With TDP it bounds the gfns a memslot may hold
+    /// ([`HostProfile::kvm_mmu_max_gfn`]).
+    pub maxphyaddr: u8,
 }
 
 impl Default for HostProfile {
@@ -70,7 +75,8 @@ impl Default for HostProfile {
     /// at Linux 6.18 on an AMD EPYC 9004 (Genoa) with SEV-SNP enabled, NPT
     /// on, 1G pages and 5-level paging (Zen 4 has LA57 and the distribution
     /// kernel has X86_5LEVEL=y, so TASK_SIZE_MAX is 2^56 - 4096: a VMM can
-    /// map guests beyond 4-level paging's 128 TiB of user space): VM types
+    /// map guests beyond 4-level paging's 128 TiB of user space), with 52
+    /// bits of physical address: VM types
     /// default, SW_PROTECTED, SEV, SEV-ES and SNP.
     fn default() -> Self {
         Self {
@@ -87,6 +93,8 @@ impl Default for HostProfile {
             tdp: true,
             max_page_level: crate::hugepage::PG_LEVEL_1G,
             user_address_bits: 56,
+            // Zen 4's CPUID 0x80000008 reports 52 physical address bits.
+            maxphyaddr: 52,
         }
     }
 }
@@ -95,6 +103,10 @@ impl Default for HostProfile {
 /// (their Kconfig options select KVM_GENERIC_MEMORY_ATTRIBUTES).
 const PRIVATE_MEM_TYPES: u64 =
     (1 << KVM_X86_SW_PROTECTED_VM) | (1 << KVM_X86_SNP_VM) | (1 << KVM_X86_TDX_VM);
+/// x86's narrowest and widest physical address (MAXPHYADDR): 36 bits since
+/// PAE, 52 architecturally.
+const MIN_MAXPHYADDR: u8 = 36;
+const MAX_MAXPHYADDR: u8 = 52;
 const AMD_TYPES: u64 = (1 << KVM_X86_SEV_VM) | (1 << KVM_X86_SEV_ES_VM) | (1 << KVM_X86_SNP_VM);
 
 impl HostProfile {
@@ -140,7 +152,22 @@ impl HostProfile {
                 self.user_address_bits
             ));
         }
+        if !(MIN_MAXPHYADDR..=MAX_MAXPHYADDR).contains(&self.maxphyaddr) {
+            return bad(format!(
+                "maxphyaddr must be {MIN_MAXPHYADDR} to {MAX_MAXPHYADDR} (x86's physical address widths), got {}",
+                self.maxphyaddr
+            ));
+        }
         Ok(())
+    }
+
+    /// kvm_mmu_max_gfn() (arch/x86/kvm/mmu.h): the last gfn a memslot may
+    /// hold. With TDP it is the host's MAXPHYADDR, since EPT/NPT cannot map
+    /// a gpa beyond it; shadow paging walks the guest's own tables and
+    /// takes any gfn below x86's architectural 52 bits.
+    pub fn kvm_mmu_max_gfn(&self) -> u64 {
+        let max_gpa_bits = if self.tdp { self.maxphyaddr } else { MAX_MAXPHYADDR };
+        (1u64 << (u32::from(max_gpa_bits) - PAGE_SHIFT)) - 1
     }
 
     /// kvm_caps.supported_vm_types as a kernel of `semantics` reports it:

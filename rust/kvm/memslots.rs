@@ -453,7 +453,33 @@ impl Kvm {
         if mem.flags & KVM_MEM_GUEST_MEMFD != 0 {
             self.kvm_gmem_check_bind(mem.guest_memfd as u64, mem.guest_memfd_offset, npages)?;
         }
+        self.kvm_arch_prepare_memory_region(change, base_gfn, npages)?;
         Ok((Some(change), old))
+    }
+
+    /// kvm_arch_prepare_memory_region()'s checks (x86), after the binding
+    /// (kvm_set_memslot() runs it; a failure unbinds): a created or moved
+    /// slot must end at or below kvm_mmu_max_gfn(). A flags change keeps
+    /// the slot where it is, and a deletion is not checked.
+    fn kvm_arch_prepare_memory_region(
+        &self,
+        change: MemslotChange,
+        base_gfn: u64,
+        npages: u64,
+    ) -> Result<(), KvmError> {
+        let last = base_gfn + npages - 1;
+        let max = self.config.host.kvm_mmu_max_gfn();
+        if matches!(change, MemslotChange::Create | MemslotChange::Move) && last > max {
+            return fail(
+                EINVAL,
+                format!(
+                    "the slot's last gfn {last:#x} is above kvm_mmu_max_gfn() {max:#x} \
+                     (this host's guest-physical addresses end at bit {})",
+                    max.count_ones() + PAGE_SHIFT
+                ),
+            );
+        }
+        Ok(())
     }
 
     /// kvm_alloc_memslot_metadata() / kvm_arch_prepare_memory_region():

@@ -574,6 +574,7 @@ fn pvm_host() -> HostProfile {
         tdp: false,
         max_page_level: 3,
         user_address_bits: 47,
+        maxphyaddr: 48,
     }
 }
 

@@ -38,8 +38,8 @@ use crate::locks::{LockError, ModelLock, ModelLockGuard};
 
 /// A host profile as plain data: (vendor, vm_types, sw_protected_vm, smm,
 /// generic_memory_attributes, guest_memfd, tdp, max_page_level,
-/// user_address_bits), the fields of `memattr.HostProfile`.
-type HostTuple = (String, u64, bool, bool, bool, bool, bool, u8, u8);
+/// user_address_bits, maxphyaddr), the fields of `memattr.HostProfile`.
+type HostTuple = (String, u64, bool, bool, bool, bool, bool, u8, u8, u8);
 
 fn host_to_tuple(h: &HostProfile) -> HostTuple {
     (
@@ -52,6 +52,7 @@ fn host_to_tuple(h: &HostProfile) -> HostTuple {
         h.tdp,
         h.max_page_level,
         h.user_address_bits,
+        h.maxphyaddr,
     )
 }
 
@@ -73,6 +74,7 @@ fn host_from_tuple(t: HostTuple) -> PyResult<HostProfile> {
         tdp: t.6,
         max_page_level: t.7,
         user_address_bits: t.8,
+        maxphyaddr: t.9,
     };
     h.validate()
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
