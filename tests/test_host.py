@@ -57,6 +57,8 @@ def test_default_profile_is_one_real_host() -> None:
         ({"generic_memory_attributes": False}, "private memory"),
         ({"max_page_level": 4}, "max_page_level"),
         ({"user_address_bits": 48}, "user_address_bits"),
+        ({"maxphyaddr": 35}, "maxphyaddr"),
+        ({"maxphyaddr": 53}, "maxphyaddr"),
         ({"vendor": "via"}, "vendor"),
     ],
 )
@@ -168,3 +170,25 @@ def test_guest_memfd_only_slots_serve_shared_faults() -> None:
         vm.fault(PAGE)
     assert (info.value.gpa, info.value.flags) == (PAGE, 0)
     assert vm.fault((1 << 30) + PAGE) == 3
+
+
+@pytest.mark.parametrize(
+    ("host", "top"),
+    [
+        (m.HostProfile.default(), 1 << 52),  # NPT on a 52-bit Genoa
+        (m.HostProfile.named("intel-tdx"), 1 << 46),  # EPT on a 46-bit Sapphire Rapids
+        (dataclasses.replace(PVM_HOST, maxphyaddr=40), 1 << 52),  # shadow paging: 52 whatever the CPU
+    ],
+)
+def test_memslots_end_below_the_hosts_gpa_limit(host: m.HostProfile, top: int) -> None:
+    """kvm_arch_prepare_memory_region(): a created or moved slot must end at
+    or below kvm_mmu_max_gfn() (arch/x86/kvm/mmu.h: the host's MAXPHYADDR
+    with TDP, 52 bits without), worked by hand from the kernel source."""
+    vm = m.Vm(host=host)
+    vm.set_user_memory_region(0, top - PAGE, PAGE, 1 << 30)
+    assert errno_of(lambda: vm.set_user_memory_region(1, top, PAGE, 1 << 30)) == errno.EINVAL
+    vm.set_user_memory_region(1, 1 << 32, SZ_2M, 1 << 30)
+    assert errno_of(lambda: vm.set_user_memory_region(1, top - PAGE, SZ_2M, 1 << 30)) == errno.EEXIST
+    vm.set_user_memory_region(0, 0, 0)
+    assert errno_of(lambda: vm.set_user_memory_region(1, top - PAGE, SZ_2M, 1 << 30)) == errno.EINVAL
+    assert [(s.slot, s.base_gfn) for s in vm.memslots] == [(1, 1 << 20)]

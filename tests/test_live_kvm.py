@@ -467,6 +467,38 @@ def memslot_bindings(kvm: Any, step: Steps) -> None:
 
 
 @scenario
+def gpa_limit(kvm: Any, step: Steps) -> None:
+    """kvm_mmu_max_gfn(): how far up guest-physical memory may reach, at
+    each width a host can have (the host's MAXPHYADDR with TDP, else 52
+    bits), for created, moved and changed slots."""
+    vm = kvm.create_vm(0)
+    uaddr = 1 << 30
+    for bits in (36, 39, 46, 48, 52, 57, 63):
+        top = 1 << bits
+        step(f"last page below 2^{bits}", lambda top=top: _set(vm, slot=0, gpa=top - PAGE, size=PAGE, uaddr=uaddr))
+        step(f"dirty logging on it (2^{bits})", lambda top=top: _set(vm, slot=0, gpa=top - PAGE, size=PAGE, uaddr=uaddr,
+                                                                   flags=1))
+        step(f"delete it (2^{bits})", lambda: _set(vm, slot=0, gpa=0, size=0))
+        step(f"first page at 2^{bits}", lambda top=top: _set(vm, slot=0, gpa=top, size=PAGE, uaddr=uaddr))
+        step(f"delete that (2^{bits})", lambda: _set(vm, slot=0, gpa=0, size=0))
+        step(f"2M across 2^{bits}", lambda top=top: _set(vm, slot=0, gpa=top - SZ_2M // 2, size=SZ_2M, uaddr=uaddr))
+        step(f"delete that too (2^{bits})", lambda: _set(vm, slot=0, gpa=0, size=0))
+    step("a slot low down", lambda: _set(vm, slot=1, gpa=1 << 32, size=SZ_2M, uaddr=uaddr))
+    for bits in (46, 48, 52):
+        step(f"moved to end at 2^{bits}", lambda bits=bits: _set(vm, slot=1, gpa=(1 << bits) - SZ_2M, size=SZ_2M,
+                                                                 uaddr=uaddr))
+        step(f"moved to start at 2^{bits}", lambda bits=bits: _set(vm, slot=1, gpa=1 << bits, size=SZ_2M, uaddr=uaddr))
+    gfd = step("create guest_memfd", lambda: vm.create_guest_memfd(SZ_2M, 0), value=False)
+    if gfd is not None:
+        step("bind it past 2^52", lambda: _set(vm, slot=2, gpa=1 << 52, size=SZ_2M, flags=G, gfd=gfd, uaddr=uaddr))
+        step("bind it below 2^52", lambda: _set(vm, slot=2, gpa=(1 << 52) - 2 * SZ_2M, size=SZ_2M, flags=G, gfd=gfd,
+                                                uaddr=uaddr))
+        step("delete the bound slot", lambda: _set(vm, slot=2, gpa=0, size=0))
+        vm.close_gmem(gfd)
+    vm.close()
+
+
+@scenario
 def fallocate_modes(kvm: Any, step: Steps) -> None:
     vm = kvm.create_vm(0)
     gfd = step("create guest_memfd", lambda: vm.create_guest_memfd(SZ_2M, 0), value=False)

@@ -166,7 +166,11 @@ impl HostProfile {
     /// a gpa beyond it; shadow paging walks the guest's own tables and
     /// takes any gfn below x86's architectural 52 bits.
     pub fn kvm_mmu_max_gfn(&self) -> u64 {
-        let max_gpa_bits = if self.tdp { self.maxphyaddr } else { MAX_MAXPHYADDR };
+        let max_gpa_bits = if self.tdp {
+            self.maxphyaddr
+        } else {
+            MAX_MAXPHYADDR
+        };
         (1u64 << (u32::from(max_gpa_bits) - PAGE_SHIFT)) - 1
     }
 

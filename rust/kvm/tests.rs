@@ -625,6 +625,14 @@ fn vm_types_and_caps_follow_the_host() {
             tdp: false,
             ..HostProfile::default()
         },
+        HostProfile {
+            maxphyaddr: 35,
+            ..HostProfile::default()
+        },
+        HostProfile {
+            maxphyaddr: 53,
+            ..HostProfile::default()
+        },
     ] {
         assert!(matches!(vm_on(bad, 0, l), Err(KvmError::Argument(_))));
     }
@@ -688,6 +696,75 @@ fn memslot_rules_6_18() {
     assert_eq!(errno(k.kvm_set_memory_region(&past, false)), EINVAL);
     let mut k68 = vm_on(HostProfile::default(), 0, Semantics::Linux68).unwrap();
     k68.kvm_set_memory_region(&past, false).unwrap();
+}
+
+/// kvm_arch_prepare_memory_region(): a created or moved slot must end at
+/// or below kvm_mmu_max_gfn(), which is the host's MAXPHYADDR with TDP and
+/// 52 bits with shadow paging. The expectations are the kernel source's,
+/// worked by hand; tests/test_live_kvm.py checks the same on a real host.
+#[test]
+fn memslots_end_at_kvm_mmu_max_gfn() {
+    const M2: u64 = 1 << 21;
+    let uaddr = 1 << 30;
+    for (tdp, maxphyaddr, bits) in [(true, 46, 46), (true, 52, 52), (false, 40, 52)] {
+        let host = HostProfile {
+            tdp,
+            maxphyaddr,
+            vm_types: 1,
+            sw_protected_vm: false,
+            ..HostProfile::default()
+        };
+        assert_eq!(host.kvm_mmu_max_gfn(), (1 << (bits - 12)) - 1);
+        let top = 1u64 << bits;
+        let mut k = vm_on(host, 0, Semantics::Linux618).unwrap();
+        // The last page below the limit, then the first page over it.
+        k.kvm_set_memory_region(&region(0, 0, top - PAGE_SIZE, PAGE_SIZE, uaddr, 0), false)
+            .unwrap();
+        assert_eq!(
+            errno(k.kvm_set_memory_region(&region(1, 0, top, PAGE_SIZE, uaddr, 0), false)),
+            EINVAL
+        );
+        // Moving a slot past it fails and leaves the slot where it was; a
+        // flags change of the slot at the top and its deletion are not
+        // checked against it.
+        k.kvm_set_memory_region(&region(2, 0, 1 << 32, M2, uaddr, 0), false)
+            .unwrap();
+        assert_eq!(
+            errno(k.kvm_set_memory_region(&region(2, 0, top, M2, uaddr, 0), false)),
+            EINVAL
+        );
+        assert_eq!(k.memslots().find(0, (1 << 32) >> PAGE_SHIFT), Some(0));
+        let dirty = KVM_MEM_LOG_DIRTY_PAGES;
+        k.kvm_set_memory_region(
+            &region(0, dirty, top - PAGE_SIZE, PAGE_SIZE, uaddr, 0),
+            false,
+        )
+        .unwrap();
+        k.kvm_set_memory_region(&region(0, dirty, 0, 0, 0, 0), false)
+            .unwrap();
+        // Over it by its end (now that nothing overlaps there).
+        assert_eq!(
+            errno(k.kvm_set_memory_region(&region(1, 0, top - M2, 2 * M2, uaddr, 0), false)),
+            EINVAL
+        );
+        // The checks before it come first: an overlap is EEXIST, and a
+        // binding's own errors (here a file too small) win.
+        assert_eq!(
+            errno(k.kvm_set_memory_region(&region(3, 0, 1 << 32, 2 * M2, uaddr, 0), false)),
+            EEXIST
+        );
+        let fd = k.kvm_gmem_create(M2, 0).unwrap();
+        let too_big = region(3, KVM_MEM_GUEST_MEMFD, top - M2, 2 * M2, uaddr, fd);
+        assert_eq!(errno(k.kvm_set_memory_region(&too_big, false)), EINVAL);
+        let fits_file = region(3, KVM_MEM_GUEST_MEMFD, top, M2, uaddr, fd);
+        assert_eq!(errno(k.kvm_set_memory_region(&fits_file, false)), EINVAL);
+        // The refused binding left the file unbound: it binds below.
+        k.kvm_set_memory_region(
+            &region(3, KVM_MEM_GUEST_MEMFD, top - M2, M2, uaddr, fd),
+            false,
+        )
+        .unwrap();
+    }
 }
 
 #[test]
