@@ -201,3 +201,24 @@ def test_kvm_enable_cap_manual_dirty_log_protect2() -> None:
     assert e.value.errno == errno.EFAULT
     with pytest.raises(ValueError, match="4 values"):
         vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, (1,))
+
+
+@pytest.mark.parametrize("arg", [0, 1])
+def test_an_ioctl_the_host_was_built_without_is_enotty_before_its_argument_is_read(arg: int) -> None:
+    """kvm_vm_ioctl(): a case compiled out (CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES,
+    CONFIG_KVM_GUEST_MEMFD) falls to the default case, ENOTTY, without
+    copy_from_user(): a bad pointer is ENOTTY there and EFAULT where the
+    ioctl exists. (tests/test_live_kvm.py's ioctl_arguments checks the
+    same on a running kernel built without generic memory attributes.)"""
+    bare = m.HostProfile(
+        vendor="intel", vm_types=1, sw_protected_vm=False, smm=False, generic_memory_attributes=False,
+        guest_memfd=False, tdp=True, max_page_level=3, user_address_bits=47,
+    )
+    without, with_ = m.Vm(host=bare), m.Vm()
+    for request in (uapi.KVM_SET_MEMORY_ATTRIBUTES, uapi.KVM_CREATE_GUEST_MEMFD):
+        expect(errno.ENOTTY, without.ioctl, request, arg)
+        expect(errno.EFAULT, with_.ioctl, request, arg)
+    v11 = m.Vm(host=bare, semantics="v11")
+    for request in (uapi.KVM_SET_MEMORY_ATTRIBUTES_V11, uapi.KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES):
+        expect(errno.ENOTTY, v11.ioctl, request, arg)
+        expect(errno.EFAULT, m.Vm(semantics="v11").ioctl, request, arg)

@@ -466,6 +466,42 @@ def memslot_bindings(kvm: Any, step: Steps) -> None:
     vm.close()
 
 
+# The VM ioctls the model knows, with their argument structs (None: the
+# argument is an int), and numbers no x86 VM fd knows.
+_VM_IOCTLS: list[tuple[str, int, type | None]] = [
+    ("KVM_CHECK_EXTENSION", uapi.KVM_CHECK_EXTENSION, None),
+    ("KVM_SET_USER_MEMORY_REGION", uapi.KVM_SET_USER_MEMORY_REGION, uapi.kvm_userspace_memory_region),
+    ("KVM_SET_USER_MEMORY_REGION2", uapi.KVM_SET_USER_MEMORY_REGION2, uapi.kvm_userspace_memory_region2),
+    ("KVM_CREATE_GUEST_MEMFD", uapi.KVM_CREATE_GUEST_MEMFD, uapi.kvm_create_guest_memfd),
+    ("KVM_SET_MEMORY_ATTRIBUTES", uapi.KVM_SET_MEMORY_ATTRIBUTES, uapi.kvm_memory_attributes),
+    ("KVM_ENABLE_CAP", uapi.KVM_ENABLE_CAP, uapi.kvm_enable_cap),
+    ("v11 KVM_SET_MEMORY_ATTRIBUTES", uapi.KVM_SET_MEMORY_ATTRIBUTES_V11, uapi.kvm_memory_attributes),
+    ("v11 KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES", uapi.KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES, ctypes.c_uint64),
+    ("no such ioctl", 0xDEADBEEF, None),
+    ("an unknown KVM number", 0x4008AEFF, None),
+]
+
+
+@scenario
+def ioctl_arguments(kvm: Any, step: Steps) -> None:
+    """Each VM ioctl with a NULL and a bad pointer (EFAULT where the kernel
+    copies the argument in; ENOTTY first where the host's KVM was built
+    without the ioctl, which reads nothing) and with a zeroed struct of its
+    own size. Shorter buffers are left out: fcntl copies them into a
+    1024-byte stack buffer whose tail the kernel reads as garbage."""
+    vm = kvm.create_vm(0)
+    for name, request, struct in _VM_IOCTLS:
+        # KVM_CHECK_EXTENSION's int is a capability: 0 and 1 are the irqchip
+        # and HLT, which the model does not answer (check_extension covers
+        # the ones it does).
+        for arg in (4096, 1 << 20) if struct is None and name == "KVM_CHECK_EXTENSION" else (0, 1, 4096):
+            step(f"{name} with int {arg}", lambda request=request, arg=arg: vm.ioctl(request, arg))
+        if struct is not None:
+            step(f"{name} with a zeroed struct",
+                 lambda request=request, struct=struct: vm.ioctl(request, bytearray(ctypes.sizeof(struct))))
+    vm.close()
+
+
 @scenario
 def gpa_limit(kvm: Any, step: Steps) -> None:
     """kvm_mmu_max_gfn(): how far up guest-physical memory may reach, at

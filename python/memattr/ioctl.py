@@ -155,6 +155,17 @@ _STRUCT_REQUESTS_V11: dict[int, _Handler] = {
 }
 
 
+# Requests whose case in kvm_vm_ioctl() depends on how the host's KVM was
+# built: the core says whether it is there (ENOTTY if not, before the
+# argument is read, as in the kernel), by the name it knows it under.
+_BUILD_DEPENDENT: dict[int, str] = {
+    KVM_SET_MEMORY_ATTRIBUTES: "set_memory_attributes",
+    KVM_SET_MEMORY_ATTRIBUTES_V11: "set_memory_attributes",
+    KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES: "set_memory_attributes",
+    KVM_CREATE_GUEST_MEMFD: "create_guest_memfd",
+}
+
+
 def _handler_for(vm: Vm, request: int) -> _Handler | None:
     table = _STRUCT_REQUESTS_V11 if vm.semantics == "v11" else _STRUCT_REQUESTS_68
     return table.get(request)
@@ -169,6 +180,8 @@ def _dispatch(vm: Vm, request: int, int_arg: int | None, buf: Any) -> int:
     handler = _handler_for(vm, request)
     if handler is None:
         raise _oserror(errno.ENOTTY, f"unknown VM ioctl {request:#x}")
+    if request in _BUILD_DEPENDENT:
+        vm._kvm.vm_ioctl_compiled_in(_BUILD_DEPENDENT[request])
     if buf is None:
         raise _oserror(
             errno.EFAULT,

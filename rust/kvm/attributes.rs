@@ -29,14 +29,7 @@ impl Kvm {
         attributes: u64,
         flags: u64,
     ) -> Result<(u64, u64), KvmError> {
-        if !self.config.host.generic_memory_attributes {
-            // The ioctl's case is compiled out of kvm_vm_ioctl(); x86's
-            // kvm_arch_vm_ioctl() does not know it either.
-            return fail(
-                ENOTTY,
-                "KVM_SET_MEMORY_ATTRIBUTES: this host's KVM has no generic memory attributes",
-            );
-        }
+        self.kvm_vm_ioctl_compiled_in(caps::BuildDependentIoctl::SetMemoryAttributes)?;
         let supported = self.config.supported_attributes();
         let r = if flags != 0 {
             fail(EINVAL, format!("flags {flags:#x} must be 0 (reserved)"))

@@ -2,6 +2,42 @@
 
 use super::*;
 
+/// The VM ioctls whose case in kvm_vm_ioctl() is compiled in or out with
+/// the host's build (`#ifdef CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES`,
+/// `CONFIG_KVM_GUEST_MEMFD`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildDependentIoctl {
+    /// KVM_SET_MEMORY_ATTRIBUTES (and v11's two ioctls).
+    SetMemoryAttributes,
+    /// KVM_CREATE_GUEST_MEMFD.
+    CreateGuestMemfd,
+}
+
+impl Kvm {
+    /// kvm_vm_ioctl()'s switch as this host's KVM was built: an ioctl whose
+    /// case is compiled out falls to the default case and x86's
+    /// kvm_arch_vm_ioctl(), which knows it neither: ENOTTY, before anything
+    /// of its argument is read (so even a bad pointer gives ENOTTY).
+    pub fn kvm_vm_ioctl_compiled_in(&self, ioctl: BuildDependentIoctl) -> Result<(), KvmError> {
+        let host = &self.config.host;
+        let (built, why) = match ioctl {
+            BuildDependentIoctl::SetMemoryAttributes => (
+                host.generic_memory_attributes,
+                "KVM_SET_MEMORY_ATTRIBUTES: this host's KVM has no generic memory attributes",
+            ),
+            BuildDependentIoctl::CreateGuestMemfd => (
+                host.guest_memfd,
+                "KVM_CREATE_GUEST_MEMFD: this host's KVM has no guest_memfd",
+            ),
+        };
+        if built {
+            Ok(())
+        } else {
+            fail(ENOTTY, why)
+        }
+    }
+}
+
 /// vm_type -> (has_private_mem, has_protected_state), as x86 sets them at
 /// KVM_CREATE_VM (kvm_arch_init_vm, svm_vm_init, tdx_vm_init). The SEV, SNP
 /// and TDX types arrived after 6.8; the model only needs what they change

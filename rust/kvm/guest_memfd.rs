@@ -183,12 +183,7 @@ impl Kvm {
     /// > 0 and page aligned. ENOTTY on a host built without guest_memfd.
     /// Returns the new fd.
     pub fn kvm_gmem_create(&mut self, size: u64, flags: u64) -> Result<u64, KvmError> {
-        if !self.config.host.guest_memfd {
-            return fail(
-                ENOTTY,
-                "KVM_CREATE_GUEST_MEMFD: this host's KVM has no guest_memfd",
-            );
-        }
+        self.kvm_vm_ioctl_compiled_in(caps::BuildDependentIoctl::CreateGuestMemfd)?;
         let valid_flags = self.kvm_gmem_get_supported_flags();
         if flags & !valid_flags != 0 {
             return fail(

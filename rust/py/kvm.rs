@@ -770,6 +770,25 @@ impl PyKvm {
 
     // --- capabilities ------------------------------------------------------------
 
+    /// kvm_vm_ioctl()'s switch as this host's KVM was built: OSError ENOTTY
+    /// if the case of `ioctl` (``"set_memory_attributes"`` or
+    /// ``"create_guest_memfd"``) is compiled out. The ioctl front end asks
+    /// before it copies the argument in, as the kernel does.
+    fn vm_ioctl_compiled_in(&self, py: Python<'_>, ioctl: &str) -> PyResult<()> {
+        use crate::kvm::caps::BuildDependentIoctl;
+        let which = match ioctl {
+            "set_memory_attributes" => BuildDependentIoctl::SetMemoryAttributes,
+            "create_guest_memfd" => BuildDependentIoctl::CreateGuestMemfd,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "ioctl must be 'set_memory_attributes' or 'create_guest_memfd', got {other:?}"
+                )))
+            }
+        };
+        let r = self.core(py).kvm_vm_ioctl_compiled_in(which);
+        r.map_err(|e| to_pyerr(py, e))
+    }
+
     fn check_extension(&self, py: Python<'_>, cap: &Bound<'_, PyAny>) -> PyResult<u64> {
         let cap = i64_arg(cap, "cap")?;
         Ok(self.core(py).check_extension(cap))
