@@ -143,7 +143,10 @@ impl Memslots {
     pub fn find(&self, as_id: usize, gfn: u64) -> Option<usize> {
         let slots = self.spaces.get(as_id)?;
         let i = slots.partition_point(|s| s.base_gfn <= gfn);
-        (i > 0 && gfn < slots[i - 1].end_gfn()).then_some(i - 1)
+        // `then`, not `then_some`: its argument is evaluated even when the
+        // condition is false, and `i - 1` underflows for a gfn below every
+        // slot (a panic in a debug build).
+        (i > 0 && gfn < slots[i - 1].end_gfn()).then(|| i - 1)
     }
 
     /// id_to_memslot().
