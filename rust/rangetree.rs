@@ -174,16 +174,17 @@ impl Finger {
     }
 }
 
-/// The descent [`AttrStore::prefetch`] made for the next operation's gfn,
-/// kept so that operation's first lookup reuses it instead of descending
-/// again: the path, its leaf, and the separators bounding that leaf (every
-/// key in `[lo, hi)` descends to it). Valid until the tree's shape changes:
-/// every function that allocates, frees, splits, merges or moves nodes or
-/// separators drops it (`reshaped`); changing runs inside a leaf does not
-/// move a key to another leaf, so it keeps it.
+/// Where the descent [`AttrStore::prefetch`] made for the next operation's
+/// gfn ended, kept so that operation's first lookup reuses it instead of
+/// descending again: the leaf and the separators bounding it (every key in
+/// `[lo, hi)` descends to it). No path: the set path needs one only to
+/// split or merge, which descends again (rarely), and copying a kept path
+/// in and out was a fifth of a store-only set's instructions. Valid until
+/// the tree's shape changes: every function that allocates, frees, splits,
+/// merges or moves nodes or separators drops it (`reshaped`); changing runs
+/// inside a leaf does not move a key to another leaf, so it keeps it.
 #[derive(Clone, Copy)]
 struct PathHint {
-    path: Path,
     leaf: u32,
     lo: u64,
     hi: Option<u64>,
@@ -316,27 +317,39 @@ impl RangeTree {
         self.free_inners.push(id);
     }
 
-    /// Descends towards `k`: the path, the leaf, and how many of the
-    /// leaf's starts are `<= k`.
+    /// The leaf `k` descends to, how many of its starts are `<= k`, and the
+    /// separators bounding it (`lo`, 0 if none; `hi`): from the kept descent
+    /// when it holds `k`, else by descending. No path (see [`PathHint`]):
+    /// [`Self::find`] gives one to the callers that change the tree's shape.
     ///
-    /// `find`, `descend` and `locate` are inlined into every caller: each
-    /// runs from a few sites on every operation, and as calls they cost a
-    /// prologue, spilled registers and a returned `Path` copied out.
-    /// Inlined, the 1 TiB boot-and-churn store-only stream takes 677
+    /// `find_leaf`, `find`, `descend` and `locate` are inlined into every
+    /// caller: each runs from a few sites on every operation, and as calls
+    /// they cost a prologue, spilled registers and a returned `Path` copied
+    /// out. Inlined, the 1 TiB boot-and-churn store-only stream takes 677
     /// instructions a set instead of 784, and the replay 1,932 an operation
     /// instead of 2,034 (`benches/bench_instructions.py`, with
     /// `SparseBitmap::insert` and `PmdTable::table_mut` inlined too); 1,854
     /// with `has_value`, `reserve`, the range tracker's `hugepage_has_attrs`
     /// and `disallow_lpage`, `PmdTable::set` and `Pud::pmds_mut` as well.
     #[inline(always)]
-    fn find(&self, k: u64) -> (Path, u32, usize) {
-        let (path, id) = match self.hint_for(k) {
-            Some(h) => (h.path, h.leaf),
+    fn find_leaf(&self, k: u64) -> (u32, usize, u64, Option<u64>) {
+        let (id, lo, hi) = match self.hint_for(k) {
+            Some(h) => (h.leaf, h.lo, h.hi),
             None => {
-                let (path, id, _, _) = self.descend(k);
-                (path, id)
+                let (_, id, lo, hi) = self.descend(k);
+                (id, lo, hi)
             }
         };
+        let l = &self.leaves[id as usize];
+        prefetch_keys(&l.starts);
+        (id, count_le(&l.starts, k).min(l.len as usize), lo, hi)
+    }
+
+    /// [`Self::find_leaf`] with the path from the root, for the callers
+    /// that may split or merge nodes along it: always a descent.
+    #[inline(always)]
+    fn find(&self, k: u64) -> (Path, u32, usize) {
+        let (path, id, _, _) = self.descend(k);
         let l = &self.leaves[id as usize];
         prefetch_keys(&l.starts);
         (path, id, count_le(&l.starts, k).min(l.len as usize))
@@ -464,11 +477,11 @@ impl RangeTree {
 
     /// The first run starting at or after `k`.
     fn first_ge(&self, k: u64) -> Option<(u64, u64, u64)> {
-        let (_, id, pos) = if k == 0 {
-            let (p, id, _) = self.find(0);
-            (p, id, 0)
+        let (id, pos) = if k == 0 {
+            (self.find_leaf(0).0, 0)
         } else {
-            self.find(k - 1)
+            let (id, pos, _, _) = self.find_leaf(k - 1);
+            (id, pos)
         };
         let l = &self.leaves[id as usize];
         if pos < l.len as usize {
@@ -481,15 +494,16 @@ impl RangeTree {
     }
 
     fn set_end(&mut self, start: u64, end: u64) {
-        let (_, id, pos) = self.find(start);
+        let (id, pos, _, _) = self.find_leaf(start);
         debug_assert!(pos > 0 && self.leaves[id as usize].starts[pos - 1] == start);
         self.leaves[id as usize].ends[pos - 1] = end;
     }
 
     /// Inserts a run whose start is not stored yet.
     fn insert(&mut self, r: (u64, u64, u64)) {
-        let (path, mut id, mut pos) = self.find(r.0);
+        let (mut id, mut pos, _, _) = self.find_leaf(r.0);
         if self.leaves[id as usize].len as usize == CAP {
+            let (path, _, _) = self.find(r.0);
             // Appending past the last leaf (a guest converted front to
             // back) splits unevenly, so such trees end up 3/4 full, not 1/2.
             let keep = if pos == CAP && self.leaves[id as usize].next == NONE {
@@ -588,14 +602,17 @@ impl RangeTree {
 
     /// Removes the run starting at `start`.
     fn remove(&mut self, start: u64) {
-        let (path, id, pos) = self.find(start);
+        let (id, pos, _, _) = self.find_leaf(start);
         debug_assert!(pos > 0 && self.leaves[id as usize].starts[pos - 1] == start);
         let l = &mut self.leaves[id as usize];
         l.shift(pos, pos - 1);
         l.len -= 1;
         l.seal();
         self.runs -= 1;
-        if (l.len as usize) < MIN && path.depth > 0 {
+        if (l.len as usize) < MIN && self.height > 0 {
+            // The run's start is gone, but `start` still descends to its
+            // leaf: the separators did not move.
+            let (path, _, _) = self.find(start);
             self.rebalance_leaf(&path, id);
         }
     }
@@ -751,7 +768,7 @@ impl RangeTree {
     /// full leaf is split first, once). Returns false, having changed no
     /// run, when that does not hold.
     fn set_in_leaf(&mut self, s: u64, e: u64, v: u64, split_if_full: bool) -> bool {
-        let (path, id, pos_le) = self.find(s.saturating_sub(1));
+        let (id, pos_le, lower, upper) = self.find_leaf(s.saturating_sub(1));
         let pos = if s == 0 { 0 } else { pos_le };
         let l = &self.leaves[id as usize];
         let len = l.len as usize;
@@ -836,18 +853,21 @@ impl RangeTree {
         if new_len > CAP && split_if_full {
             // Make room and try once more: splitting is cheaper than the
             // general path's separate tree operations.
+            let (path, at, _) = self.find(s.saturating_sub(1));
+            debug_assert_eq!(at, id, "the kept descent and a fresh one agree");
             self.split_leaf(&path, id, CAP / 2);
             return self.set_in_leaf(s, e, v, false);
         }
         if new_len > CAP || (new_len < MIN && self.height > 0) {
             return false;
         }
-        if m > 0 {
-            // New starts must stay inside this leaf's separators.
-            let (lower, upper) = self.bounds(&path);
-            if lower.is_some_and(|k| out[0].0 < k) || upper.is_some_and(|k| out[m - 1].0 >= k) {
-                return false;
-            }
+        // New starts must stay below this leaf's upper separator. They are
+        // never below its lower one: the first is `s`, or the start of a
+        // run of this leaf, and `s - 1` descended here, so `s > lower` (or
+        // `s` is 0 and this is the leftmost leaf, whose `lower` is 0).
+        debug_assert!(m == 0 || out[0].0 >= lower);
+        if m > 0 && upper.is_some_and(|k| out[m - 1].0 >= k) {
+            return false;
         }
         let l = &mut self.leaves[id as usize];
         // Extending or trimming a run in place (the common conversion next
@@ -865,25 +885,6 @@ impl RangeTree {
         }
         self.runs = self.runs + m - (b - a);
         true
-    }
-
-    /// The separators bounding the leaf at the end of `path`.
-    fn bounds(&self, path: &Path) -> (Option<u64>, Option<u64>) {
-        let (mut lower, mut upper) = (None, None);
-        for d in (0..path.depth).rev() {
-            let n = &self.inners[path.ids[d] as usize];
-            let i = path.idx[d] as usize;
-            if lower.is_none() && i > 0 {
-                lower = Some(n.keys[i - 1]);
-            }
-            if upper.is_none() && i + 1 < n.len as usize {
-                upper = Some(n.keys[i]);
-            }
-            if lower.is_some() && upper.is_some() {
-                break;
-            }
-        }
-        (lower, upper)
     }
 
     /// True if more than an eighth of the runs start in `[s, e]`: then one
@@ -1237,12 +1238,12 @@ impl AttrStore for RangeTree {
     /// reads its keys, then the ends and values of the runs it finds), and
     /// keeps the descent for that lookup (`PathHint`).
     fn prefetch(&mut self, gfn: u64) {
-        let (path, leaf, lo, hi) = self.descend(gfn);
+        let (_, leaf, lo, hi) = self.descend(gfn);
         if let Some(l) = self.leaves.get(leaf as usize) {
             crate::prefetch::prefetch(l);
         }
         self.newest_hint ^= 1;
-        self.hints[self.newest_hint] = Some(PathHint { path, leaf, lo, hi });
+        self.hints[self.newest_hint] = Some(PathHint { leaf, lo, hi });
     }
 
     /// Inlined into its callers, as [`RangeTree::find`] says why.
