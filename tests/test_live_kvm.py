@@ -401,6 +401,15 @@ def memslot_bindings(kvm: Any, step: Steps) -> None:
     step("misaligned offset", lambda: _set(vm, slot=1, gpa=1 << 30, size=SZ_2M, flags=G, gfd=gfd, offset=0x800))
     step("beyond the file", lambda: _set(vm, slot=1, gpa=1 << 30, size=SZ_2M, flags=G, gfd=gfd, offset=3 * SZ_2M + PAGE))
     step("offset wraps", lambda: _set(vm, slot=1, gpa=1 << 30, size=SZ_2M, flags=G, gfd=gfd, offset=(1 << 64) - PAGE))
+    # kvm_gmem_bind() sums offset + size as a loff_t, which wraps: the last
+    # page below 2^63 binds, past the end of the file; one page lower does not.
+    step("loff_t end just below 2^63", lambda: _set(vm, slot=1, gpa=1 << 30, size=PAGE, flags=G, gfd=gfd,
+                                                    offset=(1 << 63) - 2 * PAGE))
+    step("loff_t end wraps", lambda: _set(vm, slot=1, gpa=1 << 30, size=PAGE, flags=G, gfd=gfd,
+                                          offset=(1 << 63) - PAGE))
+    step("the same file pages again", lambda: _set(vm, slot=14, gpa=1 << 31, size=PAGE, flags=G, gfd=gfd,
+                                                   offset=(1 << 63) - PAGE))
+    step("delete it", lambda: _set(vm, slot=1, gpa=0, size=0))
     step("overlapping file range", lambda: _set(vm, slot=1, gpa=1 << 30, size=SZ_2M, flags=G, gfd=gfd, offset=SZ_2M - PAGE))
     step("adjacent file range", lambda: _set(vm, slot=1, gpa=1 << 30, size=SZ_2M, flags=G, gfd=gfd, offset=SZ_2M))
     step("overlapping gpa", lambda: _set(vm, slot=2, gpa=SZ_2M - PAGE, size=SZ_2M))

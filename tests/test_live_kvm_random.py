@@ -3,7 +3,8 @@
 ``tests/test_live_kvm.py`` runs hand-written scenarios on /dev/kvm and on the
 model configured as this host; this module runs programs that hypothesis
 draws: memslot changes (both ioctls, every address space), guest_memfd
-creation, binding, fallocate, fstat, close, and mappings of the files
+creation, binding, fallocate, fstat and the fd's other file operations,
+close, and mappings of the files
 (mmap, accesses, munmap), over two VMs. Every argument comes from a small
 pool around the boundaries the kernel checks (alignment, wrap-around, file
 size, slot ids, flags), so most programs mix accepted and refused calls and
@@ -85,6 +86,10 @@ move = st.tuples(st.just("move"), st.integers(0, 1), SLOTS, GPAS, st.booleans())
 create = st.tuples(st.just("create"), st.integers(0, 1), GMEM_SIZES, GMEM_FLAGS)
 fallocate = st.tuples(st.just("fallocate"), HANDLE, FALLOC_MODES, FALLOC_SPANS)
 fstat = st.tuples(st.just("fstat"), HANDLE)
+# The fd's other file operations (guest_memfd refuses them all, each with
+# its errno): on open, closed and never-made files.
+file_op = st.tuples(st.just("file_op"), HANDLE,
+                    st.sampled_from(["read", "write", "pread", "pwrite", "lseek", "ftruncate", "fsync", "ioctl"]))
 close = st.tuples(st.just("close"), HANDLE)
 map_ = st.tuples(st.just("map"), HANDLE, MAP_PAGES)
 access = st.tuples(st.just("access"), HANDLE, ACCESS_OFFSETS, st.booleans())
@@ -95,8 +100,8 @@ attributes = st.tuples(
 )
 # Creating and binding files come first in weight: most of what the kernel
 # checks needs a file, and a binding needs a slot change.
-op = st.one_of(create, create, region, region, region, move, move, fallocate, fstat, close, map_, access, unmap,
-               attributes)
+op = st.one_of(create, create, region, region, region, move, move, fallocate, fstat, file_op, close, map_, access,
+               unmap, attributes)
 # A few files first, so that the calls after have some to name.
 program = st.builds(lambda files, ops: files + ops, st.lists(create, min_size=1, max_size=3),
                     st.lists(op, min_size=8, max_size=60))
@@ -184,6 +189,10 @@ class _Run:
         elif kind == "fstat":
             vm, fd = self.owner(o[1]), self.fd(o[1])
             step(label, lambda: vm.file_op(fd, "fstat"))
+        elif kind == "file_op":
+            _, h, name = o
+            vm, fd = self.owner(h), self.fd(h)
+            step(label, lambda: vm.file_op(fd, name))
         elif kind == "close":
             i = self.file(o[1])
             if i is not None:

@@ -162,6 +162,20 @@ fn vfs_fallocate_mode_618(mode: u64) -> Result<(), KvmError> {
     Ok(())
 }
 
+/// kvm_gmem_bind()'s range check, in the kernel's arithmetic: `offset` is a
+/// loff_t, and so is the sum `offset + size`, which wraps. An offset within
+/// the slot's size of 2^63 (the u64 check before it lets those through)
+/// sums to a negative number, no larger than any file's size, so the
+/// kernel binds a range past the end of the file; the model does too
+/// (Linux 6.8 to 6.18, seen on a live 6.18 kernel).
+fn kvm_gmem_bind_range_invalid(offset: u64, npages: u64, file_size: u64) -> bool {
+    let offset = offset as i64;
+    let size = (npages << PAGE_SHIFT) as i64;
+    offset < 0
+        || offset & (PAGE_SIZE as i64 - 1) != 0
+        || offset.wrapping_add(size) > file_size as i64
+}
+
 impl Kvm {
     /// This VM's open guest_memfd `fd`, or EBADF.
     pub(super) fn own_gmem(&self, fd: u64) -> Result<&GmemFile, KvmError> {
@@ -236,14 +250,13 @@ impl Kvm {
             Some(_) => {}
         }
         let file = self.own_gmem(fd)?;
-        let size = npages << PAGE_SHIFT;
-        if offset > MAX_LFS_FILESIZE || offset & (PAGE_SIZE - 1) != 0 || offset + size > file.size {
+        if kvm_gmem_bind_range_invalid(offset, npages, file.size) {
             return fail(
                 EINVAL,
                 format!(
-                    "guest_memfd range [{offset:#x}, {:#x}) is not page aligned or beyond the \
-                     file's size {:#x}",
-                    offset + size,
+                    "guest_memfd offset {offset:#x} is negative or not page aligned, or \
+                     [offset, offset + {:#x}) is beyond the file's size {:#x}",
+                    npages << PAGE_SHIFT,
                     file.size
                 ),
             );

@@ -1133,3 +1133,52 @@ fn prefetch_pays_once_the_structures_outgrow_l2() {
     assert!(k.store().memory_bytes() > 2 << 20);
     assert!(k.prefetch_pays());
 }
+
+/// kvm_gmem_bind() checks `offset + size > i_size` in loff_t, which wraps:
+/// an offset within the slot's size of 2^63 passes, and the kernel binds a
+/// range past the end of the file (seen on a live 6.18 kernel by
+/// tests/test_live_kvm_random.py). The model binds it too, and everything
+/// after works on it without a panic: attributes, faults, punching the
+/// file, deleting the slot, releasing the file.
+#[test]
+fn a_binding_whose_loff_t_end_wraps_is_taken_as_the_kernel_takes_it() {
+    const TOP: u64 = (1 << 63) - PAGE_SIZE; // the last page-aligned loff_t
+    for sem in [
+        Semantics::Linux68,
+        Semantics::Linux618,
+        Semantics::GmemInplace,
+    ] {
+        let mut k = vm_on(HostProfile::default(), KVM_X86_SW_PROTECTED_VM, sem).unwrap();
+        let fd = k.kvm_gmem_create(2 * PAGE_SIZE, 0).unwrap();
+        let at = |offset: u64, slot: u32, gpa: u64| UserspaceMemoryRegion {
+            guest_memfd_offset: offset,
+            ..region(slot, KVM_MEM_GUEST_MEMFD, gpa, PAGE_SIZE, 1 << 30, fd)
+        };
+        // One page below 2^63 - 4096 still sums below 2^63: beyond the file.
+        assert_eq!(
+            errno(k.kvm_set_memory_region(&at(TOP - PAGE_SIZE, 0, 0), false)),
+            EINVAL
+        );
+        k.kvm_set_memory_region(&at(TOP, 0, 0), false).unwrap();
+        // The same file pages cannot be bound twice.
+        assert_eq!(
+            errno(k.kvm_set_memory_region(&at(TOP, 1, 1 << 21), false)),
+            EINVAL
+        );
+        if !sem.is_gmem_inplace() {
+            k.set_memory_attributes(0, PAGE_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
+                .unwrap();
+        }
+        let _ = k.fault(0, !sem.is_gmem_inplace(), 0);
+        k.kvm_gmem_fallocate(
+            fd,
+            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+            0,
+            2 * PAGE_SIZE as i64,
+        )
+        .unwrap();
+        k.kvm_set_memory_region(&region(0, 0, 0, 0, 0, 0), false)
+            .unwrap();
+        k.kvm_gmem_release(fd).unwrap();
+    }
+}
