@@ -212,7 +212,7 @@ impl SparseBitmap {
     }
 
     /// Adds `key`; returns whether it was absent. Inlined: it runs on
-    /// every conversion's post-set pass (see `RangeTree::find`).
+    /// every conversion's post-set pass (see `RangeTree::find_leaf`).
     #[inline(always)]
     pub fn insert(&mut self, key: u64) -> bool {
         let b = self.block_mut(key >> BLOCK_SHIFT);
@@ -910,7 +910,7 @@ impl MixedFlags for RangeTracker {
     /// hugepage_has_attrs() over runs. 2M: one store range query. 1G: no 2M
     /// hugepage below is flagged mixed, and no store run with a value other
     /// than `attrs` contains a 2M-aligned gfn (the gfns the kernel samples).
-    /// Inlined into its callers, as `RangeTree::find` says why.
+    /// Inlined into its callers, as `RangeTree::find_leaf` says why.
     #[inline(always)]
     fn hugepage_has_attrs(
         &self,
@@ -1011,7 +1011,7 @@ impl HugepageTracker for RangeTracker {
             .contains(gfn >> hpage_gfn_shift(level)))
     }
 
-    /// Inlined into the fault's level walk, as `RangeTree::find` says why.
+    /// Inlined into the fault's level walk, as `RangeTree::find_leaf` says why.
     #[inline(always)]
     fn disallow_lpage(&self, gfn: u64, level: u8) -> Result<bool, HugepageError> {
         check_level(level, PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL)?;

@@ -184,13 +184,13 @@ impl Finger {
 /// merges or moves nodes or separators drops it (`reshaped`); changing runs
 /// inside a leaf does not move a key to another leaf, so it keeps it.
 #[derive(Clone, Copy)]
-struct PathHint {
+struct KeptDescent {
     leaf: u32,
     lo: u64,
     hi: Option<u64>,
 }
 
-impl PathHint {
+impl KeptDescent {
     #[inline]
     fn holds(&self, k: u64) -> bool {
         self.lo <= k && self.hi.is_none_or(|hi| k < hi)
@@ -225,7 +225,7 @@ pub struct RangeTree {
     /// The last two prefetches' descents: a batch hints the next operation
     /// before it runs the current one, so the current one's hint is the
     /// older of the two.
-    hints: [Option<PathHint>; 2],
+    hints: [Option<KeptDescent>; 2],
     newest_hint: usize,
 }
 
@@ -263,7 +263,7 @@ impl RangeTree {
 
     /// A kept descent that leads to `k`'s leaf, if any.
     #[inline]
-    fn hint_for(&self, k: u64) -> Option<&PathHint> {
+    fn hint_for(&self, k: u64) -> Option<&KeptDescent> {
         self.hints.iter().flatten().find(|h| h.holds(k))
     }
 
@@ -319,7 +319,7 @@ impl RangeTree {
 
     /// The leaf `k` descends to, how many of its starts are `<= k`, and the
     /// separators bounding it (`lo`, 0 if none; `hi`): from the kept descent
-    /// when it holds `k`, else by descending. No path (see [`PathHint`]):
+    /// when it holds `k`, else by descending. No path (see [`KeptDescent`]):
     /// [`Self::find`] gives one to the callers that change the tree's shape.
     ///
     /// `find_leaf`, `find`, `descend` and `locate` are inlined into every
@@ -358,7 +358,7 @@ impl RangeTree {
     /// The interior nodes and child indices from the root towards `k`, the
     /// leaf they lead to, and the separators bounding that leaf (every key
     /// in `[lo, hi)` descends to it; the nearest ancestor's are the
-    /// tightest). Inlined: see [`Self::find`].
+    /// tightest). Inlined: see [`Self::find_leaf`].
     #[inline(always)]
     fn descend(&self, k: u64) -> (Path, u32, u64, Option<u64>) {
         let mut path = Path {
@@ -387,7 +387,7 @@ impl RangeTree {
     }
 
     /// The leaf and index of the last run starting `<= k`, if any.
-    /// Inlined: see [`Self::find`].
+    /// Inlined: see [`Self::find_leaf`].
     #[inline(always)]
     fn locate(&self, k: u64) -> Option<(u32, usize)> {
         let f = self.finger.get();
@@ -1236,17 +1236,17 @@ impl AttrStore for RangeTree {
     /// Descends the interior nodes (few enough to stay in the cache), asks
     /// for the whole leaf (reading nothing from it: the lookup that follows
     /// reads its keys, then the ends and values of the runs it finds), and
-    /// keeps the descent for that lookup (`PathHint`).
+    /// keeps the descent for that lookup (`KeptDescent`).
     fn prefetch(&mut self, gfn: u64) {
         let (_, leaf, lo, hi) = self.descend(gfn);
         if let Some(l) = self.leaves.get(leaf as usize) {
             crate::prefetch::prefetch(l);
         }
         self.newest_hint ^= 1;
-        self.hints[self.newest_hint] = Some(PathHint { leaf, lo, hi });
+        self.hints[self.newest_hint] = Some(KeptDescent { leaf, lo, hi });
     }
 
-    /// Inlined into its callers, as [`RangeTree::find`] says why.
+    /// Inlined into its callers, as [`RangeTree::find_leaf`] says why.
     ///
     /// A range that starts before the finger's leaf is checked from that
     /// leaf's first run on first, and before it only if all of that
@@ -1307,7 +1307,7 @@ impl AttrStore for RangeTree {
     /// may split one leaf before trying in place; each split can split every
     /// interior node above it and add a root. That many nodes are set aside
     /// now, so the set that follows never needs more. Inlined into the
-    /// set path, as [`RangeTree::find`] says why.
+    /// set path, as [`RangeTree::find_leaf`] says why.
     #[inline(always)]
     fn reserve(&mut self, start: u64, end: u64, limit: Option<usize>) -> Result<(), StoreError> {
         check_range(start, end)?;

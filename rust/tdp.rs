@@ -275,7 +275,7 @@ impl PmdTable {
 
     /// Makes entry `i` None, a leaf or a full table (a table with bitmaps
     /// comes from [`Self::set_table`]); drops the bitmaps it had. Inlined
-    /// into the zap and map paths, as `RangeTree::find` says why.
+    /// into the zap and map paths, as `RangeTree::find_leaf` says why.
     #[inline(always)]
     fn set(&mut self, i: usize, to: Pmd) {
         let m = 1u64 << (i % 64);

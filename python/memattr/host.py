@@ -235,10 +235,10 @@ def _cpuinfo() -> dict[str, str]:
 
 def _cpuinfo_phys_bits(cpu: dict[str, str]) -> int:
     """The physical address width /proc/cpuinfo reports ("address sizes:
-    46 bits physical, ..."), within x86's 36 to 52; 52 if it says none."""
+    46 bits physical, ..."); 52, x86's widest, if it says none."""
     words = cpu.get("address sizes", "").split()
     if len(words) >= 2 and words[1] == "bits" and words[0].isdigit():
-        return min(max(int(words[0]), 36), 52)
+        return int(words[0])
     return 52
 
 
@@ -253,6 +253,8 @@ def _probe_max_gpa_bits(kvm_fd: int) -> int | None:
         return None
     try:
         for bits in range(52, 35, -1):
+            # One slot id per try: each refused one leaves nothing behind,
+            # and the VM (with the slot it took) goes at the close.
             region = kvm_userspace_memory_region(
                 slot=0, guest_phys_addr=(1 << bits) - PAGE_SIZE, memory_size=PAGE_SIZE, userspace_addr=1 << 30
             )
@@ -262,8 +264,6 @@ def _probe_max_gpa_bits(kvm_fd: int) -> int | None:
                 if e.errno != errno.EINVAL:
                     return None
                 continue
-            region.memory_size = 0  # delete it again
-            fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, region)
             return bits
         return None
     finally:
