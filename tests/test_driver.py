@@ -4,6 +4,8 @@ as lockdep would), the core's argument errors, and the one integer rule."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -117,3 +119,31 @@ def test_a_stale_gfn_range_is_a_kvm_bug() -> None:
             vm.mmu.pre_set_memory_attributes(rng)
         vm.kvm_mmu_invalidate_end()
     assert vm.mmu_invalidate_in_progress == 0
+
+
+_EVERY_BINDING = [
+    ("Vm.get_memory_attributes", lambda a: m.Vm().get_memory_attributes(a), "gfn"),
+    ("RangeTree.get", lambda a: m.RangeTree().get(a), "gfn"),
+    ("XArray.get", lambda a: m.XArray().get(a), "gfn"),
+    ("MapleTree.get", lambda a: m.MapleTree().get(a), "gfn"),
+    ("LpageInfoTracker", lambda a: m.LpageInfoTracker(a, 512), "base_gfn"),
+    ("RangeHugepageTracker", lambda a: m.RangeHugepageTracker(a, 512), "base_gfn"),
+    ("TdpPageTable.mapped_level", lambda a: m.TdpPageTable().mapped_level(a), "gfn"),
+]
+
+
+@pytest.mark.parametrize(("name", "call", "arg"), _EVERY_BINDING, ids=[b[0] for b in _EVERY_BINDING])
+def test_one_integer_rule_on_every_binding(name: str, call: Any, arg: str) -> None:
+    """One validator for the whole binding layer (rust/py/args.rs): numpy
+    integers are ints; bool and numpy.bool_ are TypeError; a value outside
+    u64 is ValueError; every message names the argument. (The stores and
+    the trackers each had their own once: RangeTree().get(True) answered.)"""
+    call(np.uint64(0))
+    for bad in (True, np.True_):
+        with pytest.raises(TypeError, match=f"{arg} must be an int, not bool"):
+            call(bad)
+    for bad in (-1, 1 << 64):
+        with pytest.raises(ValueError, match=f"{arg} must be a u64"):
+            call(bad)
+    with pytest.raises(TypeError, match=f"{arg} must be an int, not float"):
+        call(1.0)

@@ -125,8 +125,10 @@ def test_argument_errors_name_the_argument(tracker_cls: type) -> None:
         tracker_cls(0, 0)
     with pytest.raises(ValueError, match="wrap"):
         tracker_cls(2**64 - 1, 2)
-    with pytest.raises(OverflowError, match="base_gfn"):
+    with pytest.raises(ValueError, match="base_gfn must be a u64"):
         tracker_cls(-1, 1)
+    with pytest.raises(TypeError, match="npages must be an int, not bool"):
+        tracker_cls(0, True)
     with pytest.raises(TypeError, match="npages"):
         tracker_cls(0, "1")
     t = tracker_cls(M2, M2, M2 << 12)
@@ -141,7 +143,7 @@ def test_argument_errors_name_the_argument(tracker_cls: type) -> None:
         t.post_set_memory_attributes(store, 0, M2 + 1, P)
     with pytest.raises(ValueError, match="not inside"):
         t.post_set_memory_attributes(store, M2 + 3, M2 + 3, P)
-    with pytest.raises(OverflowError, match="attrs"):
+    with pytest.raises(ValueError, match="attrs must be a u64"):
         t.post_set_memory_attributes(store, M2, M2 + 1, 2**64)
     with pytest.raises(TypeError, match="RangeTree or an XArray"):
         t.init_memory_attributes(object())

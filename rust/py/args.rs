@@ -3,7 +3,8 @@
 //! anything else with `__index__` (numpy integers included) is accepted;
 //! `bool` and `numpy.bool_` are refused, since a flag passed where a number
 //! belongs is a caller's bug. Errors name the argument: TypeError for a
-//! non-integer, OverflowError outside the type's range.
+//! non-integer, ValueError outside the type's range. Every binding (the VM,
+//! the stores, the trackers, the page table) takes its integers here.
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;

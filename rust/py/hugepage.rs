@@ -4,10 +4,10 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyInt};
 
+use super::args::u64_arg;
 use super::stores::with_store;
 use crate::hugepage::{
     HugepageError, HugepageTracker, LevelCounts, LpageInfoTracker, RangeTracker, SlotLayout,
@@ -31,35 +31,6 @@ fn to_pyerr(e: HugepageError) -> PyErr {
         }
         _ => PyValueError::new_err(e.to_string()),
     }
-}
-
-/// A u64 argument: TypeError for non-int (bool included), OverflowError
-/// outside 0..2**64, both naming the argument.
-fn u64_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u64> {
-    // Exact ints (the common case) need no `__index__` round trip: it would
-    // return the object itself. Out-of-range values fall through to the
-    // general path so the error is the same.
-    if obj.is_exact_instance_of::<PyInt>() {
-        if let Ok(v) = obj.extract::<u64>() {
-            return Ok(v);
-        }
-    }
-    if obj.is_instance_of::<PyBool>() {
-        return Err(PyTypeError::new_err(format!(
-            "{name} must be an int, not bool"
-        )));
-    }
-    let as_int = obj.call_method0("__index__").map_err(|_| {
-        let tn = obj
-            .get_type()
-            .name()
-            .map(|n| n.to_string())
-            .unwrap_or_else(|_| "?".into());
-        PyTypeError::new_err(format!("{name} must be an int, not {tn}"))
-    })?;
-    as_int
-        .extract::<u64>()
-        .map_err(|_| PyOverflowError::new_err(format!("{name} must be in 0..2**64, got {as_int}")))
 }
 
 /// A page-table level argument in `min..=max`, named in the error.

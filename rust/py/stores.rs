@@ -11,10 +11,11 @@
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use numpy::{PyArray1, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyIterator, PyList};
 
+use super::args::u64_arg;
 use crate::mapletree;
 use crate::rangetree;
 use crate::store::{AttrStore, StoreError};
@@ -27,20 +28,6 @@ const DETACH_PAGES: u64 = 4096;
 /// Ranges at least this long run interruptibly (Ctrl-C stops and undoes
 /// them), on a worker thread; the thread costs less than 1% of such a call.
 const INTERRUPTIBLE_PAGES: u64 = 1 << 20;
-
-/// A u64 argument, with errors that name it.
-fn u64_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u64> {
-    match obj.extract::<u64>() {
-        Ok(v) => Ok(v),
-        Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => Err(PyOverflowError::new_err(
-            format!("{name} must be in range [0, 2**64), got {}", obj.repr()?),
-        )),
-        Err(_) => Err(PyTypeError::new_err(format!(
-            "{name} must be an int, not {}",
-            obj.get_type().name()?
-        ))),
-    }
-}
 
 fn opt_u64_arg(obj: Option<&Bound<'_, PyAny>>, name: &str, default: u64) -> PyResult<u64> {
     match obj {
