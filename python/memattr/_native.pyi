@@ -7,8 +7,9 @@ import numpy.typing as npt
 
 # --- stores ---
 # Ranges are half open, [start, end), with start < end; every gfn, value and
-# mask is a u64. Bad arguments raise ValueError/TypeError/OverflowError that
-# name the argument, and change nothing.
+# mask is a u64. Bad arguments raise TypeError (not an int, or a bool) or
+# ValueError (out of range, an empty range) naming the argument, and change
+# nothing.
 
 class _Store:
     def __init__(self) -> None: ...
@@ -70,8 +71,8 @@ class MapleTree(_Store):
 # rules of kvm_alloc_memslot_metadata() and the KVM_LPAGE_MIXED_FLAG state
 # of kvm_arch_post_set_memory_attributes(). Both trackers give identical
 # results; stores are RangeTree or XArray objects (TypeError otherwise).
-# Bad arguments raise TypeError/OverflowError/ValueError naming the argument
-# and change nothing.
+# Bad arguments raise TypeError (not an int, or a bool) or ValueError naming
+# the argument, and change nothing.
 
 class _HugepageTracker:
     def __init__(self, base_gfn: int, npages: int, userspace_addr: int | None = None) -> None:
