@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -286,6 +287,14 @@ def _store_words(text: str) -> list[str]:
     """Other names for the two stores than their API names."""
     low = text.lower()
     return [w for w in ("range store", "per-page store", "range tree", "per page store") if w in low]
+
+
+def test_one_vocabulary_for_the_stores_in_the_help() -> None:
+    """Every subcommand's help names the stores as the API does."""
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        assert _store_words(sub.format_help()) == [], name
 
 
 def test_one_vocabulary_for_the_stores_in_tables_json_and_plots(tmp_path, capsys, monkeypatch):

@@ -155,7 +155,7 @@ def _memory_limit_arg(p: argparse.ArgumentParser) -> None:
         type=_size,
         default=None,
         help=f"memory the runs may use in all (default: {MEMORY_SHARE:g} of the available memory); "
-        "a per-page store predicted to exceed it is refused up front",
+        "an xarray run predicted to exceed it is refused up front",
     )
 
 
@@ -275,12 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="workloads and weights, e.g. boot-and-churn=3,churn=1 (default: a mix of all)",
     )
     f.add_argument("--seed", type=int, default=0, help="fleet seed (sizes, workloads, per-VM seeds)")
-    f.add_argument("--vm", action="store_true", help="also run the whole model (Vm replay) on the range store")
+    f.add_argument("--vm", action="store_true", help="also run the whole model (Vm replay) on the rangetree")
     f.add_argument(
         "--xarray-max",
         type=_size,
         default=_size("64G"),
-        help="largest guest the per-page store runs for; larger ones get its per-page estimate (default 64G)",
+        help="largest guest the xarray runs for; larger ones get its per-page estimate (default 64G)",
     )
     f.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel VMs (default: cores)")
     f.add_argument("--out", default="results", help="output directory (default ./results)")

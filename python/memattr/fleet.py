@@ -17,7 +17,7 @@ guest is at most ``xarray_max`` (its time is per page: the CLI's default
 stops at 64 GiB); elsewhere
 its memory is the per-page estimate (``"estimated": true``) and its time is
 not counted. With ``vm=True`` every VM also runs the whole model on the
-range store (memslots, faults, the MMU), whose time and counters are
+rangetree (memslots, faults, the MMU), whose time and counters are
 reported too.
 """
 
@@ -51,9 +51,9 @@ class FleetVm:
     workload: str
     guest: int
     seed: int
-    xarray_cap: int = 0  # bytes the per-page store may use in this task (0: no limit)
-    xarray_max: int = 0  # largest guest the per-page store runs for (0: no limit)
-    vm: bool = False  # also run the whole model (Vm replay) on the range store
+    xarray_cap: int = 0  # bytes the xarray may use in this task (0: no limit)
+    xarray_max: int = 0  # largest guest the xarray runs for (0: no limit)
+    vm: bool = False  # also run the whole model (Vm replay) on the rangetree
     engine: str = "auto"
 
     def label(self) -> str:
@@ -95,7 +95,7 @@ def plan(
 
 def run_vm(vm: FleetVm) -> dict[str, Any]:
     """One guest: its workload's attribute changes on each store (bare
-    stores, streamed), and with ``vm.vm`` the whole model on the range store."""
+    stores, streamed), and with ``vm.vm`` the whole model on the rangetree."""
     out: dict[str, Any] = {"index": vm.index, "workload": vm.workload, "guest": vm.guest, "seed": vm.seed}
     st = workloads.stream(vm.workload, vm.guest, seed=vm.seed)
     per_page = sweep.xarray_fits(vm.guest, vm.xarray_cap) and (not vm.xarray_max or vm.guest <= vm.xarray_max)
