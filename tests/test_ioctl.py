@@ -222,3 +222,24 @@ def test_an_ioctl_the_host_was_built_without_is_enotty_before_its_argument_is_re
     for request in (uapi.KVM_SET_MEMORY_ATTRIBUTES_V11, uapi.KVM_GET_SUPPORTED_MEMORY_ATTRIBUTES):
         expect(errno.ENOTTY, v11.ioctl, request, arg)
         expect(errno.EFAULT, m.Vm(semantics="v11").ioctl, request, arg)
+
+
+def test_the_front_end_uses_only_the_vms_public_methods() -> None:
+    """The ioctl handlers reach the VM through its public API: no
+    ``vm._anything`` in memattr/ioctl.py (the narrow interface issue 9
+    asked for; the ENOTTY gate once went through ``vm._kvm``)."""
+    import ast
+    from pathlib import Path
+
+    import memattr.ioctl
+
+    tree = ast.parse(Path(memattr.ioctl.__file__).read_text())
+    private = [
+        f"line {n.lineno}: vm.{n.attr}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Name)
+        and n.value.id == "vm"
+        and n.attr.startswith("_")
+    ]
+    assert private == []

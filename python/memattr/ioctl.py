@@ -181,7 +181,7 @@ def _dispatch(vm: Vm, request: int, int_arg: int | None, buf: Any) -> int:
     if handler is None:
         raise _oserror(errno.ENOTTY, f"unknown VM ioctl {request:#x}")
     if request in _BUILD_DEPENDENT:
-        vm._kvm.vm_ioctl_compiled_in(_BUILD_DEPENDENT[request])
+        vm.kvm_vm_ioctl_compiled_in(_BUILD_DEPENDENT[request])
     if buf is None:
         raise _oserror(
             errno.EFAULT,

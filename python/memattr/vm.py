@@ -257,6 +257,13 @@ class Vm(GuestMemfdInplaceMixin):
             guest_memfd_offset,
         )
 
+    def kvm_vm_ioctl_compiled_in(self, ioctl: str) -> None:
+        """kvm_vm_ioctl()'s switch as this VM's host was built: OSError
+        ENOTTY if the case of ``ioctl`` (``"set_memory_attributes"`` or
+        ``"create_guest_memfd"``) is compiled out. The ioctl front end asks
+        before it reads the argument, as the kernel does."""
+        self._kvm.vm_ioctl_compiled_in(ioctl)
+
     def kvm_vm_ioctl_set_memory_region(
         self,
         slot: int,
