@@ -48,6 +48,7 @@ _PASS_THROUGH = frozenset(
         "has_readonly_mem",
         "hugepage_mixed",
         "inplace_stats",
+        "kvm_vm_ioctl_compiled_in",
         "manual_dirty_log_protect",
         "max_mapping_level",
         "memslots",
