@@ -56,7 +56,7 @@ def mostly(valid: list[Any], invalid: list[Any]) -> st.SearchStrategy[Any]:
 
 SLOTS = mostly([0, 1, 2, 3], [32763, 32764, (1 << 16) | 0, (1 << 16) | 1, (2 << 16) | 0])
 GPAS = mostly([0, SZ_2M, 2 * SZ_2M, 1 << 30, (1 << 30) + PAGE, (1 << 52) - 2 * SZ_2M],
-              [8, (1 << 52) - PAGE, (1 << 64) - SZ_2M])
+              [8, (1 << 52) - PAGE, 1 << 52, (1 << 64) - SZ_2M])
 SIZES = mostly([PAGE, 2 * PAGE, SZ_2M, 2 * SZ_2M, SZ_2M + PAGE], [0, 8, 1 << 30, 1 << 43])
 UADDRS = mostly([0x7F0000000000, 0x7E0000000000], [0x7F0000000008, 0, (1 << 47) - SZ_2M, 1 << 47])
 SLOT_FLAGS = mostly([0, uapi.KVM_MEM_LOG_DIRTY_PAGES, G], [uapi.KVM_MEM_READONLY, G | 1, G | 2, 1 << 3, 3])
