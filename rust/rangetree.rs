@@ -324,13 +324,15 @@ impl RangeTree {
     ///
     /// `find_leaf`, `find`, `descend` and `locate` are inlined into every
     /// caller: each runs from a few sites on every operation, and as calls
-    /// they cost a prologue, spilled registers and a returned `Path` copied
-    /// out. Inlined, the 1 TiB boot-and-churn store-only stream takes 677
-    /// instructions a set instead of 784, and the replay 1,932 an operation
-    /// instead of 2,034 (`benches/bench_instructions.py`, with
+    /// they cost a prologue, spilled registers and a returned tuple copied
+    /// out. When that was measured (the kept descent still held a path),
+    /// inlining took the 1 TiB boot-and-churn store-only stream from 784 to
+    /// 677 instructions a set, and the replay from 2,034 to 1,932 an
+    /// operation (`benches/bench_instructions.py`, with
     /// `SparseBitmap::insert` and `PmdTable::table_mut` inlined too); 1,854
     /// with `has_value`, `reserve`, the range tracker's `hugepage_has_attrs`
     /// and `disallow_lpage`, `PmdTable::set` and `Pud::pmds_mut` as well.
+    /// Without the path: 593 a set and 1,764 an operation (callgrind).
     #[inline(always)]
     fn find_leaf(&self, k: u64) -> (u32, usize, u64, Option<u64>) {
         let (id, lo, hi) = match self.hint_for(k) {

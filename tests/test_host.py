@@ -192,3 +192,22 @@ def test_memslots_end_below_the_hosts_gpa_limit(host: m.HostProfile, top: int) -
     vm.set_user_memory_region(0, 0, 0)
     assert errno_of(lambda: vm.set_user_memory_region(1, top - PAGE, SZ_2M, 1 << 30)) == errno.EINVAL
     assert [(s.slot, s.base_gfn) for s in vm.memslots] == [(1, 1 << 20)]
+
+
+def test_the_probes_cpuinfo_width_parses_what_the_kernel_prints() -> None:
+    """/proc/cpuinfo's "address sizes" line, as x86's show_cpuinfo() prints
+    it; 52 when the line is missing or not in that form."""
+    from memattr.host import _cpuinfo_phys_bits
+
+    assert _cpuinfo_phys_bits({"address sizes": "46 bits physical, 57 bits virtual"}) == 46
+    assert _cpuinfo_phys_bits({"address sizes": "52 bits physical, 57 bits virtual"}) == 52
+    assert _cpuinfo_phys_bits({}) == 52
+    assert _cpuinfo_phys_bits({"address sizes": "physical"}) == 52
+
+
+def test_the_build_gate_names_the_ioctls_it_knows() -> None:
+    vm = m.Vm()
+    vm.kvm_vm_ioctl_compiled_in("set_memory_attributes")
+    vm.kvm_vm_ioctl_compiled_in("create_guest_memfd")
+    with pytest.raises(ValueError, match="ioctl must be"):
+        vm.kvm_vm_ioctl_compiled_in("KVM_CREATE_VCPU")
