@@ -450,7 +450,7 @@ impl RangeTree {
         (prev != NONE).then(|| (prev, self.leaves[prev as usize].len as usize - 1))
     }
 
-    #[inline]
+    #[inline(always)]
     fn lookup(&self, gfn: u64) -> u64 {
         if gfn == SENTINEL {
             return 0;

@@ -786,10 +786,7 @@ impl AttrStore for XArray {
         let mut undo: Vec<(u64, u64, Option<u64>)> = Vec::new();
         for index in start..end {
             if armed {
-                if (index - start) % crate::interrupt::CHECK_EVERY == 0
-                    && index != start
-                    && crate::interrupt::pending()
-                {
+                if crate::interrupt::poll_due(index - start) {
                     self.restore(start, index, &undo);
                     return Err(StoreError::Interrupted);
                 }
@@ -903,10 +900,7 @@ impl AttrStore for XArray {
         let mut made: Vec<(u64, u64)> = Vec::new();
         let mut failed = None;
         for index in start..end {
-            if (index - start) % crate::interrupt::CHECK_EVERY == 0
-                && index != start
-                && crate::interrupt::pending()
-            {
+            if crate::interrupt::poll_due(index - start) {
                 failed = Some(StoreError::Interrupted);
                 break;
             }

@@ -22,6 +22,7 @@ impl Kvm {
     /// host built without generic memory attributes). On success the call counts as a
     /// set call and the gfn range [start, end) is returned; on failure as a
     /// failed one.
+    #[inline(always)]
     pub fn kvm_vm_ioctl_set_mem_attributes_checks(
         &mut self,
         address: u64,
@@ -64,6 +65,7 @@ impl Kvm {
     /// the whole range already has the attributes (the early exit);
     /// otherwise the storage is reserved so that storing cannot fail half
     /// way (ENOMEM leaves everything unchanged).
+    #[inline(always)]
     pub fn kvm_vm_set_mem_attributes_reserve(
         &mut self,
         start: u64,
@@ -137,6 +139,7 @@ impl Kvm {
     /// invalidation even when nothing needs zapping, so faults stay away
     /// from gfns whose attributes are in flux; then the arch zaps. True if a
     /// TLB flush is needed.
+    #[inline(always)]
     pub fn kvm_pre_set_memory_attributes(
         &mut self,
         rng: &GfnRange,
@@ -153,6 +156,7 @@ impl Kvm {
 
     /// The store step: every page of [start, end) gets the attributes (the
     /// reservation makes this infallible for the store's memory).
+    #[inline(always)]
     pub fn kvm_set_mem_attributes_store(
         &mut self,
         start: u64,
@@ -160,7 +164,10 @@ impl Kvm {
         attributes: u64,
     ) -> Result<(), KvmError> {
         // Reserved, so it cannot fail; and it must not stop half way.
-        crate::interrupt::masked(|| self.store().set_range(start, end, attributes)).map_err(bug)?;
+        crate::interrupt::masked_steps(end - start, || {
+            self.store().set_range(start, end, attributes)
+        })
+        .map_err(bug)?;
         self.counters.conversions += 1;
         self.counters.pages_converted += end - start;
         Ok(())
@@ -168,6 +175,7 @@ impl Kvm {
 
     /// kvm_post_set_memory_attributes()'s per-range work, the post-set
     /// pass's handler (mmu_lock held).
+    #[inline(always)]
     pub fn kvm_post_set_memory_attributes(
         &mut self,
         rng: &GfnRange,

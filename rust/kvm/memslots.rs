@@ -159,6 +159,7 @@ impl Memslots {
 
     /// Every memslot-clipped piece of [start, end), address space by
     /// address space, in gfn order (kvm_for_each_memslot_in_gfn_range).
+    #[inline(always)]
     pub fn clip(&self, start: u64, end: u64, out: &mut Vec<GfnRange>) {
         if start >= end {
             return;

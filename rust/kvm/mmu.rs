@@ -159,6 +159,7 @@ impl Kvm {
     /// when converting to private, private ones otherwise), which on a VM
     /// without a mirror root is every mapping anyway. True if a TLB flush is
     /// needed.
+    #[inline(always)]
     pub fn kvm_arch_pre_set_memory_attributes(
         &mut self,
         rng: &GfnRange,
@@ -194,6 +195,7 @@ impl Kvm {
     /// kvm_arch_post_set_memory_attributes(): recompute the mixed flags of
     /// the hugepages the range touches (2M, then 1G, which consumes the 2M
     /// results). Never asks for a flush.
+    #[inline(always)]
     pub fn kvm_arch_post_set_memory_attributes(
         &mut self,
         rng: &GfnRange,
@@ -331,6 +333,7 @@ impl Kvm {
     /// then __kvm_faultin_pfn()'s exits. `first` counts the fault (a retry
     /// is the same fault). Errors: MemoryFault, or EINVAL for an address
     /// space the VM does not have.
+    #[inline(always)]
     pub fn kvm_faultin_pfn(
         &mut self,
         gpa: u64,
@@ -382,6 +385,7 @@ impl Kvm {
     /// stale (is_page_fault_stale: an invalidation covers the gfn, the
     /// sequence moved since `mmu_seq`, or the slot went away) and must
     /// retry; otherwise the level it mapped.
+    #[inline(always)]
     pub fn kvm_tdp_map(
         &mut self,
         gpa: u64,
@@ -427,6 +431,7 @@ impl Kvm {
     /// kvm_faultin_pfn_private()'s cap from the guest_memfd folio order,
     /// then kvm_mmu_hugepage_adjust() / __kvm_mmu_max_mapping_level():
     /// dirty logging, lpage_info, and for shared memory the host's level.
+    #[inline(always)]
     fn max_level(
         &self,
         as_id: usize,

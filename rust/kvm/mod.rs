@@ -700,6 +700,7 @@ impl Kvm {
 
     /// Every memslot-clipped piece of [start, end), address space by
     /// address space, in gfn order (kvm_for_each_memslot_in_gfn_range).
+    #[inline(always)]
     pub fn clip_gfn_ranges(&self, start: u64, end: u64, out: &mut Vec<GfnRange>) {
         self.memslots.clip(start, end, out);
     }

@@ -47,6 +47,7 @@ impl Ops for [Op] {
     fn len(&self) -> usize {
         <[Op]>::len(self)
     }
+    #[inline(always)]
     fn op(&self, i: usize) -> Op {
         self[i]
     }
@@ -101,7 +102,7 @@ impl Ops for OpColumns<'_> {
     fn len(&self) -> usize {
         self.kind.len()
     }
-    #[inline]
+    #[inline(always)]
     fn op(&self, i: usize) -> Op {
         Op {
             kind: self.kind[i],

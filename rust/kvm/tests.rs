@@ -1182,3 +1182,85 @@ fn a_binding_whose_loff_t_end_wraps_is_taken_as_the_kernel_takes_it() {
         k.kvm_gmem_release(fd).unwrap();
     }
 }
+
+/// An XArray that raises the caller's cancellation flag as soon as its
+/// reservation is made: a Ctrl-C landing between the set's reserve and
+/// store steps.
+struct SignalAfterReserve {
+    inner: XArray,
+    flag: &'static std::sync::atomic::AtomicBool,
+}
+
+impl AttrStore for SignalAfterReserve {
+    fn get(&self, gfn: u64) -> u64 {
+        self.inner.get(gfn)
+    }
+    fn set_range(&mut self, start: u64, end: u64, value: u64) -> Result<(), StoreError> {
+        self.inner.set_range(start, end, value)
+    }
+    fn has_value(&self, start: u64, end: u64, value: u64, mask: u64) -> Result<bool, StoreError> {
+        self.inner.has_value(start, end, value, mask)
+    }
+    fn for_each_run(
+        &self,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, u64, u64),
+    ) -> Result<(), StoreError> {
+        self.inner.for_each_run(start, end, f)
+    }
+    fn memory_bytes(&self) -> usize {
+        self.inner.memory_bytes()
+    }
+    fn entry_count(&self) -> usize {
+        self.inner.entry_count()
+    }
+    fn reserve(&mut self, start: u64, end: u64, limit: Option<usize>) -> Result<(), StoreError> {
+        let r = self.inner.reserve(start, end, limit);
+        self.flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+    fn release_reservations(&mut self) {
+        self.inner.release_reservations()
+    }
+}
+
+#[test]
+fn a_signal_after_the_reservation_does_not_stop_the_store_part_way() {
+    use crate::interrupt::{with_token, CHECK_EVERY};
+    static FLAG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    // Long enough for the xarray's store loop to poll twice, and a short
+    // one that never polls.
+    for pages in [3 * CHECK_EVERY, 8] {
+        FLAG.store(false, std::sync::atomic::Ordering::Relaxed);
+        let store: SharedStore = Arc::new(RwLock::new(SignalAfterReserve {
+            inner: XArray::new(),
+            flag: &FLAG,
+        }));
+        let mut k = Kvm::new(
+            KVM_X86_SW_PROTECTED_VM,
+            Semantics::Linux68,
+            store.clone(),
+            true,
+            None,
+            18,
+        )
+        .unwrap();
+        let r = with_token(&FLAG, || {
+            k.set_memory_attributes(1 << 30, pages << PAGE_SHIFT, P, 0)
+        });
+        assert!(
+            FLAG.load(std::sync::atomic::Ordering::Relaxed),
+            "the reserve ran"
+        );
+        assert_eq!(r.unwrap(), true, "{pages} pages");
+        let s = store.read().unwrap();
+        let start = (1 << 30) >> PAGE_SHIFT;
+        // The per-page oracle: every page stored, none outside.
+        assert_eq!(
+            s.count_pages(start, start + pages, P, u64::MAX).unwrap(),
+            pages
+        );
+        assert_eq!(s.entry_count() as u64, pages);
+    }
+}
