@@ -13,26 +13,52 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use memattr::kvm::memslots::UserspaceMemoryRegion;
-use memattr::kvm::replay::{replay, Op, ReplayTally};
+use memattr::kvm::replay::{replay, OpColumns, Ops, ReplayTally};
 use memattr::kvm::{Kvm, Semantics, SharedStore};
 use memattr::rangetree::RangeTree;
 use memattr::store::AttrStore;
 
-/// One record of memattr.trace's OP_DTYPE (40 bytes, little endian).
-fn parse_ops(bytes: &[u8]) -> Vec<Op> {
-    assert_eq!(bytes.len() % 40, 0, "not a whole number of 40-byte records");
-    let u64_at = |r: &[u8], o: usize| u64::from_le_bytes(r[o..o + 8].try_into().unwrap());
-    bytes
-        .chunks_exact(40)
-        .map(|r| Op {
-            gpa: u64_at(r, 0),
-            size: u64_at(r, 8),
-            attributes: u64_at(r, 16),
-            arg: u64_at(r, 24),
-            kind: r[36],
-            flags: r[37],
-        })
-        .collect()
+/// A dump's operations as the extension passes them to the replay: one
+/// array per record field (memattr.trace's OP_DTYPE, 40-byte little-endian
+/// records), read through [`OpColumns`] as `memattr._native.Kvm.replay`
+/// reads numpy's columns.
+#[derive(Default)]
+struct Columns {
+    kind: Vec<u8>,
+    gpa: Vec<u64>,
+    size: Vec<u64>,
+    attributes: Vec<u64>,
+    arg: Vec<u64>,
+    flags: Vec<u8>,
+}
+
+impl Columns {
+    fn parse(bytes: &[u8]) -> Self {
+        assert_eq!(bytes.len() % 40, 0, "not a whole number of 40-byte records");
+        let u64_at = |r: &[u8], o: usize| u64::from_le_bytes(r[o..o + 8].try_into().unwrap());
+        let mut c = Columns::default();
+        for r in bytes.chunks_exact(40) {
+            c.gpa.push(u64_at(r, 0));
+            c.size.push(u64_at(r, 8));
+            c.attributes.push(u64_at(r, 16));
+            c.arg.push(u64_at(r, 24));
+            c.kind.push(r[36]);
+            c.flags.push(r[37]);
+        }
+        c
+    }
+
+    fn ops(&self) -> OpColumns<'_> {
+        OpColumns::new(
+            &self.kind,
+            &self.gpa,
+            &self.size,
+            &self.attributes,
+            &self.arg,
+            &self.flags,
+        )
+        .expect("columns of one length")
+    }
 }
 
 fn setup(path: &str) -> (Kvm, Vec<(u64, u64)>) {
@@ -44,9 +70,11 @@ fn setup(path: &str) -> (Kvm, Vec<(u64, u64)>) {
         let n = |i: usize| w[i].parse::<u64>().expect("a number");
         match w[0] {
             "vm" => {
+                // The semantics memattr.Vm defaults to, so the harness runs
+                // what `memattr compare` runs.
                 let store: SharedStore = Arc::new(RwLock::new(RangeTree::new()));
                 kvm = Some(
-                    Kvm::new(n(1), Semantics::Linux68, store, false, None, n(2) as u32)
+                    Kvm::new(n(1), Semantics::Linux618, store, false, None, n(2) as u32)
                         .expect("create the VM"),
                 );
             }
@@ -116,13 +144,14 @@ fn main() {
         store_only(path, rounds);
         return;
     }
-    let ops = parse_ops(&std::fs::read(format!("{path}.ops")).expect("read .ops"));
+    let columns = Columns::parse(&std::fs::read(format!("{path}.ops")).expect("read .ops"));
+    let ops = columns.ops();
     for round in 0..rounds {
         let (mut kvm, _) = setup(path);
         let mut results = vec![0i64; ops.len()];
         let mut tally = ReplayTally::default();
         let t = Instant::now();
-        let ran = replay(&mut kvm, &ops[..], &mut results, &mut tally).expect("no model bug");
+        let ran = replay(&mut kvm, &ops, &mut results, &mut tally).expect("no model bug");
         let secs = t.elapsed().as_secs_f64();
         assert_eq!(ran, ops.len(), "the dump holds only batch operations");
         println!(
