@@ -18,6 +18,9 @@ on a boot-and-churn trace, three ways:
   differently: the extension also holds the per-call bindings, which call
   the same steps, and LLVM once kept those steps out of line there and
   inlined them in the harness (10.7% more instructions in the extension).
+  ``scripts/install.sh`` builds the extension with profile-guided
+  optimization and the harness is built without it, so there the
+  extension retires fewer (1 TiB: 1,682 against 1,915 an operation).
 
     .venv/bin/python benches/bench_instructions.py [--guest 256G] [HARNESS ...]
 

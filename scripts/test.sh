@@ -5,9 +5,9 @@
 # without timing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# The same install as the README's first command (profile-guided where the
+# toolchain allows), with the test extras: the tests run what users run.
+bash scripts/install.sh test
 cargo fmt --check
 # A debug build: arithmetic overflow panics there, where the release
 # build would wrap silently (a `then_some(i - 1)` evaluated for i == 0 went
