@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from memattr.errors import LockdepError, MemoryFault
@@ -697,3 +697,71 @@ def test_pml_and_initially_set_change_what_enabling_dirty_logging_does(store):
     assert vm.mmu.mappings(3) == [(0, 1 << 18)]
     assert vm.stats.mmu_lock_acquisitions == 1 and vm.stats.tlb_flushes == 0
     assert vm.fault(G1 + PAGE) == 1
+
+
+# --- an independent oracle: what the pre-set pass adds to the invalidation ------------
+
+
+def _straddling_hull_oracle(attrs: object, base: int, end_slot: int, s: int, e: int) -> tuple[int, int]:
+    """kvm_arch_pre_set_memory_attributes() with the straddling fix, from the
+    pages themselves: [s, e) widened to every head and tail hugepage (2M,
+    1G) that the range only partly covers, that lies wholly inside the slot
+    and whose pages all have one attribute (not mixed)."""
+    import numpy as np
+
+    a = np.asarray(attrs)
+    lo, hi = s, e
+    for n in (512, 512 * 512):
+        for first in {s // n * n, (e - 1) // n * n}:
+            whole = s <= first and first + n <= e
+            inside = base <= first and first + n <= end_slot
+            if not whole and inside and np.all(a[first - base : first + n - base] == a[first - base]):
+                lo, hi = min(lo, first), max(hi, first + n)
+    return lo, hi
+
+
+_EDGES = [-1025, -513, -1, 0, 1, 511, 513]
+
+
+# The tail hugepage ending exactly at the slot's end: a 1G one, and a 2M
+# one inside a 1G page made mixed first (else the 1G head hides it).
+@example(gpa_pages=0, size_pages=2 * 512 * 512, ops=[(-1, 1, 2)])
+@example(gpa_pages=0, size_pages=2 * 512 * 512, ops=[(0, 1, 1), (-513, 2, 2)])
+@settings(max_examples=300)
+@given(
+    gpa_pages=st.sampled_from([0, 256, 512 * 512 - 1024]),
+    size_pages=st.sampled_from([2 * 512 * 512, 2 * 512 * 512 - 256, 512 * 512 + 1024]),
+    ops=st.lists(
+        st.tuples(st.sampled_from(_EDGES), st.integers(0, 3), st.sampled_from([1, 2, 513, 1024])),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_pre_set_invalidation_range_matches_oracle(
+    gpa_pages: int, size_pages: int, ops: list[tuple[int, int, int]]
+) -> None:
+    """The range a conversion's pre-set pass invalidates (seen from the
+    on_unmap hook) against the per-page oracle above, on slots whose ends
+    are and are not hugepage aligned, with ranges at the hugepage edges."""
+    import numpy as np
+
+    vm = make_vm("rangetree", gpa=gpa_pages * PAGE, size=size_pages * PAGE)
+    assert vm.mmu.invalidate_straddling_hugepages  # 6.18, the default
+    base, end_slot = gpa_pages, gpa_pages + size_pages
+    attrs = np.zeros(size_pages, dtype=np.uint64)
+    seen: list[tuple[int, int]] = []
+
+    @vm.on_unmap
+    def record(rng: GfnRange) -> bool:
+        seen.append((vm.mmu_invalidate_range_start, vm.mmu_invalidate_range_end))
+        return False
+
+    for edge, gig, npages in ops:
+        s = min(max(base, gig * 512 * 512 + edge), end_slot - 1)
+        e = min(s + npages, end_slot)
+        value = 0 if attrs[s - base] else P  # differs at s: never the early exit
+        want = _straddling_hull_oracle(attrs, base, end_slot, s, e)
+        seen.clear()
+        vm.set_memory_attributes(s * PAGE, (e - s) * PAGE, value)
+        attrs[s - base : e - base] = value
+        assert seen == [want], (s, e)
