@@ -1240,6 +1240,14 @@ impl AttrStore for RangeTree {
     /// reads its keys, then the ends and values of the runs it finds), and
     /// keeps the descent for that lookup (`KeptDescent`).
     fn prefetch(&mut self, gfn: u64) {
+        if let Some(j) = (0..2).find(|&j| self.hints[j].is_some_and(|h| h.holds(gfn))) {
+            // A kept descent already leads there (a fault on the gfn a set
+            // just converted), and that leaf is being read now: descending
+            // again would only cost. It becomes the newest, so the hint
+            // after this one replaces the other.
+            self.newest_hint = j;
+            return;
+        }
         let (_, leaf, lo, hi) = self.descend(gfn);
         if let Some(l) = self.leaves.get(leaf as usize) {
             crate::prefetch::prefetch(l);

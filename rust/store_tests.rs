@@ -360,8 +360,11 @@ fn rangetree_deep_tree_matches_simple() {
                 t.prefetch(far);
                 t.prefetch(near);
             } else {
+                // Hinting `near` again finds the descent kept for it (now
+                // the older of the two) and keeps that instead.
                 t.prefetch(near);
                 t.prefetch(far);
+                t.prefetch(near);
             }
             t.set_range(s, s + len, v).unwrap();
             r.set_range(s, s + len, v).unwrap();
