@@ -393,37 +393,40 @@ impl RangeTree {
     #[inline(always)]
     fn locate(&self, k: u64) -> Option<(u32, usize)> {
         let f = self.finger.get();
-        if let Some(l) = self.leaves.get(f as usize) {
-            // The answer is in this leaf iff its first run starts at or
-            // before k and the next leaf's first run after it (the leaves
-            // partition the runs in order, whatever the separators say).
-            // A key below this leaf's last end is before every run of the
-            // next leaf, so the next leaf is read only for a key past it:
-            // that leaf was not prefetched, and reading it first made the
-            // post-set pass's 2M re-check wait for memory on most
-            // conversions (a sixth of `has_value`'s time at 1 TiB, perf's
-            // cpu-clock samples on the native replay).
-            if l.len > 0
-                && l.starts[0] <= k
-                && (k < l.ends[l.len as usize - 1]
-                    || l.next == NONE
-                    || k < self.leaves[l.next as usize].starts[0])
-            {
+        let fl = self.leaves.get(f as usize).filter(|l| l.len > 0);
+        // The answer is in the finger's leaf iff its first run starts at or
+        // before k and the next leaf's first run after it (the leaves
+        // partition the runs in order, whatever the separators say). A key
+        // below this leaf's last end is before every run of the next leaf,
+        // so that settles it without reading another leaf.
+        if let Some(l) = fl {
+            if l.starts[0] <= k && (k < l.ends[l.len as usize - 1] || l.next == NONE) {
+                return Some((f, count_le(&l.starts, k).min(l.len as usize) - 1));
+            }
+        }
+        let hinted = self.hint_for(k).map(|h| h.leaf);
+        // Otherwise a kept descent (the prefetched leaf) settles it first,
+        // before any neighbour of the finger's leaf is read: for a key far
+        // from the finger, the checks below read a leaf nothing prefetched.
+        if let (None, Some(l)) = (hinted, fl) {
+            // A key past the leaf's last end, but before the next leaf's
+            // first run: still this leaf.
+            if l.starts[0] <= k && k < self.leaves[l.next as usize].starts[0] {
                 return Some((f, count_le(&l.starts, k).min(l.len as usize) - 1));
             }
             // A key just below the leaf (the 2M re-check's first gfn, ahead
             // of the converted one): the leaf before holds the answer if
             // its first run starts at or before the key, since this
             // leaf's first start is after it. One leaf read, no descent.
-            if l.len > 0 && k < l.starts[0] && l.prev != NONE {
+            if k < l.starts[0] && l.prev != NONE {
                 let p = &self.leaves[l.prev as usize];
                 if p.len > 0 && p.starts[0] <= k {
                     return Some((l.prev, count_le(&p.starts, k).min(p.len as usize) - 1));
                 }
             }
         }
-        let id = match self.hint_for(k) {
-            Some(h) => h.leaf,
+        let id = match hinted {
+            Some(id) => id,
             None => {
                 // Not `descend`: this lookup needs no path or separators,
                 // and building them costs 4% of a replay's instructions
