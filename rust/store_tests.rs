@@ -399,6 +399,39 @@ fn rangetree_deep_tree_matches_simple() {
     }
 }
 
+/// Lookups walking across leaf boundaries with no prefetch hint kept, so
+/// each one is settled from the last lookup's leaf (the finger) and its
+/// neighbours: a key at the next leaf's first start, or in the gap before
+/// it, or just below the finger's leaf. Against a per-page model.
+#[test]
+fn rangetree_lookups_beside_the_finger_leaf_match_a_per_page_model() {
+    const SPAN: u64 = 6000;
+    let mut t = RangeTree::new();
+    let mut model = vec![0u64; SPAN as usize];
+    // Two-page runs with one-page gaps, neighbours' values differing: many
+    // leaves, and no two runs merge.
+    for g in (0..SPAN - 2).step_by(3) {
+        let v = g % 5 + 1;
+        t.set_range(g, g + 2, v).unwrap();
+        model[g as usize..g as usize + 2].fill(v);
+    }
+    assert!(t.depth() >= 2);
+    for g in (0..SPAN).chain((0..SPAN).rev()) {
+        assert_eq!(t.get(g), model[g as usize], "gfn {g}");
+    }
+    for g in (0..SPAN).step_by(7) {
+        let (a, b) = (g.saturating_sub(3), (g + 4).min(SPAN));
+        let want = model[a as usize..b as usize]
+            .iter()
+            .all(|&v| v == model[a as usize]);
+        assert_eq!(
+            t.has_value(a, b, model[a as usize], u64::MAX).unwrap(),
+            want,
+            "[{a}, {b})"
+        );
+    }
+}
+
 #[test]
 fn rangetree_reserve_sets_aside_nodes() {
     let mut t = RangeTree::new();
