@@ -548,25 +548,26 @@ fn each_straddling_hugepage<T: HugepageTracker + ?Sized>(
     if start >= end {
         return Err(HugepageError::RangeOutsideSlot { start, end });
     }
-    let base = t.slot().base_gfn as u128;
-    let slot_end = t.slot().end_gfn() as u128;
-    let (s, e) = (start as u128, end as u128);
+    let base = t.slot().base_gfn;
+    let slot_end = t.slot().end_gfn();
+    // `fits` rather than a plain sum, so a hugepage at the top of the gfn
+    // space cannot wrap (u128 sums did this at twice the cost).
     for level in [PG_LEVEL_2M, PG_LEVEL_1G] {
-        let n = pages_per_hpage(level) as u128;
-        let head = s & !(n - 1);
-        let tail = (e - 1) & !(n - 1);
-        if (head != s || head + n > e)
+        let n = pages_per_hpage(level);
+        let head = start & !(n - 1);
+        let tail = (end - 1) & !(n - 1);
+        if (head != start || !fits(head, n, end))
             && head >= base
-            && head + n <= slot_end
-            && !t.test_mixed(head as u64, level)?
+            && fits(head, n, slot_end)
+            && !t.test_mixed(head, level)?
         {
-            f(head as u64, level);
+            f(head, level);
         }
         if tail == head {
             continue;
         }
-        if tail + n > e && tail + n <= slot_end && !t.test_mixed(tail as u64, level)? {
-            f(tail as u64, level);
+        if !fits(tail, n, end) && fits(tail, n, slot_end) && !t.test_mixed(tail, level)? {
+            f(tail, level);
         }
     }
     Ok(())
