@@ -1264,3 +1264,49 @@ fn a_signal_after_the_reservation_does_not_stop_the_store_part_way() {
         assert_eq!(s.entry_count() as u64, pages);
     }
 }
+
+/// A memslot-clipped range names its slot by identity (index and serial):
+/// used after the slot was deleted and another created with the same id,
+/// every per-range handler refuses it as a KVM bug (EIO) instead of
+/// touching the new slot, and the invalidation can still be closed.
+#[test]
+fn a_stale_gfn_range_is_a_kvm_bug() {
+    let mut k = vm(false);
+    add_slot(&mut k, 0, 0, M2);
+    let mut ranges = Vec::new();
+    k.clip_gfn_ranges(0, 1, &mut ranges);
+    let [rng] = ranges[..] else {
+        panic!("one range: {ranges:?}")
+    };
+    // Delete slot 0, then create a new slot 0 over the same gfns.
+    let region = |size: u64, fd: u64| UserspaceMemoryRegion {
+        slot: 0,
+        flags: if size == 0 { 0 } else { KVM_MEM_GUEST_MEMFD },
+        guest_phys_addr: 0,
+        memory_size: size,
+        userspace_addr: 0,
+        guest_memfd: fd as u32,
+        guest_memfd_offset: 0,
+    };
+    k.kvm_set_memory_region(&region(0, 0), false).unwrap();
+    let fd = k.kvm_gmem_create(2 * M2 << PAGE_SHIFT, 0).unwrap();
+    k.kvm_set_memory_region(&region(2 * M2 << PAGE_SHIFT, fd), false)
+        .unwrap();
+    let before = k.counters.clone();
+    k.kvm_mmu_invalidate_begin();
+    for r in [
+        k.kvm_pre_set_memory_attributes(&rng, P).map(|_| ()),
+        k.kvm_post_set_memory_attributes(&rng, P),
+    ] {
+        match r {
+            Err(KvmError::Bug(why)) => {
+                assert!(why.contains("names a memslot that changed"), "{why}")
+            }
+            other => panic!("expected a KVM bug, got {other:?}"),
+        }
+    }
+    k.kvm_mmu_invalidate_end().unwrap();
+    assert_eq!(k.inval.in_progress, 0);
+    assert_eq!(k.counters.pre_set_ranges, before.pre_set_ranges);
+    assert_eq!(k.counters.post_set_ranges, before.post_set_ranges);
+}
