@@ -407,10 +407,13 @@ impl RangeTree {
         let hinted = self.hint_for(k).map(|h| h.leaf);
         // Otherwise a kept descent (the prefetched leaf) settles it first,
         // before any neighbour of the finger's leaf is read: for a key far
-        // from the finger, the checks below read a leaf nothing prefetched.
+        // from the finger, the checks below read a leaf nothing prefetched
+        // (that read was a third of the early-exit check's perf samples at
+        // 1 TiB when it came first).
         if let (None, Some(l)) = (hinted, fl) {
             // A key past the leaf's last end, but before the next leaf's
-            // first run: still this leaf.
+            // first run: still this leaf. (With `starts[0] <= k`, the check
+            // above failed only if the next leaf exists.)
             if l.starts[0] <= k && k < self.leaves[l.next as usize].starts[0] {
                 return Some((f, count_le(&l.starts, k).min(l.len as usize) - 1));
             }
