@@ -4,6 +4,7 @@ use super::memslots::UserspaceMemoryRegion;
 use super::mmu::FaultIn;
 use super::replay::*;
 use super::*;
+use crate::hugepage::{PG_LEVEL_2M, PG_LEVEL_4K};
 use crate::rangetree::RangeTree;
 use crate::xarray::XArray;
 use proptest::prelude::*;
@@ -1309,4 +1310,48 @@ fn a_stale_gfn_range_is_a_kvm_bug() {
     assert_eq!(k.inval.in_progress, 0);
     assert_eq!(k.counters.pre_set_ranges, before.pre_set_ranges);
     assert_eq!(k.counters.post_set_ranges, before.post_set_ranges);
+}
+
+/// mmu_invalidate_retry_gfn(): an invalidation covers the half-open gfn
+/// range [range_start, range_end) that range_add() widened it to, and
+/// nothing else. A fault one page either side of it maps; one on either
+/// end page retries.
+#[test]
+fn an_invalidation_covers_its_half_open_range_only() {
+    let mut k = vm(false);
+    add_slot(&mut k, 0, 0, 4 * M2);
+    k.kvm_mmu_invalidate_begin();
+    k.kvm_mmu_invalidate_range_add(100, 200);
+    for (gfn, retry) in [(99, false), (100, true), (199, true), (200, false)] {
+        let got = k
+            .kvm_faultin_pfn(gfn << PAGE_SHIFT, false, 0, true)
+            .unwrap();
+        assert_eq!(got == FaultIn::Retry, retry, "gfn {gfn}: {got:?}");
+        assert_eq!(k.inval.retry_gfn(k.inval.seq, gfn), retry, "gfn {gfn}");
+    }
+    k.kvm_mmu_invalidate_end().unwrap();
+    assert!(!k.inval.retry_gfn(k.inval.seq, 150));
+}
+
+/// kvm_mmu_hugepage_adjust(): a slot logging dirty pages is mapped 4K only,
+/// where the same slot without logging takes 2M; turning logging off
+/// (a flags-only change) lets the next fault map 2M again.
+#[test]
+fn a_dirty_logging_slot_is_mapped_4k_only() {
+    let mut k = vm(false);
+    let region = |flags| UserspaceMemoryRegion {
+        slot: 0,
+        flags,
+        guest_phys_addr: 0,
+        memory_size: 4 * M2 << PAGE_SHIFT,
+        userspace_addr: 1 << 30,
+        guest_memfd: 0,
+        guest_memfd_offset: 0,
+    };
+    k.kvm_set_memory_region(&region(KVM_MEM_LOG_DIRTY_PAGES), false)
+        .unwrap();
+    assert_eq!(k.fault(0, false, 0), Ok(PG_LEVEL_4K));
+    assert_eq!(k.fault(M2 << PAGE_SHIFT, false, 0), Ok(PG_LEVEL_4K));
+    k.kvm_set_memory_region(&region(0), false).unwrap();
+    assert_eq!(k.fault(2 * M2 << PAGE_SHIFT, false, 0), Ok(PG_LEVEL_2M));
 }
