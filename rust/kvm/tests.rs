@@ -1355,3 +1355,45 @@ fn a_dirty_logging_slot_is_mapped_4k_only() {
     k.kvm_set_memory_region(&region(0), false).unwrap();
     assert_eq!(k.fault(2 * M2 << PAGE_SHIFT, false, 0), Ok(PG_LEVEL_2M));
 }
+
+/// vfs_fallocate()'s and kvm_gmem_fallocate()'s offset and length checks,
+/// in the kernel's order, on a 2 MiB guest_memfd (the same in 6.8 and
+/// 6.18): a negative offset or a length <= 0 is EINVAL; offset + length
+/// past loff_t is EFBIG, before alignment; unaligned is EINVAL; allocating
+/// past the file's size is EINVAL, punching past it is not.
+#[test]
+fn fallocate_offsets_and_lengths_in_the_kernels_order() {
+    const SIZE: i64 = 1 << 21;
+    const PAGE: i64 = 4096;
+    let alloc = FALLOC_FL_KEEP_SIZE;
+    let punch = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
+    for semantics in [Semantics::Linux68, Semantics::Linux618] {
+        let mut k = vm_on(HostProfile::default(), 0, semantics).unwrap();
+        let fd = k.kvm_gmem_create(SIZE as u64, 0).unwrap();
+        for (mode, offset, length, want) in [
+            (alloc, 0, 0, EINVAL),
+            (alloc, -PAGE, PAGE, EINVAL),
+            (alloc, 0, -PAGE, EINVAL),
+            (alloc, PAGE, i64::MAX, EFBIG),
+            (alloc, 1, i64::MAX, EFBIG),
+            (alloc, 1, PAGE, EINVAL),
+            (alloc, 0, PAGE - 1, EINVAL),
+            (alloc, 0, SIZE, 0),
+            (alloc, PAGE, SIZE, EINVAL),
+            (alloc, SIZE, PAGE, EINVAL),
+            (punch, 0, 0, EINVAL),
+            (punch, 1, PAGE, EINVAL),
+            (punch, 0, PAGE - 1, EINVAL),
+            (punch, PAGE, SIZE, 0),
+            (punch, SIZE, PAGE, 0),
+        ] {
+            let got = k
+                .kvm_gmem_fallocate(fd, mode, offset, length)
+                .map_or_else(|e| e.errno(), |_| 0);
+            assert_eq!(
+                got, want,
+                "{semantics:?} mode {mode:#x} offset {offset:#x} length {length:#x}"
+            );
+        }
+    }
+}
