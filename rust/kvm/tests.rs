@@ -1397,3 +1397,39 @@ fn fallocate_offsets_and_lengths_in_the_kernels_order() {
         }
     }
 }
+
+/// kvm_gmem_bind(): the slot's range of the file must lie within the
+/// file's size, ending at it at most (EINVAL past it, nothing bound), and
+/// two slots may not bind one page of the file twice.
+#[test]
+fn a_binding_must_fit_the_file() {
+    const PAGE: u64 = 4096;
+    let mut k = vm(false);
+    let fd = k.kvm_gmem_create(4 * PAGE, 0).unwrap();
+    let region = |slot: u32, gfn: u64, offset: u64| UserspaceMemoryRegion {
+        slot,
+        flags: KVM_MEM_GUEST_MEMFD,
+        guest_phys_addr: gfn * PAGE,
+        memory_size: 2 * PAGE,
+        userspace_addr: gfn * PAGE,
+        guest_memfd: fd as u32,
+        guest_memfd_offset: offset,
+    };
+    // [3, 5) pages of a 4-page file: one page past its end.
+    assert_eq!(
+        errno(k.kvm_set_memory_region(&region(0, 0, 3 * PAGE), false)),
+        EINVAL
+    );
+    assert!(k.memslots().is_empty());
+    // [2, 4): ends at the file's end.
+    k.kvm_set_memory_region(&region(0, 0, 2 * PAGE), false)
+        .unwrap();
+    // [1, 3) overlaps it: EINVAL in 6.8's kvm_gmem_bind, nothing bound.
+    assert_eq!(
+        errno(k.kvm_set_memory_region(&region(1, 16, PAGE), false)),
+        EINVAL
+    );
+    // [0, 2) does not.
+    k.kvm_set_memory_region(&region(1, 16, 0), false).unwrap();
+    assert_eq!(k.memslots().len(), 2);
+}
