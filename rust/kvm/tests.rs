@@ -1433,3 +1433,30 @@ fn a_binding_must_fit_the_file() {
     k.kvm_set_memory_region(&region(1, 16, 0), false).unwrap();
     assert_eq!(k.memslots().len(), 2);
 }
+
+/// kvm_gmem_punch_hole(): the hole's pages, in every binding they fall in,
+/// are unmapped, and the TLB is flushed only if a mapping went. Punching
+/// the binding's last page zaps the private mapping there; punching the
+/// page before it zaps nothing and does not flush.
+#[test]
+fn a_punch_of_a_bindings_last_page_zaps_it_and_flushes() {
+    let mut k = vm(false);
+    let fd = add_slot(&mut k, 0, 0, 4 * M2);
+    let last = 4 * M2 - 1;
+    k.set_memory_attributes(last << PAGE_SHIFT, 4096, P, 0)
+        .unwrap();
+    // 4K: the 2M hugepage around it is mixed.
+    assert_eq!(k.fault(last << PAGE_SHIFT, true, 0), Ok(PG_LEVEL_4K));
+    assert_eq!(k.mapped(), [1, 0, 0]);
+    let punch = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
+    let flushes = k.counters.tlb_flushes;
+    k.kvm_gmem_fallocate(fd, punch, ((last - 1) << PAGE_SHIFT) as i64, 4096)
+        .unwrap();
+    assert_eq!(k.mapped(), [1, 0, 0]);
+    assert_eq!(k.counters.tlb_flushes, flushes);
+    k.kvm_gmem_fallocate(fd, punch, (last << PAGE_SHIFT) as i64, 4096)
+        .unwrap();
+    assert_eq!(k.mapped(), [0, 0, 0]);
+    assert_eq!(k.counters.tlb_flushes, flushes + 1);
+    assert_eq!(k.inval.in_progress, 0);
+}
