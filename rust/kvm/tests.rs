@@ -1460,3 +1460,19 @@ fn a_punch_of_a_bindings_last_page_zaps_it_and_flushes() {
     assert_eq!(k.counters.tlb_flushes, flushes + 1);
     assert_eq!(k.inval.in_progress, 0);
 }
+
+/// A set whose range needs more xarray nodes than any host has: if every
+/// page already has the attributes, it is the early exit (counted as a
+/// no-op, no ENOMEM), as in the kernel, where the check comes first;
+/// otherwise ENOMEM, with nothing changed.
+#[test]
+fn a_set_too_big_for_any_host_exits_early_when_it_changes_nothing() {
+    let mut k = vm(false);
+    add_slot(&mut k, 0, 0, M2);
+    assert_eq!(k.set_memory_attributes(0, 1 << 60, 0, 0), Ok(false));
+    assert_eq!((k.counters.noop_conversions, k.counters.enomem), (1, 0));
+    assert_eq!(errno(k.set_memory_attributes(0, 1 << 60, P, 0)), ENOMEM);
+    assert_eq!((k.counters.noop_conversions, k.counters.enomem), (1, 1));
+    assert_eq!((k.inval.seq, k.counters.conversions), (0, 0));
+    assert_eq!(k.store().count_pages(0, 1 << 48, P, P).unwrap(), 0);
+}
