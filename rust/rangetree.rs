@@ -261,10 +261,16 @@ impl RangeTree {
         self.hints = [None, None];
     }
 
-    /// A kept descent that leads to `k`'s leaf, if any.
+    /// Which of the kept descents leads to `k`'s leaf, if any.
+    #[inline]
+    fn hint_slot(&self, k: u64) -> Option<usize> {
+        (0..self.hints.len()).find(|&j| self.hints[j].is_some_and(|h| h.holds(k)))
+    }
+
+    /// The kept descent that leads to `k`'s leaf, if any.
     #[inline]
     fn hint_for(&self, k: u64) -> Option<&KeptDescent> {
-        self.hints.iter().flatten().find(|h| h.holds(k))
+        self.hint_slot(k).and_then(|j| self.hints[j].as_ref())
     }
 
     /// Height of the tree counting the leaf level.
@@ -1246,7 +1252,7 @@ impl AttrStore for RangeTree {
     /// reads its keys, then the ends and values of the runs it finds), and
     /// keeps the descent for that lookup (`KeptDescent`).
     fn prefetch(&mut self, gfn: u64) {
-        if let Some(j) = (0..2).find(|&j| self.hints[j].is_some_and(|h| h.holds(gfn))) {
+        if let Some(j) = self.hint_slot(gfn) {
             // A kept descent already leads there (a fault on the gfn a set
             // just converted), and that leaf is being read now: descending
             // again would only cost. It becomes the newest, so the hint
